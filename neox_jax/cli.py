@@ -1,0 +1,186 @@
+"""`neox-jax` command line (also `python -m neox_jax`).
+
+Each command registers its own parser; heavy imports (jax, torch) happen inside `run`, so
+`--help` is fast.  Bad input raises `UserError` (or OSError), reported as one line
+`neox-jax: error: ...` with exit status 2 and no traceback (`--debug` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("neox_jax")
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def _add_init(sub):
+    p = sub.add_parser("init", help="write a randomly initialised checkpoint",
+                       description="Initialise a model from a YAML preset (or preset name) and save it "
+                                   "as a neox-jax checkpoint directory.")
+    p.add_argument("config", help="YAML preset path or name (e.g. configs/tiny.yaml, pythia-70m)")
+    p.add_argument("dst", help="checkpoint directory to create")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set model.num_layers=4 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DST")
+    p.set_defaults(run=_run_init)
+
+
+def _run_init(args):
+    from .checkpoint import prepare_destination, save_params
+    from .config import load_config
+
+    cfg = load_config(args.config, args.set)
+    # refuse a bad destination before spending time on initialisation
+    tmp = prepare_destination(args.dst, args.overwrite)
+    tmp.rmdir()
+    from .model import init_params
+
+    log.info("initialising %s parameters (seed %d)", f"{cfg.num_params():,}", args.seed)
+    params = init_params(cfg, args.seed)
+    path = save_params(args.dst, cfg, params, overwrite=args.overwrite, seed=args.seed)
+    print(f"wrote {path} ({cfg.num_params():,} parameters)")
+
+
+# ----------------------------------------------------------------------------- score
+
+
+def _add_score(sub):
+    p = sub.add_parser(
+        "score", help="per-token log-probabilities of documents (perplexity summary)",
+        description="Score documents with a checkpoint. Each input line is {\"text\": ...} (needs a "
+                    "tokenizer) or {\"tokens\": [...]}; a .txt input is one document. Each output line is "
+                    "{\"tokens\", \"logprobs\", \"sum\", \"count\"} with count = len(tokens) - 1. Inputs longer "
+                    "than the context are scored in rolling windows (lm-eval loglikelihood_rolling).")
+    p.add_argument("ckpt", help="neox-jax checkpoint directory")
+    p.add_argument("--input", required=True, help="IN.jsonl (or a .txt file = one document)")
+    p.add_argument("--output", help="OUT.jsonl (per-document scores)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--tokenizer", help="HF tokenizers JSON or sentencepiece .model "
+                                       "(default: ../shared/data/20B_tokenizer.json)")
+    p.add_argument("--context", type=int, help="window length (default: the model's max_position_embeddings)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    p.set_defaults(run=_run_score)
+
+
+def _read_documents(path: str, tokenizer_path: str | None):
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: input file not found")
+    texts: list[str | None] = []
+    tokens: list[list[int] | None] = []
+    if p.suffix == ".txt":
+        texts.append(p.read_text(encoding="utf-8"))
+        tokens.append(None)
+    else:
+        with open(p, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict) or ("text" in rec) == ("tokens" in rec):
+                    raise UserError(f"{p}:{lineno}: expected an object with exactly one of 'text' or 'tokens'")
+                if "tokens" in rec:
+                    t = rec["tokens"]
+                    if not isinstance(t, list) or not all(isinstance(x, int) for x in t):
+                        raise UserError(f"{p}:{lineno}: 'tokens' must be a list of integers")
+                    tokens.append(t)
+                    texts.append(None)
+                else:
+                    if not isinstance(rec["text"], str):
+                        raise UserError(f"{p}:{lineno}: 'text' must be a string")
+                    texts.append(rec["text"])
+                    tokens.append(None)
+    # bits per byte only when every document came as text
+    n_bytes: int | None = 0 if all(t is not None for t in texts) else None
+    if any(t is not None for t in texts):
+        from .data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_path)
+        for i, t in enumerate(texts):
+            if t is not None:
+                tokens[i] = tok.encode(t)
+                if n_bytes is not None:
+                    n_bytes += len(t.encode("utf-8"))
+    return tokens, n_bytes
+
+
+def _run_score(args):
+    from .checkpoint import load_params
+    from .evaluate import score_documents, summarize, write_scores
+
+    if args.output and Path(args.output).exists() and not args.overwrite:
+        raise UserError(f"{args.output}: exists (pass --overwrite to replace it)")
+    docs, n_bytes = _read_documents(args.input, args.tokenizer)
+    cfg, params = load_params(args.ckpt)
+    cfg = cfg.replace(compute_dtype=args.dtype)
+    lps = score_documents(cfg, params, docs, batch_size=args.batch_size, window=args.context,
+                          progress=sys.stderr.isatty())
+    if args.output:
+        tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp")
+        write_scores(tmp, docs, lps)
+        os.replace(tmp, args.output)
+    summary = summarize(lps, n_bytes)
+    print(json.dumps({"summary": summary}))
+    print(f"perplexity {summary['perplexity']:.4f} over {summary['tokens_scored']} tokens "
+          f"in {summary['documents']} documents", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neox-jax",
+        description="GPT-NeoX-20B and Pythia in JAX: init, score, convert, inspect, diff, data tools.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_init(sub)
+    _add_score(sub)
+    from .convert import cli as convert_cli
+    from .data import cli as data_cli
+
+    convert_cli.register(sub)
+    data_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("absl", "jax._src", "orbax", "tensorstore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        args.run(args)
+    except (UserError, OSError) as e:
+        if args.debug:
+            raise
+        msg = str(e) if isinstance(e, UserError) else f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}"
+        print(f"neox-jax: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("neox-jax: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

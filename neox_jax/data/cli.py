@@ -1,0 +1,5 @@
+"""`data` command group (data issue)."""
+
+
+def register(sub) -> None:
+    """Add the `data` commands to the `neox-jax` parser."""

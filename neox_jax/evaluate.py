@@ -1,0 +1,148 @@
+"""Scoring: per-token log-probabilities of documents, rolling windows beyond the context.
+
+A document of n tokens gets n-1 log-probabilities, log p(t_i | t_<i) for i = 1..n-1 (the first
+token has no prefix and is not scored).  A document longer than the context W is cut into windows
+the way lm-eval-harness's `loglikelihood_rolling` does: the first window predicts tokens 1..W from
+tokens 0..W-1; every later window predicts the next (up to W) unscored tokens, each with as much
+preceding context as fits (the W tokens just before it).  Every token is scored exactly once.
+
+Windows are right-padded to a few bucket lengths and batched; with a causal mask the padding never
+influences real positions, so no padding mask is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+from .model import forward
+
+
+@dataclasses.dataclass
+class Window:
+    doc: int
+    inputs: list[int]  # model input ids
+    targets: list[int]  # inputs shifted by one: targets[j] follows inputs[:j+1]
+    keep: int  # score only the last `keep` targets
+
+
+def rolling_windows(doc: int, tokens: Sequence[int], W: int) -> Iterator[Window]:
+    n = len(tokens)
+    if n < 2:
+        return
+    first = min(W, n - 1)
+    yield Window(doc, list(tokens[:first]), list(tokens[1 : first + 1]), first)
+    done = first + 1  # tokens[0..done) are scored (token 0 never is)
+    while done < n:
+        end = min(n, done + W)
+        start = end - W  # inputs tokens[start-1 : end-1] predict tokens[start : end]
+        inp = tokens[max(start - 1, 0) : end - 1]
+        tgt = tokens[max(start, 1) : end]
+        yield Window(doc, list(inp), list(tgt), end - done)
+        done = end
+
+
+def _bucket(n: int, W: int) -> int:
+    b = 16
+    while b < n:
+        b *= 2
+    return min(b, W)
+
+
+def make_scorer(cfg: ModelConfig):
+    @jax.jit
+    def score(params, inputs, targets):
+        logits = forward(cfg, params, inputs)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return picked - logz
+
+    return score
+
+
+def score_documents(
+    cfg: ModelConfig,
+    params,
+    docs: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 8,
+    window: int | None = None,
+    progress: bool = False,
+) -> list[np.ndarray]:
+    """Log-probabilities (float32 numpy, length len(doc)-1) for each document."""
+    W = window or cfg.max_position_embeddings
+    for i, d in enumerate(docs):
+        bad = [t for t in d if not 0 <= int(t) < cfg.vocab_size]
+        if bad:
+            from .errors import UserError
+
+            raise UserError(f"document {i}: token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+    windows = [w for i, d in enumerate(docs) for w in rolling_windows(i, d, W)]
+    out = [np.zeros(max(len(d) - 1, 0), np.float32) for d in docs]
+    filled = [0] * len(docs)
+    scorer = make_scorer(cfg)
+    # group by bucket length so each compiled shape is reused
+    order = sorted(range(len(windows)), key=lambda j: _bucket(len(windows[j].inputs), W))
+    bar = _progress(len(windows), progress, "score")
+    results: dict[int, np.ndarray] = {}
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        L = max(_bucket(len(windows[j].inputs), W) for j in idx)
+        inp = np.zeros((batch_size, L), np.int32)
+        tgt = np.zeros((batch_size, L), np.int32)
+        for r, j in enumerate(idx):
+            w = windows[j]
+            inp[r, : len(w.inputs)] = w.inputs
+            tgt[r, : len(w.targets)] = w.targets
+        lp = np.asarray(scorer(params, jnp.asarray(inp), jnp.asarray(tgt)))
+        for r, j in enumerate(idx):
+            w = windows[j]
+            results[j] = lp[r, len(w.targets) - w.keep : len(w.targets)]
+        bar.update(len(idx))
+    bar.close()
+    for j, w in enumerate(windows):  # windows of a document are in order
+        vals = results[j]
+        out[w.doc][filled[w.doc] : filled[w.doc] + len(vals)] = vals
+        filled[w.doc] += len(vals)
+    return out
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="win", dynamic_ncols=True)
+
+
+def summarize(logprobs: Iterable[np.ndarray], n_bytes: int | None = None) -> dict:
+    lps = list(logprobs)
+    total = float(sum(float(np.sum(x, dtype=np.float64)) for x in lps))
+    count = int(sum(len(x) for x in lps))
+    summary = {
+        "documents": len(lps),
+        "tokens_scored": count,
+        "sum_logprob": total,
+        "mean_nll": -total / count if count else float("nan"),
+        "perplexity": math.exp(-total / count) if count else float("nan"),
+    }
+    if n_bytes:
+        summary["bits_per_byte"] = -total / math.log(2) / n_bytes
+    return summary
+
+
+def write_scores(path, docs: Sequence[Sequence[int]], logprobs: Sequence[np.ndarray]) -> None:
+    with open(path, "w") as f:
+        for toks, lp in zip(docs, logprobs):
+            rec = {
+                "tokens": [int(t) for t in toks],
+                "logprobs": [float(x) for x in lp],
+                "sum": float(np.sum(lp, dtype=np.float64)),
+                "count": int(len(lp)),
+            }
+            f.write(json.dumps(rec) + "\n")

@@ -1,0 +1,444 @@
+"""GPT-NeoX (20B, Pythia) in Flax NNX.
+
+Dimension letters used in shapes:
+  B batch   S query positions   T key positions   D hidden   N heads   H head_dim
+  F MLP width   V padded vocab   L layers   R rotary dims (first R of each head's H)
+
+Parameter tree (`docs/params.md` is the table; checkpoints and converters write exactly this):
+  embed_in/embedding                [V, D]
+  layers/ln_attn/{scale,bias}       [L, D]           LN1, input of attention ("input_layernorm")
+  layers/ln_mlp/{scale,bias}        [L, D]           LN2, input of the MLP ("post_attention_layernorm")
+  layers/attn/qkv/kernel            [L, D, 3, N, H]  q, k, v projections fused; bias [L, 3, N, H]
+  layers/attn/out/kernel            [L, N, H, D]     bias [L, D]
+  layers/mlp/fc_in/kernel           [L, D, F]        bias [L, F]
+  layers/mlp/fc_out/kernel          [L, F, D]        bias [L, D]
+  final_ln/{scale,bias}             [D]
+  embed_out/kernel                  [D, V]           absent when tie_word_embeddings
+
+Layers are stored stacked (leading L) and run with `jax.lax.scan` (or a Python loop when
+`scan_layers` is false), so compile time does not grow with depth.  The NNX modules below only
+create and hold parameters (with logical axis names as metadata); the math lives in pure functions
+(`forward`, `block`, `attention`, ...) that take the plain parameter dict, which is what
+checkpoints, converters and the train step pass around.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from .config import ModelConfig
+from .sharding import constrain
+
+log = logging.getLogger("neox_jax")
+
+Params = dict[str, Any]
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _normal(key, shape, dtype, std: float):
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _param(value, axes: tuple[str, ...]) -> nnx.Param:
+    assert value.ndim == len(axes), (value.shape, axes)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, *, stack: tuple[int, ...], dtype):
+        lead = ("layers",) * len(stack)
+        self.scale = _param(jnp.ones(stack + (dim,), dtype), lead + ("embed_vec",))
+        self.bias = _param(jnp.zeros(stack + (dim,), dtype), lead + ("embed_vec",))
+
+
+class Linear(nnx.Module):
+    """A kernel of any rank (contracting dims first) plus a bias over the output dims."""
+
+    def __init__(self, key, kernel_shape, kernel_axes, bias_shape, bias_axes, *, std: float, dtype):
+        self.kernel = _param(_normal(key, kernel_shape, dtype, std), kernel_axes)
+        self.bias = _param(jnp.zeros(bias_shape, dtype), bias_axes)
+
+
+class Embed(nnx.Module):
+    def __init__(self, key, vocab: int, dim: int, *, std: float, dtype):
+        self.embedding = _param(_normal(key, (vocab, dim), dtype, std), ("vocab", "embed"))
+
+
+class Head(nnx.Module):
+    """Untied output projection (GPT-NeoX `embed_out` / `final_linear`), no bias."""
+
+    def __init__(self, key, dim: int, vocab: int, *, std: float, dtype):
+        self.kernel = _param(_normal(key, (dim, vocab), dtype, std), ("embed", "vocab"))
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, key, *, std_in: float, std_out: float, dtype):
+        L, D, N, H = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.head_dim
+        k1, k2 = jax.random.split(key)
+        self.qkv = Linear(k1, (L, D, 3, N, H), ("layers", "embed", "qkv", "heads", "head_dim"),
+                          (L, 3, N, H), ("layers", "qkv", "heads", "head_dim"), std=std_in, dtype=dtype)
+        self.out = Linear(k2, (L, N, H, D), ("layers", "heads", "head_dim", "embed"),
+                          (L, D), ("layers", "embed_vec"), std=std_out, dtype=dtype)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, key, *, std_in: float, std_out: float, dtype):
+        L, D, F = cfg.num_layers, cfg.hidden_size, cfg.ffn_size
+        k1, k2 = jax.random.split(key)
+        self.fc_in = Linear(k1, (L, D, F), ("layers", "embed", "mlp"), (L, F), ("layers", "mlp"),
+                            std=std_in, dtype=dtype)
+        self.fc_out = Linear(k2, (L, F, D), ("layers", "mlp", "embed"), (L, D), ("layers", "embed_vec"),
+                             std=std_out, dtype=dtype)
+
+
+class Blocks(nnx.Module):
+    """All L transformer blocks, parameters stacked along a leading `layers` axis."""
+
+    def __init__(self, cfg: ModelConfig, key, *, std_in: float, std_out: float, dtype):
+        k1, k2 = jax.random.split(key)
+        stack = (cfg.num_layers,)
+        self.ln_attn = LayerNorm(cfg.hidden_size, stack=stack, dtype=dtype)
+        self.ln_mlp = LayerNorm(cfg.hidden_size, stack=stack, dtype=dtype)
+        self.attn = Attention(cfg, k1, std_in=std_in, std_out=std_out, dtype=dtype)
+        self.mlp = MLP(cfg, k2, std_in=std_in, std_out=std_out, dtype=dtype)
+
+
+def init_stds(cfg: ModelConfig) -> tuple[float, float]:
+    """(std of input-side matrices, std of output projections) for the configured scheme.
+
+    small_wang: small_init sqrt(2 / 5D) and wang_init 2 / (L sqrt D)   (Pythia <= 2.8B, 20B)
+    normal:     normal(init_std) and scaled_normal init_std / sqrt(2L)  (Pythia 6.9B, 12B)"""
+    D, L = cfg.hidden_size, cfg.num_layers
+    if cfg.init == "small_wang":
+        return math.sqrt(2.0 / (5.0 * D)), 2.0 / (L * math.sqrt(D))
+    return cfg.init_std, cfg.init_std / math.sqrt(2.0 * L)
+
+
+class GPTNeoX(nnx.Module):
+    """GPT-NeoX causal LM.  `model(tokens)` returns float32 logits [B, S, V]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        dtype = DTYPES[cfg.param_dtype]
+        std_in, std_out = init_stds(cfg)
+        k_emb, k_layers, k_out = jax.random.split(rngs.params(), 3)
+        V, D = cfg.vocab_size, cfg.hidden_size
+        self.embed_in = Embed(k_emb, V, D, std=std_in, dtype=dtype)
+        self.layers = Blocks(cfg, k_layers, std_in=std_in, std_out=std_out, dtype=dtype)
+        self.final_ln = LayerNorm(D, stack=(), dtype=dtype)
+        if not cfg.tie_word_embeddings:
+            self.embed_out = Head(k_out, D, V, std=std_in, dtype=dtype)
+
+    def params(self) -> Params:
+        return nnx.state(self, nnx.Param).to_pure_dict()
+
+    def __call__(self, tokens, **kwargs):
+        return forward(self.config, self.params(), tokens, **kwargs)
+
+
+# ----------------------------------------------------------------------------- pure tree helpers
+
+
+def init_params(cfg: ModelConfig, seed: int = 0) -> Params:
+    """Random parameters as a plain nested dict (see the module docstring for the tree)."""
+    return GPTNeoX(cfg, rngs=nnx.Rngs(seed)).params()
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+    """ShapeDtypeStruct tree of the parameters, without allocating (works for 20B)."""
+    model = nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0)))
+    return jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+        nnx.state(model, nnx.Param).to_pure_dict(),
+    )
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+    """Tree of logical axis-name tuples, same structure as the parameters."""
+    model = nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    axes = jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return axes.to_pure_dict() if hasattr(axes, "to_pure_dict") else dict(axes)
+
+
+def flatten(tree: Params, sep: str = "/") -> dict[str, Any]:
+    """{'layers': {'attn': {'qkv': {'kernel': x}}}} -> {'layers/attn/qkv/kernel': x}."""
+    out: dict[str, Any] = {}
+
+    def rec(prefix, node):
+        if isinstance(node, dict):
+            for k in sorted(node):
+                rec(f"{prefix}{sep}{k}" if prefix else str(k), node[k])
+        else:
+            out[prefix] = node
+
+    rec("", tree)
+    return out
+
+
+def unflatten(flat: dict[str, Any], sep: str = "/") -> Params:
+    tree: Params = {}
+    for name, v in flat.items():
+        node = tree
+        *parents, leaf = name.split(sep)
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+# ----------------------------------------------------------------------------- math
+
+
+def layer_norm(x: Float[Array, "... D"], p: Params, eps: float, dtype) -> Float[Array, "... D"]:
+    """LayerNorm with statistics in float32; output in the compute dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(dtype)
+
+
+def gelu(x, kind: str):
+    if kind == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    # NeoX bias_gelu: 0.5 x (1 + tanh(0.79788456 x (1 + 0.044715 x^2))), i.e. HF gelu_fast / gelu_new
+    return jax.nn.gelu(x, approximate=True)
+
+
+def rotary_tables(
+    positions: Int[Array, "B S"], cfg: ModelConfig
+) -> tuple[Float[Array, "B S R"], Float[Array, "B S R"]]:
+    """cos/sin tables (float32 values) for rotate-half RoPE over the first R dims of each head.
+
+    inv_freq[i] = base^(-2i/R) (denominator R = rotary dims, not head_dim).  With rotary_dtype
+    float16/bfloat16 the NeoX-era tables are reproduced: inv_freq, positions and angles rounded to
+    that dtype before cos/sin, and cos/sin rounded again (reference 1.7)."""
+    R = cfg.rotary_dims
+    inv = 1.0 / (cfg.rotary_emb_base ** (jnp.arange(0, R, 2, dtype=jnp.float32) / R))
+    t = positions.astype(jnp.float32)
+    if cfg.rotary_dtype == "float32":
+        ang = t[..., None] * inv
+        ang = jnp.concatenate([ang, ang], axis=-1)
+        return jnp.cos(ang), jnp.sin(ang)
+    low = DTYPES[cfg.rotary_dtype]
+    inv = inv.astype(low).astype(jnp.float32)
+    t = t.astype(low).astype(jnp.float32)
+    ang = (t[..., None] * inv).astype(low).astype(jnp.float32)
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang).astype(low).astype(jnp.float32), jnp.sin(ang).astype(low).astype(jnp.float32)
+
+
+def apply_rotary(x: Float[Array, "B S N H"], cos: Float[Array, "B S R"], sin: Float[Array, "B S R"]):
+    R = cos.shape[-1]
+    rot, rest = x[..., :R].astype(jnp.float32), x[..., R:]
+    half = R // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    out = rot * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
+
+
+def attention_mask(
+    S: int,
+    T: int,
+    *,
+    padding_mask: Bool[Array, "B T"] | None = None,
+    segment_ids: Int[Array, "B S"] | None = None,
+    q_offset: int | jax.Array = 0,
+) -> Bool[Array, "B 1 S T"]:
+    """True where query s may attend key t: causal (t <= s + q_offset), not padded, same segment."""
+    q = jnp.arange(S)[:, None] + q_offset
+    k = jnp.arange(T)[None, :]
+    mask = (k <= q)[None, None]
+    if padding_mask is not None:
+        mask = mask & padding_mask.astype(bool)[:, None, None, :]
+    if segment_ids is not None:
+        if S != T:
+            raise ValueError("segment_ids need S == T (no cache)")
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return mask
+
+
+def _dot_attention_xla(q, k, v, mask, precision):
+    """Reference attention: scores and softmax in float32."""
+    H = q.shape[-1]
+    scores = jnp.einsum("bsnh,btnh->bnst", q, k, preferred_element_type=jnp.float32, precision=precision)
+    scores = scores * (1.0 / math.sqrt(H))
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnst,btnh->bsnh", probs, v, precision=precision)
+
+
+def _dot_attention_cudnn(q, k, v, mask, causal_only: bool):
+    if jax.default_backend() != "gpu":
+        raise RuntimeError(f"attention=cudnn needs an NVIDIA GPU; this process runs on {jax.default_backend()!r}")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise RuntimeError(f"attention=cudnn needs bfloat16/float16 compute, got {q.dtype}")
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=None if causal_only else mask, is_causal=causal_only,
+        scale=1.0 / math.sqrt(q.shape[-1]), implementation="cudnn",
+    )
+
+
+def attention(
+    cfg: ModelConfig,
+    p: Params,
+    x: Float[Array, "B S D"],
+    cos: Float[Array, "B S R"],
+    sin: Float[Array, "B S R"],
+    mask: Bool[Array, "B 1 S T"],
+    causal_only: bool,
+) -> Float[Array, "B S D"]:
+    dtype, precision = _numerics(cfg)
+    qkv = jnp.einsum("bsd,dknh->bsknh", x, p["qkv"]["kernel"].astype(dtype), precision=precision)
+    qkv = qkv + p["qkv"]["bias"].astype(dtype)
+    qkv = checkpoint_name(qkv, "qkv")
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = constrain(apply_rotary(q, cos, sin), ("batch", "seq", "act_heads", None))
+    k = constrain(apply_rotary(k, cos, sin), ("batch", "seq", "act_heads", None))
+    if cfg.attention == "cudnn":
+        ctx = _dot_attention_cudnn(q, k, v, mask, causal_only)
+    else:
+        ctx = _dot_attention_xla(q, k, v, mask, precision)
+    out = jnp.einsum("bsnh,nhd->bsd", ctx, p["out"]["kernel"].astype(dtype), precision=precision)
+    out = out + p["out"]["bias"].astype(dtype)
+    return checkpoint_name(out, "attn_out")
+
+
+def mlp(cfg: ModelConfig, p: Params, x: Float[Array, "B S D"]) -> Float[Array, "B S D"]:
+    dtype, precision = _numerics(cfg)
+    h = jnp.einsum("bsd,df->bsf", x, p["fc_in"]["kernel"].astype(dtype), precision=precision)
+    h = h + p["fc_in"]["bias"].astype(dtype)
+    h = constrain(checkpoint_name(h, "mlp_in"), ("batch", "seq", "act_mlp"))
+    h = gelu(h, cfg.hidden_act)
+    out = jnp.einsum("bsf,fd->bsd", h, p["fc_out"]["kernel"].astype(dtype), precision=precision)
+    out = out + p["fc_out"]["bias"].astype(dtype)
+    return checkpoint_name(out, "mlp_out")
+
+
+def block(cfg: ModelConfig, p: Params, x: Float[Array, "B S D"], cos, sin, mask, causal_only: bool):
+    """One GPT-NeoX layer: parallel `x + attn(ln1(x)) + mlp(ln2(x))` or the sequential form."""
+    dtype, _ = _numerics(cfg)
+    eps = cfg.layer_norm_eps
+    a = attention(cfg, p["attn"], layer_norm(x, p["ln_attn"], eps, dtype), cos, sin, mask, causal_only)
+    if cfg.use_parallel_residual:
+        m = mlp(cfg, p["mlp"], layer_norm(x, p["ln_mlp"], eps, dtype))
+        x = x + (a + m)  # one sum, so tensor parallelism needs one reduction per layer
+    else:
+        x = x + a
+        x = x + mlp(cfg, p["mlp"], layer_norm(x, p["ln_mlp"], eps, dtype))
+    return constrain(x, ("batch", "seq", "act_embed"))
+
+
+def _numerics(cfg: ModelConfig):
+    dtype = DTYPES[cfg.compute_dtype]
+    # float32 compute means float32 matmuls on every backend (no TF32 on GPUs).
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    return dtype, precision
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn, prevent_cse=False)
+    if policy == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                              prevent_cse=False)
+    if policy == "save_proj":
+        names = ("qkv", "attn_out", "mlp_in", "mlp_out")
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*names), prevent_cse=False)
+    raise ValueError(f"unknown remat policy {policy!r}")
+
+
+def hidden_states(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: Int[Array, "B S"],
+    *,
+    positions: Int[Array, "B S"] | None = None,
+    padding_mask: Bool[Array, "B S"] | None = None,
+    segment_ids: Int[Array, "B S"] | None = None,
+) -> Float[Array, "B S D"]:
+    """Final-LayerNorm output."""
+    dtype, _ = _numerics(cfg)
+    B, S = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    causal_only = padding_mask is None and segment_ids is None
+    mask = attention_mask(S, S, padding_mask=padding_mask, segment_ids=segment_ids)
+    cos, sin = rotary_tables(positions, cfg)
+
+    x = jnp.take(params["embed_in"]["embedding"], tokens, axis=0).astype(dtype)
+    x = constrain(x, ("batch", "seq", "act_embed"))
+
+    def body(carry, layer_params):
+        return block(cfg, layer_params, carry, cos, sin, mask, causal_only), None
+
+    body = _remat(body, cfg.remat)
+    layers = params["layers"]
+    if cfg.scan_layers:
+        x, _ = jax.lax.scan(body, x, layers)
+    else:
+        for i in range(cfg.num_layers):
+            x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], layers))
+    return layer_norm(x, params["final_ln"], cfg.layer_norm_eps, dtype)
+
+
+def logits_from_hidden(cfg: ModelConfig, params: Params, h: Float[Array, "B S D"]) -> Float[Array, "B S V"]:
+    dtype, precision = _numerics(cfg)
+    if cfg.tie_word_embeddings:
+        w = params["embed_in"]["embedding"].astype(dtype)
+        out = jnp.einsum("bsd,vd->bsv", h, w, preferred_element_type=jnp.float32, precision=precision)
+    else:
+        w = params["embed_out"]["kernel"].astype(dtype)
+        out = jnp.einsum("bsd,dv->bsv", h, w, preferred_element_type=jnp.float32, precision=precision)
+    return constrain(out, ("batch", "seq", "act_vocab"))
+
+
+def forward(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: Int[Array, "B S"],
+    *,
+    positions: Int[Array, "B S"] | None = None,
+    padding_mask: Bool[Array, "B S"] | None = None,
+    segment_ids: Int[Array, "B S"] | None = None,
+) -> Float[Array, "B S V"]:
+    """Logits in float32 over the whole padded vocabulary.
+
+    positions: absolute positions for rotary (default 0..S-1, as HF and NeoX).
+    padding_mask: 1 for real tokens, 0 for padding (keys that no query may attend).
+    segment_ids: packed documents; queries attend only keys of the same segment."""
+    h = hidden_states(cfg, params, tokens, positions=positions, padding_mask=padding_mask, segment_ids=segment_ids)
+    return logits_from_hidden(cfg, params, h)
+
+
+def token_logprobs(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: Int[Array, "B S"],
+    **kwargs,
+) -> Float[Array, "B S-1"]:
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for t = 0..S-2, softmax over all V (float32)."""
+    logits = forward(cfg, params, tokens, **kwargs)[:, :-1]
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    return picked - logz
+
+
+def count_params(tree: Params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))

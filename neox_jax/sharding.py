@@ -1,0 +1,120 @@
+"""Mesh and logical-axis rules: the only place that maps names to mesh axes.
+
+Mode: **Auto axis types** (the MaxText way).  The mesh is built with
+`axis_types=(AxisType.Auto,) * 3`; parameters are placed by `NamedSharding`s derived from their
+logical axis names through `RULES`, and activations are steered with
+`jax.lax.with_sharding_constraint` (`constrain`).  XLA's SPMD partitioner inserts the collectives.
+
+Mesh axes
+  data    pure data parallelism (parameters replicated)
+  fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3 style)
+  tensor  tensor (model) parallelism: heads and MLP columns split, Megatron style
+
+Logical axes (every parameter names one per dimension; see docs/params.md)
+  vocab, embed, embed_vec, heads, head_dim, qkv, mlp, layers       (parameters)
+  batch, seq, act_embed, act_heads, act_mlp, act_vocab             (activations)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or tuple of mesh axes, or None = replicated).
+RULES: dict[str, Any] = {
+    # parameters
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "embed_vec": None,  # LayerNorm scales/biases and D-sized biases: small, replicated
+    "heads": "tensor",
+    "head_dim": None,
+    "qkv": None,
+    "mlp": "tensor",
+    "layers": None,  # the scanned axis is never split
+    # activations
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+}
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, Any] = RULES) -> P:
+    """('layers', 'embed', 'mlp') -> PartitionSpec(None, 'fsdp', 'tensor'); a mesh axis is used once."""
+    used: set[str] = set()
+    out = []
+    for name in axes:
+        if name is None:
+            out.append(None)
+            continue
+        if name not in rules:
+            raise KeyError(f"logical axis {name!r} has no rule in neox_jax.sharding.RULES")
+        target = rules[name]
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        targets = tuple(t for t in targets if t not in used)
+        used.update(targets)
+        out.append(None if not targets else targets[0] if len(targets) == 1 else targets)
+    return P(*out)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Iterable | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh with Auto axis types; one size may be -1 (the rest)."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = [data, fsdp, tensor]
+    if shape.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide into mesh {dict(zip(MESH_AXES, shape))}")
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, have {len(devices)}")
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def tree_shardings(axes_tree: Any, mesh: Mesh, shapes_tree: Any | None = None) -> Any:
+    """Tree of logical-axis tuples -> tree of NamedShardings.
+
+    With `shapes_tree`, a dimension that the mesh axis does not divide is left replicated
+    (e.g. 8 heads on tensor=16), so any model runs on any mesh."""
+    def one(axes, shape=None):
+        spec = logical_to_spec(axes)
+        if shape is not None:
+            spec = fit_spec(spec, shape.shape, mesh.shape)
+        return NamedSharding(mesh, spec)
+
+    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)  # noqa: E731
+    if shapes_tree is None:
+        return jax.tree.map(one, axes_tree, is_leaf=is_axes)
+    return jax.tree.map(one, axes_tree, shapes_tree, is_leaf=is_axes)
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh_shape: Mapping[str, int]) -> P:
+    """Drop the mesh axes of any dimension they do not divide evenly (that dimension is replicated)."""
+    parts = []
+    for dim, part in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (part,) if isinstance(part, str) else tuple(part or ())
+        size = int(np.prod([mesh_shape[n] for n in names])) if names else 1
+        parts.append(part if dim % size == 0 else None)
+    return P(*parts)
+
+
+def _current_mesh():
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """with_sharding_constraint by logical names; a no-op outside `jax.set_mesh(mesh)`."""
+    mesh = _current_mesh()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, fit_spec(logical_to_spec(axes), x.shape, mesh.shape))

@@ -1,0 +1,25 @@
+"""Shared test fixtures.  Tests read ../shared (override with NEOX_JAX_SHARED); nothing is downloaded."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from neox_jax.data.tokenizer import shared_dir
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    d = shared_dir()
+    assert (d / "data" / "20B_tokenizer.json").exists(), f"shared data not found at {d} (set NEOX_JAX_SHARED)"
+    return d
+
+
+@pytest.fixture(scope="session")
+def neox_tokenizer_path(shared) -> Path:
+    return shared / "data" / "20B_tokenizer.json"
+
+
+@pytest.fixture(scope="session")
+def shakespeare(shared) -> str:
+    return (shared / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
