@@ -46,6 +46,13 @@ _HF_ACTS = {
 }
 
 
+def _yaml_problem(e: Exception) -> str:
+    """One line for a YAML error: 'line L, column C: problem'."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + str(getattr(e, "problem", None) or e.__class__.__name__)
+
+
 class ConfigError(UserError):
     """A configuration value or key that we cannot honour (the message names it)."""
 
@@ -90,6 +97,8 @@ class ModelConfig:
             f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}",
         )
         need(self.intermediate_size >= 0, f"intermediate_size must be >= 0, got {self.intermediate_size}")
+        if self.intermediate_size == 0:  # 0 means 4h; store it explicitly so equal models compare equal
+            object.__setattr__(self, "intermediate_size", 4 * self.hidden_size)
         need(self.max_position_embeddings > 0, "max_position_embeddings must be positive")
         need(
             isinstance(self.rotary_pct, (int, float)) and 0.0 < self.rotary_pct <= 1.0,
@@ -128,7 +137,7 @@ class ModelConfig:
 
     @property
     def ffn_size(self) -> int:
-        return self.intermediate_size or 4 * self.hidden_size
+        return self.intermediate_size
 
     @property
     def real_vocab_size(self) -> int:
@@ -215,7 +224,7 @@ def load_config(path_or_preset: str | os.PathLike, overrides: list[str] | tuple[
     try:
         raw = yaml.safe_load(p.read_text())  # JSON is YAML
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML/JSON ({e.__class__.__name__})") from None
+        raise ConfigError(f"{p}: not valid YAML/JSON ({_yaml_problem(e)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a mapping at top level")
     if "model" in raw:
@@ -410,8 +419,10 @@ def from_neox_yaml(src: str | os.PathLike | Mapping[str, Any] | list, *, tokeniz
         for p in paths:
             try:
                 part = yaml.safe_load(Path(p).read_text())
-            except (OSError, yaml.YAMLError) as e:
-                raise ConfigError(f"{p}: cannot read GPT-NeoX YAML ({e.__class__.__name__}: {e})") from None
+            except OSError as e:
+                raise ConfigError(f"{p}: cannot read GPT-NeoX YAML ({e.strerror})") from None
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{p}: not valid YAML ({_yaml_problem(e)})") from None
             if not isinstance(part, dict):
                 raise ConfigError(f"{p}: expected a mapping at top level")
             raw.update(part)

@@ -36,7 +36,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from .config import ModelConfig
-from .sharding import constrain
+from .sharding import constrain, tree_shardings
 
 log = logging.getLogger("neox_jax")
 
@@ -142,7 +142,7 @@ class GPTNeoX(nnx.Module):
             self.embed_out = Head(k_out, D, V, std=std_in, dtype=dtype)
 
     def params(self) -> Params:
-        return nnx.state(self, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
     def __call__(self, tokens, **kwargs):
         return forward(self.config, self.params(), tokens, **kwargs)
@@ -151,9 +151,15 @@ class GPTNeoX(nnx.Module):
 # ----------------------------------------------------------------------------- pure tree helpers
 
 
-def init_params(cfg: ModelConfig, seed: int = 0) -> Params:
-    """Random parameters as a plain nested dict (see the module docstring for the tree)."""
-    return GPTNeoX(cfg, rngs=nnx.Rngs(seed)).params()
+def init_params(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Params:
+    """Random parameters as a plain nested dict (see the module docstring for the tree).
+
+    With a mesh, every tensor is created already sharded (the init is jitted with out_shardings
+    from the logical-axis rules), so no host or device ever holds the whole model."""
+    if mesh is None:
+        return GPTNeoX(cfg, rngs=nnx.Rngs(seed)).params()
+    shardings = tree_shardings(param_axes(cfg), mesh, abstract_params(cfg))
+    return jax.jit(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(seed)).params(), out_shardings=shardings)()
 
 
 def abstract_params(cfg: ModelConfig) -> Params:
@@ -161,17 +167,15 @@ def abstract_params(cfg: ModelConfig) -> Params:
     model = nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0)))
     return jax.tree.map(
         lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
-        nnx.state(model, nnx.Param).to_pure_dict(),
+        nnx.to_pure_dict(nnx.state(model, nnx.Param)),
     )
 
 
 def param_axes(cfg: ModelConfig) -> Params:
     """Tree of logical axis-name tuples, same structure as the parameters."""
     model = nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0)))
-    state = nnx.state(model, nnx.Param)
-    axes = jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return axes.to_pure_dict() if hasattr(axes, "to_pure_dict") else dict(axes)
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return unflatten({"/".join(map(str, path)): v.get_metadata()["logical_axes"] for path, v in flat})
 
 
 def flatten(tree: Params, sep: str = "/") -> dict[str, Any]:

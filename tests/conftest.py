@@ -23,3 +23,19 @@ def neox_tokenizer_path(shared) -> Path:
 @pytest.fixture(scope="session")
 def shakespeare(shared) -> str:
     return (shared / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print every measurement tests recorded with `record_property("measured", ...)`."""
+    lines = []
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            if getattr(rep, "when", None) != "call":
+                continue
+            for key, value in getattr(rep, "user_properties", []):
+                if key == "measured":
+                    lines.append(f"{rep.nodeid}: {value}")
+    if lines:
+        terminalreporter.write_sep("-", "measured")
+        for line in sorted(lines):
+            terminalreporter.write_line(line)

@@ -1,0 +1,253 @@
+"""Config validation, presets, HF config.json and GPT-NeoX YAML readers/writers."""
+
+import json
+import resource
+
+import pytest
+import torch
+import yaml
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from neox_jax import model as M
+from neox_jax.config import (
+    ConfigError, ModelConfig, from_hf_config, from_neox_yaml, list_presets, load_config, to_hf_config,
+)
+
+PRESETS = ["neox-20b"] + [f"pythia-{s}" for s in ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")]
+
+
+def test_all_presets_exist():
+    assert set(PRESETS) | {"tiny"} <= set(list_presets())
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_parameter_count_equals_hf(name):
+    """Count HF's parameters on torch's meta device (nothing allocated) and compare to ours."""
+    cfg = load_config(name)
+    hf_cfg = GPTNeoXConfig(**{k: v for k, v in to_hf_config(cfg).items() if k not in ("architectures", "model_type")})
+    with torch.device("meta"):
+        hf = GPTNeoXForCausalLM(hf_cfg)
+    hf_count = sum(p.numel() for p in hf.parameters())
+    assert cfg.num_params() == hf_count
+    assert M.count_params(M.abstract_params(cfg)) == hf_count
+
+
+def test_published_counts():
+    assert load_config("neox-20b").num_params() == 20_554_567_680
+    assert load_config("pythia-1.4b").num_params() == 1_414_647_808
+    assert load_config("pythia-12b").vocab_size == 50688
+    assert load_config("neox-20b").rotary_dims == 24
+
+
+@pytest.mark.parametrize("name", ["neox-20b", "pythia-12b"])
+def test_large_presets_build_abstractly(name):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tree = M.abstract_params(load_config(name))
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert M.count_params(tree) == load_config(name).num_params()
+    assert grown_mb < 500, f"eval_shape allocated {grown_mb:.0f} MB"
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(hidden_size=100, num_heads=3), "not divisible"),
+        (dict(rotary_pct=0.0), r"rotary_pct must be in \(0, 1\]"),
+        (dict(rotary_pct=1.5), r"rotary_pct must be in \(0, 1\]"),
+        (dict(hidden_size=64, num_heads=4, rotary_pct=0.3125), "must be even"),
+        (dict(hidden_act="relu"), "hidden_act"),
+        (dict(attention="flash"), "attention must be one of"),
+        (dict(remat="everything"), "remat must be one of"),
+        (dict(compute_dtype="int8"), "compute_dtype"),
+        (dict(vocab_size=0), "vocab_size must be a positive int"),
+    ],
+)
+def test_invalid_values_are_refused(changes, match):
+    base = load_config("configs/tiny.yaml")
+    with pytest.raises(ConfigError, match=match):
+        base.replace(**changes)
+
+
+def test_unknown_yaml_keys_are_refused(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  vocab_size: 128\n  hidden_size: 64\n  num_layers: 2\n  num_heads: 4\n  rotary_precent: 0.5\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['rotary_precent'\]"):
+        load_config(p)
+    p.write_text("model:\n  vocab_size: 128\n  hidden_size: 64\n  num_layers: 2\n  num_heads: 4\ntrainer: {}\n")
+    with pytest.raises(ConfigError, match="unknown top-level section"):
+        load_config(p)
+
+
+def test_overrides():
+    cfg = load_config("tiny", ["model.num_layers=3", "compute_dtype=bfloat16"])
+    assert cfg.num_layers == 3 and cfg.compute_dtype == "bfloat16"
+
+
+def test_config_is_frozen():
+    cfg = load_config("tiny")
+    with pytest.raises(Exception):
+        cfg.hidden_size = 3
+
+
+# ------------------------------------------------------------------ HF config.json
+
+
+def test_hf_old_style_keys():
+    hf = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": 50432,
+          "hidden_size": 6144, "num_hidden_layers": 44, "num_attention_heads": 64, "intermediate_size": 24576,
+          "max_position_embeddings": 2048, "rotary_pct": 0.25, "rotary_emb_base": 10000, "layer_norm_eps": 1e-5,
+          "use_parallel_residual": True, "tie_word_embeddings": False, "hidden_act": "gelu_fast",
+          "bos_token_id": 0, "eos_token_id": 2, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+          "initializer_range": 0.02, "torch_dtype": "float16", "transformers_version": "4.24.0", "use_cache": True}
+    cfg = from_hf_config(hf)
+    assert cfg.num_params() == 20_554_567_680
+    assert cfg.hidden_act == "gelu_tanh" and cfg.rotary_pct == 0.25 and not cfg.tie_word_embeddings
+
+
+def test_hf_rope_parameters_form_from_transformers5():
+    hf = GPTNeoXConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       rotary_pct=0.5, rotary_emb_base=5000, hidden_act="gelu").to_dict()
+    assert "rope_parameters" in hf
+    cfg = from_hf_config(hf)
+    assert cfg.rotary_pct == 0.5 and cfg.rotary_emb_base == 5000 and cfg.hidden_act == "gelu"
+
+
+def test_hf_config_written_is_read_by_transformers(tmp_path):
+    cfg = load_config("pythia-70m").replace(rotary_pct=0.5, rotary_emb_base=20000.0, hidden_act="gelu")
+    (tmp_path / "config.json").write_text(json.dumps(to_hf_config(cfg)))
+    hf = GPTNeoXConfig.from_pretrained(tmp_path)
+    assert hf.rope_parameters["partial_rotary_factor"] == 0.5
+    assert hf.rope_parameters["rope_theta"] == 20000.0
+    assert hf.hidden_act == "gelu" and hf.use_parallel_residual and not hf.tie_word_embeddings
+    assert from_hf_config(hf.to_dict()).arch_dict() == cfg.arch_dict()
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"model_type": "llama"}, "model_type"),
+        ({"architectures": ["LlamaForCausalLM"]}, "architectures"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope type"),
+        ({"attention_bias": False}, "attention_bias"),
+        ({"hidden_act": "silu"}, "hidden_act"),
+        ({"sliding_window": 512}, r"unknown key\(s\) \['sliding_window'\]"),
+    ],
+)
+def test_hf_unsupported_math_is_refused(change, match):
+    hf = {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, **change}
+    with pytest.raises(ConfigError, match=match):
+        from_hf_config(hf)
+
+
+# ------------------------------------------------------------------ GPT-NeoX YAML
+
+NEOX_20B_YML = """
+# GPT-NeoX-20B, as in GPT-NeoX configs/20B.yml (JSON-style YAML with comments)
+{
+  "pipe-parallel-size": 4,
+  "model-parallel-size": 2,
+  "num-layers": 44,
+  "hidden-size": 6144,
+  "num-attention-heads": 64,
+  "seq-length": 2048,
+  "max-position-embeddings": 2048,
+  "norm": "layernorm",
+  "pos-emb": "rotary",
+  "rotary_pct": 0.25,
+  "no-weight-tying": true,
+  "gpt_j_residual": true,
+  "output_layer_parallelism": "column",
+  "scaled-upper-triang-masked-softmax-fusion": true,
+  "bias-gelu-fusion": true,
+  "init_method": "small_init",
+  "output_layer_init_method": "wang_init",
+  "optimizer": {"type": "Adam", "params": {"lr": 0.97e-4, "betas": [0.9, 0.95], "eps": 1.0e-8}},
+  "min_lr": 0.97e-5,
+  "zero_optimization": {"stage": 1},
+  "train_micro_batch_size_per_gpu": 4,
+  "gradient_accumulation_steps": 32,
+  "data-impl": "mmap",
+  "split": "995,4,1",
+  "checkpoint-activations": true,
+  "gradient_clipping": 1.0,
+  "weight-decay": 0.01,
+  "hidden-dropout": 0,
+  "attention-dropout": 0,
+  "fp16": {"fp16": true, "enabled": true, "loss_scale": 0, "initial_scale_power": 12},
+  "train-iters": 150000,
+  "lr-decay-iters": 150000,
+  "tokenizer_type": "HFTokenizer",
+  "vocab-file": "./20B_checkpoints/20B_tokenizer.json",
+}
+"""
+
+PYTHIA_410M_YML = """
+{
+  "pipe-parallel-size": 1, "model-parallel-size": 1,
+  "num-layers": 24, "hidden-size": 1024, "num-attention-heads": 16, "seq-length": 2048,
+  "max-position-embeddings": 2048, "pos-emb": "rotary", "rotary-pct": 0.25, "no-weight-tying": true,
+  "gpt-j-residual": true, "output-layer-parallelism": "column",
+  "attention-config": [[["flash"], 24]],
+  "scaled-upper-triang-masked-softmax-fusion": true, "bias-gelu-fusion": true,
+  "init_method": "small_init", "output_layer_init_method": "wang_init",
+  "optimizer": {"type": "Adam", "params": {"lr": 0.0003, "betas": [0.9, 0.95], "eps": 1.0e-08}},
+  "min_lr": 0.00003, "hidden-dropout": 0, "attention-dropout": 0,
+}
+"""
+
+
+def test_neox_20b_yaml(tmp_path):
+    p = tmp_path / "20B.yml"
+    p.write_text(NEOX_20B_YML)
+    cfg = from_neox_yaml(p)
+    assert cfg.vocab_size == 50432 and cfg.num_params() == 20_554_567_680
+    assert cfg.hidden_act == "gelu_tanh" and cfg.use_parallel_residual and not cfg.tie_word_embeddings
+    assert cfg.arch_dict() == load_config("neox-20b").arch_dict()
+
+
+def test_neox_pythia_yaml_dash_and_underscore_keys(tmp_path):
+    p = tmp_path / "410M.yml"
+    p.write_text(PYTHIA_410M_YML)
+    cfg = from_neox_yaml(p)
+    assert cfg.vocab_size == 50304 and cfg.num_params() == 405_334_016
+    assert cfg.arch_dict() == load_config("pythia-410m").arch_dict()
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ({"gpt_j_tied": True}, "gpt_j_tied"),
+        ({"pos-emb": "learned"}, "pos_emb"),
+        ({"activation": "geglu"}, "activation"),
+        ({"num_kv_heads": 4}, "grouped-query"),
+        ({"norm": "rmsnorm"}, "norm"),
+        ({"attention-config": [[["local"], 24]]}, "attention_config"),
+        ({"use_bias_in_attn_linear": False}, "use_bias_in_attn_linear"),
+        ({"mlp_type": "llama"}, "mlp_type"),
+    ],
+)
+def test_neox_yaml_unsupported_math_is_an_error(tmp_path, extra, match):
+    p = tmp_path / "bad.yml"
+    p.write_text(json.dumps({**yaml.safe_load(PYTHIA_410M_YML), **extra}))
+    with pytest.raises(ConfigError, match=match):
+        from_neox_yaml(p)
+
+
+def test_neox_yaml_without_pos_emb_is_an_error(tmp_path):
+    p = tmp_path / "bad.yml"
+    p.write_text('{"num-layers": 2, "hidden-size": 64, "num-attention-heads": 4}')
+    with pytest.raises(ConfigError, match="pos_emb"):
+        from_neox_yaml(p)
+
+
+def test_malformed_yaml_is_one_line_error(tmp_path):
+    p = tmp_path / "bad.yml"
+    p.write_text('{"num-layers": 2,, }')
+    with pytest.raises(ConfigError) as e:
+        from_neox_yaml(p)
+    assert "\n" not in str(e.value) and "line 1" in str(e.value)
+
+
+def test_modelconfig_roundtrip_dict():
+    cfg = load_config("pythia-160m")
+    assert ModelConfig(**cfg.to_dict()) == cfg
