@@ -155,10 +155,9 @@ def init_params(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None 
     """Random parameters as a plain nested dict (see the module docstring for the tree).
 
     With a mesh, every tensor is created already sharded (the init is jitted with out_shardings
-    from the logical-axis rules), so no host or device ever holds the whole model."""
-    if mesh is None:
-        return GPTNeoX(cfg, rngs=nnx.Rngs(seed)).params()
-    shardings = tree_shardings(param_axes(cfg), mesh, abstract_params(cfg))
+    from the logical-axis rules), so no host or device ever holds the whole model.  The init is
+    always jitted, so a seed gives bit-identical weights on any mesh."""
+    shardings = None if mesh is None else tree_shardings(param_axes(cfg), mesh, abstract_params(cfg))
     return jax.jit(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(seed)).params(), out_shardings=shardings)()
 
 

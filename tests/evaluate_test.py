@@ -1,0 +1,96 @@
+"""`score`: per-token log-probs equal HF's, including rolling windows beyond the context."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hf_reference import hf_model, ours_from_hf
+from neox_jax import checkpoint as C
+from neox_jax.cli import main
+from neox_jax.evaluate import rolling_windows, score_documents
+
+W = 32  # context of the test model
+
+
+def hf_logprobs(model, tokens, window):
+    """Reference: score token i>=1 with HF; tokens are cut into consecutive chunks of `window`
+    targets (the first chunk starts at token 1) and each chunk's input is the `window` tokens that
+    precede its last target, as lm-eval's loglikelihood_rolling does."""
+    n = len(tokens)
+    out = []
+    first = 1
+    while first < n:
+        last = min(first + window, n) - 1  # inclusive index of the chunk's last target
+        start = max(0, last - window)  # input tokens[start : last]
+        inp = torch.tensor([tokens[start:last]])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(inp).logits.double(), -1)[0].numpy()
+        for i in range(first, last + 1):
+            out.append(lp[i - 1 - start, tokens[i]])
+        first = last + 1
+    return np.array(out)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    model = hf_model(seed=11, vocab=300, hidden=64, heads=4, max_pos=W)
+    cfg, params = ours_from_hf(model, compute_dtype="float32")
+    assert cfg.max_position_embeddings == W
+    return model, cfg, params
+
+
+@pytest.mark.parametrize("n", [1, 2, 17, W, W + 1, W + 2, 3 * W + 5, 100])
+def test_rolling_windows_cover_every_token_once(n):
+    toks = list(range(1000, 1000 + n))
+    scored = []
+    for w in rolling_windows(0, toks, W):
+        assert len(w.inputs) == len(w.targets) <= W
+        assert w.targets == [toks[toks.index(t)] for t in w.targets]
+        assert all(toks.index(t) == toks.index(i) + 1 for i, t in zip(w.inputs, w.targets))
+        scored += w.targets[len(w.targets) - w.keep:]
+    assert scored == toks[1:]
+
+
+def test_scores_equal_hf_including_long_inputs(model_and_params, record_property):
+    model, cfg, params = model_and_params
+    rs = np.random.RandomState(0)
+    docs = [list(rs.randint(0, 300, n)) for n in (2, 5, W, W + 1, 3 * W + 7, 150)]
+    ours = score_documents(cfg, params, docs, batch_size=4)
+    worst = 0.0
+    for d, lp in zip(docs, ours):
+        ref = hf_logprobs(model, d, W)
+        assert len(lp) == len(d) - 1 == len(ref)
+        worst = max(worst, float(np.max(np.abs(lp - ref))))
+    record_property("measured", f"score vs HF max|dlogprob| {worst:.2e} (tolerance 1e-4)")
+    assert worst <= 1e-4
+
+
+def test_score_cli_jsonl_tokens_and_text(tmp_path, model_and_params, neox_tokenizer_path):
+    model, cfg, params = model_and_params
+    C.save_params(tmp_path / "ck", cfg, params)
+    rs = np.random.RandomState(1)
+    docs = [list(map(int, rs.randint(0, 300, n))) for n in (40, 3, 90)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"tokens": d}) + "\n" for d in docs))
+    out = tmp_path / "out.jsonl"
+    assert main(["score", str(tmp_path / "ck"), "--input", str(inp), "--output", str(out), "--batch-size", "2"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["tokens"] for r in rows] == docs
+    for d, r in zip(docs, rows):
+        ref = hf_logprobs(model, d, W)
+        assert r["count"] == len(d) - 1 == len(r["logprobs"])
+        assert np.max(np.abs(np.array(r["logprobs"]) - ref)) <= 1e-4
+        assert r["sum"] == pytest.approx(sum(r["logprobs"]), abs=1e-6)
+    # refuses to overwrite, exits 2
+    assert main(["score", str(tmp_path / "ck"), "--input", str(inp), "--output", str(out)]) == 2
+
+
+def test_score_text_needs_in_vocabulary_model(tmp_path, model_and_params, neox_tokenizer_path, capsys):
+    _, cfg, params = model_and_params  # vocab 300 < tokenizer ids
+    C.save_params(tmp_path / "ck", cfg, params)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"text": "Hello world, this is Shakespeare."}) + "\n")
+    assert main(["score", str(tmp_path / "ck"), "--input", str(inp), "--tokenizer", str(neox_tokenizer_path)]) == 2
+    assert "outside the vocabulary" in capsys.readouterr().err
