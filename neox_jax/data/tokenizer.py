@@ -32,6 +32,7 @@ class Tokenizer:
     kind: str  # "hf" or "sentencepiece"
     _tok: object
     eod_id: int
+    has_eod: bool = True  # False when eod_id is only the fallback 0 (no EOD token in the vocabulary)
 
     @property
     def vocab_size(self) -> int:
@@ -44,9 +45,11 @@ class Tokenizer:
             return self._tok.encode(text, add_special_tokens=False).ids
         return self._tok.encode(text, out_type=int)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
+        """Encode several texts.  `add_special_tokens=True` runs an HF tokenizer's post-processor
+        (what GPT-NeoX's preprocessing does; a no-op for the 20B tokenizer); sentencepiece ignores it."""
         if self.kind == "hf":
-            return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+            return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
         return self._tok.encode(list(texts), out_type=int)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -67,8 +70,11 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
             sp = spm.SentencePieceProcessor(model_file=str(p))
         except Exception as e:  # sentencepiece raises RuntimeError/OSError variants
             raise UserError(f"{p}: not a sentencepiece model ({e})") from None
-        eod = sp.eos_id() if sp.eos_id() >= 0 else 0
-        return Tokenizer(str(p), "sentencepiece", sp, eod)
+        # GPT-NeoX's SentencePieceTokenizer uses the "<|endoftext|>" piece as EOD; else the model's eos
+        eod = sp.piece_to_id("<|endoftext|>")
+        if sp.id_to_piece(eod) != "<|endoftext|>":
+            eod = sp.eos_id()
+        return Tokenizer(str(p), "sentencepiece", sp, max(eod, 0), has_eod=eod >= 0)
     from tokenizers import Tokenizer as HFTokenizer
 
     try:
@@ -76,4 +82,4 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
         raise UserError(f"{p}: not a Hugging Face tokenizers JSON file ({e})") from None
     eod = tok.token_to_id("<|endoftext|>")
-    return Tokenizer(str(p), "hf", tok, 0 if eod is None else eod)
+    return Tokenizer(str(p), "hf", tok, 0 if eod is None else eod, has_eod=eod is not None)

@@ -1,0 +1,95 @@
+"""Train a tokenizer on a corpus (the same `.jsonl`, `.jsonl.zst`, `.txt` inputs as preprocessing).
+
+* `kind="bpe"`: an HF `tokenizers` JSON built like GPT-NeoX's 20B tokenizer: byte-level BPE, NFC
+  normaliser, ByteLevel pre-tokenizer / post-processor / decoder with `add_prefix_space=False`, no
+  unk token, ids 0 and 1 = `<|endoftext|>` (EOD) and `<|padding|>`, all 256 byte symbols in the
+  initial alphabet (so every text encodes and decodes losslessly up to NFC normalisation).
+* `kind="sentencepiece"` (`model_type` "bpe" or "unigram"): a `.model` with id 0 = `<|endoftext|>`
+  (as eos: GPT-NeoX's SentencePieceTokenizer takes that piece as EOD), 1 = `<|padding|>` (pad),
+  2 = `<unk>`, no bos, identity normalisation, whitespace kept, byte fallback (lossless decode).
+  SentencePiece trains on sentences: each document's lines are fed as separate sentences.
+
+Outputs go to a temporary name first and are renamed at the end; an existing output is refused unless
+`overwrite`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from ..errors import UserError
+from .preprocess import iter_documents
+
+SPECIALS = ("<|endoftext|>", "<|padding|>")
+
+
+def _texts(inputs: Sequence[str | os.PathLike], key: str, txt_mode: str) -> Iterator[str]:
+    for text, _ in iter_documents(inputs, key=key, txt_mode=txt_mode):
+        yield text
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise UserError(f"{path}: exists (pass --overwrite to replace it)")
+    if not path.parent.is_dir():
+        raise UserError(f"{path.parent}: output directory does not exist")
+
+
+def train_bpe(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, vocab_size: int, *,
+              min_frequency: int = 2, key: str = "text", txt_mode: str = "file",
+              overwrite: bool = False, progress: bool = False) -> Path:
+    """Train a byte-level BPE and save it as an HF tokenizers JSON at `output`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    out = Path(output)
+    _check_output(out, overwrite)
+    if vocab_size < 256 + len(SPECIALS):
+        raise UserError(f"vocab size {vocab_size} is below the 256 byte symbols + {len(SPECIALS)} specials")
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True)
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=True)
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(SPECIALS), show_progress=progress,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_texts(inputs, key, txt_mode), trainer=trainer)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tok.save(str(tmp))
+    os.replace(tmp, out)
+    return out
+
+
+def train_sentencepiece(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, vocab_size: int, *,
+                        model_type: str = "bpe", key: str = "text", txt_mode: str = "file",
+                        overwrite: bool = False, max_sentences: int = 10_000_000) -> Path:
+    """Train a sentencepiece model and save it at `output` (a path ending in `.model`)."""
+    import sentencepiece as spm
+
+    out = Path(output)
+    if out.suffix != ".model":
+        raise UserError(f"{out}: a sentencepiece output must end in .model")
+    _check_output(out, overwrite)
+    if model_type not in ("bpe", "unigram"):
+        raise UserError(f"sentencepiece model type {model_type!r}: expected bpe or unigram")
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.tmp-") as tmpdir:
+        prefix = Path(tmpdir) / "spm"
+
+        def sentences() -> Iterator[str]:
+            for text in _texts(inputs, key, txt_mode):
+                yield from (line for line in text.split("\n") if line.strip())
+
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=sentences(), model_prefix=str(prefix), vocab_size=vocab_size,
+                model_type=model_type, eos_id=0, eos_piece=SPECIALS[0], pad_id=1, pad_piece=SPECIALS[1],
+                unk_id=2, bos_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
+                byte_fallback=True, input_sentence_size=max_sentences, shuffle_input_sentence=True,
+                allow_whitespace_only_pieces=True, minloglevel=2)
+        except RuntimeError as e:
+            raise UserError(f"sentencepiece training failed: {e}") from None
+        os.replace(prefix.with_suffix(".model"), out)
+    return out
