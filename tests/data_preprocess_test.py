@@ -1,0 +1,173 @@
+"""Preprocessing: text -> preprocess -> read -> decode round trip with the real GPT-NeoX tokenizer, the
+exact .idx/.bin bytes GPT-NeoX's preprocess_data.py would write (rebuilt here from the tokenizer and the
+published layout), input formats, parallel workers, bad input."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import zstandard
+from tokenizers import Tokenizer as HFTokenizer
+
+from neox_jax.data.indexed import IndexedDataset
+from neox_jax.data.preprocess import iter_documents, preprocess
+from neox_jax.errors import UserError
+
+
+def published_bytes(token_lists, dtype="<u2", code=8):
+    """(.bin, .idx) for one item per document, from the documented layout."""
+    itemsize = np.dtype(dtype).itemsize
+    sizes = [len(t) for t in token_lists]
+    pointers = [sum(sizes[:k]) * itemsize for k in range(len(sizes))]
+    idx = (b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, code, len(sizes), len(sizes) + 1)
+           + b"".join(struct.pack("<i", s) for s in sizes) + b"".join(struct.pack("<q", q) for q in pointers)
+           + b"".join(struct.pack("<q", d) for d in range(len(sizes) + 1)))
+    binary = b"".join(np.asarray(t, dtype).tobytes() for t in token_lists)
+    return binary, idx
+
+
+@pytest.fixture(scope="module")
+def documents(shakespeare):
+    # blank-line-separated speeches; a few documents keep leading/trailing whitespace (never stripped)
+    docs = [d for d in shakespeare.split("\n\n") if d][:600]
+    docs[3] = "  " + docs[3] + "\n"
+    docs[10] = "unicode: é ü 日本語 🙂"
+    return docs
+
+
+def write_jsonl(path, docs):
+    with open(path, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d, "meta": {}}) + "\n")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_round_trip_and_neox_bytes(tmp_path, documents, neox_tokenizer_path, workers):
+    write_jsonl(tmp_path / "in.jsonl", documents)
+    res = preprocess([tmp_path / "in.jsonl"], str(tmp_path / "out"), neox_tokenizer_path, append_eod=True,
+                     workers=workers, chunk_docs=37)
+    assert res.prefix == str(tmp_path / "out_text_document") and res.dtype == "uint16"
+    assert res.documents == len(documents) and res.tokens_per_second > 0
+    hf = HFTokenizer.from_file(str(neox_tokenizer_path))
+    expected = [hf.encode(d).ids + [0] for d in documents]  # what NeoX's HFTokenizer.tokenize + eod give
+    binary, idx = published_bytes(expected)
+    assert (tmp_path / "out_text_document.bin").read_bytes() == binary
+    assert (tmp_path / "out_text_document.idx").read_bytes() == idx
+    ds = IndexedDataset(tmp_path / "out_text_document")
+    assert ds.doc_idx.tolist() == list(range(len(documents) + 1))
+    for i, d in enumerate(documents):
+        item = ds[i]
+        assert item[-1] == 0
+        assert hf.decode(item[:-1].tolist(), skip_special_tokens=False) == d
+
+
+def test_zst_and_plain_jsonl_give_the_same_dataset(tmp_path, documents, neox_tokenizer_path):
+    write_jsonl(tmp_path / "a.jsonl", documents[:50])
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress((tmp_path / "a.jsonl").read_bytes()))
+    preprocess([tmp_path / "a.jsonl"], str(tmp_path / "p"), neox_tokenizer_path)
+    preprocess([tmp_path / "a.jsonl.zst"], str(tmp_path / "z"), neox_tokenizer_path)
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"p_text_document.{ext}").read_bytes() == (tmp_path / f"z_text_document.{ext}").read_bytes()
+
+
+def test_lm_dataformat_rules(tmp_path, neox_tokenizer_path):
+    lines = [json.dumps("a bare JSON string is a document"),
+             json.dumps({"text": ""}),  # empty: skipped
+             "",  # blank line: ignored
+             json.dumps({"text": ["para one", "para two"]}),  # list: joined with a blank line
+             json.dumps({"body": "other key", "text": " spaces kept "})]
+    (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    docs = [t for t, _ in iter_documents([tmp_path / "r.jsonl"])]
+    assert docs == ["a bare JSON string is a document", "para one\n\npara two", " spaces kept "]
+    assert [t for t, _ in iter_documents([tmp_path / "r.jsonl"], key="body")][-1] == "other key"
+    res = preprocess([tmp_path / "r.jsonl"], str(tmp_path / "r"), neox_tokenizer_path)
+    assert res.documents == 3 and res.stats.empty == 1
+
+
+def test_txt_inputs(tmp_path, shakespeare, neox_tokenizer_path):
+    text = "First block line 1\nline 2\n\n\n  \nSecond block\r\nstill second\n\nthird"
+    (tmp_path / "t.txt").write_bytes(text.encode("utf-8"))
+    whole = [t for t, _ in iter_documents([tmp_path / "t.txt"])]
+    assert whole == [text.replace("\r\n", "\n")]
+    blocks = [t for t, _ in iter_documents([tmp_path / "t.txt"], txt_mode="blank-lines")]
+    assert blocks == ["First block line 1\nline 2", "Second block\nstill second", "third"]
+    # the whole tiny-shakespeare file as one document, decoded back exactly
+    (tmp_path / "shakespeare.txt").write_text(shakespeare, encoding="utf-8")
+    preprocess([tmp_path / "shakespeare.txt"], str(tmp_path / "s"), neox_tokenizer_path, append_eod=True)
+    ds = IndexedDataset(tmp_path / "s_text_document")
+    assert len(ds) == 1
+    hf = HFTokenizer.from_file(str(neox_tokenizer_path))
+    assert hf.decode(ds[0][:-1].tolist()) == shakespeare
+
+
+def test_sentencepiece_tokenizer(tmp_path, documents):
+    import sentencepiece as spm
+
+    from neox_jax.data.train_tokenizer import train_sentencepiece
+
+    model = train_sentencepiece([_txt(tmp_path, documents)], tmp_path / "sp.model", 500)
+    write_jsonl(tmp_path / "in.jsonl", documents[:40])
+    preprocess([tmp_path / "in.jsonl"], str(tmp_path / "sp"), model, append_eod=True, workers=2)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    assert sp.piece_to_id("<|endoftext|>") == 0
+    expected = [sp.encode(d) + [0] for d in documents[:40]]
+    binary, idx = published_bytes(expected)
+    assert (tmp_path / "sp_text_document.bin").read_bytes() == binary
+    assert (tmp_path / "sp_text_document.idx").read_bytes() == idx
+    ds = IndexedDataset(tmp_path / "sp_text_document")
+    assert [sp.decode(ds[i][:-1].tolist()) for i in range(40)] == documents[:40]
+
+
+def _txt(tmp_path, documents):
+    p = tmp_path / "corpus.txt"
+    p.write_text("\n\n".join(documents), encoding="utf-8")
+    return p
+
+
+def test_bad_lines_are_skipped_and_counted_or_fatal_with_strict(tmp_path, neox_tokenizer_path):
+    good = json.dumps({"text": "fine"}).encode() + b"\n"
+    bad_utf8 = b'{"text": "caf\xe9"}\n'
+    raw = good + bad_utf8 + b"{not json}\n" + json.dumps({"x": 1}).encode() + b"\n" + good
+    (tmp_path / "b.jsonl").write_bytes(raw)
+    res = preprocess([tmp_path / "b.jsonl"], str(tmp_path / "b"), neox_tokenizer_path)
+    assert res.documents == 2 and res.stats.bad_lines == 3
+    first = res.stats.examples[0]
+    assert "b.jsonl: line 2 (offset 17): not UTF-8" in first and f"at offset {len(good) + 13})" in first
+    assert "line 3" in res.stats.examples[1] and "not valid JSON" in res.stats.examples[1]
+    assert "no 'text' key" in res.stats.examples[2]
+    with pytest.raises(UserError, match=r"b\.jsonl: line 2 \(offset 17\): not UTF-8"):
+        preprocess([tmp_path / "b.jsonl"], str(tmp_path / "c"), neox_tokenizer_path, strict=True)
+    assert not list(tmp_path.glob("c_*")) and not list(tmp_path.glob(".c_*"))  # nothing half-written
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe")
+    with pytest.raises(UserError, match=r"bad\.txt: offset 3: not UTF-8"):
+        preprocess([tmp_path / "bad.txt"], str(tmp_path / "d"), neox_tokenizer_path)
+
+
+def test_vocabulary_must_fit_the_dtype(tmp_path):
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(70000)}
+    tok = HFTokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "big.json"))
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "w1 w69999 w65536"}) + "\n")
+    with pytest.raises(UserError, match=r"big\.json: vocabulary of 70000 ids does not fit uint16"):
+        preprocess([tmp_path / "in.jsonl"], str(tmp_path / "o"), tmp_path / "big.json", dtype="uint16")
+    with pytest.raises(UserError, match=r"big\.json: --append-eod needs an <\|endoftext\|>"):
+        preprocess([tmp_path / "in.jsonl"], str(tmp_path / "o"), tmp_path / "big.json", append_eod=True)
+    res = preprocess([tmp_path / "in.jsonl"], str(tmp_path / "o"), tmp_path / "big.json")
+    assert res.dtype == "int32"  # NeoX's rule: vocab >= 65500 -> int32
+    assert IndexedDataset(tmp_path / "o_text_document")[0].tolist() == [1, 69999, 65536]
+
+
+def test_refuses_existing_output_and_unknown_inputs(tmp_path, neox_tokenizer_path):
+    write_jsonl(tmp_path / "in.jsonl", ["x"])
+    preprocess([tmp_path / "in.jsonl"], str(tmp_path / "o"), neox_tokenizer_path)
+    with pytest.raises(UserError, match="exists"):
+        preprocess([tmp_path / "in.jsonl"], str(tmp_path / "o"), neox_tokenizer_path)
+    preprocess([tmp_path / "in.jsonl"], str(tmp_path / "o"), neox_tokenizer_path, overwrite=True)
+    with pytest.raises(UserError, match=r"in\.csv: unsupported input"):
+        preprocess([tmp_path / "in.csv"], str(tmp_path / "o2"), neox_tokenizer_path)
+    with pytest.raises(UserError, match=r"missing\.jsonl: input file not found"):
+        preprocess([tmp_path / "missing.jsonl"], str(tmp_path / "o2"), neox_tokenizer_path)
