@@ -67,7 +67,8 @@ class NeoXVocabulary(seqio.Vocabulary):
         return self._tok.decode([int(i) for i in ids])
 
     def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
-        def enc(x: bytes) -> np.ndarray:
+        def enc(x) -> np.ndarray:  # bytes, or a 0-d object array when called eagerly
+            x = x.item() if isinstance(x, np.ndarray) else x
             return np.asarray(self._tok.encode(x.decode("utf-8")), dtype=np.int32)
 
         ids = tf.numpy_function(enc, [s], tf.int32, stateful=False)

@@ -1,0 +1,137 @@
+"""`neox-jax data ...`: help, preprocess, order (JSONL replay of steps), train-tokenizer, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+
+from neox_jax.cli import main
+from neox_jax.data.indexed import IndexedDatasetWriter
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shakespeare, neox_tokenizer_path):
+    """Shakespeare speeches as JSONL, preprocessed once through the CLI."""
+    d = tmp_path_factory.mktemp("cli")
+    docs = [x for x in shakespeare.split("\n\n") if x][:800]
+    with open(d / "speeches.jsonl", "w", encoding="utf-8") as f:
+        for x in docs:
+            f.write(json.dumps({"text": x}) + "\n")
+    rc = main(["data", "preprocess", str(d / "speeches.jsonl"), "--output-prefix", str(d / "shk"),
+               "--tokenizer", str(neox_tokenizer_path), "--append-eod", "--workers", "2"])
+    assert rc == 0
+    hf = HFTokenizer.from_file(str(neox_tokenizer_path))
+    tokens = [hf.encode(x).ids + [0] for x in docs]
+    return d, docs, tokens
+
+
+@pytest.mark.parametrize("cmd", [[], ["preprocess"], ["order"], ["train-tokenizer"]])
+def test_help(capsys, cmd):
+    with pytest.raises(SystemExit) as e:
+        main(["data", *cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: neox-jax data" in capsys.readouterr().out
+
+
+def test_preprocess_output_and_refusal(corpus, capsys, neox_tokenizer_path):
+    d, docs, _ = corpus
+    assert (d / "shk_text_document.bin").exists() and (d / "shk_text_document.idx").exists()
+    rc = main(["data", "preprocess", str(d / "speeches.jsonl"), "--output-prefix", str(d / "shk"),
+               "--tokenizer", str(neox_tokenizer_path)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("neox-jax: error: ") and "shk_text_document" in err and "--overwrite" in err
+    assert err.count("\n") == 1
+
+
+def test_order_replays_steps(corpus, capsys, tmp_path, neox_tokenizer_path):
+    d, docs, tokens = corpus
+    seq, batch, n_samples = 128, 4, 500
+    out = tmp_path / "order.jsonl"
+    rc = main(["data", "order", "--data-prefix", str(d / "shk_text_document"), "--seq-length", str(seq),
+               "--num-samples", str(n_samples), "--seed", "1234", "--batch", str(batch), "--steps", "2:5",
+               "--output", str(out), "--decode", "--tokenizer", str(neox_tokenizer_path)])
+    assert rc == 0, capsys.readouterr().err
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in recs] == list(range(2 * batch, 5 * batch))
+    assert [r["step"] for r in recs] == [i // batch for i in range(2 * batch, 5 * batch)]
+    # the published order: one RandomState(1234) shuffles doc_idx (all epochs), then arange(n)
+    total = sum(len(t) for t in tokens)
+    epochs = 1
+    while (epochs * total - 1) // seq < n_samples:
+        epochs += 1
+    rng = np.random.RandomState(1234)
+    rng.shuffle(np.tile(np.arange(len(docs), dtype=np.int32), epochs))
+    shuffle = np.arange((epochs * total - 1) // seq, dtype=np.uint32)
+    rng.shuffle(shuffle)
+    hf = HFTokenizer.from_file(str(neox_tokenizer_path))
+    for r in recs:
+        assert r["sample"] == shuffle[r["index"]]
+        assert len(r["tokens"]) == seq + 1
+        cut = [t for doc, (a, b) in zip(r["doc_ids"], r["offsets"]) for t in tokens[doc][a:b]]
+        assert cut == r["tokens"]  # the named documents and offsets are exactly the sample's tokens
+        assert r["text"] == hf.decode(r["tokens"], skip_special_tokens=False)
+        assert set(r) == {"step", "index", "dataset", "dataset_index", "sample", "doc_ids", "offsets",
+                          "tokens", "text"}
+    # without --output: one line per sample on stdout
+    capsys.readouterr()
+    assert main(["data", "order", "--data-prefix", str(d / "shk_text_document"), "--seq-length", str(seq),
+                 "--num-samples", str(n_samples), "--batch", str(batch), "--steps", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == batch and lines[0].startswith(f"step 3 index {3 * batch} dataset 0 sample ")
+    first = recs[batch]  # the same sample (index 12) in the JSONL
+    assert f"{first['doc_ids'][0]}[{first['offsets'][0][0]}:{first['offsets'][0][1]}]" in lines[0]
+    # asking past the end of the dataset is a clear error
+    assert main(["data", "order", "--data-prefix", str(d / "shk_text_document"), "--seq-length", str(seq),
+                 "--num-samples", str(n_samples), "--batch", str(batch), "--steps", "0:100000"]) == 2
+    assert "full steps" in capsys.readouterr().err
+
+
+def test_order_preshuffled(tmp_path, capsys):
+    seq = 16
+    rows = np.random.RandomState(0).randint(0, 50000, size=(10, seq + 1)).astype(np.uint16)
+    with IndexedDatasetWriter(tmp_path / "document", np.uint16) as w:
+        for r in rows:
+            w.add_document(r)
+    out = tmp_path / "o.jsonl"
+    assert main(["data", "order", "--preshuffled", "--data-prefix", str(tmp_path / "document"),
+                 "--seq-length", str(seq), "--batch", "3", "--steps", "1:3", "--output", str(out)]) == 0
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["sample"] for r in recs] == list(range(3, 9))
+    assert [r["tokens"] for r in recs] == rows[3:9].tolist()
+    assert main(["data", "order", "--preshuffled", "--data-prefix", str(tmp_path / "document"),
+                 "--seq-length", str(seq), "--batch", "3", "--steps", "1:3", "--output", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_train_tokenizer(tmp_path, shakespeare, capsys):
+    (tmp_path / "c.txt").write_text(shakespeare[:200000], encoding="utf-8")
+    assert main(["data", "train-tokenizer", str(tmp_path / "c.txt"), "--output", str(tmp_path / "t.json"),
+                 "--vocab-size", "600", "--txt-mode", "blank-lines"]) == 0
+    assert main(["data", "train-tokenizer", str(tmp_path / "c.txt"), "--output", str(tmp_path / "t.model"),
+                 "--vocab-size", "600", "--model-type", "unigram"]) == 0
+    out = capsys.readouterr().out
+    assert "t.json (600 tokens)" in out and "t.model (600 tokens)" in out
+    bpe = HFTokenizer.from_file(str(tmp_path / "t.json"))
+    assert bpe.token_to_id("<|endoftext|>") == 0 and bpe.token_to_id("<|padding|>") == 1
+    text = "KING RICHARD III:\nNow is the winter  of our discontent. é"
+    assert bpe.decode(bpe.encode(text).ids) == text
+    assert main(["data", "train-tokenizer", str(tmp_path / "c.txt"), "--output", str(tmp_path / "t.json"),
+                 "--vocab-size", "600"]) == 2
+    assert main(["data", "train-tokenizer", str(tmp_path / "c.txt"), "--output", str(tmp_path / "t.vocab"),
+                 "--vocab-size", "600"]) == 2
+
+
+def test_subprocess_error_is_one_line_without_traceback(tmp_path):
+    (tmp_path / "bad.idx").write_bytes(b"NOTMAGIC!" + bytes(40))
+    (tmp_path / "bad.bin").write_bytes(b"")
+    r = subprocess.run([sys.executable, "-m", "neox_jax", "data", "order", "--data-prefix",
+                        str(tmp_path / "bad"), "--num-samples", "10", "--steps", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("neox-jax: error: ") and "bad.idx: offset 0: bad magic" in last
