@@ -55,8 +55,8 @@ def main() -> None:
         t0 = time.perf_counter()
         ds = GPT2Dataset.build(str(prefix), need, seq, 1234)
         t_maps = time.perf_counter() - t0
-        print(f"dataset: {written / 1e6:.1f}M tokens written in {t_write:.1f}s; index maps for {need} samples "
-              f"in {t_maps:.2f}s ({ds.maps.num_epochs} epoch(s), {len(ds)} samples)")
+        print(f"dataset: {written / 1e6:.1f}M tokens written in {t_write:.1f}s; "
+              f"index maps for {need} samples in {t_maps:.2f}s ({ds.maps.num_epochs} epoch(s), {len(ds)} samples)")
         with Loader(ds, args.batch, num_steps=args.steps + 1, process_index=0, process_count=1,
                     prefetch=args.prefetch, num_threads=args.threads, segment_ids=args.segment_ids) as loader:
             next(loader)  # warm-up: thread start, first pages

@@ -15,7 +15,7 @@ CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.f
 
 
 def hand_idx(code: int, itemsize: int, sizes: list[int], doc_idx: list[int]) -> bytes:
-    """The .idx bytes exactly as the format is documented: header, int32 sizes, int64 pointers, int64 doc_idx."""
+    """The .idx bytes as documented: header, int32 sizes, int64 pointers, int64 doc_idx."""
     out = b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", code)
     out += struct.pack("<Q", len(sizes)) + struct.pack("<Q", len(doc_idx))
     out += b"".join(struct.pack("<i", s) for s in sizes)

@@ -134,7 +134,7 @@ def test_document_subset_and_token_sums_beyond_int32():
     # three documents of 2**30 tokens: tokens per epoch 3 * 2**30 > 2**31 (int64 sums needed)
     sizes = np.full(3, 2 ** 30, dtype=np.int32)
     seq = 2 ** 20
-    epochs, doc_idx, sample_idx, shuffle_idx = ref_index_maps(sizes, np.arange(3, dtype=np.int32), 5000, seq, 3)
+    epochs, _, sample_idx, shuffle_idx = ref_index_maps(sizes, np.arange(3, dtype=np.int32), 5000, seq, 3)
     maps = build_index_maps("unused", "train", np.arange(3, dtype=np.int32), sizes, 5000, seq, 3,
                             use_cache=False)
     assert epochs == maps.num_epochs == 2
@@ -153,7 +153,7 @@ def test_document_subset_and_token_sums_beyond_int32():
 def test_reads_neox_cached_index_maps(tmp_path):
     sizes = np.random.RandomState(6).randint(1, 200, size=60).astype(np.int32)
     docs = write_corpus(tmp_path / "c", sizes)
-    epochs, doc_idx, sample_idx, shuffle_idx = ref_index_maps(sizes, np.arange(60, dtype=np.int32), 50, S, 1234)
+    _, doc_idx, sample_idx, shuffle_idx = ref_index_maps(sizes, np.arange(60, dtype=np.int32), 50, S, 1234)
     # NeoX's file names, spelled out from gpt2_dataset.py
     base = f"{tmp_path}/c_train_0_indexmap_50ns_{S}sl_1234s"
     assert [str(p) for p in index_map_paths(str(tmp_path / "c"), "train_0", 50, S, 1234)] == \
@@ -220,17 +220,21 @@ def test_train_dataset_routes(tmp_path):
     sizes = np.random.RandomState(9).randint(1, 200, size=80)
     docs = write_corpus(tmp_path / "t", sizes)
     ds = build_train_dataset([str(tmp_path / "t")], S, 1234, train_iters=10, batch=4)
-    _, doc_idx, sample_idx, shuffle_idx = ref_index_maps(np.asarray(sizes, np.int32), np.arange(80), 41, S, 1234)
-    np.testing.assert_array_equal(ds[5], ref_sample(docs, doc_idx, sample_idx, shuffle_idx, 5))
+    sizes = np.asarray(sizes, np.int32)
+    _, doc_idx, sample_idx, shuffle_idx = ref_index_maps(sizes, np.arange(80), 41, S, 1234)
+    assert len(ds) == len(shuffle_idx) - 1
+    for i in range(len(ds)):
+        np.testing.assert_array_equal(ds[i], ref_sample(docs, doc_idx, sample_idx, shuffle_idx, i))
     # GPT-NeoX-20B's data-path route: train split documents, iters * batch samples, name "train"
     assert train_valid_test_split("995,4,1", 1000) == [0, 995, 999, 1000]
     assert train_valid_test_split("969, 30, 1", 80) == [0, 78, 80, 80]
     bounds = train_valid_test_split("90,5,5", 80)
     assert bounds == [0, 72, 76, 80]
     ds = build_train_dataset([str(tmp_path / "t")], S, 1234, train_iters=10, batch=4, split="90,5,5")
-    _, doc_idx, sample_idx, shuffle_idx = ref_index_maps(np.asarray(sizes, np.int32),
-                                                         np.arange(0, 72, dtype=np.int32), 40, S, 1234)
-    np.testing.assert_array_equal(ds[5], ref_sample(docs, doc_idx, sample_idx, shuffle_idx, 5))
+    _, doc_idx, sample_idx, shuffle_idx = ref_index_maps(sizes, np.arange(0, 72, dtype=np.int32), 40, S, 1234)
+    assert len(ds) == len(shuffle_idx) - 1
+    for i in range(len(ds)):
+        np.testing.assert_array_equal(ds[i], ref_sample(docs, doc_idx, sample_idx, shuffle_idx, i))
     with pytest.raises(UserError, match="exactly one"):
         build_train_dataset([str(tmp_path / "t")], S)
 

@@ -64,11 +64,13 @@ def test_round_trip_and_neox_bytes(tmp_path, documents, neox_tokenizer_path, wor
 
 def test_zst_and_plain_jsonl_give_the_same_dataset(tmp_path, documents, neox_tokenizer_path):
     write_jsonl(tmp_path / "a.jsonl", documents[:50])
-    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress((tmp_path / "a.jsonl").read_bytes()))
+    raw = (tmp_path / "a.jsonl").read_bytes()
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
     preprocess([tmp_path / "a.jsonl"], str(tmp_path / "p"), neox_tokenizer_path)
     preprocess([tmp_path / "a.jsonl.zst"], str(tmp_path / "z"), neox_tokenizer_path)
     for ext in ("bin", "idx"):
-        assert (tmp_path / f"p_text_document.{ext}").read_bytes() == (tmp_path / f"z_text_document.{ext}").read_bytes()
+        plain, zst = (tmp_path / f"{p}_text_document.{ext}" for p in "pz")
+        assert plain.read_bytes() == zst.read_bytes()
 
 
 def test_lm_dataformat_rules(tmp_path, neox_tokenizer_path):

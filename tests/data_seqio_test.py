@@ -11,7 +11,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from neox_jax.data.indexed import IndexedDataset
 from neox_jax.data.loader import Loader
 from neox_jax.data.order import GPT2Dataset
-from neox_jax.data.seqio_tasks import NeoXVocabulary, packed_rows, task_documents, text_line_task, write_indexed
+from neox_jax.data.seqio_tasks import (NeoXVocabulary, packed_rows, task_documents, text_line_task,
+                                       write_indexed)
 from neox_jax.data.train_tokenizer import train_sentencepiece
 
 
