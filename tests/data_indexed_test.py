@@ -150,3 +150,12 @@ def test_writer_checks_ids_and_refuses_existing_outputs(tmp_path):
     assert IndexedDataset(tmp_path / "e")[0].tolist() == [1]
     with pytest.raises(UserError, match="no code"):
         IndexedDatasetWriter(tmp_path / "f", np.uint32)
+
+
+def test_empty_dataset(tmp_path):
+    with IndexedDatasetWriter(tmp_path / "z", np.uint16):
+        pass
+    assert (tmp_path / "z.idx").read_bytes() == hand_idx(8, 2, [], [0])
+    assert (tmp_path / "z.bin").read_bytes() == b""
+    ds = IndexedDataset(tmp_path / "z")
+    assert len(ds) == 0 and ds.num_tokens == 0 and list(ds.documents()) == []

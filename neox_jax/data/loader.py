@@ -15,8 +15,9 @@ provide the prefetch threads, at the cost of a version-dependent iterator state;
 `ThreadPoolExecutor` do the same with a state we define.  (Any of our datasets has `__len__` and
 `__getitem__`, so it can still be a grain `MapDataset.source` for users who want grain.)
 
-Prefetch: `prefetch` future batches are computed ahead by `num_threads` threads (NumPy copies from
-the memory-mapped `.bin` release the GIL), so `next()` normally returns a finished batch.
+Prefetch: `prefetch` future batches are computed ahead by `num_threads` threads (a batch is a few
+NumPy slices and copies per row from the memory-mapped `.bin`, far faster than training consumes
+them: see bench/loader_throughput.py), so `next()` normally returns a finished batch.
 
 Batches are dicts of NumPy arrays: `tokens` int32 [B/H, S+1] (inputs `tokens[:, :-1]`, labels
 `tokens[:, 1:]`), and with `segment_ids=True` also `segment_ids` int32 [B/H, S+1]: 1 + the number of

@@ -335,6 +335,8 @@ def build_train_dataset(prefixes: Sequence[str], seq_length: int, seed: int = 12
         indexed = IndexedDataset(prefixes[0])
         bounds = train_valid_test_split(split, len(indexed))
         documents = np.arange(bounds[0], bounds[1], dtype=np.int32)
+        if num_samples is not None and len(num_samples) != 1:
+            raise UserError("--split takes one num_samples value")
         n = num_samples[0] if num_samples is not None else train_iters * batch
         maps = build_index_maps(indexed.prefix, "train", documents, indexed.sizes, n, seq_length, seed,
                                 use_cache, save_cache)
