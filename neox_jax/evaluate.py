@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
-from .model import forward
+from .model import hidden_states, target_logprobs
 
 
 @dataclasses.dataclass
@@ -59,10 +59,7 @@ def _bucket(n: int, W: int) -> int:
 def make_scorer(cfg: ModelConfig):
     @jax.jit
     def score(params, inputs, targets):
-        logits = forward(cfg, params, inputs)
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return picked - logz
+        return target_logprobs(cfg, params, hidden_states(cfg, params, inputs), targets)
 
     return score
 

@@ -430,6 +430,31 @@ def forward(
     return logits_from_hidden(cfg, params, h)
 
 
+def target_logprobs(
+    cfg: ModelConfig,
+    params: Params,
+    h: Float[Array, "B S D"],
+    targets: Int[Array, "B S"],
+    chunk: int = 256,
+) -> Float[Array, "B S"]:
+    """log softmax(logits)[target] from final hidden states, `chunk` positions at a time, so the
+    float32 [B, S, V] logits never exist whole (V = 50k makes them the largest activation)."""
+    B, S, D = h.shape
+    if S <= chunk or S % chunk:
+        logits = logits_from_hidden(cfg, params, h)
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)
+    hc = h.reshape(B, S // chunk, chunk, D).swapaxes(0, 1)
+    tc = targets.reshape(B, S // chunk, chunk).swapaxes(0, 1)
+
+    def one(args):
+        hh, tt = args
+        logits = logits_from_hidden(cfg, params, hh)
+        return jnp.take_along_axis(logits, tt[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+
+    return jax.lax.map(one, (hc, tc)).swapaxes(0, 1).reshape(B, S)
+
+
 def token_logprobs(
     cfg: ModelConfig,
     params: Params,
@@ -437,10 +462,8 @@ def token_logprobs(
     **kwargs,
 ) -> Float[Array, "B S-1"]:
     """log p(tokens[:, t+1] | tokens[:, :t+1]) for t = 0..S-2, softmax over all V (float32)."""
-    logits = forward(cfg, params, tokens, **kwargs)[:, :-1]
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    return picked - logz
+    h = hidden_states(cfg, params, tokens, **kwargs)[:, :-1]
+    return target_logprobs(cfg, params, h, tokens[:, 1:])
 
 
 def count_params(tree: Params) -> int:

@@ -181,3 +181,14 @@ def test_every_parameter_has_logical_axes():
         assert all(isinstance(a, str) for a in ax), name
     assert axes["layers/attn/qkv/kernel"] == ("layers", "embed", "qkv", "heads", "head_dim")
     assert axes["embed_in/embedding"] == ("vocab", "embed")
+
+
+def test_chunked_target_logprobs_equal_full_softmax():
+    cfg = load_config("tiny").replace(compute_dtype="float32")
+    params = M.init_params(cfg, 1)
+    toks = jnp.asarray(np.random.RandomState(6).randint(0, cfg.vocab_size, (2, 512)))
+    h = M.hidden_states(cfg, params, toks)
+    chunked = M.target_logprobs(cfg, params, h[:, :384], toks[:, 1:385], chunk=128)
+    logits = np.asarray(M.logits_from_hidden(cfg, params, h), np.float64)[:, :384]
+    ref = np.take_along_axis(logits, np.asarray(toks[:, 1:385])[..., None], -1)[..., 0] - np.log(np.exp(logits).sum(-1))
+    np.testing.assert_allclose(np.asarray(chunked), ref, atol=2e-5)
