@@ -1,0 +1,339 @@
+"""What every checkpoint format shares: tensor entries in our layout, readers, writers, detection.
+
+A *reader* opens one checkpoint (HF, native GPT-NeoX, or ours), checks every tensor's name and shape
+against its config before any data is read, and then hands out tensors one at a time, already in
+OUR layout (mapping.py's transforms, tensor-parallel shards merged):
+
+    reader.config                 ModelConfig (architecture fields from the source's own config)
+    reader.entries()              [Entry(name, layer, shape, dtype), ...] in the order that reads
+                                  the source fastest; `name` is our flat name ("layers/attn/qkv/kernel"),
+                                  `layer` the index into the stacked leading axis (None for globals),
+                                  `shape` the shape of that one slice
+    reader.read(entry)            numpy array, source dtype, our layout
+    reader.native_tensors()       (native name, shape, dtype, loader) for `inspect`
+
+A *writer* receives the same stream in any order and writes its format into a temporary directory:
+`writer.write(entry, array)` then `writer.finish()`.  HF and NeoX writers take torch layout
+(`writer.layout == "torch"`, fed by `reader.read_torch`), so HF <-> NeoX never transposes.  Neither side ever holds more than one tensor
+(one layer for the native NeoX writer, whose files are per layer) plus I/O buffers.
+
+Detection (`detect_format`): a directory with `neox_jax.json` (or a run directory of numbered steps)
+is ours; `config.json` + `*.safetensors` / `pytorch_model*.bin` is Hugging Face; `latest` +
+`global_stepN/`, or a `global_stepN/` directory itself, with `layer_XX-model_YY-model_states.pt` or
+`mp_rank_XX_model_states.pt` files is native GPT-NeoX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from ..checkpoint import CheckpointError, is_checkpoint
+from ..config import ModelConfig
+from .mapping import HF_GLOBAL_MAP, LAYER_MAP
+
+log = logging.getLogger("neox_jax")
+
+FORMATS = ("orbax", "hf", "neox")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One tensor of the stream: our flat name, layer index (None: not stacked), slice shape, dtype."""
+
+    name: str
+    layer: int | None
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def label(self) -> str:
+        return self.name if self.layer is None else f"{self.name}[{self.layer}]"
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    def with_dtype(self, dtype) -> "Entry":
+        return dataclasses.replace(self, dtype=np.dtype(dtype))
+
+
+def np_dtype(name: str | np.dtype) -> np.dtype:
+    """'bfloat16' -> ml_dtypes bfloat16; other names through numpy."""
+    if isinstance(name, np.dtype):
+        return name
+    if name == "bfloat16":
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def dtype_name(dt) -> str:
+    return np.dtype(dt).name
+
+
+def our_entries(cfg: ModelConfig, dtype: Any = np.float32) -> list[Entry]:
+    """Every (name, layer) slice of our parameter tree for cfg, layer-major (the natural HF order)."""
+    D, V, N, H, F = cfg.hidden_size, cfg.vocab_size, cfg.num_heads, cfg.head_dim, cfg.ffn_size
+    layer_shapes = {
+        "ln_attn/scale": (D,), "ln_attn/bias": (D,), "ln_mlp/scale": (D,), "ln_mlp/bias": (D,),
+        "attn/qkv/kernel": (D, 3, N, H), "attn/qkv/bias": (3, N, H),
+        "attn/out/kernel": (N, H, D), "attn/out/bias": (D,),
+        "mlp/fc_in/kernel": (D, F), "mlp/fc_in/bias": (F,),
+        "mlp/fc_out/kernel": (F, D), "mlp/fc_out/bias": (D,),
+    }
+    assert set(layer_shapes) == set(LAYER_MAP)
+    dt = np.dtype(dtype)
+    out = [Entry("embed_in/embedding", None, (V, D), dt)]
+    for i in range(cfg.num_layers):
+        out += [Entry(f"layers/{n}", i, layer_shapes[n], dt) for n in LAYER_MAP]
+    out += [Entry("final_ln/scale", None, (D,), dt), Entry("final_ln/bias", None, (D,), dt)]
+    if not cfg.tie_word_embeddings:
+        out.append(Entry("embed_out/kernel", None, (D, V), dt))
+    assert {e.name for e in out} - {"embed_out/kernel"} <= set(HF_GLOBAL_MAP) | {f"layers/{n}" for n in LAYER_MAP}
+    return out
+
+
+def leaf_shapes(entries: list[Entry], cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Our flat leaf name -> (full shape, dtype); stacked leaves get the leading L axis.
+
+    A stacked leaf whose layers came in different dtypes gets the promoted dtype."""
+    leaves: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    for e in entries:
+        shape = e.shape if e.layer is None else (cfg.num_layers,) + tuple(e.shape)
+        if e.name in leaves:
+            dt = np.promote_types(leaves[e.name][1], e.dtype)
+            leaves[e.name] = (shape, dt)
+        else:
+            leaves[e.name] = (shape, np.dtype(e.dtype))
+    return leaves
+
+
+def cast(array: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+    if dtype is None or array.dtype == dtype:
+        return array
+    if array.dtype.kind != "f" and array.dtype != np.dtype(ml_dtypes.bfloat16):
+        raise CheckpointError(f"cannot cast a {array.dtype} tensor to {dtype}")
+    return array.astype(dtype)
+
+
+# ----------------------------------------------------------------------------- torch helpers
+
+_TORCH_TO_NP = {
+    "torch.float32": np.dtype(np.float32), "torch.float16": np.dtype(np.float16),
+    "torch.bfloat16": np.dtype(ml_dtypes.bfloat16), "torch.float64": np.dtype(np.float64),
+    "torch.int64": np.dtype(np.int64), "torch.int32": np.dtype(np.int32), "torch.uint8": np.dtype(np.uint8),
+    "torch.bool": np.dtype(np.bool_), "torch.int8": np.dtype(np.int8), "torch.int16": np.dtype(np.int16),
+}
+
+
+def torch_to_numpy(t) -> np.ndarray:
+    """A CPU torch tensor -> a numpy array that owns its memory, same dtype (bf16 via ml_dtypes)."""
+    import torch
+
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    return t.contiguous().numpy().copy()
+
+
+def numpy_to_torch(a: np.ndarray):
+    import torch
+
+    a = np.ascontiguousarray(a)
+    if a.dtype == np.dtype(ml_dtypes.bfloat16):
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def torch_dtype_np(t) -> np.dtype:
+    try:
+        return _TORCH_TO_NP[str(t.dtype)]
+    except KeyError:
+        raise CheckpointError(f"unsupported tensor dtype {t.dtype}") from None
+
+
+def _numpy_safe_globals() -> list:
+    """numpy arrays inside pickles (GPT-NeoX's `np_rng_state`): plain data, no code.  Allow-listed
+    for torch's weights_only unpickler; nothing else is."""
+    out: list = [np.ndarray, np.dtype]
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy 2
+    except ImportError:  # pragma: no cover - numpy 1
+        from numpy.core.multiarray import _reconstruct
+    out.append(_reconstruct)
+    out.append((_reconstruct, "numpy.core.multiarray._reconstruct"))  # pickles written by numpy 1
+    out.extend(type(np.dtype(t)) for t in ("uint32", "int64", "float32", "float64", "uint8", "int32"))
+    return out
+
+
+def torch_load(path: Path, *, mmap: bool = True) -> Any:
+    """`torch.load(..., weights_only=True)`, memory-mapped where the file allows it.
+
+    A file that needs arbitrary unpickling (classes or functions outside torch's weights-only set
+    and numpy arrays) is refused with a CheckpointError naming the file and the global."""
+    import pickle
+
+    import torch
+
+    def load(globals_list, use_mmap):
+        with torch.serialization.safe_globals(globals_list):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+
+    globals_list = _numpy_safe_globals()
+    try:
+        try:
+            return load(globals_list, mmap)
+        except (TypeError, AttributeError):  # a (func, name) pair not understood by this torch version
+            globals_list = [g for g in globals_list if not isinstance(g, tuple)]
+            return load(globals_list, mmap)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f"it needs {m.group(1)}" if m else str(e).strip().splitlines()[-1][:200]
+        raise CheckpointError(
+            f"{path}: refusing to unpickle: only torch.load(weights_only=True) is allowed and {what}"
+        ) from None
+    except RuntimeError as e:
+        if mmap and "mmap" in str(e):  # legacy (non-zip) torch.save format cannot be memory-mapped
+            log.warning("%s: legacy torch format, reading it whole (no mmap)", path)
+            return torch_load(path, mmap=False)
+        raise CheckpointError(f"{path}: unreadable torch file ({str(e).strip().splitlines()[0][:200]})") from None
+    except (EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable torch file ({e.__class__.__name__}: {str(e)[:200]})") from None
+
+
+# ----------------------------------------------------------------------------- readers / writers
+
+
+NativeTensor = tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
+
+
+class Reader:
+    """Base class; see the module docstring."""
+
+    fmt: str = "?"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.config: ModelConfig
+        self.extras: dict[str, Any] = {}  # tokenizer files, HF token ids, global step, ...
+
+    def entries(self) -> list[Entry]:
+        raise NotImplementedError
+
+    def read(self, entry: Entry) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_torch(self, entry: Entry) -> np.ndarray:
+        """The same tensor in torch layout (HF / merged NeoX), for writers of those formats.
+        HF and NeoX readers override this to skip the round trip through our layout."""
+        from .hf import to_torch
+
+        return to_torch(entry.name, self.read(entry), self.config)
+
+    def native_tensors(self) -> Iterator[NativeTensor]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.fmt} checkpoint {self.path}"
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Writer:
+    fmt: str = "?"
+    layout: str = "ours"  # or "torch": write() takes torch-layout arrays (Reader.read_torch)
+
+    def write(self, entry: Entry, array: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+
+def check_slice(entry: Entry, array: np.ndarray, where: str) -> None:
+    if tuple(array.shape) != tuple(entry.shape):
+        raise CheckpointError(f"{where}: tensor {entry.label} has shape {tuple(array.shape)}, expected {entry.shape}")
+
+
+# ----------------------------------------------------------------------------- detection
+
+_STEP_DIR = re.compile(r"global_step(\d+)$")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: expected a checkpoint directory")
+    try:
+        from ..checkpoint import resolve
+
+        resolve(p)
+        return "orbax"
+    except CheckpointError:
+        pass
+    if (p / "config.json").exists() and (
+        any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin")) or any(p.glob("*.index.json"))
+    ):
+        return "hf"
+    if (p / "latest").exists() or _STEP_DIR.match(p.name) or any(_STEP_DIR.match(c.name) for c in p.iterdir()):
+        return "neox"
+    if (p / "config.json").exists():
+        raise CheckpointError(f"{p}: has config.json but no model.safetensors / pytorch_model*.bin weights")
+    raise CheckpointError(
+        f"{p}: not a recognised checkpoint (expected neox_jax.json, an HF config.json + weights, "
+        f"or a GPT-NeoX 'latest' + global_stepN/ directory)"
+    )
+
+
+def open_reader(path: str | os.PathLike, fmt: str | None = None, *, neox_config: list[str] | None = None) -> Reader:
+    fmt = fmt or detect_format(path)
+    if fmt == "orbax":
+        from .orbax_io import OrbaxReader
+
+        return OrbaxReader(Path(path))
+    if fmt == "hf":
+        from .hf import HFReader
+
+        return HFReader(Path(path))
+    if fmt == "neox":
+        from .neox import NeoxReader
+
+        return NeoxReader(Path(path), config_files=neox_config)
+    raise CheckpointError(f"unknown format {fmt!r}")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def parse_size(s: str) -> int:
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B?)\s*", s, re.I)
+    if not m:
+        raise CheckpointError(f"size {s!r} is not like 5GB, 500MB or 1000000")
+    num, unit = float(m.group(1)), m.group(2).upper()
+    mult = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    if unit not in mult:
+        raise CheckpointError(f"size {s!r}: unknown unit {unit!r}")
+    return int(num * mult[unit])

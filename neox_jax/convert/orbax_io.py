@@ -1,0 +1,259 @@
+"""Streaming into and out of our Orbax checkpoint (`neox_jax.json` + `config.json` + `params/`).
+
+Why not `StandardCheckpointer.save`: it needs every array whole in memory, and our layers are
+stacked (`layers/mlp/fc_in/kernel` is [L, D, F], 13 GB in bf16 at 20B).  What is written instead:
+
+1. Orbax itself saves a *placeholder* tree: the real tree structure, every leaf a numpy array of
+   the right dtype and rank but size 1.  This produces everything Orbax owns (`_METADATA`,
+   `_CHECKPOINT_METADATA`, the OCDBT manifest, `commit_success.txt`) with the version of Orbax
+   that is installed, and records each leaf as an `np.ndarray` leaf, whose metadata carries no
+   shape (shapes live in each array's zarr `.zarray`).
+2. Each leaf's array is then re-created, in place, inside the same OCDBT key-value store with
+   tensorstore: the placeholder's own `.zarray` (compressor, dtype spelling, fill value) is reused
+   with the real shape and a chunk grid of one layer per chunk along the stacked axis (split
+   further so that a chunk stays under 16 MiB, which also lets tensorstore compress a slice on several cores), and the data are written slice by slice as they
+   stream in: `store[layer] = slice`.
+3. `neox_jax.json` and `config.json` are written last, then the temporary directory is renamed.
+
+The result is exactly what Orbax would have written for numpy leaves apart from the chunk grid, so
+`checkpoint.load_params` (plain `StandardCheckpointer().restore`, any sharding) and
+`checkpoint.saved_tree` read it unchanged; tests restore it through them and compare bit for bit.
+Checked with orbax-checkpoint 0.12.8 (here) and 0.12.4 (the GPU machine's version; its restore
+code path for numpy-saved zarr/OCDBT leaves is the same).
+
+Reading is per slice too: `store[layer].read()`.  A checkpoint written by Orbax itself (the
+trainer, `neox-jax init`) has one chunk per array shard, often the whole stacked tensor; a slice of
+such a chunk cannot be decoded alone, so the reader then reads the whole leaf once and hands out
+its slices (peak memory: the largest stacked tensor, documented in docs/convert.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..checkpoint import CheckpointError, check_tree, read_config, resolve, saved_tree, write_marker
+from ..config import FLOAT_DTYPES, ModelConfig
+from ..model import flatten, unflatten
+from .formats import Entry, NativeTensor, Reader, Writer, check_slice, leaf_shapes, our_entries
+
+log = logging.getLogger("neox_jax")
+
+CHUNK_BYTES = 16 * 2**20  # several chunks per big slice: compressed in parallel
+MAX_IN_FLIGHT = 2  # slices being compressed/written while the next one is read
+
+
+def _ts():
+    import tensorstore as ts
+
+    return ts
+
+
+def chunk_shape(shape: tuple[int, ...], stacked: bool, itemsize: int) -> list[int]:
+    """One layer per chunk along a stacked axis; halve the next axes until a chunk <= CHUNK_BYTES."""
+    chunk = list(shape)
+    if stacked:
+        chunk[0] = 1
+    first = 1 if stacked else 0
+    ax = first
+    while math.prod(chunk) * itemsize > CHUNK_BYTES and ax < len(chunk):
+        if chunk[ax] > 1:
+            chunk[ax] = -(-chunk[ax] // 2)
+        else:
+            ax += 1
+    return chunk
+
+
+class _Store:
+    """The tensorstore key-value store of one `params/` directory and how its arrays are named."""
+
+    def __init__(self, params_dir: Path):
+        self.dir = params_dir
+        try:
+            meta = json.loads((params_dir / "_METADATA").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{params_dir / '_METADATA'}: unreadable ({e.__class__.__name__})") from None
+        self.use_ocdbt = bool(meta.get("use_ocdbt", True))
+        self.use_zarr3 = bool(meta.get("use_zarr3", False))
+        self.driver = "zarr3" if self.use_zarr3 else "zarr"
+        self.meta_file = "zarr.json" if self.use_zarr3 else ".zarray"
+        self.context = _ts().Context({"file_io_sync": False})  # one sync at the end (sync_tree)
+        base = params_dir.resolve().as_posix()
+        if self.use_ocdbt:
+            self.kv = {"driver": "ocdbt", "base": f"file://{base}/"}
+        else:
+            self.kv = {"driver": "file", "path": f"{base}/"}
+
+    def key(self, name: str) -> str:
+        return ".".join(name.split("/"))  # orbax's param name: the key path joined with '.'
+
+    def spec(self, name: str) -> dict:
+        return {"driver": self.driver, "kvstore": dict(self.kv, path=self.key(name) + "/")}
+
+    def read_meta(self, name: str) -> dict:
+        kv = _ts().KvStore.open(self.kv, context=self.context).result()
+        r = kv.read(f"{self.key(name)}/{self.meta_file}").result()
+        if r.state != "value":
+            raise CheckpointError(f"{self.dir}: no array {self.key(name)} (unexpected Orbax layout)")
+        return json.loads(r.value)
+
+    def open(self, name: str):
+        try:
+            return _ts().open(self.spec(name), open=True, context=self.context).result()
+        except Exception as e:  # tensorstore raises ValueError with long messages
+            raise CheckpointError(f"{self.dir}: cannot open tensor {name} ({str(e).splitlines()[0][:200]})") from None
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+class OrbaxWriter(Writer):
+    fmt = "orbax"
+
+    def __init__(self, tmp: Path, cfg: ModelConfig, entries: list[Entry], *, extras: dict | None = None,
+                 source: dict | None = None):
+        import orbax.checkpoint as ocp
+
+        self.tmp, self.cfg = tmp, cfg
+        self.extras = extras or {}
+        self.source = source or {}
+        self.leaves = leaf_shapes(entries, cfg)
+        placeholder = unflatten({n: np.zeros((1,) * len(s), dt) for n, (s, dt) in self.leaves.items()})
+        params_dir = (tmp / "params").resolve()
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(params_dir, placeholder)
+        ckptr.wait_until_finished()
+        ckptr.close()
+        self.store = _Store(params_dir)
+        if self.store.use_zarr3:
+            raise CheckpointError("this Orbax version writes zarr3 arrays; streaming writes support zarr v2 only")
+        self.arrays: dict[str, Any] = {}
+        stacked = {e.name for e in entries if e.layer is not None}
+        for name, (shape, dt) in self.leaves.items():
+            meta = self.store.read_meta(name)
+            meta["shape"] = list(shape)
+            meta["chunks"] = chunk_shape(shape, name in stacked, dt.itemsize)
+            spec = dict(self.store.spec(name), metadata=meta)
+            self.arrays[name] = _ts().open(spec, create=True, delete_existing=True,
+                                           context=self.store.context).result()
+            if self.arrays[name].dtype.numpy_dtype != dt:
+                raise CheckpointError(f"orbax writer: {name} opened as {self.arrays[name].dtype}, expected {dt}")
+        self.pending = {(e.name, e.layer) for e in entries}
+        self.inflight: list = []
+
+    def write(self, entry: Entry, array: np.ndarray) -> None:
+        shape, dt = self.leaves[entry.name]
+        array = np.ascontiguousarray(array.astype(dt, copy=False))
+        t = self.arrays[entry.name]
+        target = t if entry.layer is None else t[entry.layer]
+        self.inflight.append((target.write(array, can_reference_source_data_indefinitely=True), array))
+        while len(self.inflight) > MAX_IN_FLIGHT:
+            self.inflight.pop(0)[0].result()
+        self.pending.discard((entry.name, entry.layer))
+
+    def finish(self) -> None:
+        while self.inflight:
+            self.inflight.pop(0)[0].result()
+        if self.pending:
+            first = sorted(self.pending, key=str)[0]
+            raise CheckpointError(f"orbax writer: {len(self.pending)} tensors never arrived (first: {first})")
+        self.arrays.clear()
+        dts = {dt.name for _, dt in self.leaves.values()}
+        cfg = self.cfg
+        if len(dts) == 1 and next(iter(dts)) in FLOAT_DTYPES:
+            cfg = cfg.replace(param_dtype=next(iter(dts)))
+        tok = self.extras.get("tokenizer_files") or {}
+        if tok:
+            (self.tmp / "tokenizer").mkdir()
+            for name, f in tok.items():
+                shutil.copy2(f, self.tmp / "tokenizer" / name)
+        extra: dict[str, Any] = {"converted_from": self.source}
+        if self.extras.get("hf_token_ids"):
+            extra["hf_token_ids"] = self.extras["hf_token_ids"]
+        write_marker(self.tmp, cfg, **extra)
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+class OrbaxReader(Reader):
+    fmt = "orbax"
+
+    def __init__(self, path: Path):
+        root = resolve(path)
+        super().__init__(root)
+        self.config = read_config(root)
+        saved = saved_tree(root)
+        check_tree(self.config, saved, str(root))
+        self.saved = flatten(saved)
+        self.store = _Store(root / "params")
+        self.arrays = {name: self.store.open(name) for name in self.saved}
+        for name, t in self.arrays.items():
+            if tuple(t.shape) != tuple(self.saved[name].shape):
+                raise CheckpointError(f"{root}: tensor {name} has shape {tuple(t.shape)}, metadata says "
+                                      f"{tuple(self.saved[name].shape)}")
+        # stacked leaves chunked one layer at a time can be read per layer; others are read whole once
+        self.per_layer = {}
+        for name, t in self.arrays.items():
+            chunks = t.chunk_layout.read_chunk.shape
+            self.per_layer[name] = chunks is not None and chunks[0] == 1
+        self._cache: tuple[str, np.ndarray] | None = None
+        try:
+            marker = json.loads((root / "neox_jax.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            marker = {}
+        self.extras["hf_token_ids"] = marker.get("hf_token_ids") or {}
+        tok_dir = root / "tokenizer"
+        self.extras["tokenizer_files"] = {f.name: str(f) for f in sorted(tok_dir.iterdir())} if tok_dir.is_dir() else {}
+        self.marker = marker
+
+    def entries(self) -> list[Entry]:
+        base = our_entries(self.config)
+        out = []
+        for e in base:
+            dt = self.arrays[e.name].dtype.numpy_dtype
+            out.append(e.with_dtype(dt))
+        if all(self.per_layer[e.name] for e in out if e.layer is not None):
+            return out  # layer-major, one slice in memory
+        # tensor-major for leaves that must be read whole: all slices of one leaf together
+        order = {name: i for i, name in enumerate(dict.fromkeys(e.name for e in out))}
+        return sorted(out, key=lambda e: (order[e.name], e.layer if e.layer is not None else -1))
+
+    def read(self, entry: Entry) -> np.ndarray:
+        t = self.arrays[entry.name]
+        if entry.layer is None:
+            out = t.read().result()
+        elif self.per_layer[entry.name]:
+            out = t[entry.layer].read().result()
+        else:
+            if self._cache is None or self._cache[0] != entry.name:
+                self._cache = None
+                self._cache = (entry.name, t.read().result())
+            out = self._cache[1][entry.layer]
+            if entry.layer == t.shape[0] - 1:
+                out = out.copy()
+                self._cache = None
+        out = np.asarray(out)
+        check_slice(entry, out, str(self.path))
+        return out
+
+    def native_tensors(self) -> Iterator[NativeTensor]:
+        for name in sorted(self.arrays):
+            t = self.arrays[name]
+
+            def load(t=t, name=name):
+                if self.per_layer[name] and t.ndim > 0:
+                    return (np.asarray(t[i].read().result()) for i in range(t.shape[0]))
+                return np.asarray(t.read().result())
+
+            yield name, tuple(t.shape), t.dtype.numpy_dtype, load
+
+    def close(self) -> None:
+        self.arrays.clear()
+        self._cache = None

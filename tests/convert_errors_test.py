@@ -1,0 +1,170 @@
+"""Bad input: one clear error line (exit 2) naming the file/tensor/key, and no half-written DST."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from convert_fixtures import save_hf, tiny_hf, write_neox
+from neox_jax.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    d = tmp_path_factory.mktemp("good")
+    model = tiny_hf(11, fp16_values=True)
+    save_hf(model, d / "hf", dtype=torch.float16)
+    write_neox(model, d / "neox", tp=2)
+    return d
+
+
+def fails(capsys, argv, *needles) -> str:
+    """main(argv) exits 2 with exactly one stderr line 'neox-jax: error: ...' containing needles."""
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in err if line.startswith("neox-jax: error:")]
+    assert len(errors) == 1, err
+    assert not any("Traceback" in line for line in err)
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+    return errors[0]
+
+
+def no_output(dst: Path) -> None:
+    assert not dst.exists(), f"{dst} was created"
+    assert not list(dst.parent.glob(f".{dst.name}.tmp-*")), "temporary directory left behind"
+
+
+def copy_hf(good, tmp_path) -> Path:
+    return Path(shutil.copytree(good / "hf", tmp_path / "src"))
+
+
+def test_truncated_safetensors(good, tmp_path, capsys):
+    src = copy_hf(good, tmp_path)
+    f = src / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    fails(capsys, ["convert", str(src), str(tmp_path / "dst")], "model.safetensors", "truncated")
+    no_output(tmp_path / "dst")
+    fails(capsys, ["inspect", str(src)], "truncated")
+
+
+def test_missing_layer_file(good, tmp_path, capsys):
+    src = Path(shutil.copytree(good / "neox", tmp_path / "neox"))
+    (src / "global_step1000" / "layer_03-model_01-model_states.pt").unlink()
+    fails(capsys, ["convert", str(src), str(tmp_path / "dst")], "layer_03-model_01-model_states.pt", "missing")
+    no_output(tmp_path / "dst")
+
+
+def test_shape_mismatch(good, tmp_path, capsys):
+    src = copy_hf(good, tmp_path)
+    with safe_open(str(src / "model.safetensors"), "pt") as h:
+        sd = {k: h.get_tensor(k) for k in h.keys()}
+    key = "gpt_neox.layers.1.attention.query_key_value.bias"
+    sd[key] = sd[key][:-3].clone()
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    fails(capsys, ["convert", str(src), str(tmp_path / "dst")], key, "shape (189,)", "(192,)")
+    no_output(tmp_path / "dst")
+
+
+def test_unknown_architecture(good, tmp_path, capsys):
+    src = copy_hf(good, tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    fails(capsys, ["convert", str(src), str(tmp_path / "dst")], "config.json", "llama")
+    no_output(tmp_path / "dst")
+
+
+def test_config_disagrees_with_tensors(good, tmp_path, capsys):
+    src = copy_hf(good, tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (src / "config.json").write_text(json.dumps(cfg))
+    fails(capsys, ["convert", str(src), str(tmp_path / "dst")], "gpt_neox.layers.2.", "missing", "3 layers")
+    cfg["num_hidden_layers"] = 1
+    (src / "config.json").write_text(json.dumps(cfg))
+    fails(capsys, ["convert", str(src), str(tmp_path / "dst")], "unexpected tensor gpt_neox.layers.1.")
+    # native: the YAML's hidden size is not the tensors'
+    neox = Path(shutil.copytree(good / "neox", tmp_path / "neox"))
+    yml = neox / "global_step1000" / "configs" / "model.yml"
+    yml.write_text(yml.read_text().replace("hidden-size: 64", "hidden-size: 128"))
+    fails(capsys, ["convert", str(neox), str(tmp_path / "dst")], "word_embeddings", "(128, 64)")
+    no_output(tmp_path / "dst")
+
+
+def test_existing_destination_refused_unless_overwrite(good, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "precious.txt").write_text("keep me")
+    fails(capsys, ["convert", str(good / "hf"), str(dst)], str(dst), "--overwrite")
+    assert (dst / "precious.txt").read_text() == "keep me"
+    assert not list(tmp_path.glob(".dst.tmp-*"))
+    assert main(["convert", str(good / "hf"), str(dst), "--overwrite"]) == 0
+    assert not (dst / "precious.txt").exists() and (dst / "neox_jax.json").exists()
+
+
+def test_arbitrary_pickle_refused(good, tmp_path, capsys):
+    src = tmp_path / "bin"
+    src.mkdir()
+    shutil.copy(good / "hf" / "config.json", src / "config.json")
+    with safe_open(str(good / "hf" / "model.safetensors"), "pt") as h:
+        sd = {k: h.get_tensor(k) for k in h.keys()}
+    sd["extra"] = os.system  # needs a global outside torch's weights-only set
+    torch.save(sd, src / "pytorch_model.bin")
+    fails(capsys, ["convert", str(src), str(tmp_path / "dst")], "pytorch_model.bin", "refusing to unpickle",
+          "weights_only")
+    no_output(tmp_path / "dst")
+
+
+def test_failure_while_streaming_leaves_no_destination(good, tmp_path, capsys, monkeypatch):
+    from neox_jax.convert import hf
+
+    calls = {"n": 0}
+    real = hf.HFReader.read_torch
+
+    def flaky(self, entry):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise OSError(5, "Input/output error", "model.safetensors")
+        return real(self, entry)
+
+    monkeypatch.setattr(hf.HFReader, "read_torch", flaky)  # read() goes through it too
+    for to in ("orbax", "hf", "neox"):
+        calls["n"] = 0
+        fails(capsys, ["convert", str(good / "hf"), str(tmp_path / f"dst_{to}"), "--to", to], "Input/output error")
+        no_output(tmp_path / f"dst_{to}")
+
+
+def test_bad_options(good, tmp_path, capsys):
+    fails(capsys, ["convert", str(good / "hf"), str(tmp_path / "dst"), "--tp", "2"], "--tp")
+    fails(capsys, ["convert", str(good / "hf"), str(tmp_path / "dst"), "--to", "neox", "--tp", "3"], "--tp 3",
+          "num_heads")
+    fails(capsys, ["convert", str(tmp_path / "nope"), str(tmp_path / "dst")], "no such file")
+    fails(capsys, ["convert", str(good / "hf"), str(good / "hf" / "sub")], "DST")
+    no_output(tmp_path / "dst")
+
+
+def test_cli_subprocess_exit_codes(good, tmp_path):
+    """The installed entry point: exit 2 and one line, no traceback; exit 0 on success."""
+    src = copy_hf(good, tmp_path)
+    (src / "model.safetensors").write_bytes(b"\x10\x00")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-m", "neox_jax", "convert", str(src), str(tmp_path / "dst")],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert p.returncode == 2, p.stderr
+    err = [line for line in p.stderr.splitlines() if line.strip() and "INFO" not in line]
+    assert len(err) == 1 and err[0].startswith("neox-jax: error:") and "truncated" in err[0], p.stderr
+    assert "Traceback" not in p.stderr
+    no_output(tmp_path / "dst")
