@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import struct
@@ -65,7 +64,7 @@ def make_hf(cfg, path: Path, seed: int = 0) -> int:
 
 
 def run(cmd: list[str]) -> tuple[float, float, int]:
-    """(seconds, peak RSS in GB, exit status) of one command, measured by GNU time -v.
+    """(seconds, peak RSS in MiB, exit status) of one command, measured by GNU time -v.
 
     (Not ru_maxrss from wait4 on a child of this process: a forked child inherits the parent's
     resident-set high-water mark, which would hide the command's own peak.)"""
@@ -74,7 +73,7 @@ def run(cmd: list[str]) -> tuple[float, float, int]:
     secs = time.perf_counter() - t0
     err = proc.stderr.decode(errors="replace")
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
-    rss = int(m.group(1)) / 2**20 if m else float("nan")
+    rss = int(m.group(1)) / 2**10 if m else float("nan")
     if proc.returncode != 0:
         print(f"FAILED ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}", file=sys.stderr)
     return secs, rss, proc.returncode
@@ -123,13 +122,13 @@ def main() -> int:
         sizes = {n: du(work / n) for n in ("hf", "orbax", "hf2", "neox") if (work / n).exists()}
         print(f"\nlargest tensor {largest / 1e6:.0f} MB (fp16), checkpoint {size / 1e9:.2f} GB; "
               f"sizes on disk: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in sizes.items()))
-        print(f"{'step':<34}{'seconds':>9}{'peak RSS GB':>13}{'exit':>6}")
+        print(f"{'step':<34}{'seconds':>9}{'peak RSS MiB':>14}{'exit':>6}")
         for name, secs, rss, code in rows:
-            print(f"{name:<34}{secs:>9.1f}{rss:>13.2f}{code:>6}")
+            print(f"{name:<34}{secs:>9.1f}{rss:>14.0f}{code:>6}")
         ok = all(r[3] == 0 for r in rows)
         if ok:
             diff = run(env_cmd + ["diff", str(work / "hf"), str(work / "hf2")])
-            print(f"{'diff hf hf2 (bit-identical?)':<34}{diff[0]:>9.1f}{diff[1]:>13.2f}{diff[2]:>6}")
+            print(f"{'diff hf hf2 (bit-identical?)':<34}{diff[0]:>9.1f}{diff[1]:>14.0f}{diff[2]:>6}")
             ok = diff[2] == 0
         return 0 if ok else 1
     finally:

@@ -163,8 +163,10 @@ def neox_rank_tensors(sd: dict[str, np.ndarray], L: int, tp: int, seed: int = 0,
 
 
 def write_neox(model, root: Path, *, tp: int, layout: str = "pipeline", step: int = 1000,
-               dtype=torch.float16, padded_vocab_in_yaml: bool = True, seed: int = 0) -> Path:
-    """A native GPT-NeoX save directory for `model` (fp16 like the released ones)."""
+               dtype=torch.float16, padded_vocab_in_yaml: bool = True, seed: int = 0, new_names: bool = False) -> Path:
+    """A native GPT-NeoX save directory for `model` (fp16 like the released ones).
+
+    new_names: the MLP names GPT-NeoX uses since 2024 (mlp.linear1 / mlp.linear2)."""
     cfg = model.config
     L = cfg.num_hidden_layers
     sd = hf_state_numpy(model)
@@ -184,6 +186,9 @@ def write_neox(model, root: Path, *, tp: int, layout: str = "pipeline", step: in
     for ll, ranks in sorted(per_ll.items()):
         for rank, params in enumerate(ranks):
             d = collections.OrderedDict((k, tens(v)) for k, v in params.items())
+            if new_names:
+                d = collections.OrderedDict((k.replace("dense_h_to_4h", "linear1").replace("dense_4h_to_h", "linear2"), v)
+                                            for k, v in d.items())
             if 2 <= ll <= L + 1:
                 d["attention.rotary_emb.inv_freq"] = inv_freq.clone()
             if layout == "pipeline":

@@ -142,3 +142,20 @@ def test_verify_reports_and_overwrite(tmp_path, fp16_model, capsys):
     assert main(["convert", str(src), str(tmp_path / "orb"), "--overwrite", "--dtype", "float32"]) == 0
     cfg, params = load_params(tmp_path / "orb")
     assert cfg.param_dtype == "float32" and params["embed_in"]["embedding"].dtype == jnp.float32
+
+
+def test_sharded_pytorch_bin_with_index(tmp_path, fp16_model):
+    src = save_hf(fp16_model, tmp_path / "bin", bin=True)
+    sd = torch.load(src / "pytorch_model.bin", weights_only=True)
+    (src / "pytorch_model.bin").unlink()
+    keys = sorted(sd)
+    halves = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
+    weight_map = {}
+    for fname, ks in halves.items():
+        torch.save({k: sd[k] for k in ks}, src / fname)
+        weight_map.update({k: fname for k in ks})
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert main(["convert", str(src), str(tmp_path / "orb")]) == 0
+    ref = logits(fp16_model, IDS)
+    assert np.abs(jax_logits(tmp_path / "orb") - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -17,7 +17,8 @@ import yaml
 from convert_fixtures import hf_state_numpy, logits, read_neox_independent, save_hf, tiny_hf, write_neox
 from neox_jax.checkpoint import load_params
 from neox_jax.cli import main
-from neox_jax.config import from_neox_yaml
+from neox_jax.config import ModelConfig, from_neox_yaml
+from neox_jax.convert.neox import vocab_divisor
 from neox_jax.model import flatten, forward
 
 IDS = np.random.default_rng(1).integers(0, 256, size=(2, 40))
@@ -38,10 +39,11 @@ def model():
     return tiny_hf(3, fp16_values=True, layers=3)
 
 
-@pytest.mark.parametrize("tp,layout,padded", [(1, "pipeline", True), (2, "pipeline", False), (4, "pipeline", True),
-                                              (2, "sequential", True)])
-def test_native_to_orbax_matches_hf(tmp_path, model, tp, layout, padded):
-    root = write_neox(model, tmp_path / "neox", tp=tp, layout=layout, padded_vocab_in_yaml=padded)
+@pytest.mark.parametrize("tp,layout,padded,new_names", [(1, "pipeline", True, True), (2, "pipeline", False, False),
+                                                        (4, "pipeline", True, False), (2, "sequential", True, True)])
+def test_native_to_orbax_matches_hf(tmp_path, model, tp, layout, padded, new_names):
+    root = write_neox(model, tmp_path / "neox", tp=tp, layout=layout, padded_vocab_in_yaml=padded,
+                      new_names=new_names)
     assert main(["convert", str(root), str(tmp_path / "orb")]) == 0
     ref = logits(model, IDS)
     got = jax_logits(tmp_path / "orb")
@@ -133,3 +135,16 @@ def test_neox_to_neox_retp_and_bf16(tmp_path, model):
                  "--verify"]) == 0
     layer = torch.load(tmp_path / "nxb" / "global_step1000" / "layer_03-model_00-model_states.pt", weights_only=True)
     assert layer["mlp.dense_h_to_4h.weight"].dtype == torch.bfloat16
+
+
+def test_vocab_divisor_reproduces_the_padded_vocabulary():
+    def cfg(v):
+        return ModelConfig(vocab_size=v, hidden_size=64, num_layers=1, num_heads=4)
+
+    assert vocab_divisor(cfg(50304), 1, 50277) == 128  # Pythia at TP 1: the usual value
+    assert vocab_divisor(cfg(50304), 2, 50277) == 64  # re-sharded to TP 2: 128 x 2 would give 50432
+    assert vocab_divisor(cfg(50432), 1, 50277) == 50432  # 20B merged to TP 1 (what merge20b.py does)
+    assert vocab_divisor(cfg(50432), 2, None) == 25216  # tokenizer unknown: V/TP works for any tokenizer
+    for v, tp, tok in ((50304, 2, 50277), (50432, 1, 50277), (50688, 2, 50277), (50432, 4, None)):
+        m = vocab_divisor(cfg(v), tp, tok) * tp
+        assert math.ceil((tok or 50277) / m) * m == v

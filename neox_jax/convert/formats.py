@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 import ml_dtypes
 import numpy as np
 
-from ..checkpoint import CheckpointError, is_checkpoint
+from ..checkpoint import CheckpointError
 from ..config import ModelConfig
 from .mapping import HF_GLOBAL_MAP, LAYER_MAP
 

@@ -260,7 +260,8 @@ class NeoxReader(Reader):
             prefix = f"sequential.{ll}."
             out = []
             for mod in self._seq:
-                out.append({k[len(prefix):]: v for k, v in mod.items() if k.startswith(prefix)})
+                sd = {k[len(prefix):]: v for k, v in mod.items() if k.startswith(prefix)}
+                out.append({NEW_NAMES.get(k, k): v for k, v in sd.items()})
             return out
         if self._sd_cache is not None and self._sd_cache[0] == ll:
             return self._sd_cache[1]
@@ -371,17 +372,36 @@ class NeoxReader(Reader):
 # ----------------------------------------------------------------------------- writer
 
 
-def vocab_divisor(cfg: ModelConfig, tp: int) -> int:
-    """make-vocab-size-divisible-by that makes GPT-NeoX's padding rule give exactly cfg.vocab_size
-    at this TP (else the v1.0 / HEAD converters assert on the embedding rows)."""
-    V, tok = cfg.vocab_size, cfg.real_vocab_size
-    for m in (128, 64, 32, 16, 8):
-        if math.ceil(tok / (m * tp)) * m * tp == V:
-            return m
-    return V // tp  # tools/merge20b.py does the same: one padding unit = the whole per-rank vocab
+def vocab_divisor(cfg: ModelConfig, tp: int, tokenizer_size: int | None = None) -> int:
+    """make-vocab-size-divisible-by that makes GPT-NeoX's padding rule, ceil(tokenizer size / (m*TP))
+    * m*TP, give exactly cfg.vocab_size (else the v1.0 / HEAD converters assert on the embedding rows).
+
+    With a known tokenizer size the usual 128 (or a smaller power of two) is kept when it works;
+    otherwise m = V/TP, which gives V for any tokenizer of at most V ids (tools/merge20b.py does
+    the same)."""
+    V = cfg.vocab_size
+    tok = tokenizer_size or cfg.tokenizer_vocab_size
+    if tok and tok <= V:
+        for m in (128, 64, 32, 16, 8):
+            if math.ceil(tok / (m * tp)) * m * tp == V:
+                return m
+    return V // tp
 
 
-def neox_yaml(cfg: ModelConfig, tp: int, dtype: str, vocab_file: str | None) -> dict:
+def tokenizer_size(path: str | None) -> int | None:
+    """Vocabulary size GPT-NeoX's HFTokenizer reports for a tokenizers JSON (added tokens included)."""
+    if not path:
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # a tokenizer file we cannot parse: fall back to the safe divisor
+        log.warning("%s: cannot read the tokenizer (%s); using make-vocab-size-divisible-by = V/TP", path, e)
+        return None
+
+
+def neox_yaml(cfg: ModelConfig, tp: int, dtype: str, vocab_file: str | None, tok_size: int | None = None) -> dict:
     """The GPT-NeoX YAML our writer puts in global_stepN/configs/ (keys GPT-NeoX's converters read)."""
     d: dict[str, Any] = {
         "num-layers": cfg.num_layers,
@@ -406,7 +426,7 @@ def neox_yaml(cfg: ModelConfig, tp: int, dtype: str, vocab_file: str | None) -> 
         "init-method-std": cfg.init_std,
         "model-parallel-size": tp,
         "pipe-parallel-size": 1,
-        "make-vocab-size-divisible-by": vocab_divisor(cfg, tp),
+        "make-vocab-size-divisible-by": vocab_divisor(cfg, tp, tok_size),
         "padded-vocab-size": cfg.vocab_size,
         "tokenizer-type": "HFTokenizer",
         "vocab-file": vocab_file,
@@ -496,7 +516,7 @@ class NeoxWriter(Writer):
         else:
             log.warning("no tokenizer.json in the source: set vocab-file in %s/configs/neox_jax.yml before "
                         "running GPT-NeoX's tools on it", self.tag)
-        y = neox_yaml(self.cfg, self.tp, self.dtype, vocab_file)
+        y = neox_yaml(self.cfg, self.tp, self.dtype, vocab_file, tokenizer_size(tok))
         (self.dir / "configs").mkdir()
         (self.dir / "configs" / "neox_jax.yml").write_text(
             "# written by neox-jax convert (GPT-NeoX YAML; keys read by tools/ckpts/convert_neox_to_hf.py)\n"

@@ -10,16 +10,18 @@ stacked (`layers/mlp/fc_in/kernel` is [L, D, F], 13 GB in bf16 at 20B).  What is
    shape (shapes live in each array's zarr `.zarray`).
 2. Each leaf's array is then re-created, in place, inside the same OCDBT key-value store with
    tensorstore: the placeholder's own `.zarray` (compressor, dtype spelling, fill value) is reused
-   with the real shape and a chunk grid of one layer per chunk along the stacked axis (split
-   further so that a chunk stays under 16 MiB, which also lets tensorstore compress a slice on several cores), and the data are written slice by slice as they
-   stream in: `store[layer] = slice`.
+   with the real shape and a chunk grid of one layer per chunk along the stacked axis, split
+   further so that a chunk stays under 16 MiB (which also lets tensorstore compress one slice on
+   several cores).  The data are written slice by slice as they stream in: `store[layer] = slice`,
+   at most MAX_IN_FLIGHT slices being compressed while the next is read.  Writes skip per-write
+   fsync; the converter fsyncs the whole directory once before publishing it.
 3. `neox_jax.json` and `config.json` are written last, then the temporary directory is renamed.
 
 The result is exactly what Orbax would have written for numpy leaves apart from the chunk grid, so
 `checkpoint.load_params` (plain `StandardCheckpointer().restore`, any sharding) and
 `checkpoint.saved_tree` read it unchanged; tests restore it through them and compare bit for bit.
-Checked with orbax-checkpoint 0.12.8 (here) and 0.12.4 (the GPU machine's version; its restore
-code path for numpy-saved zarr/OCDBT leaves is the same).
+Checked with orbax-checkpoint 0.12.8 (here) and 0.12.4 (the GPU machine's version), both ways:
+written by one version, restored by the other, and the whole convert test suite run under 0.12.4.
 
 Reading is per slice too: `store[layer].read()`.  A checkpoint written by Orbax itself (the
 trainer, `neox-jax init`) has one chunk per array shard, often the whole stacked tensor; a slice of

@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ..checkpoint import CheckpointError, commit_destination, prepare_destination
 from ..errors import UserError
 from .formats import FORMATS, Entry, Reader, cast, dtype_name, human_bytes, np_dtype, open_reader, parse_size
