@@ -6,7 +6,7 @@
    tensor by tensor with a hand-written safetensors header (no torch model is built).
 2. Runs, each in its own process, measuring wall time and peak RSS (GNU `/usr/bin/time -v`):
      - the import baseline (the modules convert loads, nothing converted),
-     - convert HF -> orbax, orbax -> HF, HF -> neox --tp 2,
+     - convert HF -> orbax, orbax -> HF, HF -> neox --tp 2, HF as pytorch_model.bin -> orbax,
      - `cp -r` of the source directory (the time to beat).
 3. Prints a table and deletes everything unless --keep.
 
@@ -61,6 +61,18 @@ def make_hf(cfg, path: Path, seed: int = 0) -> int:
                 a = (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float16)
             f.write(a.tobytes())
     return (path / "model.safetensors").stat().st_size
+
+
+def make_bin(src: Path, dst: Path) -> None:
+    """The same weights as one pytorch_model.bin (torch.save, zip format), as old HF revisions have."""
+    import torch
+    from safetensors.torch import load_file
+
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    sd = load_file(str(src / "model.safetensors"))
+    torch.save(sd, dst / "pytorch_model.bin")
+    del sd
 
 
 def run(cmd: list[str]) -> tuple[float, float, int]:
@@ -118,17 +130,21 @@ def main() -> int:
             env_cmd + ["convert", str(work / "orbax"), str(work / "hf2"), "--to", "hf"]))
         rows.append(("convert hf -> neox --tp 2",) + run(
             env_cmd + ["convert", str(work / "hf"), str(work / "neox"), "--to", "neox", "--tp", "2"]))
+        make_bin(work / "hf", work / "hf_bin")
+        rows.append(("convert hf (pytorch_model.bin) -> orbax",) + run(
+            env_cmd + ["convert", str(work / "hf_bin"), str(work / "orbax_from_bin")]))
+        shutil.rmtree(work / "hf_bin")
         rows.append(("cp -r hf hf_copy (again)",) + run(["cp", "-r", str(work / "hf"), str(work / "hf_copy")]))
         sizes = {n: du(work / n) for n in ("hf", "orbax", "hf2", "neox") if (work / n).exists()}
         print(f"\nlargest tensor {largest / 1e6:.0f} MB (fp16), checkpoint {size / 1e9:.2f} GB; "
               f"sizes on disk: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in sizes.items()))
-        print(f"{'step':<34}{'seconds':>9}{'peak RSS MiB':>14}{'exit':>6}")
+        print(f"{'step':<42}{'seconds':>9}{'peak RSS MiB':>14}{'exit':>6}")
         for name, secs, rss, code in rows:
-            print(f"{name:<34}{secs:>9.1f}{rss:>14.0f}{code:>6}")
+            print(f"{name:<42}{secs:>9.1f}{rss:>14.0f}{code:>6}")
         ok = all(r[3] == 0 for r in rows)
         if ok:
             diff = run(env_cmd + ["diff", str(work / "hf"), str(work / "hf2")])
-            print(f"{'diff hf hf2 (bit-identical?)':<34}{diff[0]:>9.1f}{diff[1]:>14.0f}{diff[2]:>6}")
+            print(f"{'diff hf hf2 (bit-identical?)':<42}{diff[0]:>9.1f}{diff[1]:>14.0f}{diff[2]:>6}")
             ok = diff[2] == 0
         return 0 if ok else 1
     finally:

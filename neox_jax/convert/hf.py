@@ -5,9 +5,9 @@ the config; weights come from `model.safetensors`, sharded `model-0000x-of-0000y
 `model.safetensors.index.json`, or `pytorch_model*.bin` (with its index when sharded).  Safetensors
 headers are parsed here (so a truncated file is caught before anything is written) and each tensor
 is read with one positioned read of exactly its bytes: nothing is memory-mapped, so the resident
-set holds one tensor.  `.bin` files go through `torch.load(weights_only=True, mmap=True)`; their
-pages are file-backed and the kernel may count touched pages as resident until the file is
-closed (one shard at a time).  Buffers of older checkpoints (`attention.bias`,
+set holds one tensor.  `.bin` files go through `torch.load(weights_only=True, mmap=True)`; touched
+pages of a mapping count as resident, so one file is mapped at a time and unmapped whenever
+128 MiB have been read through the mapping.  Buffers of older checkpoints (`attention.bias`,
 `attention.masked_bias`, `attention.rotary_emb.inv_freq`) are ignored.
 
 Writer.  Every tensor's name, shape and dtype is known before the first byte arrives, so each
@@ -43,6 +43,8 @@ TOKENIZER_FILES = (
     "added_tokens.json", "tokenizer.model", "generation_config.json",
 )
 HF_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+BIN_REMAP_BYTES = 128 * 2**20
 
 ST_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -170,7 +172,9 @@ class HFReader(Reader):
         self.extras["hf_token_ids"] = {k: hf_cfg[k] for k in HF_TOKEN_ID_KEYS if k in hf_cfg}
         self.extras["tokenizer_files"] = {f: str(path / f) for f in TOKENIZER_FILES if (path / f).is_file()}
         self._st: dict[str, tuple[Path, int, np.dtype, tuple[int, ...]]] = {}  # key -> file, abs offset, ...
-        self._bin: dict[str, tuple[Path, Any]] = {}  # key -> (file, mmapped torch tensor)
+        self._bin: dict[str, tuple[Path, tuple[int, ...], np.dtype]] = {}  # key -> (file, shape, dtype)
+        self._bin_open: tuple[Path, dict] | None = None  # the one memory-mapped .bin file in use
+        self._bin_touched = 0  # bytes read from it since it was mapped
         self._files = self._weight_files()
         self._index_tensors()
         self._entries = self._check_tensors()
@@ -209,14 +213,9 @@ class HFReader(Reader):
                     self._st[key] = (f, base + info["data_offsets"][0], ST_DTYPES[info["dtype"]],
                                      tuple(info["shape"]))
             else:
-                sd = torch_load(f, mmap=True)
-                if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-                    sd = sd["state_dict"]
-                if not isinstance(sd, dict):
-                    raise CheckpointError(f"{f}: not a state dict")
-                for key, t in sd.items():
+                for key, t in self._load_bin(f).items():
                     if hasattr(t, "shape"):
-                        self._bin[key] = (f, t)
+                        self._bin[key] = (f, tuple(t.shape), torch_dtype_np(t))
         if self._weight_map is not None:
             have = set(self._st) | set(self._bin)
             for key, fname in self._weight_map.items():
@@ -230,8 +229,8 @@ class HFReader(Reader):
         if key in self._st:
             _, _, dt, shape = self._st[key]
             return shape, dt
-        t = self._bin[key][1]
-        return tuple(t.shape), torch_dtype_np(t)
+        _, shape, dt = self._bin[key]
+        return shape, dt
 
     def _file_of(self, key: str) -> Path:
         return self._st[key][0] if key in self._st else self._bin[key][0]
@@ -271,7 +270,21 @@ class HFReader(Reader):
         if key in self._st:
             f, off, dt, shape = self._st[key]
             return _read_at(f, off, dt, shape)
-        return torch_to_numpy(self._bin[key][1])
+        f = self._bin[key][0]
+        # Pages of a memory-mapped file count as resident once touched: the mapping is dropped
+        # (unmapped) as soon as BIN_REMAP_BYTES have been read through it, so the resident set
+        # stays bounded; the next read maps the file again (only its pickle is parsed).
+        if self._bin_open is None or self._bin_open[0] != f:
+            self._bin_open = None
+            self._bin_open = (f, self._load_bin(f))
+            self._bin_touched = 0
+        t = self._bin_open[1][key]
+        self._bin_touched += t.numel() * t.element_size()
+        out = torch_to_numpy(t)
+        del t
+        if self._bin_touched > BIN_REMAP_BYTES:
+            self._bin_open = None
+        return out
 
     def entries(self) -> list[Entry]:
         return list(self._entries)
@@ -290,8 +303,16 @@ class HFReader(Reader):
             shape, dt = self._shape_dtype(key)
             yield key, shape, dt, (lambda k=key: self._raw(k))
 
+    def _load_bin(self, f: Path) -> dict:
+        sd = torch_load(f, mmap=True)
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{f}: not a state dict")
+        return sd
+
     def close(self) -> None:
-        self._bin.clear()
+        self._bin_open = None
 
 
 def _natural_key(key: str):
