@@ -26,9 +26,13 @@ import numpy as np
 
 from .config import ConfigError, ModelConfig, from_dict
 from .errors import UserError
-from .model import DTYPES, abstract_params, flatten
+from .model import DTYPES, abstract_params, flatten, unflatten
 
 log = logging.getLogger("neox_jax")
+
+# Arrays are stored in chunks of at most this many bytes, one layer per chunk along the stacked
+# `layers` axis, so one layer can be read or written alone (converters stream layer by layer).
+CHUNK_BYTES = 16 * 2**20
 
 FORMAT = "neox-jax"
 VERSION = 1
@@ -102,13 +106,22 @@ def save_params(dst: str | os.PathLike, cfg: ModelConfig, params: Any, *, overwr
     tmp = prepare_destination(dst, overwrite)
     try:
         ckptr = _ocp().StandardCheckpointer()
-        ckptr.save(tmp.resolve() / "params", params)
+        ckptr.save(tmp.resolve() / "params", params, save_args=save_args(params))
         ckptr.wait_until_finished()
         write_marker(tmp, cfg, **extra)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return commit_destination(tmp, dst)
+
+
+def save_args(params: Any) -> Any:
+    """Orbax SaveArgs per tensor: CHUNK_BYTES chunks, split along the stacked layer axis first."""
+    ocp = _ocp()
+    return unflatten({
+        name: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=(0,) if name.startswith("layers/") else ())
+        for name in flatten(params)
+    })
 
 
 def saved_tree(path: str | os.PathLike) -> dict[str, Any]:

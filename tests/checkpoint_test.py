@@ -113,3 +113,15 @@ def test_restore_onto_a_mesh(tmp_path, tiny):
     k = restored["layers"]["mlp"]["fc_in"]["kernel"]
     assert k.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     np.testing.assert_array_equal(np.asarray(k), np.asarray(params["layers"]["mlp"]["fc_in"]["kernel"]))
+
+
+def test_stacked_tensors_are_chunked_one_layer_at_a_time(tmp_path, tiny):
+    """Converters stream per layer: a stacked tensor's chunks must not span layers."""
+    import tensorstore as ts
+
+    cfg, params = tiny
+    C.save_params(tmp_path / "ck", cfg, params)
+    kv = {"driver": "ocdbt", "base": f"file://{(tmp_path / 'ck' / 'params').resolve()}"}
+    t = ts.open({"driver": "zarr", "kvstore": kv, "path": "layers.mlp.fc_in.kernel"}).result()
+    assert t.shape == (3, 64, 256) and t.chunk_layout.read_chunk.shape[0] == 1
+    np.testing.assert_array_equal(t[1].read().result(), np.asarray(params["layers"]["mlp"]["fc_in"]["kernel"][1]))

@@ -105,6 +105,11 @@ def test_orbax_neox_tp2_orbax_bit_identical(tmp_path, model):
     assert layer["attention.dense.weight"].shape == (64, 32)
     assert layer["attention.rotary_emb.inv_freq"].dtype == torch.float16
     assert all(v.dtype == torch.float16 for v in layer.values())
+    # row-parallel biases: identical copies of b / TP on every rank, as real checkpoints hold them
+    layer0 = torch.load(step / "layer_02-model_00-model_states.pt", weights_only=True)
+    for key in ("attention.dense.bias", "mlp.dense_4h_to_h.bias"):
+        assert torch.equal(layer[key], layer0[key]), key
+        assert torch.equal(layer[key].double() * 2, torch.tensor(ref[f"gpt_neox.layers.0.{key}"]).double()), key
 
     # what GPT-NeoX's tools/ckpts/convert_neox_to_hf.py reads: the YAML keys and mp_rank args
     y = yaml.safe_load((step / "configs" / "neox_jax.yml").read_text())

@@ -15,7 +15,7 @@ import tensorstore as ts
 import torch
 
 from convert_fixtures import save_hf, tiny_hf
-from neox_jax.checkpoint import load_params, prepare_destination, commit_destination, save_params, saved_tree
+from neox_jax.checkpoint import load_params, prepare_destination, commit_destination, save_params, saved_tree, write_marker
 from neox_jax.cli import main
 from neox_jax.config import ModelConfig
 from neox_jax.convert.formats import our_entries
@@ -102,10 +102,24 @@ def test_chunk_shape():
     assert chunk_shape((7,), False, 4) == [7]
 
 
-def test_reads_checkpoints_written_by_orbax_itself(tmp_path):
-    """A checkpoint from save_params (one chunk per array): the reader reads each leaf whole once."""
+def test_save_params_checkpoints_stream_per_layer(tmp_path):
     params = init_params(CFG.replace(tie_word_embeddings=False), seed=3)
     save_params(tmp_path / "ckpt", CFG, params)
+    r = OrbaxReader(tmp_path / "ckpt")
+    assert r.per_layer["layers/mlp/fc_in/kernel"]
+    r.close()
+
+
+def test_reads_checkpoints_written_by_orbax_itself(tmp_path):
+    """A checkpoint saved by plain Orbax (one chunk per array): the reader reads each leaf whole once."""
+    import orbax.checkpoint as ocp
+
+    params = init_params(CFG.replace(tie_word_embeddings=False), seed=3)
+    (tmp_path / "ckpt").mkdir()
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save((tmp_path / "ckpt" / "params").resolve(), params)
+    ckptr.wait_until_finished()
+    write_marker(tmp_path / "ckpt", CFG)
     r = OrbaxReader(tmp_path / "ckpt")
     assert not r.per_layer["layers/mlp/fc_in/kernel"]
     ents = r.entries()

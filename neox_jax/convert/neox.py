@@ -25,9 +25,10 @@ the merged tensor into ours:
 
 Sums and averages are computed in float64 and rounded once to the stored dtype, so identical
 copies merge exactly.  The writer splits by the inverse rules; a parallel-residual row-parallel
-bias goes to rank 0 whole and the other ranks get (negative) zeros: the sum over ranks, which is what both
-GPT-NeoX's forward pass and every converter compute, is then exact in any dtype (b/TP per rank
-is not, e.g. for small fp16 values).  Layer files get fresh `inv_freq` buffers (the v1.0
+bias b becomes TP identical copies of b/TP, as in real checkpoints, whenever that is exact (TP a
+power of two and no fp16/bf16 underflow: the rank sum, which GPT-NeoX's forward pass and every
+converter compute, then gives b back bit for bit); otherwise rank 0 gets b and the other ranks
+(negative) zeros, which sums to b exactly in any dtype.  Layer files get fresh `inv_freq` buffers (the v1.0
 converter copies them); `mp_rank_TT` files get the `args` GPT-NeoX's `save_ds_checkpoint` writes.
 
 Files are read with `torch.load(weights_only=True, mmap=True)`: pickles that would need arbitrary
@@ -120,6 +121,10 @@ def split(kind: str, full: np.ndarray, tp: int, parallel_residual: bool) -> list
     if kind == "row":
         return [np.ascontiguousarray(p) for p in np.split(full, tp, axis=1)]
     if kind == "rowbias" and parallel_residual:
+        share = (full.astype(np.float64) / tp).astype(full.dtype)
+        if np.array_equal((share.astype(np.float64) * tp).astype(full.dtype).view(np.uint8), full.view(np.uint8)):
+            return [share.copy() for _ in range(tp)]
+        log.info("row-parallel bias not divisible by TP %d exactly in %s: whole bias on rank 0", tp, full.dtype)
         # x + (-0.0) == x bit for bit for every x (also -0.0 and +0.0), so the sum restores b exactly
         return [full.copy()] + [np.full_like(full, -0.0) for _ in range(tp - 1)]
     return [full.copy() for _ in range(tp)]

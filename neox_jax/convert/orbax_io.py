@@ -23,10 +23,11 @@ The result is exactly what Orbax would have written for numpy leaves apart from 
 Checked with orbax-checkpoint 0.12.8 (here) and 0.12.4 (the GPU machine's version), both ways:
 written by one version, restored by the other, and the whole convert test suite run under 0.12.4.
 
-Reading is per slice too: `store[layer].read()`.  A checkpoint written by Orbax itself (the
-trainer, `neox-jax init`) has one chunk per array shard, often the whole stacked tensor; a slice of
-such a chunk cannot be decoded alone, so the reader then reads the whole leaf once and hands out
-its slices (peak memory: the largest stacked tensor, documented in docs/convert.md).
+Reading is per slice too: `store[layer].read()`.  `checkpoint.save_params` (used by `init` and
+meant for the trainer) asks Orbax for the same one-layer chunks.  An Orbax checkpoint written
+otherwise may have one chunk per array shard, often the whole stacked tensor; a slice of such a
+chunk cannot be decoded alone, so the reader then reads the whole leaf once and hands out its
+slices (peak memory: the largest stacked tensor, documented in docs/convert.md).
 """
 
 from __future__ import annotations
@@ -40,14 +41,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..checkpoint import CheckpointError, check_tree, read_config, resolve, saved_tree, write_marker
+from ..checkpoint import CHUNK_BYTES, CheckpointError, check_tree, read_config, resolve, saved_tree, write_marker
 from ..config import FLOAT_DTYPES, ModelConfig
 from ..model import flatten, unflatten
 from .formats import Entry, NativeTensor, Reader, Writer, check_slice, leaf_shapes, our_entries
 
 log = logging.getLogger("neox_jax")
 
-CHUNK_BYTES = 16 * 2**20  # several chunks per big slice: compressed in parallel
+# CHUNK_BYTES (from checkpoint.py): several chunks per big slice, compressed in parallel
 MAX_IN_FLIGHT = 2  # slices being compressed/written while the next one is read
 
 
