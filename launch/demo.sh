@@ -13,4 +13,4 @@ mkdir -p "$OUT"
 "$VENV/bin/neox-jax" init "$PRESET" "$OUT/$PRESET" --seed 0 --overwrite
 "$VENV/bin/neox-jax" score "$OUT/$PRESET" --input "$SHARED/data/tinyshakespeare.txt" \
   --tokenizer "$SHARED/data/20B_tokenizer.json" --output "$OUT/tinyshakespeare.scores.jsonl" \
-  --dtype float32 --batch-size 8 --overwrite
+  --dtype float32 --batch-size 2 --overwrite
