@@ -208,8 +208,7 @@ class IndexedDatasetWriter:
         for p in (self.index_path, self.data_path):
             if p.exists() and not overwrite:
                 raise UserError(f"{p}: exists (pass --overwrite to replace it)")
-        if not self.data_path.parent.is_dir():
-            raise UserError(f"{self.data_path.parent}: output directory does not exist")
+        self.data_path.parent.mkdir(parents=True, exist_ok=True)
         tag = f".tmp-{os.getpid()}"
         self._tmp_bin = self.data_path.with_name(f".{self.data_path.name}{tag}")
         self._tmp_idx = self.index_path.with_name(f".{self.index_path.name}{tag}")

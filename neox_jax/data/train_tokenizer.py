@@ -34,8 +34,7 @@ def _texts(inputs: Sequence[str | os.PathLike], key: str, txt_mode: str) -> Iter
 def _check_output(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise UserError(f"{path}: exists (pass --overwrite to replace it)")
-    if not path.parent.is_dir():
-        raise UserError(f"{path.parent}: output directory does not exist")
+    path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def train_bpe(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, vocab_size: int, *,
