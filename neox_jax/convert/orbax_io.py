@@ -160,6 +160,17 @@ class OrbaxWriter(Writer):
             self.inflight.pop(0)[0].result()
         self.pending.discard((entry.name, entry.layer))
 
+    def abort(self) -> None:
+        """Let in-flight slice writes end before the caller deletes the temporary directory
+        (a write still running would recreate files inside it)."""
+        while self.inflight:
+            future, _ = self.inflight.pop(0)
+            try:
+                future.result()
+            except Exception:  # the conversion is failing anyway; its own error is reported
+                pass
+        self.arrays.clear()
+
     def finish(self) -> None:
         while self.inflight:
             self.inflight.pop(0)[0].result()
