@@ -136,10 +136,6 @@ class ModelConfig:
         return int(self.head_dim * self.rotary_pct)
 
     @property
-    def ffn_size(self) -> int:
-        return self.intermediate_size
-
-    @property
     def real_vocab_size(self) -> int:
         return self.tokenizer_vocab_size or self.vocab_size
 
@@ -154,7 +150,7 @@ class ModelConfig:
 
     def num_params(self) -> int:
         """Exact parameter count: L*(12h^2 + 13h) + 2h + (1 or 2)*V*h for the default 4h MLP."""
-        h, f, v, L = self.hidden_size, self.ffn_size, self.vocab_size, self.num_layers
+        h, f, v, L = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
         per_layer = 4 * h + (h * 3 * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
         return L * per_layer + 2 * h + v * h * (1 if self.tie_word_embeddings else 2)
 
@@ -331,7 +327,7 @@ def to_hf_config(cfg: ModelConfig, *, torch_dtype: str = "float32", bos_token_id
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
-        "intermediate_size": cfg.ffn_size,
+        "intermediate_size": cfg.intermediate_size,
         "max_position_embeddings": cfg.max_position_embeddings,
         "rotary_pct": cfg.rotary_pct,
         "rotary_emb_base": cfg.rotary_emb_base,

@@ -29,7 +29,7 @@ PEAK_FLOPS = {
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    D, F, L, V = cfg.hidden_size, cfg.ffn_size, cfg.num_layers, cfg.vocab_size
+    D, F, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
     return L * (4 * D * D + 2 * D * F) + D * V
 
 

@@ -95,7 +95,7 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, key, *, std_in: float, std_out: float, dtype):
-        L, D, F = cfg.num_layers, cfg.hidden_size, cfg.ffn_size
+        L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
         k1, k2 = jax.random.split(key)
         self.fc_in = Linear(k1, (L, D, F), ("layers", "embed", "mlp"), (L, F), ("layers", "mlp"),
                             std=std_in, dtype=dtype)
@@ -439,19 +439,17 @@ def target_logprobs(
 ) -> Float[Array, "B S"]:
     """log softmax(logits)[target] from final hidden states, `chunk` positions at a time, so the
     float32 [B, S, V] logits never exist whole (V = 50k makes them the largest activation)."""
-    B, S, D = h.shape
-    if S <= chunk or S % chunk:
-        logits = logits_from_hidden(cfg, params, h)
-        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return picked - jax.nn.logsumexp(logits, axis=-1)
-    hc = h.reshape(B, S // chunk, chunk, D).swapaxes(0, 1)
-    tc = targets.reshape(B, S // chunk, chunk).swapaxes(0, 1)
 
     def one(args):
         hh, tt = args
         logits = logits_from_hidden(cfg, params, hh)
         return jnp.take_along_axis(logits, tt[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
 
+    B, S, D = h.shape
+    if S <= chunk or S % chunk:
+        return one((h, targets))
+    hc = h.reshape(B, S // chunk, chunk, D).swapaxes(0, 1)
+    tc = targets.reshape(B, S // chunk, chunk).swapaxes(0, 1)
     return jax.lax.map(one, (hc, tc)).swapaxes(0, 1).reshape(B, S)
 
 

@@ -81,7 +81,7 @@ def dtype_name(dt) -> str:
 
 def our_entries(cfg: ModelConfig, dtype: Any = np.float32) -> list[Entry]:
     """Every (name, layer) slice of our parameter tree for cfg, layer-major (the natural HF order)."""
-    D, V, N, H, F = cfg.hidden_size, cfg.vocab_size, cfg.num_heads, cfg.head_dim, cfg.ffn_size
+    D, V, N, H, F = cfg.hidden_size, cfg.vocab_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
     layer_shapes = {
         "ln_attn/scale": (D,), "ln_attn/bias": (D,), "ln_mlp/scale": (D,), "ln_mlp/bias": (D,),
         "attn/qkv/kernel": (D, 3, N, H), "attn/qkv/bias": (3, N, H),
@@ -263,6 +263,9 @@ class Writer:
 
     def finish(self) -> None:
         raise NotImplementedError
+
+    def abort(self) -> None:
+        """Called on failure before the temporary directory is removed (release files, end writes)."""
 
 
 def check_slice(entry: Entry, array: np.ndarray, where: str) -> None:

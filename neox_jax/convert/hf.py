@@ -82,7 +82,7 @@ def to_torch(entry_name: str, ours: np.ndarray, cfg: ModelConfig) -> np.ndarray:
 
 def torch_shape(entry_name: str, cfg: ModelConfig) -> tuple[int, ...]:
     """Shape of the torch (HF / merged NeoX) tensor for one of our flat names."""
-    D, V, F = cfg.hidden_size, cfg.vocab_size, cfg.ffn_size
+    D, V, F = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
     table = {
         "embed_in/embedding": (V, D), "embed_out/kernel": (V, D), "final_ln/scale": (D,), "final_ln/bias": (D,),
         "layers/ln_attn/scale": (D,), "layers/ln_attn/bias": (D,),

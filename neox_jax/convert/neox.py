@@ -436,8 +436,8 @@ def neox_yaml(cfg: ModelConfig, tp: int, dtype: str, vocab_file: str | None, tok
         "tokenizer-type": "HFTokenizer",
         "vocab-file": vocab_file,
     }
-    if cfg.ffn_size != 4 * cfg.hidden_size:
-        d["intermediate-size"] = cfg.ffn_size
+    if cfg.intermediate_size != 4 * cfg.hidden_size:
+        d["intermediate-size"] = cfg.intermediate_size
     if dtype == "float16":
         d["fp16"] = {"enabled": True}
     elif dtype == "bfloat16":
@@ -452,7 +452,7 @@ class NeoxWriter(Writer):
 
     def __init__(self, tmp: Path, cfg: ModelConfig, entries: list[Entry], *, tp: int = 1, step: int = 0,
                  final_dst: Path | None = None, extras: dict | None = None):
-        N, F, V = cfg.num_heads, cfg.ffn_size, cfg.vocab_size
+        N, F, V = cfg.num_heads, cfg.intermediate_size, cfg.vocab_size
         for what, n in (("num_heads", N), ("intermediate_size", F), ("vocab_size", V)):
             if n % tp:
                 raise CheckpointError(f"--tp {tp} does not divide {what} {n}")

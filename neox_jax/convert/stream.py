@@ -122,7 +122,7 @@ def convert(src: str, dst: str, *, to: str = "orbax", dtype: str | None = None, 
         return result
     finally:
         reader.close()
-        if writer is not None and tmp is not None and hasattr(writer, "abort"):
+        if writer is not None and tmp is not None:
             writer.abort()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
