@@ -145,7 +145,7 @@ def _run_score(args):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neox-jax",
-        description="GPT-NeoX-20B and Pythia in JAX: init, score, convert, inspect, diff, data tools.",
+        description="GPT-NeoX-20B and Pythia in JAX: init, train, score, convert, inspect, diff, data tools.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score(sub)
     from .convert import cli as convert_cli
     from .data import cli as data_cli
+    from .train import cli as train_cli
 
+    train_cli.register(sub)
     convert_cli.register(sub)
     data_cli.register(sub)
     return parser

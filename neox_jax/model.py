@@ -31,12 +31,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
-import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from .config import ModelConfig
 from .sharding import constrain, tree_shardings
+from .tree import count_params, flatten, unflatten  # noqa: F401  (re-exported for callers)
 
 log = logging.getLogger("neox_jax")
 
@@ -175,32 +175,6 @@ def param_axes(cfg: ModelConfig) -> Params:
     model = nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     return unflatten({"/".join(map(str, path)): v.get_metadata()["logical_axes"] for path, v in flat})
-
-
-def flatten(tree: Params, sep: str = "/") -> dict[str, Any]:
-    """{'layers': {'attn': {'qkv': {'kernel': x}}}} -> {'layers/attn/qkv/kernel': x}."""
-    out: dict[str, Any] = {}
-
-    def rec(prefix, node):
-        if isinstance(node, dict):
-            for k in sorted(node):
-                rec(f"{prefix}{sep}{k}" if prefix else str(k), node[k])
-        else:
-            out[prefix] = node
-
-    rec("", tree)
-    return out
-
-
-def unflatten(flat: dict[str, Any], sep: str = "/") -> Params:
-    tree: Params = {}
-    for name, v in flat.items():
-        node = tree
-        *parents, leaf = name.split(sep)
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
 
 
 # ----------------------------------------------------------------------------- math
@@ -385,7 +359,12 @@ def hidden_states(
     mask = attention_mask(S, S, padding_mask=padding_mask, segment_ids=segment_ids)
     cos, sin = rotary_tables(positions, cfg)
 
-    x = jnp.take(params["embed_in"]["embedding"], tokens, axis=0).astype(dtype)
+    # Gather the table's `embed` (fsdp) shards first, so the lookup is a gather from a table split
+    # only by vocabulary rows; XLA then partitions it as a masked local lookup plus one reduction
+    # over `tensor` (without this, some meshes replicate the [B, S, D] result: "involuntary full
+    # rematerialization", e.g. mesh (2, 2, 2) at B 8, S 32).
+    table = constrain(params["embed_in"]["embedding"], ("vocab", None))
+    x = jnp.take(table, tokens, axis=0).astype(dtype)
     x = constrain(x, ("batch", "seq", "act_embed"))
 
     def body(carry, layer_params):
@@ -430,6 +409,29 @@ def forward(
     return logits_from_hidden(cfg, params, h)
 
 
+def target_logits_lse(
+    cfg: ModelConfig,
+    params: Params,
+    h: Float[Array, "B S D"],
+    targets: Int[Array, "B S"],
+    chunk: int = 256,
+) -> tuple[Float[Array, "B S"], Float[Array, "B S"]]:
+    """(logits[target], logsumexp(logits)) from final hidden states, `chunk` positions at a time, so
+    the float32 [B, S, V] logits never exist whole (V = 50k makes them the largest activation)."""
+
+    def one(args):
+        hh, tt = args
+        logits = logits_from_hidden(cfg, params, hh)
+        return jnp.take_along_axis(logits, tt[..., None], axis=-1)[..., 0], jax.nn.logsumexp(logits, axis=-1)
+
+    B, S, D = h.shape
+    if S <= chunk or S % chunk:
+        return one((h, targets))
+    hc = h.reshape(B, S // chunk, chunk, D).swapaxes(0, 1)
+    tc = targets.reshape(B, S // chunk, chunk).swapaxes(0, 1)
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(B, S), jax.lax.map(one, (hc, tc)))
+
+
 def target_logprobs(
     cfg: ModelConfig,
     params: Params,
@@ -437,20 +439,9 @@ def target_logprobs(
     targets: Int[Array, "B S"],
     chunk: int = 256,
 ) -> Float[Array, "B S"]:
-    """log softmax(logits)[target] from final hidden states, `chunk` positions at a time, so the
-    float32 [B, S, V] logits never exist whole (V = 50k makes them the largest activation)."""
-
-    def one(args):
-        hh, tt = args
-        logits = logits_from_hidden(cfg, params, hh)
-        return jnp.take_along_axis(logits, tt[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
-
-    B, S, D = h.shape
-    if S <= chunk or S % chunk:
-        return one((h, targets))
-    hc = h.reshape(B, S // chunk, chunk, D).swapaxes(0, 1)
-    tc = targets.reshape(B, S // chunk, chunk).swapaxes(0, 1)
-    return jax.lax.map(one, (hc, tc)).swapaxes(0, 1).reshape(B, S)
+    """log softmax(logits)[target], chunked (see `target_logits_lse`)."""
+    tgt, lse = target_logits_lse(cfg, params, h, targets, chunk)
+    return tgt - lse
 
 
 def token_logprobs(
@@ -462,7 +453,3 @@ def token_logprobs(
     """log p(tokens[:, t+1] | tokens[:, :t+1]) for t = 0..S-2, softmax over all V (float32)."""
     h = hidden_states(cfg, params, tokens, **kwargs)[:, :-1]
     return target_logprobs(cfg, params, h, tokens[:, 1:])
-
-
-def count_params(tree: Params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))

@@ -1,0 +1,48 @@
+"""`neox-jax train`: one command line reproduces a run (config file(s) + overrides)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a GPT-NeoX model (sharded, one jitted step)",
+        description="Train from a neox-jax run YAML (sections model, mesh, data, optimizer, train; see "
+                    "configs/train/tinyshakespeare.yaml) or from GPT-NeoX's own YAML file(s) (e.g. "
+                    "configs/pythia/1-4B.yml; several files are merged in order, as GPT-NeoX does). The run "
+                    "directory receives the resolved config.yaml, metrics.jsonl, TensorBoard events and the "
+                    "final parameters under checkpoints/STEP.")
+    p.add_argument("config", nargs="+", help="run YAML, or GPT-NeoX YAML file(s)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a key, e.g. --set optimizer.lr=3e-4 --set model.remat=full (repeatable)")
+    p.add_argument("--run-dir", help="run directory (default: runs/<config file name>)")
+    p.add_argument("--init-from", metavar="CKPT", help="start from a neox-jax checkpoint's parameters "
+                                                       "(same architecture) instead of random init")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> None:
+    from .config import load_run_config
+
+    overrides = list(args.set)
+    if args.init_from:
+        overrides.append(f"train.init_from={json.dumps(args.init_from)}")
+    import jax
+
+    # a GPT-NeoX config without train_batch_size needs the device count for its global batch
+    run = load_run_config(args.config, overrides, num_devices=jax.device_count())
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(run.to_dict(), sort_keys=False), end="")
+        return
+    from .loop import train
+
+    run_dir = Path(args.run_dir or Path("runs") / Path(args.config[0]).stem)
+    summary = train(run, run_dir, overwrite=args.overwrite, progress=sys.stderr.isatty())
+    print(json.dumps(summary))

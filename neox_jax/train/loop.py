@@ -1,0 +1,290 @@
+"""The training loop: config -> mesh -> sharded state -> loader -> jitted step -> metrics -> weights.
+
+    run = load_run_config("configs/train/tinyshakespeare.yaml")
+    summary = train(run, Path("runs/shakespeare"))
+
+One step as data flows: the loader computes this process's rows of global batch `step` (a pure
+function of the step, `neox_jax.data.loader`), `global_batch_arrays` assembles the sharded global
+batch, the compiled step (state donated) returns the next state and the step's metrics.  Metrics
+are read one step late, so the host never waits for the device between steps; a non-finite loss
+without loss scaling stops the run naming its step.  SIGINT / SIGTERM finish the current step and
+stop cleanly.  At the end the parameters are written as a neox-jax checkpoint under
+`RUN_DIR/checkpoints/STEP` (what `score`, `convert`, `inspect` and `generate` read).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from .. import checkpoint as ckpt
+from .. import flops
+from ..data.loader import Loader, global_batch_arrays
+from ..errors import UserError
+from ..sharding import make_mesh
+from .config import RunConfig
+from .metrics import Metrics, peak_flops
+from .state import init_state, make_optimizer, param_shardings, state_shardings
+from .step import batch_sharding, make_eval_step, make_train_step, use_vocab_parallel
+
+log = logging.getLogger("neox_jax")
+
+
+class TrainingError(UserError):
+    """The run cannot continue (non-finite loss, incompatible --init-from checkpoint, ...)."""
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def build_datasets(run: RunConfig) -> tuple[Any, Any | None]:
+    """(train dataset, validation dataset or None) exactly as GPT-NeoX builds them for this run.
+
+    Train: `neox_jax.data.order.build_train_dataset` (Pythia's blend route or 20B's split route) with
+    num_samples from steps x batch.  Validation: the first `eval_steps` global batches of the valid
+    split (split route: documents of the second split range, index maps named "valid") or of the
+    `valid_paths` blend (names "valid_K"), the same batches at every evaluation."""
+    from ..data.indexed import IndexedDataset
+    from ..data.order import BlendedDataset, GPT2Dataset, build_train_dataset, train_valid_test_split
+
+    d, t = run.data, run.train
+    seq, save = d.seq_length, d.save_index_maps
+    if d.path:
+        train_ds = build_train_dataset([d.path], seq, d.seed, train_iters=t.steps, batch=t.batch_size,
+                                       split=d.split, save_cache=save)
+    else:
+        train_ds = build_train_dataset(list(d.train_paths), seq, d.seed, train_iters=t.steps,
+                                       batch=t.batch_size, weights=list(d.train_weights) or None,
+                                       save_cache=save, limit=t.steps * t.batch_size)
+    n_valid = t.eval_steps * t.batch_size
+    valid_ds = None
+    if n_valid and d.path:
+        bounds = train_valid_test_split(d.split, len(IndexedDataset(d.path)))
+        if bounds[2] > bounds[1]:
+            valid_ds = GPT2Dataset.build(d.path, n_valid, seq, d.seed, name="valid",
+                                         documents=np.arange(bounds[1], bounds[2], dtype=np.int32),
+                                         save_cache=save)
+    elif n_valid and d.valid_paths:
+        weights = list(d.valid_weights) or [1.0] * len(d.valid_paths)
+        total = sum(weights)
+        parts = [GPT2Dataset.build(p, int(np.ceil(n_valid * w / total * 1.005)), seq, d.seed,
+                                   name=f"valid_{k}", save_cache=save)
+                 for k, (p, w) in enumerate(zip(d.valid_paths, weights))]
+        valid_ds = BlendedDataset(parts, weights, limit=n_valid)
+    return train_ds, valid_ds
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _check_backend(run: RunConfig) -> None:
+    if run.model.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise UserError(f"model.attention is cudnn, which needs an NVIDIA GPU; this process runs on "
+                        f"{jax.default_backend()!r} (set model.attention=xla)")
+
+
+def _mesh(run: RunConfig):
+    m = run.mesh
+    try:
+        mesh = make_mesh(m.data, m.fsdp, m.tensor)
+    except ValueError as e:
+        raise UserError(f"mesh: {e}") from None
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if run.micro_batch % dp:
+        raise UserError(f"micro-batch {run.micro_batch} (train.batch_size {run.train.batch_size} / grad_accum "
+                        f"{run.train.grad_accum}) is not divisible by the {dp} data-parallel devices "
+                        f"(mesh data x fsdp)")
+    return mesh
+
+
+def _load_init(run: RunConfig, path: str, mesh) -> Any:
+    cfg = ckpt.read_config(path)
+    diff = {k: (v, getattr(run.model, k)) for k, v in cfg.arch_dict().items() if getattr(run.model, k) != v}
+    if diff:
+        k, (have, want) = next(iter(diff.items()))
+        raise TrainingError(f"--init-from {path}: architecture differs from the run's model: {k} is {have!r} "
+                            f"in the checkpoint, {want!r} in the config" +
+                            (f" (and {sorted(diff)[1:]})" if len(diff) > 1 else ""))
+    _, params = ckpt.load_params(path, dtype="float32", shardings=param_shardings(run, mesh))
+    log.info("initial parameters from %s", ckpt.resolve(path))
+    return params
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"{run_dir}: run directory exists and is not empty (pass --overwrite to start "
+                            "over; resuming is not implemented yet)")
+        if not (run_dir / "config.yaml").exists():
+            raise UserError(f"{run_dir}: not a neox-jax run directory (no config.yaml); refusing to delete it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+class _StopFlag:
+    """SIGINT / SIGTERM set a flag; the loop stops after the step in flight."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progress: bool = False) -> dict:
+    """Train `run`, writing into `run_dir`; returns a summary dict (also the last metrics line)."""
+    run_dir = Path(run_dir)
+    _check_backend(run)
+    train_ds, valid_ds = build_datasets(run)
+    mesh = _mesh(run)
+    lead = jax.process_index() == 0
+    if lead:
+        prepare_run_dir(run_dir, overwrite)
+        run.save(run_dir / "config.yaml")
+    cfg, t = run.model, run.train
+    S, B = run.data.seq_length, t.batch_size
+    log.info("mesh %s over %d %s device(s) (%s); %d process(es)", dict(mesh.shape), mesh.size,
+             jax.default_backend(), jax.devices()[0].device_kind, jax.process_count())
+    log.info("model %s parameters; compute %s, params/moments float32, attention %s, remat %s, "
+             "vocab-parallel cross-entropy %s", f"{cfg.num_params():,}", cfg.compute_dtype, cfg.attention,
+             cfg.remat, "on" if use_vocab_parallel(run, mesh) else "off")
+    log.info("batch %d x %d tokens = %d per step (%d micro-batch(es) of %d), %d steps; lr %g -> %g "
+             "(%s %s, warmup %g), loss scaling %s", B, S, B * S, t.grad_accum, run.micro_batch, t.steps,
+             run.optimizer.lr, run.optimizer.min_lr, run.optimizer.schedule, run.optimizer.decay_style,
+             run.optimizer.warmup, run.optimizer.loss_scale)
+
+    opt = make_optimizer(run)
+    shardings = state_shardings(run, mesh, opt)
+    with jax.set_mesh(mesh):
+        params = _load_init(run, t.init_from, mesh) if t.init_from else None
+        state = init_state(run, mesh, opt, params=params, shardings=shardings)
+        step_fn = make_train_step(run, mesh, opt, shardings)
+        eval_fn = make_eval_step(run, mesh, shardings.params) if valid_ds is not None else None
+        bsh = batch_sharding(mesh)
+        abstract_batch = {"tokens": jax.ShapeDtypeStruct((B, S + 1), np.int32, sharding=bsh)}
+        if run.data.segment_ids:
+            abstract_batch["segment_ids"] = abstract_batch["tokens"]
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, abstract_batch).compile()
+        compile_s = time.perf_counter() - t0
+    log.info("train step compiled in %.1f s", compile_s)
+
+    flops_per_token = flops.train_flops_per_token(cfg, S)
+    peak = peak_flops(jax.devices()[0].device_kind, t.peak_tflops)
+    metrics = Metrics(run_dir, enabled=lead, tensorboard=t.tensorboard)
+    loader = Loader(train_ds, B, num_steps=t.steps, segment_ids=run.data.segment_ids, eod_id=run.data.eod_id,
+                    prefetch=run.data.prefetch)
+    bar = None
+    if progress and lead:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, desc="train", unit="step", dynamic_ncols=True)
+
+    def evaluate(step: int) -> float:
+        with Loader(valid_ds, B, num_steps=t.eval_steps, segment_ids=run.data.segment_ids,
+                    eod_id=run.data.eod_id) as vl, jax.set_mesh(mesh):
+            nll = n = 0.0
+            for local in vl:
+                a, b = jax.device_get(eval_fn(state.params, global_batch_arrays(local, bsh, B)))
+                nll, n = nll + float(a), n + float(b)
+        loss = nll / max(n, 1.0)
+        metrics.write({"step": step, "valid_loss": loss, "valid_ppl": float(np.exp(min(loss, 700.0))),
+                       "valid_tokens": int(n)})
+        log.info("step %d: validation loss %.4f (%d tokens)", step, loss, int(n))
+        return loss
+
+    last: dict[str, Any] = {}
+    skipped = 0
+    t_prev = time.perf_counter()
+    t_log, tokens_log = t_prev, 0
+    valid_loss = None
+
+    def finish(step: int, m: dict) -> None:
+        nonlocal skipped, t_prev, t_log, tokens_log, last
+        m = {k: (v.item() if hasattr(v, "item") else v) for k, v in jax.device_get(m).items()}
+        now = time.perf_counter()
+        dt, t_prev = now - t_prev, now
+        skipped += int(m["skipped"])
+        if run.optimizer.loss_scale == "none" and (m["skipped"] or not np.isfinite(m["loss"])):
+            raise TrainingError(f"step {step}: loss {m['loss']}, gradient norm {m['grad_norm']} is not finite "
+                                f"({cfg.compute_dtype} compute, no loss scaling): stopping; the update of this "
+                                "step was not applied")
+        tokens_log += B * S
+        tps = B * S / dt
+        rec = {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+               "loss_scale": m["loss_scale"], "skipped": bool(m["skipped"]), "skipped_total": skipped,
+               "step_time": dt, "tokens_per_s": tps,
+               "tflops_per_device": flops_per_token * tps / mesh.size / 1e12,
+               "mfu": flops_per_token * tps / (mesh.size * peak) if peak else None,
+               "data_step": step + 1}
+        if run.optimizer.z_loss:
+            rec["z_loss"] = m["z_loss"]
+        log_now = (step + 1) % t.log_every == 0 or step + 1 == t.steps
+        metrics.write(rec, scalars=log_now)
+        if log_now:
+            interval_tps = tokens_log / (now - t_log)
+            t_log, tokens_log = now, 0
+            log.info("step %d/%d: loss %.4f lr %.3g grad-norm %.3f%s %.0f tokens/s", step + 1, t.steps, m["loss"],
+                     m["lr"], m["grad_norm"], f" loss-scale {m['loss_scale']:g}" if run.optimizer.loss_scale != "none"
+                     else "", interval_tps)
+        if bar is not None:
+            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:.0f}", refresh=False)
+            bar.update(1)
+        last = rec
+
+    pending = None
+    stopped = None
+    try:
+        with _StopFlag() as stop, jax.set_mesh(mesh):
+            for step in range(t.steps):
+                if stop.signal:
+                    stopped = stop.signal
+                    break
+                batch = global_batch_arrays(next(loader), bsh, B)
+                state, m = compiled(state, batch)
+                if pending is not None:
+                    finish(*pending)
+                pending = (step, m)
+                if t.eval_every and eval_fn is not None and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
+                    finish(*pending)
+                    pending = None
+                    valid_loss = evaluate(step + 1)
+            if pending is not None:
+                finish(*pending)
+    finally:
+        loader.close()
+        if bar is not None:
+            bar.close()
+    done = int(jax.device_get(state.step))
+    if eval_fn is not None:
+        valid_loss = evaluate(done)
+    path = run_dir / "checkpoints" / str(done)
+    ckpt.save_params(path, cfg, state.params, step=done, run_dir=str(run_dir))
+    log.info("wrote parameters of step %d to %s", done, path)
+    metrics.close()
+    summary = {"steps": done, "loss": last.get("loss"), "valid_loss": valid_loss, "skipped_steps": skipped,
+               "compile_s": compile_s, "tokens_per_s": last.get("tokens_per_s"), "checkpoint": str(path),
+               "stopped_by": stopped}
+    if stopped:
+        log.warning("stopped by %s after step %d", stopped, done)
+    return summary
