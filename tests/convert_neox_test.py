@@ -153,3 +153,21 @@ def test_vocab_divisor_reproduces_the_padded_vocabulary():
     for v, tp, tok in ((50304, 2, 50277), (50432, 1, 50277), (50688, 2, 50277), (50432, 4, None)):
         m = vocab_divisor(cfg(v), tp, tok) * tp
         assert math.ceil((tok or 50277) / m) * m == v
+
+
+def test_layer_norm_eps_through_neox(tmp_path):
+    """layernorm-epsilon 1e-3 in the run's YAML (not the 1e-5 default): read by the NeoX reader, used by
+    the forward pass (transformers with eps 1e-3 is the reference), written back by --to neox."""
+    m = tiny_hf(6, fp16_values=True, eps=1e-3)
+    root = write_neox(m, tmp_path / "neox", tp=2)
+    assert yaml.safe_load((root / "global_step1000" / "configs" / "model.yml").read_text())["layernorm-epsilon"] == 1e-3
+    assert main(["convert", str(root), str(tmp_path / "orb")]) == 0
+    cfg, _ = load_params(tmp_path / "orb")
+    assert cfg.layer_norm_eps == 1e-3
+    ref = logits(m, IDS)
+    assert np.abs(jax_logits(tmp_path / "orb") - ref).max() <= 1e-4 * np.abs(ref).max()
+    # --verify builds the PyTorch side from the NeoX tensors and config: it must carry the eps too
+    assert main(["convert", str(root), str(tmp_path / "orb2"), "--verify"]) == 0
+    assert main(["convert", str(tmp_path / "orb"), str(tmp_path / "nx"), "--to", "neox"]) == 0
+    y = yaml.safe_load(next((tmp_path / "nx").glob("global_step*/configs/neox_jax.yml")).read_text())
+    assert y["layernorm-epsilon"] == 1e-3
