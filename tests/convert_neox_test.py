@@ -171,3 +171,51 @@ def test_layer_norm_eps_through_neox(tmp_path):
     assert main(["convert", str(tmp_path / "orb"), str(tmp_path / "nx"), "--to", "neox"]) == 0
     y = yaml.safe_load(next((tmp_path / "nx").glob("global_step*/configs/neox_jax.yml")).read_text())
     assert y["layernorm-epsilon"] == 1e-3
+
+
+def test_row_parallel_bias_that_does_not_split_exactly(tmp_path):
+    """--to neox --tp N writes a parallel-residual row-parallel bias b as N copies of b/N when that is
+    exact, else b on rank 0 and -0.0 on the others.  fp16 subnormals with the lowest bit set
+    (odd multiples of 2^-24) have no exact half: such a tensor must take the fallback, and the
+    independent merge (sum over ranks, reference 1.4) must give b back bit for bit."""
+    m = tiny_hf(9, fp16_values=True, layers=2)
+    tiny = 2.0 ** -24  # the smallest fp16 subnormal
+    with torch.no_grad():
+        m.gpt_neox.layers[0].attention.dense.bias[:3] = torch.tensor([tiny, -3 * tiny, 1023 * tiny])
+        m.gpt_neox.layers[1].mlp.dense_4h_to_h.bias[5] = 5 * tiny
+    ref = hf_state_numpy(m)
+    odd = {"gpt_neox.layers.0.attention.dense.bias", "gpt_neox.layers.1.mlp.dense_4h_to_h.bias"}
+    for k in odd:  # the values really are fp16 and really have no exact half in fp16
+        b16 = ref[k].astype(np.float16)
+        assert np.array_equal(b16.astype(np.float32), ref[k])
+        assert not np.array_equal((b16 / np.float16(2)).astype(np.float64) * 2, b16.astype(np.float64))
+    save_hf(m, tmp_path / "hf", dtype=torch.float16)
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "orb")]) == 0
+    L = m.config.num_hidden_layers
+    for tp in (2, 4):
+        nx = tmp_path / f"nx{tp}"
+        assert main(["convert", str(tmp_path / "orb"), str(nx), "--to", "neox", "--tp", str(tp)]) == 0
+        merged = read_neox_independent(nx, tp=tp, L=L)
+        for k in ref:
+            assert np.array_equal(merged[k], ref[k]), (tp, k)
+        step = next(nx.glob("global_step*"))
+        for i in range(L):
+            ranks = [torch.load(step / f"layer_{i + 2:02d}-model_{r:02d}-model_states.pt", weights_only=True)
+                     for r in range(tp)]
+            for key in ("attention.dense.bias", "mlp.dense_4h_to_h.bias"):
+                b = torch.tensor(ref[f"gpt_neox.layers.{i}.{key}"]).half()
+                if f"gpt_neox.layers.{i}.{key}" in odd:  # fallback: b on rank 0, -0.0 elsewhere
+                    assert torch.equal(ranks[0][key].view(torch.int16), b.view(torch.int16)), (tp, i, key)
+                    for r in range(1, tp):
+                        assert torch.equal(ranks[r][key].view(torch.int16),
+                                           torch.full_like(b, -0.0).view(torch.int16)), (tp, i, key, r)
+                else:  # exact: identical copies of b / TP, as GPT-NeoX's own checkpoints hold them
+                    for r in range(tp):
+                        assert torch.equal(ranks[r][key].double() * tp, b.double()), (tp, i, key, r)
+        # and our reader merges it back to the same tensors
+        assert main(["convert", str(nx), str(tmp_path / f"orb{tp}")]) == 0
+        _, a = load_params(tmp_path / "orb")
+        _, b = load_params(tmp_path / f"orb{tp}")
+        fa, fb = flatten(a), flatten(b)
+        for k in fa:
+            assert np.array_equal(bits(fa[k]), bits(fb[k])), (tp, k)
