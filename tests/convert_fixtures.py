@@ -18,7 +18,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 
 def tiny_hf(seed: int = 0, *, vocab=256, hidden=64, layers=2, heads=4, ffn=None, parallel=True, tied=False,
-            act="gelu", max_pos=128, rotary_pct=0.25, fp16_values=False, eps=1e-5) -> GPTNeoXForCausalLM:
+            act="gelu", max_pos=128, rotary_pct=0.25, fp16_values=False, eps=1e-5, base=10000.0) -> GPTNeoXForCausalLM:
     """A random fp32 GPTNeoXForCausalLM with non-trivial biases and LayerNorms (eager attention).
 
     fp16_values: round every weight to float16 (still stored as fp32) and make every bias a multiple
@@ -26,7 +26,7 @@ def tiny_hf(seed: int = 0, *, vocab=256, hidden=64, layers=2, heads=4, ffn=None,
     torch.manual_seed(seed)
     cfg = GPTNeoXConfig(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=ffn or 4 * hidden, rotary_pct=rotary_pct, rotary_emb_base=10000.0,
+        intermediate_size=ffn or 4 * hidden, rotary_pct=rotary_pct, rotary_emb_base=base,
         max_position_embeddings=max_pos, hidden_act=act, use_parallel_residual=parallel,
         tie_word_embeddings=tied, initializer_range=0.1, bos_token_id=0, eos_token_id=0, layer_norm_eps=eps,
     )

@@ -7,6 +7,7 @@ rng states in mp_rank files); the references are transformers logits and an inde
 from __future__ import annotations
 
 import math
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -49,8 +50,6 @@ def test_native_to_orbax_matches_hf(tmp_path, model, tp, layout, padded, new_nam
     got = jax_logits(tmp_path / "orb")
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
     # the merged fp16 tensors are exactly the HF model's (biases summed in float64, rounded once)
-    assert main(["convert", str(root), str(tmp_path / "orb_hf_ref"), "--neox-config",
-                 str(next((root / "global_step1000" / "configs").glob("*.yml")))]) == 0
     save_hf(model, tmp_path / "hf", dtype=torch.float16)
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "orb_from_hf")]) == 0
     _, a = load_params(tmp_path / "orb")
@@ -219,3 +218,58 @@ def test_row_parallel_bias_that_does_not_split_exactly(tmp_path):
         fa, fb = flatten(a), flatten(b)
         for k in fa:
             assert np.array_equal(bits(fa[k]), bits(fb[k])), (tp, k)
+
+
+def test_neox_config_option(tmp_path, model, capsys):
+    """A NeoX save without global_stepN/configs/ needs --neox-config; several files are merged in order
+    (a later file overrides an earlier one), and what they say is what is read."""
+    root = write_neox(model, tmp_path / "neox", tp=2)
+    configs = root / "global_step1000" / "configs"
+    run = yaml.safe_load((configs / "model.yml").read_text())
+    shutil.rmtree(configs)
+    assert main(["convert", str(root), str(tmp_path / "x")]) == 2
+    assert "--neox-config" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    first, second = tmp_path / "a.yml", tmp_path / "b.yml"
+    first.write_text(yaml.safe_dump({**run, "hidden-size": 128}))  # wrong, overridden by the second file
+    second.write_text(yaml.safe_dump({"hidden-size": 64, "layernorm-epsilon": 1e-5}))
+    assert main(["convert", str(root), str(tmp_path / "orb"), "--neox-config", str(first),
+                 "--neox-config", str(second)]) == 0
+    ref = logits(model, IDS)
+    assert np.abs(jax_logits(tmp_path / "orb") - ref).max() <= 1e-4 * np.abs(ref).max()
+    # the other order: the wrong hidden size wins and the tensors do not fit it
+    assert main(["convert", str(root), str(tmp_path / "bad"), "--neox-config", str(second),
+                 "--neox-config", str(first)]) == 2
+    assert "(128, 64)" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # inspect and diff read it too
+    assert main(["inspect", str(root), "--no-hash", "--neox-config", str(first), "--neox-config", str(second)]) == 0
+    assert "TP=2" in capsys.readouterr().out
+    assert main(["diff", str(root), str(tmp_path / "orb"), "--neox-config-a", str(first),
+                 "--neox-config-a", str(second)]) == 0
+    assert "MATCH within rtol 0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_inv_freq_buffers_written_by_to_neox(tmp_path, dtype):
+    """Every layer file of every rank carries attention.rotary_emb.inv_freq as GPT-NeoX v1.0's
+    RotaryEmbedding registers it, 1 / base ** (arange(0, R, 2).float() / R), in the checkpoint dtype
+    (DeepSpeed's module.half() casts buffers too); R = rotary dims, not head_dim."""
+    m = tiny_hf(12, fp16_values=True, layers=2, hidden=64, heads=4, rotary_pct=0.5, base=5000.0)
+    save_hf(m, tmp_path / "hf", dtype=torch.float16)
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "nx"), "--to", "neox", "--tp", "2",
+                 "--dtype", dtype]) == 0
+    R = 8  # head_dim 16 x rotary_pct 0.5
+    ref = 1.0 / (5000.0 ** (torch.arange(0, R, 2).float() / R))
+    tdt = getattr(torch, dtype)
+    step = next((tmp_path / "nx").glob("global_step*"))
+    for i in range(2):
+        for r in range(2):
+            sd = torch.load(step / f"layer_{i + 2:02d}-model_{r:02d}-model_states.pt", weights_only=True)
+            got = sd["attention.rotary_emb.inv_freq"]
+            assert got.dtype == tdt and got.shape == (R // 2,)
+            if dtype == "float32":  # two float32 pow implementations: within an ulp
+                np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=2.5e-7, atol=0)
+            else:
+                assert torch.equal(got, ref.to(tdt)), (i, r, got, ref.to(tdt))
+    for ll in (0, 5, 6):  # embedding, final norm and output layer files have no rotary buffer
+        assert "attention.rotary_emb.inv_freq" not in torch.load(
+            step / f"layer_{ll:02d}-model_00-model_states.pt", weights_only=True)
