@@ -28,7 +28,7 @@ def _add_init(sub):
                                    "as a neox-jax checkpoint directory.")
     p.add_argument("config", help="YAML preset path or name (e.g. configs/tiny.yaml, pythia-70m)")
     p.add_argument("dst", help="checkpoint directory to create")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the initialisation (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set model.num_layers=4 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DST")
@@ -65,7 +65,7 @@ def _add_score(sub):
     p.add_argument("--input", required=True, help="IN.jsonl (or a .txt file = one document)")
     p.add_argument("--output", help="OUT.jsonl (per-document scores)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--tokenizer", help="HF tokenizers JSON or sentencepiece .model "
                                        "(default: ../shared/data/20B_tokenizer.json)")
     p.add_argument("--context", type=int, help="window length (default: the model's max_position_embeddings)")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -17,14 +18,45 @@ def run_cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "neox_jax", *args], capture_output=True, text=True, env=env, **kw)
 
 
-def test_help_for_every_command():
+# Every command and the options README.md, docs/convert.md and docs/data.md document for it.
+DOCUMENTED = {
+    ("init",): ["--seed", "--set", "--overwrite"],
+    ("score",): ["--input", "--output", "--dtype", "--batch-size", "--tokenizer", "--context", "--overwrite"],
+    ("convert",): ["--to", "--dtype", "--tp", "--verify", "--overwrite", "--max-shard-size", "--neox-config",
+                   "--step", "--json"],
+    ("inspect",): ["--json", "--no-hash", "--neox-config"],
+    ("diff",): ["--rtol", "--per-layer", "--json", "--neox-config-a", "--neox-config-b"],
+    ("data", "preprocess"): ["--output-prefix", "--tokenizer", "--append-eod", "--workers", "--dtype", "--strict",
+                             "--overwrite", "--jsonl-key", "--txt-mode"],
+    ("data", "order"): ["--data-prefix", "--seq-length", "--num-samples", "--train-iters", "--seed", "--batch",
+                        "--steps", "--weights", "--split", "--preshuffled", "--output", "--decode", "--tokenizer",
+                        "--no-cache", "--save-index-maps", "--overwrite"],
+    ("data", "train-tokenizer"): ["--output", "--vocab-size", "--model-type", "--min-frequency", "--overwrite",
+                                  "--jsonl-key", "--txt-mode"],
+}
+
+
+def test_help_for_every_command(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert {"init", "score"} <= set(commands)
+    assert set(commands) == {c[0] for c in DOCUMENTED}  # no undocumented command, none missing
     r = run_cli("--help")
-    assert r.returncode == 0 and "init" in r.stdout
-    for name, sub in commands.items():
-        assert sub.format_help(), name
+    assert r.returncode == 0 and all(c in r.stdout for c in commands)
+    for cmd, options in DOCUMENTED.items():
+        with pytest.raises(SystemExit) as e:
+            main([*cmd, "--help"])
+        assert e.value.code == 0, cmd
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: neox-jax {' '.join(cmd)} "), (cmd, out[:80])
+        for opt in options + ["--help"]:
+            assert re.search(rf"(?<![\w-]){opt}(?![\w-])", out), (cmd, opt)
+    # every option and argument of every command is explained in its --help
+    subs = dict(commands)
+    subs.update({("data", k): v for k, v in commands["data"]._subparsers._group_actions[0].choices.items()})
+    for name, sub in subs.items():
+        for action in sub._actions:
+            if action.dest not in ("help", "command", "data_command"):
+                assert action.help, (name, action.option_strings or action.dest)
 
 
 def test_init_then_score_shakespeare(tmp_path, neox_tokenizer_path, shared, capsys):
@@ -67,3 +99,39 @@ def test_errors_are_one_line_without_traceback(tmp_path):
         assert "Traceback" not in r.stderr
     assert C.is_checkpoint(ck)  # untouched
     assert not (tmp_path / "y").exists() and not (tmp_path / "x").exists()
+
+
+def test_score_summary_is_the_hand_computed_perplexity_and_bits_per_byte(tmp_path, neox_tokenizer_path, capsys):
+    """perplexity = exp(-sum log p / tokens scored) and bits per byte = -sum log p / ln 2 / UTF-8 bytes, computed
+    here from transformers' log-probabilities of the same checkpoint and the tokenizers library's ids."""
+    import math
+
+    import torch
+    from tokenizers import Tokenizer
+
+    from hf_reference import hf_model, ours_from_hf
+
+    model = hf_model(seed=21, vocab=50304, hidden=32, heads=2, layers=1)
+    cfg, params = ours_from_hf(model, compute_dtype="float32")
+    C.save_params(tmp_path / "ck", cfg, params)
+    texts = ["Before we proceed any further, hear me speak.", "Caf\u00e9 \u65e5\u672c \u2014 all: Speak, speak."]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert main(["score", str(tmp_path / "ck"), "--input", str(inp), "--tokenizer", str(neox_tokenizer_path)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["summary"]
+
+    tok = Tokenizer.from_file(str(neox_tokenizer_path))
+    total, count = 0.0, 0
+    for t in texts:
+        ids = tok.encode(t).ids
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids])).logits.double(), -1)[0]
+        total += float(sum(lp[i - 1, ids[i]] for i in range(1, len(ids))))
+        count += len(ids) - 1
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    assert n_bytes > sum(len(t) for t in texts)  # multi-byte characters: bytes, not characters
+    assert summary["documents"] == 2 and summary["tokens_scored"] == count
+    assert summary["sum_logprob"] == pytest.approx(total, rel=1e-5)
+    assert summary["mean_nll"] == pytest.approx(-total / count, rel=1e-5)
+    assert summary["perplexity"] == pytest.approx(math.exp(-total / count), rel=1e-5)
+    assert summary["bits_per_byte"] == pytest.approx(-total / math.log(2) / n_bytes, rel=1e-5)

@@ -10,8 +10,9 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from neox_jax import model as M
 from neox_jax.config import (
-    ConfigError, ModelConfig, from_hf_config, from_neox_yaml, list_presets, load_config, to_hf_config,
+    ARCH_FIELDS, ConfigError, ModelConfig, from_hf_config, from_neox_yaml, list_presets, load_config, to_hf_config,
 )
+from neox_jax.convert.neox import neox_yaml
 
 PRESETS = ["neox-20b"] + [f"pythia-{s}" for s in ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")]
 
@@ -30,6 +31,49 @@ def test_preset_parameter_count_equals_hf(name):
     hf_count = sum(p.numel() for p in hf.parameters())
     assert cfg.num_params() == hf_count
     assert M.count_params(M.abstract_params(cfg)) == hf_count
+
+
+# The published configs, copied from ../shared/reference/neox-reference.md 1.8 (GPT-NeoX configs/20B.yml)
+# and 1.9 (configs/pythia/*.yml): layers, hidden, heads, head dim, rotary dims, ffn, padded vocab, init,
+# parameter count.  Common to all (1.8-1.9): seq 2048, rotary_pct 0.25, rotary base 10000 (not set),
+# LayerNorm eps 1e-5, gpt_j_residual true, no_weight_tying true, bias_gelu_fusion true (tanh GELU),
+# 50277-token tokenizer.
+PUBLISHED = {
+    #              L    h     nh  hn   r   ffn    V_pad  init          params
+    "neox-20b":   (44, 6144, 64, 96,  24, 24576, 50432, "small_wang", 20_554_567_680),
+    "pythia-14m": (6,  128,  4,  32,  8,  512,   50304, "small_wang", 14_067_712),
+    "pythia-31m": (6,  256,  8,  32,  8,  1024,  50304, "small_wang", 30_494_720),
+    "pythia-70m": (6,  512,  8,  64,  16, 2048,  50304, "small_wang", 70_426_624),
+    "pythia-160m": (12, 768, 12, 64,  16, 3072,  50304, "small_wang", 162_322_944),
+    "pythia-410m": (24, 1024, 16, 64, 16, 4096,  50304, "small_wang", 405_334_016),
+    "pythia-1b":  (16, 2048, 8,  256, 64, 8192,  50304, "small_wang", 1_011_781_632),
+    "pythia-1.4b": (24, 2048, 16, 128, 32, 8192, 50304, "small_wang", 1_414_647_808),
+    "pythia-2.8b": (32, 2560, 32, 80, 20, 10240, 50304, "small_wang", 2_775_208_960),
+    "pythia-6.9b": (32, 4096, 32, 128, 32, 16384, 50432, "normal", 6_857_302_016),
+    "pythia-12b": (36, 5120, 40, 128, 32, 20480, 50688, "normal", 11_846_072_320),
+}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_fields_equal_the_published_config(name):
+    """Every architecture field (and init, tokenizer size, derived head/rotary dims) of the preset, one by
+    one, against the published GPT-NeoX / Pythia config: a swapped head count, a wrong rotary_pct or
+    eps would not change the parameter count, but fails here."""
+    L, h, nh, hn, r, ffn, V, init, params = PUBLISHED[name]
+    want = {
+        "vocab_size": V, "hidden_size": h, "num_layers": L, "num_heads": nh, "intermediate_size": ffn,
+        "rotary_pct": 0.25, "rotary_emb_base": 10000.0, "layer_norm_eps": 1e-5, "use_parallel_residual": True,
+        "tie_word_embeddings": False, "hidden_act": "gelu_tanh",
+        "max_position_embeddings": 2048, "tokenizer_vocab_size": 50277, "init": init, "init_std": 0.02,
+    }
+    assert set(ARCH_FIELDS) <= set(want)  # every field that decides what the tensors mean is checked
+    cfg = load_config(name)
+    for field, value in want.items():
+        assert getattr(cfg, field) == value, (name, field, getattr(cfg, field), value)
+        assert type(getattr(cfg, field)) is type(value) or isinstance(value, float), (name, field)
+    assert (cfg.head_dim, cfg.rotary_dims) == (hn, r)
+    assert cfg.num_params() == params
+    assert cfg.param_dtype == "float32" and cfg.rotary_dtype == "float32"  # HF-parity numerics by default
 
 
 def test_published_counts():
@@ -246,6 +290,44 @@ def test_malformed_yaml_is_one_line_error(tmp_path):
     with pytest.raises(ConfigError) as e:
         from_neox_yaml(p)
     assert "\n" not in str(e.value) and "line 1" in str(e.value)
+
+
+# ------------------------------------------------------------------ LayerNorm eps through every reader
+
+
+@pytest.mark.parametrize("eps", [1e-6, 3e-3])
+def test_layer_norm_eps_is_read_from_hf_config(tmp_path, eps):
+    """transformers writes the eps; our reader must take it (not assume 1e-5), and our writer must give it
+    back to transformers."""
+    hf = GPTNeoXConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       layer_norm_eps=eps).to_dict()
+    assert hf["layer_norm_eps"] == eps
+    cfg = from_hf_config(hf)
+    assert cfg.layer_norm_eps == eps
+    (tmp_path / "config.json").write_text(json.dumps(to_hf_config(cfg)))
+    assert GPTNeoXConfig.from_pretrained(tmp_path).layer_norm_eps == eps
+    # the transformers-4.24-era spelling (old keys, no rope_parameters)
+    old = {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "rotary_pct": 0.25, "rotary_emb_base": 10000, "layer_norm_eps": eps}
+    assert from_hf_config(old).layer_norm_eps == eps
+
+
+@pytest.mark.parametrize("key", ["layernorm-epsilon", "layernorm_epsilon"])
+def test_layer_norm_eps_is_read_from_neox_yaml(tmp_path, key):
+    """GPT-NeoX's key is layernorm-epsilon (neox_args.py `layernorm_epsilon`, default 1e-5)."""
+    raw = {**yaml.safe_load(PYTHIA_410M_YML), key: 1e-6}
+    p = tmp_path / "c.yml"
+    p.write_text(json.dumps(raw))
+    assert from_neox_yaml(p).layer_norm_eps == 1e-6
+    assert from_neox_yaml(raw).layer_norm_eps == 1e-6
+    # not set: GPT-NeoX's default
+    del raw[key]
+    assert from_neox_yaml(raw).layer_norm_eps == 1e-5
+    # our GPT-NeoX YAML writer spells it the way GPT-NeoX reads it
+    cfg = from_neox_yaml({**raw, key: 2e-4})
+    written = neox_yaml(cfg, 1, "float16", None)
+    assert written["layernorm-epsilon"] == 2e-4
+    assert from_neox_yaml(written).layer_norm_eps == 2e-4
 
 
 def test_modelconfig_roundtrip_dict():

@@ -1,11 +1,19 @@
-"""Shared test fixtures.  Tests read ../shared (override with NEOX_JAX_SHARED); nothing is downloaded."""
+"""Shared test fixtures.  Tests read ../shared (override with NEOX_JAX_SHARED); nothing is downloaded.
+
+The suite runs on 8 simulated CPU devices.  XLA reads the device count when JAX first initialises a
+backend, so it is set here, before any test module imports jax: a bare `pytest` then runs the
+sharding tests instead of skipping them (tests that need several devices assert it, never skip)."""
 
 import os
 from pathlib import Path
 
-import pytest
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+if DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {DEVICE_COUNT_FLAG}=8".strip()
 
-from neox_jax.data.tokenizer import shared_dir
+import pytest  # noqa: E402
+
+from neox_jax.data.tokenizer import shared_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")

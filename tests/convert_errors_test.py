@@ -168,3 +168,94 @@ def test_cli_subprocess_exit_codes(good, tmp_path):
     assert len(err) == 1 and err[0].startswith("neox-jax: error:") and "truncated" in err[0], p.stderr
     assert "Traceback" not in p.stderr
     no_output(tmp_path / "dst")
+
+
+@pytest.mark.parametrize("to", ["orbax", "hf", "neox"])
+def test_verify_failure_exits_2_and_writes_nothing(good, tmp_path, capsys, monkeypatch, to):
+    """A converter bug that writes one wrong tensor (one layer's MLP output kernel scaled by 1.5) is caught
+    by --verify: exit 2, one 'verify failed' line, nothing at DST, no temporary directory left."""
+    from neox_jax.convert import hf, neox, orbax_io
+
+    writer = {"orbax": orbax_io.OrbaxWriter, "hf": hf.HFWriter, "neox": neox.NeoxWriter}[to]
+    real = writer.write
+
+    def corrupting(self, entry, array):
+        if entry.name == "layers/mlp/fc_out/kernel" and entry.layer == 1:
+            array = (array.astype("float32") * 1.5).astype(array.dtype)
+        return real(self, entry, array)
+
+    monkeypatch.setattr(writer, "write", corrupting)
+    dst = tmp_path / "dst"
+    err = fails(capsys, ["convert", str(good / "hf"), str(dst), "--to", to, "--verify"], "verify failed",
+                "max |dlogit|", "tolerance", f"{dst} was not written")
+    assert err.startswith("neox-jax: error: verify failed")
+    no_output(dst)
+    # the same conversion without the bug passes --verify and is written
+    monkeypatch.setattr(writer, "write", real)
+    assert main(["convert", str(good / "hf"), str(dst), "--to", to, "--verify"]) == 0
+    assert dst.is_dir() and "OK" in capsys.readouterr().out
+
+
+def _neox_copy(good, tmp_path) -> tuple[Path, Path]:
+    src = Path(shutil.copytree(good / "neox", tmp_path / "neox"))
+    return src, src / "global_step1000" / "configs" / "model.yml"
+
+
+def _edit_yaml(path: Path, **changes) -> None:
+    import yaml
+
+    y = yaml.safe_load(path.read_text())
+    y.update({k.replace("_", "-"): v for k, v in changes.items()})
+    path.write_text(yaml.safe_dump(y))
+
+
+def test_neox_reader_refusals(good, tmp_path, capsys):
+    """The GPT-NeoX checkpoint (TP 2, 2 layers, 256-row vocabulary) disagrees with its YAML: refused,
+    naming the file and both values, nothing written."""
+    dst = tmp_path / "dst"
+    src, yml = _neox_copy(good, tmp_path)
+    _edit_yaml(yml, model_parallel_size=4)
+    fails(capsys, ["convert", str(src), str(dst)], "model.yml", "model-parallel-size 4", "2 tensor-parallel rank")
+    no_output(dst)
+
+    _edit_yaml(yml, model_parallel_size=2, padded_vocab_size=384)
+    fails(capsys, ["convert", str(src), str(dst)], "layer_00-model_00-model_states.pt", "256 rows over 2 rank",
+          "padded-vocab-size is 384")
+    no_output(dst)
+
+    _edit_yaml(yml, padded_vocab_size=256, no_weight_tying=False)  # tied, but a final_linear file exists
+    fails(capsys, ["convert", str(src), str(dst)], "layer_06-model_00-model_states.pt", "present", "tied")  # L + 4
+    no_output(dst)
+
+    # several steps and no `latest`: refused (which one?); naming one of them works
+    src, yml = _neox_copy(good, tmp_path / "b")
+    shutil.copytree(src / "global_step1000", src / "global_step2000")
+    (src / "latest").unlink()
+    fails(capsys, ["convert", str(src), str(dst)], str(src), "no 'latest'", "several global_stepN")
+    no_output(dst)
+    assert main(["convert", str(src / "global_step2000"), str(dst), "--to", "neox"]) == 0
+    assert (dst / "latest").read_text() == "global_step2000"  # the step comes from the directory name
+    # `latest` naming a missing directory
+    (src / "latest").write_text("global_step3000\n")
+    fails(capsys, ["convert", str(src), str(tmp_path / "dst2")], "latest", "global_step3000", "not a directory")
+    no_output(tmp_path / "dst2")
+
+
+def test_neox_step_directory_given_directly(good, tmp_path, capsys):
+    """SRC may be the save directory (read through `latest`), a global_stepN directory itself, or a save
+    directory with one step and no `latest`: the same tensors every time."""
+    from neox_jax.checkpoint import load_params
+    from neox_jax.model import flatten
+
+    src, _ = _neox_copy(good, tmp_path)
+    assert main(["convert", str(src), str(tmp_path / "a")]) == 0
+    assert main(["convert", str(src / "global_step1000"), str(tmp_path / "b")]) == 0
+    (src / "latest").unlink()
+    assert main(["convert", str(src), str(tmp_path / "c")]) == 0
+    _, ref = load_params(tmp_path / "a")
+    for other in ("b", "c"):
+        _, got = load_params(tmp_path / other)
+        fa, fb = flatten(ref), flatten(got)
+        assert set(fa) == set(fb)
+        for k in fa:
+            assert fa[k].dtype == fb[k].dtype and (fa[k] == fb[k]).all(), (other, k)

@@ -18,7 +18,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 
 def tiny_hf(seed: int = 0, *, vocab=256, hidden=64, layers=2, heads=4, ffn=None, parallel=True, tied=False,
-            act="gelu", max_pos=128, rotary_pct=0.25, fp16_values=False) -> GPTNeoXForCausalLM:
+            act="gelu", max_pos=128, rotary_pct=0.25, fp16_values=False, eps=1e-5, base=10000.0) -> GPTNeoXForCausalLM:
     """A random fp32 GPTNeoXForCausalLM with non-trivial biases and LayerNorms (eager attention).
 
     fp16_values: round every weight to float16 (still stored as fp32) and make every bias a multiple
@@ -26,9 +26,9 @@ def tiny_hf(seed: int = 0, *, vocab=256, hidden=64, layers=2, heads=4, ffn=None,
     torch.manual_seed(seed)
     cfg = GPTNeoXConfig(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=ffn or 4 * hidden, rotary_pct=rotary_pct, rotary_emb_base=10000.0,
+        intermediate_size=ffn or 4 * hidden, rotary_pct=rotary_pct, rotary_emb_base=base,
         max_position_embeddings=max_pos, hidden_act=act, use_parallel_residual=parallel,
-        tie_word_embeddings=tied, initializer_range=0.1, bos_token_id=0, eos_token_id=0,
+        tie_word_embeddings=tied, initializer_range=0.1, bos_token_id=0, eos_token_id=0, layer_norm_eps=eps,
     )
     cfg._attn_implementation = "eager"
     model = GPTNeoXForCausalLM(cfg).eval()
@@ -81,7 +81,7 @@ def save_hf(model, path: Path, *, dtype=torch.float16, max_shard_size=None, old_
         # a transformers-4.24-era config.json
         old = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "bos_token_id": 0,
                "eos_token_id": 0, "hidden_act": cfg.hidden_act, "hidden_size": cfg.hidden_size,
-               "initializer_range": 0.02, "intermediate_size": cfg.intermediate_size, "layer_norm_eps": 1e-5,
+               "initializer_range": 0.02, "intermediate_size": cfg.intermediate_size, "layer_norm_eps": cfg.layer_norm_eps,
                "max_position_embeddings": cfg.max_position_embeddings, "num_attention_heads": cfg.num_attention_heads,
                "num_hidden_layers": cfg.num_hidden_layers, "rotary_emb_base": 10000, "rotary_pct": 0.25,
                "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.24.0",
@@ -217,7 +217,7 @@ def write_neox(model, root: Path, *, tp: int, layout: str = "pipeline", step: in
         "seq-length": cfg.max_position_embeddings, "max-position-embeddings": cfg.max_position_embeddings,
         "norm": "layernorm", "pos-emb": "rotary", "rotary-pct": 0.25, "no-weight-tying": not cfg.tie_word_embeddings,
         "gpt-j-residual": cfg.use_parallel_residual, "output-layer-parallelism": "column",
-        "attention-config": [[["flash"], L]], "layernorm-epsilon": 1e-5,
+        "attention-config": [[["flash"], L]], "layernorm-epsilon": cfg.layer_norm_eps,
         "bias-gelu-fusion": cfg.hidden_act != "gelu", "activation": "gelu",
         "scaled-upper-triang-masked-softmax-fusion": False, "fp16": {"enabled": True, "loss_scale": 0},
         "hidden-dropout": 0, "attention-dropout": 0, "tokenizer-type": "HFTokenizer",

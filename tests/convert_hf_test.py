@@ -159,3 +159,35 @@ def test_sharded_pytorch_bin_with_index(tmp_path, fp16_model):
     assert main(["convert", str(src), str(tmp_path / "orb")]) == 0
     ref = logits(fp16_model, IDS)
     assert np.abs(jax_logits(tmp_path / "orb") - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def _with_eps(model, eps):
+    """A copy of `model` whose LayerNorms use `eps` (same weights)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.LayerNorm):
+            mod.eps = eps
+    return m
+
+
+def test_layer_norm_eps_survives_conversion(tmp_path):
+    """A model with layer_norm_eps 1e-3 (every other fixture uses 1e-5): the eps is read from the new and
+    the 2022-era config.json, drives our forward pass, and is written back for transformers."""
+    model = tiny_hf(5, fp16_values=True, eps=1e-3)
+    ref = logits(model, IDS)
+    # the eps matters for this model: the same weights with the default eps give other logits
+    assert np.abs(logits(_with_eps(model, 1e-5), IDS) - ref).max() > 100 * 1e-4 * np.abs(ref).max()
+    for name, kw in (("hf", {}), ("hf_old", {"old_style": True})):
+        src = save_hf(model, tmp_path / name, dtype=torch.float16, **kw)
+        assert json.loads((src / "config.json").read_text())["layer_norm_eps"] == 1e-3
+        assert main(["convert", str(src), str(tmp_path / f"orb_{name}")]) == 0
+        cfg, _ = load_params(tmp_path / f"orb_{name}")
+        assert cfg.layer_norm_eps == 1e-3, name
+        got = jax_logits(tmp_path / f"orb_{name}")
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), name
+    assert main(["convert", str(tmp_path / "orb_hf"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    back = load_hf(tmp_path / "back")
+    assert back.config.layer_norm_eps == 1e-3
+    assert np.abs(logits(back, IDS) - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -118,3 +118,54 @@ def test_diff_reports_config_mismatch(ckpts, capsys, tmp_path):
     assert e.value.code == 1
     out = capsys.readouterr().out
     assert "config num_layers: 2 vs 3" in out and "missing in A" in out
+
+
+def test_inspect_neox_hashes_are_the_stored_bytes(ckpts, capsys):
+    """Every tensor of every GPT-NeoX layer file (TP 2), loaded here with torch.load: sha256 of its bytes in
+    the stored dtype, shape, dtype and L2 norm; nothing missing, nothing extra."""
+    d, _ = ckpts
+    code, info = run_json(capsys, ["inspect", str(d / "neox"), "--json"])
+    assert code == 0
+    by_name = {t["name"]: t for t in info["tensors"]}
+    expected = {}
+    for f in sorted((d / "neox" / "global_step1000").glob("layer_*-model_*-model_states.pt")):
+        for k, t in torch.load(f, weights_only=True).items():
+            expected[f"{f.stem}/{k}"] = t
+    assert set(by_name) == set(expected)
+    for name, t in expected.items():
+        raw = t.contiguous().view(torch.int16).numpy().tobytes()
+        assert by_name[name]["sha256"] == hashlib.sha256(raw).hexdigest(), name
+        assert by_name[name]["shape"] == list(t.shape) and by_name[name]["dtype"] == "float16", name
+        assert by_name[name]["norm"] == pytest.approx(float(t.double().norm()), rel=1e-9), name
+    # the two ranks' halves of a column-parallel tensor hash differently; identical LayerNorm copies equally
+    h = {n: t["sha256"] for n, t in by_name.items()}
+    assert h["layer_02-model_00-model_states/attention.query_key_value.weight"] != \
+        h["layer_02-model_01-model_states/attention.query_key_value.weight"]
+    assert h["layer_02-model_00-model_states/input_layernorm.weight"] == \
+        h["layer_02-model_01-model_states/input_layernorm.weight"]
+
+
+def test_diff_shape_mismatch(ckpts, capsys, tmp_path):
+    """Same architecture keys except the MLP width: the MLP tensors are reported as shape mismatches (in our
+    layout) with exit status 1, the others compared as usual."""
+    d, _ = ckpts
+    other = tiny_hf(7, fp16_values=True, ffn=128)  # same seed, MLP width 128 instead of 256
+    save_hf(other, tmp_path / "narrow", dtype=torch.float16)
+    with pytest.raises(SystemExit) as e:
+        main(["diff", str(d / "hf"), str(tmp_path / "narrow"), "--json"])
+    assert e.value.code == 1
+    res = json.loads(capsys.readouterr().out)
+    assert not res["match"] and res["config_diff"] == {"intermediate_size": [256, 128]}
+    status = {r["name"]: r["status"] for r in res["tensors"]}
+    assert status["layers/mlp/fc_in/kernel"] == "shape (64, 256) vs (64, 128)"  # ours: [D, F] per layer
+    assert status["layers/mlp/fc_in/bias"] == "shape (256,) vs (128,)"
+    assert status["layers/mlp/fc_out/kernel"] == "shape (256, 64) vs (128, 64)"
+    assert res["counts"]["shape (64, 256) vs (64, 128)"] == 1
+    assert not status["layers/mlp/fc_out/bias"].startswith("shape")  # [D] in both: compared
+    assert status["embed_in/embedding"] in ("identical", "DIFFERENT")
+    # the text form names the mismatch too, and the exit status is the same
+    with pytest.raises(SystemExit) as e:
+        main(["diff", str(d / "hf"), str(tmp_path / "narrow")])
+    assert e.value.code == 1
+    out = capsys.readouterr().out
+    assert "config intermediate_size: 256 vs 128" in out and "shape (256, 64) vs (128, 64)" in out

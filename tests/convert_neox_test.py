@@ -7,6 +7,7 @@ rng states in mp_rank files); the references are transformers logits and an inde
 from __future__ import annotations
 
 import math
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -49,8 +50,6 @@ def test_native_to_orbax_matches_hf(tmp_path, model, tp, layout, padded, new_nam
     got = jax_logits(tmp_path / "orb")
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
     # the merged fp16 tensors are exactly the HF model's (biases summed in float64, rounded once)
-    assert main(["convert", str(root), str(tmp_path / "orb_hf_ref"), "--neox-config",
-                 str(next((root / "global_step1000" / "configs").glob("*.yml")))]) == 0
     save_hf(model, tmp_path / "hf", dtype=torch.float16)
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "orb_from_hf")]) == 0
     _, a = load_params(tmp_path / "orb")
@@ -153,3 +152,124 @@ def test_vocab_divisor_reproduces_the_padded_vocabulary():
     for v, tp, tok in ((50304, 2, 50277), (50432, 1, 50277), (50688, 2, 50277), (50432, 4, None)):
         m = vocab_divisor(cfg(v), tp, tok) * tp
         assert math.ceil((tok or 50277) / m) * m == v
+
+
+def test_layer_norm_eps_through_neox(tmp_path):
+    """layernorm-epsilon 1e-3 in the run's YAML (not the 1e-5 default): read by the NeoX reader, used by
+    the forward pass (transformers with eps 1e-3 is the reference), written back by --to neox."""
+    m = tiny_hf(6, fp16_values=True, eps=1e-3)
+    root = write_neox(m, tmp_path / "neox", tp=2)
+    assert yaml.safe_load((root / "global_step1000" / "configs" / "model.yml").read_text())["layernorm-epsilon"] == 1e-3
+    assert main(["convert", str(root), str(tmp_path / "orb")]) == 0
+    cfg, _ = load_params(tmp_path / "orb")
+    assert cfg.layer_norm_eps == 1e-3
+    ref = logits(m, IDS)
+    assert np.abs(jax_logits(tmp_path / "orb") - ref).max() <= 1e-4 * np.abs(ref).max()
+    # --verify builds the PyTorch side from the NeoX tensors and config: it must carry the eps too
+    assert main(["convert", str(root), str(tmp_path / "orb2"), "--verify"]) == 0
+    assert main(["convert", str(tmp_path / "orb"), str(tmp_path / "nx"), "--to", "neox"]) == 0
+    y = yaml.safe_load(next((tmp_path / "nx").glob("global_step*/configs/neox_jax.yml")).read_text())
+    assert y["layernorm-epsilon"] == 1e-3
+
+
+def test_row_parallel_bias_that_does_not_split_exactly(tmp_path):
+    """--to neox --tp N writes a parallel-residual row-parallel bias b as N copies of b/N when that is
+    exact, else b on rank 0 and -0.0 on the others.  fp16 subnormals with the lowest bit set
+    (odd multiples of 2^-24) have no exact half: such a tensor must take the fallback, and the
+    independent merge (sum over ranks, reference 1.4) must give b back bit for bit."""
+    m = tiny_hf(9, fp16_values=True, layers=2)
+    tiny = 2.0 ** -24  # the smallest fp16 subnormal
+    with torch.no_grad():
+        m.gpt_neox.layers[0].attention.dense.bias[:3] = torch.tensor([tiny, -3 * tiny, 1023 * tiny])
+        m.gpt_neox.layers[1].mlp.dense_4h_to_h.bias[5] = 5 * tiny
+    ref = hf_state_numpy(m)
+    odd = {"gpt_neox.layers.0.attention.dense.bias", "gpt_neox.layers.1.mlp.dense_4h_to_h.bias"}
+    for k in odd:  # the values really are fp16 and really have no exact half in fp16
+        b16 = ref[k].astype(np.float16)
+        assert np.array_equal(b16.astype(np.float32), ref[k])
+        assert not np.array_equal((b16 / np.float16(2)).astype(np.float64) * 2, b16.astype(np.float64))
+    save_hf(m, tmp_path / "hf", dtype=torch.float16)
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "orb")]) == 0
+    L = m.config.num_hidden_layers
+    for tp in (2, 4):
+        nx = tmp_path / f"nx{tp}"
+        assert main(["convert", str(tmp_path / "orb"), str(nx), "--to", "neox", "--tp", str(tp)]) == 0
+        merged = read_neox_independent(nx, tp=tp, L=L)
+        for k in ref:
+            assert np.array_equal(merged[k], ref[k]), (tp, k)
+        step = next(nx.glob("global_step*"))
+        for i in range(L):
+            ranks = [torch.load(step / f"layer_{i + 2:02d}-model_{r:02d}-model_states.pt", weights_only=True)
+                     for r in range(tp)]
+            for key in ("attention.dense.bias", "mlp.dense_4h_to_h.bias"):
+                b = torch.tensor(ref[f"gpt_neox.layers.{i}.{key}"]).half()
+                if f"gpt_neox.layers.{i}.{key}" in odd:  # fallback: b on rank 0, -0.0 elsewhere
+                    assert torch.equal(ranks[0][key].view(torch.int16), b.view(torch.int16)), (tp, i, key)
+                    for r in range(1, tp):
+                        assert torch.equal(ranks[r][key].view(torch.int16),
+                                           torch.full_like(b, -0.0).view(torch.int16)), (tp, i, key, r)
+                else:  # exact: identical copies of b / TP, as GPT-NeoX's own checkpoints hold them
+                    for r in range(tp):
+                        assert torch.equal(ranks[r][key].double() * tp, b.double()), (tp, i, key, r)
+        # and our reader merges it back to the same tensors
+        assert main(["convert", str(nx), str(tmp_path / f"orb{tp}")]) == 0
+        _, a = load_params(tmp_path / "orb")
+        _, b = load_params(tmp_path / f"orb{tp}")
+        fa, fb = flatten(a), flatten(b)
+        for k in fa:
+            assert np.array_equal(bits(fa[k]), bits(fb[k])), (tp, k)
+
+
+def test_neox_config_option(tmp_path, model, capsys):
+    """A NeoX save without global_stepN/configs/ needs --neox-config; several files are merged in order
+    (a later file overrides an earlier one), and what they say is what is read."""
+    root = write_neox(model, tmp_path / "neox", tp=2)
+    configs = root / "global_step1000" / "configs"
+    run = yaml.safe_load((configs / "model.yml").read_text())
+    shutil.rmtree(configs)
+    assert main(["convert", str(root), str(tmp_path / "x")]) == 2
+    assert "--neox-config" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    first, second = tmp_path / "a.yml", tmp_path / "b.yml"
+    first.write_text(yaml.safe_dump({**run, "hidden-size": 128}))  # wrong, overridden by the second file
+    second.write_text(yaml.safe_dump({"hidden-size": 64, "layernorm-epsilon": 1e-5}))
+    assert main(["convert", str(root), str(tmp_path / "orb"), "--neox-config", str(first),
+                 "--neox-config", str(second)]) == 0
+    ref = logits(model, IDS)
+    assert np.abs(jax_logits(tmp_path / "orb") - ref).max() <= 1e-4 * np.abs(ref).max()
+    # the other order: the wrong hidden size wins and the tensors do not fit it
+    assert main(["convert", str(root), str(tmp_path / "bad"), "--neox-config", str(second),
+                 "--neox-config", str(first)]) == 2
+    assert "(128, 64)" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # inspect and diff read it too
+    assert main(["inspect", str(root), "--no-hash", "--neox-config", str(first), "--neox-config", str(second)]) == 0
+    assert "TP=2" in capsys.readouterr().out
+    assert main(["diff", str(root), str(tmp_path / "orb"), "--neox-config-a", str(first),
+                 "--neox-config-a", str(second)]) == 0
+    assert "MATCH within rtol 0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_inv_freq_buffers_written_by_to_neox(tmp_path, dtype):
+    """Every layer file of every rank carries attention.rotary_emb.inv_freq as GPT-NeoX v1.0's
+    RotaryEmbedding registers it, 1 / base ** (arange(0, R, 2).float() / R), in the checkpoint dtype
+    (DeepSpeed's module.half() casts buffers too); R = rotary dims, not head_dim."""
+    m = tiny_hf(12, fp16_values=True, layers=2, hidden=64, heads=4, rotary_pct=0.5, base=5000.0)
+    save_hf(m, tmp_path / "hf", dtype=torch.float16)
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "nx"), "--to", "neox", "--tp", "2",
+                 "--dtype", dtype]) == 0
+    R = 8  # head_dim 16 x rotary_pct 0.5
+    ref = 1.0 / (5000.0 ** (torch.arange(0, R, 2).float() / R))
+    tdt = getattr(torch, dtype)
+    step = next((tmp_path / "nx").glob("global_step*"))
+    for i in range(2):
+        for r in range(2):
+            sd = torch.load(step / f"layer_{i + 2:02d}-model_{r:02d}-model_states.pt", weights_only=True)
+            got = sd["attention.rotary_emb.inv_freq"]
+            assert got.dtype == tdt and got.shape == (R // 2,)
+            if dtype == "float32":  # two float32 pow implementations: within an ulp
+                np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=2.5e-7, atol=0)
+            else:
+                assert torch.equal(got, ref.to(tdt)), (i, r, got, ref.to(tdt))
+    for ll in (0, 5, 6):  # embedding, final norm and output layer files have no rotary buffer
+        assert "attention.rotary_emb.inv_freq" not in torch.load(
+            step / f"layer_{ll:02d}-model_00-model_states.pt", weights_only=True)

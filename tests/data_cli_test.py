@@ -1,6 +1,7 @@
 """`neox-jax data ...`: help, preprocess, order (JSONL replay of steps), train-tokenizer, one-line errors."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -135,3 +136,77 @@ def test_subprocess_error_is_one_line_without_traceback(tmp_path):
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("neox-jax: error: ") and "bad.idx: offset 0: bad magic" in last
+
+
+# ----------------------------------------------------------------------------- `data order` options
+# References: the plain-loop re-derivations of GPT-NeoX's index maps and blending in data_order_test.py.
+
+from data_order_test import ref_blending, ref_index_maps, ref_sample, write_corpus  # noqa: E402
+
+OS = 32  # sequence length for these tests
+
+
+def order_records(capsys, tmp_path, *args):
+    out = tmp_path / "o.jsonl"
+    rc = main(["data", "order", "--seq-length", str(OS), *args, "--output", str(out), "--overwrite"])
+    assert rc == 0, capsys.readouterr().err
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_order_train_iters_and_weights(tmp_path, capsys):
+    """Pythia's train-data-paths route from the command line: --train-iters gives num_samples
+    ceil(iters * batch * w_k * 1.005) per prefix, --weights the blend."""
+    sizes = [np.random.RandomState(30).randint(1, 120, size=60), np.random.RandomState(31).randint(1, 120, size=90)]
+    docs = [write_corpus(tmp_path / f"c{k}", s, seed=k) for k, s in enumerate(sizes)]
+    iters, batch = 6, 4
+    recs = order_records(capsys, tmp_path, "--data-prefix", str(tmp_path / "c0"), str(tmp_path / "c1"),
+                         "--weights", "1", "3", "--train-iters", str(iters), "--batch", str(batch), "--steps", f"0:{iters}")
+    assert [r["index"] for r in recs] == list(range(iters * batch))
+    w = [0.25, 0.75]
+    maps = [ref_index_maps(np.asarray(s, np.int32), np.arange(len(s), dtype=np.int32),
+                           math.ceil(iters * batch * wk * 1.005), OS, 1234) for s, wk in zip(sizes, w)]
+    lens = [len(m[3]) - 1 for m in maps]
+    index, sample = ref_blending(w, sum(lens))
+    assert {index[i] for i in range(iters * batch)} == {0, 1}
+    for r in recs:
+        k, s = index[r["index"]], sample[r["index"]]
+        assert (r["dataset"], r["dataset_index"]) == (k, s)
+        _, doc_idx, sample_idx, shuffle_idx = maps[k]
+        s = s if s < len(shuffle_idx) else s % lens[k]  # NeoX's IndexError fallback
+        assert r["sample"] == shuffle_idx[s]
+        assert r["tokens"] == ref_sample(docs[k], doc_idx, sample_idx, shuffle_idx, s).tolist()
+
+
+def test_order_split_save_index_maps_and_no_cache(tmp_path, capsys):
+    """GPT-NeoX-20B's data-path route (--split: train documents only, iters * batch samples, cache name
+    "train"), --save-index-maps writing NeoX's files, and --no-cache ignoring a cache that is present."""
+    sizes = np.random.RandomState(32).randint(1, 200, size=80).astype(np.int32)
+    docs = write_corpus(tmp_path / "t", sizes)
+    iters, batch = 10, 4
+    args = ["--data-prefix", str(tmp_path / "t"), "--train-iters", str(iters), "--batch", str(batch), "--seed", "7",
+            "--split", "90,5,5", "--steps", "0:3"]
+    # 90,5,5 of 80 documents: the train split is documents [0, 72) (NeoX's get_train_valid_test_split_)
+    _, doc_idx, sample_idx, shuffle_idx = ref_index_maps(sizes, np.arange(72, dtype=np.int32), iters * batch, OS, 7)
+    base = f"{tmp_path}/t_train_indexmap_{iters * batch}ns_{OS}sl_7s"
+    recs = order_records(capsys, tmp_path, *args, "--save-index-maps")
+    for r in recs:
+        assert "dataset" not in r and r["sample"] == shuffle_idx[r["index"]]
+        assert r["tokens"] == ref_sample(docs, doc_idx, sample_idx, shuffle_idx, r["index"]).tolist()
+        assert all(d < 72 for d in r["doc_ids"])
+    for kind, ref in (("doc", doc_idx), ("sample", sample_idx), ("shuffle", shuffle_idx)):
+        arr = np.load(f"{base}_{kind}_idx.npy")
+        assert arr.dtype == ref.dtype
+        np.testing.assert_array_equal(arr, ref)
+    # a cache holding another shuffle is read by default, ignored with --no-cache
+    np.save(f"{base}_shuffle_idx.npy", shuffle_idx[::-1].copy())
+    cached = order_records(capsys, tmp_path, *args)
+    assert [r["sample"] for r in cached] == shuffle_idx[::-1][:3 * batch].tolist()
+    fresh = order_records(capsys, tmp_path, *args, "--no-cache")
+    assert [r["sample"] for r in fresh] == shuffle_idx[:3 * batch].tolist()
+    assert [r["tokens"] for r in fresh] == [r["tokens"] for r in recs]
+    # the blend route names its cache train_0, train_1, ...
+    order_records(capsys, tmp_path, "--data-prefix", str(tmp_path / "t"), "--num-samples", "50", "--batch", "4",
+                  "--steps", "0", "--save-index-maps")
+    _, d0, s0, sh0 = ref_index_maps(sizes, np.arange(80, dtype=np.int32), 50, OS, 1234)
+    for kind, ref in (("doc", d0), ("sample", s0), ("shuffle", sh0)):
+        np.testing.assert_array_equal(np.load(f"{tmp_path}/t_train_0_indexmap_50ns_{OS}sl_1234s_{kind}_idx.npy"), ref)

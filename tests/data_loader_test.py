@@ -173,3 +173,45 @@ def test_two_jax_processes_share_each_global_batch(tmp_path):
         np.testing.assert_array_equal(np.concatenate([h0, h1]), batch["tokens"])
         for o in outs:  # the assembled global jax.Array is the 1-process batch
             np.testing.assert_array_equal(o["gathered"][s], batch["tokens"])
+
+
+def test_resume_refuses_a_different_dataset_length(tmp_path):
+    """A state saved over one dataset is refused by a loader over a dataset of another length (another
+    corpus or another num_samples), naming the key; the same length is accepted."""
+    ds = make_dataset(tmp_path / "d")
+    with Loader(ds, B, process_index=0, process_count=1) as a:
+        next(a)
+        state = a.state()
+    longer = GPT2Dataset.build(str(tmp_path / "d"), 1000, S, 1234)  # more epochs: same corpus and seed
+    assert len(longer) != len(ds)
+    with Loader(longer, B, process_index=0, process_count=1) as b:
+        with pytest.raises(UserError, match=rf"dataset_len={len(ds)}, this loader has {len(longer)}"):
+            b.set_state(state)
+        assert b.step == 0  # unchanged
+    with Loader(make_dataset(tmp_path / "d"), B, process_index=0, process_count=1) as c:
+        c.set_state(state)
+        assert c.step == 1
+
+
+@pytest.mark.parametrize("before,after", [(1, 2), (2, 1), (2, 4)])
+def test_resume_with_a_different_number_of_hosts(tmp_path, before, after):
+    """The state is the global step: a run checkpointed on `before` processes continues on `after` with the
+    same global batches (each host's contiguous share, concatenated, is the 1-process batch)."""
+    ds = make_dataset(tmp_path / "d")
+    full = [b["tokens"] for b in Loader(ds, B, process_index=0, process_count=1)]
+    states = []
+    for h in range(before):
+        with Loader(ds, B, process_index=h, process_count=before) as old:
+            for _ in range(4):
+                next(old)
+            states.append(old.state())
+    assert all(s == states[0] for s in states)  # every host saves the same state
+    resumed = []
+    for h in range(after):
+        new = Loader(ds, B, process_index=h, process_count=after, prefetch=1)
+        new.set_state(states[0])
+        resumed.append([b["tokens"] for b in new])
+        new.close()
+    assert len(resumed[0]) == len(full) - 4
+    for s, want in enumerate(full[4:]):
+        np.testing.assert_array_equal(np.concatenate([r[s] for r in resumed]), want)

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from neox_jax.data.indexed import IndexedDatasetWriter
+from neox_jax.data import order
 from neox_jax.data.order import (BlendedDataset, GPT2Dataset, PreshuffledDataset, build_index_maps,
-                                 build_train_dataset, index_map_paths, train_valid_test_split,
-                                 weighted_num_samples)
+                                 build_shuffle_idx, build_train_dataset, index_map_paths, shuffle_idx_dtype,
+                                 train_valid_test_split, weighted_num_samples)
 from neox_jax.errors import UserError
 
 # ----------------------------------------------------------------------------- reference (plain loops)
@@ -252,3 +253,28 @@ def test_preshuffled_dataset(tmp_path):
                                   rows[8:12])
     with pytest.raises(UserError, match="item 0 has 65 tokens"):
         PreshuffledDataset(str(tmp_path / "document"), seq_length=S + 1)
+
+
+def neox_shuffle_dtype(size):
+    """gpt2_dataset.py `_build_shuffle_idx`'s dtype rule, as written there."""
+    dtype_ = np.uint32
+    if size >= (np.iinfo(np.uint32).max - 1):
+        dtype_ = np.int64
+    return dtype_
+
+
+@pytest.mark.parametrize("size", [0, 1, 2 ** 31, 2 ** 32 - 3, 2 ** 32 - 2, 2 ** 32 - 1, 2 ** 32, 147164160 * 40])
+def test_shuffle_idx_dtype_switches_to_int64_where_neox_does(size):
+    """The uint32 -> int64 switch at 2**32 - 2 samples, decided without allocating 16 GB."""
+    assert shuffle_idx_dtype(size) is neox_shuffle_dtype(size)
+
+
+def test_build_shuffle_idx_takes_the_dtype_decision(monkeypatch):
+    assert build_shuffle_idx(10, np.random.RandomState(0)).dtype == np.uint32
+    seen = []
+    monkeypatch.setattr(order, "shuffle_idx_dtype", lambda n: seen.append(n) or np.int64)
+    a = build_shuffle_idx(10, np.random.RandomState(0))
+    assert seen == [10] and a.dtype == np.int64
+    b = np.arange(10, dtype=np.int64)
+    np.random.RandomState(0).shuffle(b)  # the same permutation in either dtype
+    np.testing.assert_array_equal(a, b)

@@ -173,3 +173,91 @@ def test_refuses_existing_output_and_unknown_inputs(tmp_path, neox_tokenizer_pat
         preprocess([tmp_path / "in.csv"], str(tmp_path / "o2"), neox_tokenizer_path)
     with pytest.raises(UserError, match=r"missing\.jsonl: input file not found"):
         preprocess([tmp_path / "missing.jsonl"], str(tmp_path / "o2"), neox_tokenizer_path)
+
+
+def published_bytes_doc_idx(items, doc_idx, dtype="<u2", code=8):
+    """(.bin, .idx) with an explicit doc_idx (MMapIndexedDatasetBuilder: add_item appends a size,
+    end_document appends the current item count, so a document without items repeats the last value)."""
+    itemsize = np.dtype(dtype).itemsize
+    sizes = [len(t) for t in items]
+    pointers = [sum(sizes[:k]) * itemsize for k in range(len(sizes))]
+    idx = (b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, code, len(sizes), len(doc_idx))
+           + b"".join(struct.pack("<i", s) for s in sizes) + b"".join(struct.pack("<q", q) for q in pointers)
+           + b"".join(struct.pack("<q", d) for d in doc_idx))
+    return b"".join(np.asarray(t, dtype).tobytes() for t in items), idx
+
+
+def test_document_that_tokenises_to_nothing(tmp_path):
+    """Whitespace-only text under a whitespace-splitting tokenizer encodes to no ids.  Without EOD GPT-NeoX's
+    preprocess_data.py adds no item but still ends the document (doc_idx repeats); with EOD it would crash
+    (doc_ids[-1] of an empty list) and we write the item [EOD]."""
+    from tokenizers import models, pre_tokenizers
+
+    tok = HFTokenizer(models.WordLevel(vocab={"<|endoftext|>": 0, "w1": 1, "w2": 2, "w3": 3}, unk_token="w1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "ws.json"))
+    docs = ["w1 w2", "  \n ", "w3"]
+    assert [tok.encode(d).ids for d in docs] == [[1, 2], [], [3]]
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    res = preprocess([tmp_path / "in.jsonl"], str(tmp_path / "plain"), tmp_path / "ws.json")
+    assert res.documents == 3 and res.tokens == 3 and res.stats.empty == 0
+    binary, idx = published_bytes_doc_idx([[1, 2], [3]], [0, 1, 1, 2])
+    assert (tmp_path / "plain_text_document.bin").read_bytes() == binary
+    assert (tmp_path / "plain_text_document.idx").read_bytes() == idx
+    ds = IndexedDataset(tmp_path / "plain_text_document")
+    assert len(ds) == 2 and [d.tolist() for d in ds.documents()] == [[1, 2], [], [3]]
+    preprocess([tmp_path / "in.jsonl"], str(tmp_path / "eod"), tmp_path / "ws.json", append_eod=True)
+    binary, idx = published_bytes_doc_idx([[1, 2, 0], [0], [3, 0]], [0, 1, 2, 3])
+    assert (tmp_path / "eod_text_document.bin").read_bytes() == binary
+    assert (tmp_path / "eod_text_document.idx").read_bytes() == idx
+
+
+def test_unpaired_surrogate_escapes(tmp_path, neox_tokenizer_path):
+    """JSON may escape a lone UTF-16 surrogate (\\ud800), which no UTF-8 text holds: that line is a bad line
+    (counted, or fatal with strict); a paired escape is the character it spells."""
+    lines = ['{"text": "fine"}', '{"text": "lone \\ud800 high"}', '{"text": "pair \\ud83d\\ude42 ok"}',
+             '{"text": "lone \\udc00 low"}', '"bare \\udfff string"']
+    raw = ("\n".join(lines) + "\n").encode("ascii")
+    (tmp_path / "s.jsonl").write_bytes(raw)
+    res = preprocess([tmp_path / "s.jsonl"], str(tmp_path / "s"), neox_tokenizer_path, append_eod=True)
+    assert res.documents == 2 and res.stats.bad_lines == 3
+    offset2 = len(lines[0]) + 1
+    assert res.stats.examples[0] == (f"{tmp_path / 's.jsonl'}: line 2 (offset {offset2}): text holds an unpaired "
+                                     "surrogate escape (not encodable as UTF-8)")
+    assert [e.split(": line ")[1].split(" ")[0] for e in res.stats.examples] == ["2", "4", "5"]
+    hf = HFTokenizer.from_file(str(neox_tokenizer_path))
+    binary, idx = published_bytes([hf.encode("fine").ids + [0], hf.encode("pair \U0001F642 ok").ids + [0]])
+    assert (tmp_path / "s_text_document.bin").read_bytes() == binary
+    assert (tmp_path / "s_text_document.idx").read_bytes() == idx
+    with pytest.raises(UserError, match=r"s\.jsonl: line 2 \(offset \d+\): text holds an unpaired surrogate"):
+        preprocess([tmp_path / "s.jsonl"], str(tmp_path / "t"), neox_tokenizer_path, strict=True)
+    assert not list(tmp_path.glob("t_*"))
+
+
+def test_zst_input_bytes_and_bad_line_offsets(tmp_path, documents, neox_tokenizer_path):
+    """A .jsonl.zst input (several zstd frames, as streaming writers produce) gives GPT-NeoX's bytes for its
+    documents, and a bad line inside it is reported at its offset in the uncompressed stream."""
+    docs = documents[:30]
+    good = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode("utf-8")
+    bad = b'{"text": "caf\xe9"}\n'
+    half = len(docs) // 2
+    first = "".join(json.dumps({"text": d}) + "\n" for d in docs[:half]).encode("utf-8")
+    raw = first + bad + good[len(first):]
+    z = zstandard.ZstdCompressor()
+    (tmp_path / "c.jsonl.zst").write_bytes(z.compress(raw[:1000]) + z.compress(raw[1000:]))  # two frames
+    assert main_preprocess(tmp_path / "c.jsonl.zst", tmp_path / "z", neox_tokenizer_path) == 0
+    hf = HFTokenizer.from_file(str(neox_tokenizer_path))
+    binary, idx = published_bytes([hf.encode(d).ids + [0] for d in docs])
+    assert (tmp_path / "z_text_document.bin").read_bytes() == binary
+    assert (tmp_path / "z_text_document.idx").read_bytes() == idx
+    with pytest.raises(UserError, match=rf"c\.jsonl\.zst: line {half + 1} \(offset {len(first)}\): not UTF-8 "
+                                        rf"\(invalid continuation byte at offset {len(first) + 13}\)"):
+        preprocess([tmp_path / "c.jsonl.zst"], str(tmp_path / "y"), neox_tokenizer_path, strict=True)
+
+
+def main_preprocess(src, prefix, tokenizer) -> int:
+    """`neox-jax data preprocess` from the command line (the .zst path through the CLI)."""
+    from neox_jax.cli import main
+
+    return main(["data", "preprocess", str(src), "--output-prefix", str(prefix), "--tokenizer", str(tokenizer),
+                 "--append-eod"])

@@ -90,3 +90,38 @@ def test_mixture_and_sentencepiece_vocabulary(tmp_path, text_file, lines, neox_t
     rows = packed_rows(mix, 8, num_epochs=None)  # an endless mixture stream
     first = [next(rows) for _ in range(5)]
     assert all(r.shape == (9,) for r in first)
+
+
+def test_mixture_rates_and_content(tmp_path, lines, neox_tokenizer_path):
+    """Two different Tasks mixed 1:3: every example is one task's line tokenised with EOS (the tokenizers
+    library is the reference), each task's examples come in its file order (cycling when repeated), and
+    the share of the second task is 3/4 within 5 binomial standard deviations."""
+    a_lines = [x for x in lines[:200] if x]
+    b_lines = [f"B> {x}" for x in lines[200:400] if x]
+    (tmp_path / "a.txt").write_text("\n".join(a_lines) + "\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("\n".join(b_lines) + "\n", encoding="utf-8")
+    vocab = NeoXVocabulary(neox_tokenizer_path)
+    mix = seqio.Mixture("neox_rates_mix", [(text_line_task("mix_a", tmp_path / "a.txt", vocab), 1.0),
+                                           (text_line_task("mix_b", tmp_path / "b.txt", vocab), 3.0)])
+    hf = HFTokenizer.from_file(str(neox_tokenizer_path))
+    enc = {"a": [tuple(hf.encode(x).ids + [0]) for x in a_lines], "b": [tuple(hf.encode(x).ids + [0]) for x in b_lines]}
+    assert not set(enc["a"]) & set(enc["b"])
+    N = 600
+    docs = []
+    for ids in task_documents(mix, num_epochs=None):
+        docs.append(tuple(ids.tolist()))
+        if len(docs) == N:
+            break
+    source = ["a" if d in set(enc["a"]) else "b" if d in set(enc["b"]) else None for d in docs]
+    assert None not in source  # every example is a whole line of one task, EOS appended
+    for t in ("a", "b"):
+        mine = [d for d, s in zip(docs, source) if s == t]
+        n = len(enc[t])
+        assert mine == [enc[t][i % n] for i in range(len(mine))], t  # in order, cycling
+    share = source.count("b") / N
+    sigma = (0.75 * 0.25 / N) ** 0.5
+    assert abs(share - 0.75) < 5 * sigma, share
+    # the indexed dataset written from the mixture holds the same stream of documents
+    prefix = write_indexed(mix, tmp_path / "mixed", max_examples=120)
+    ds = IndexedDataset(prefix)
+    assert [tuple(ds[i].tolist()) for i in range(len(ds))] == docs[:120]

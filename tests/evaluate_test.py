@@ -67,6 +67,59 @@ def test_scores_equal_hf_including_long_inputs(model_and_params, record_property
     assert worst <= 1e-4
 
 
+EOT = 0  # GPT-NeoX's <|endoftext|>, lm-eval's prefix token for the 20B tokenizer
+
+
+def lm_eval_windows(tokens, max_length):
+    """(model input, scored targets) of lm-eval's HFLM.loglikelihood_rolling, from lm-eval's own code:
+    utils.get_rolling_token_windows(prefix_token=EOT, context_len=1) + utils.make_disjoint_window, then
+    _loglikelihood_tokens' input rule, (context + continuation)[-(max_length + 1):][:-1], scoring the
+    last len(continuation) positions."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    out = []
+    for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+            token_list=list(tokens), prefix_token=EOT, max_seq_len=max_length, context_len=1)):
+        inp = (ctx + cont)[-(max_length + 1):][:-1]
+        out.append((inp, cont))
+    return out
+
+
+def lm_eval_logprobs(model, tokens, max_length):
+    out = []
+    for inp, cont in lm_eval_windows(tokens, max_length):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([inp])).logits.double(), -1)[0].numpy()
+        n = len(inp)
+        out += [lp[n - len(cont) + j, t] for j, t in enumerate(cont)]
+    return np.array(out)
+
+
+@pytest.mark.parametrize("n", [1, 2, W - 1, W, W + 1, 2 * W, 3 * W + 5])
+def test_windows_are_lm_evals_rolling_windows(n):
+    """A document scored as [EOT] + tokens is cut into exactly lm-eval's windows: same inputs, same scored
+    targets, in the same order (token 0 is scored after the EOT prefix, every token once)."""
+    toks = list(range(1000, 1000 + n))
+    ours = [(w.inputs, w.targets[len(w.targets) - w.keep:]) for w in rolling_windows(0, [EOT] + toks, W)]
+    assert ours == lm_eval_windows(toks, W)
+
+
+def test_scores_equal_lm_eval_rolling_loglikelihood(model_and_params, record_property):
+    """Per-token log-probs of [EOT] + document equal lm-eval's loglikelihood_rolling of the document, with
+    transformers running lm-eval's windows."""
+    model, cfg, params = model_and_params
+    rs = np.random.RandomState(5)
+    docs = [list(map(int, rs.randint(1, 300, n))) for n in (1, 7, W, W + 1, 2 * W + 3, 100)]
+    ours = score_documents(cfg, params, [[EOT] + d for d in docs], batch_size=4)
+    worst = 0.0
+    for d, lp in zip(docs, ours):
+        ref = lm_eval_logprobs(model, d, W)
+        assert len(lp) == len(d) == len(ref)
+        worst = max(worst, float(np.max(np.abs(lp - ref))))
+    record_property("measured", f"score vs lm-eval rolling windows on HF: max|dlogprob| {worst:.2e} (tolerance 1e-4)")
+    assert worst <= 1e-4
+
+
 def test_score_cli_jsonl_tokens_and_text(tmp_path, model_and_params, neox_tokenizer_path):
     model, cfg, params = model_and_params
     C.save_params(tmp_path / "ck", cfg, params)

@@ -192,3 +192,40 @@ def test_chunked_target_logprobs_equal_full_softmax():
     logits = np.asarray(M.logits_from_hidden(cfg, params, h), np.float64)[:, :384]
     ref = np.take_along_axis(logits, np.asarray(toks[:, 1:385])[..., None], -1)[..., 0] - np.log(np.exp(logits).sum(-1))
     np.testing.assert_allclose(np.asarray(chunked), ref, atol=2e-5)
+
+
+def neox_era_rotary(positions: torch.Tensor, R: int, base: float, dtype: torch.dtype):
+    """cos/sin as GPT-NeoX's RotaryEmbedding computed them after DeepSpeed's module.half() (fp16 runs) or
+    in the bf16 branch (reference 1.7, gpt-neox #1003): inv_freq buffer, positions and angles in the model
+    dtype; the bf16 branch takes cos/sin of the bf16 angles in fp32 and rounds them back to bf16."""
+    inv_freq = (1.0 / (base ** (torch.arange(0, R, 2).float() / R))).to(dtype)
+    t = positions.to(dtype)
+    freqs = torch.einsum("...i,j->...ij", t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    if dtype == torch.bfloat16:
+        emb = emb.float()
+    return emb.cos().to(dtype).float(), emb.sin().to(dtype).float()
+
+
+@pytest.mark.parametrize("rotary_dtype", ["float16", "bfloat16"])
+def test_low_precision_rotary_in_a_full_forward_pass(rotary_dtype, record_property):
+    """rotary_dtype float16/bfloat16 through the whole model (2048 positions, where the low-precision angles
+    are far off) equals transformers running the same weights with its rotary tables replaced by the
+    NeoX-era torch computation above; fp32 tables would not."""
+    model = hf_model(seed=7, hidden=64, heads=2, rotary_pct=1.0, layers=2)  # every q/k dim rotated
+    cfg, params = ours_from_hf(model, compute_dtype="float32", rotary_dtype=rotary_dtype)
+    R, base = cfg.rotary_dims, cfg.rotary_emb_base
+    ids = np.random.RandomState(8).randint(0, cfg.vocab_size, (1, 2048))
+    fp32_ref = hf_logits(model, ids)
+    rotary = model.gpt_neox.rotary_emb
+    tdt = getattr(torch, rotary_dtype)
+    rotary.forward = lambda x, position_ids: tuple(t.to(x.dtype) for t in neox_era_rotary(position_ids, R, base, tdt))
+    try:
+        ref = hf_logits(model, ids)
+    finally:
+        del rotary.forward
+    ours = _forward(cfg, params, ids)
+    scale = float(np.max(np.abs(ref)))
+    # the tables matter at this length (measured: fp16 2.6e-3, bf16 2.6e-2 of max |logit|)
+    assert float(np.max(np.abs(fp32_ref - ref))) > 10 * REL_TOL * scale
+    _check(record_property, f"rotary {rotary_dtype} forward vs torch NeoX-era tables", ours, ref)

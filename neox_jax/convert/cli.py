@@ -48,14 +48,14 @@ def register(sub) -> None:
         description="Map both checkpoints to neox-jax names and layout and print, per tensor, the relative L2 "
                     "difference, max |A-B| and whether they are identical. Exit status 0 if every tensor is "
                     "identical/equal or within --rtol, 1 if not, 2 on unreadable input.")
-    p.add_argument("a")
-    p.add_argument("b")
+    p.add_argument("a", help="first checkpoint directory (HF, GPT-NeoX or neox-jax)")
+    p.add_argument("b", help="second checkpoint directory (any of the three formats)")
     p.add_argument("--rtol", type=float, default=0.0,
                    help="relative L2 difference ||A-B||/||A|| counted as a match (default 0: exact values)")
     p.add_argument("--per-layer", action="store_true", help="also one row per layer of stacked tensors")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--neox-config-a", action="append", metavar="YML")
-    p.add_argument("--neox-config-b", action="append", metavar="YML")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--neox-config-a", action="append", metavar="YML", help="GPT-NeoX YAML for a native A (repeatable)")
+    p.add_argument("--neox-config-b", action="append", metavar="YML", help="GPT-NeoX YAML for a native B (repeatable)")
     p.set_defaults(run=_run_diff)
 
 

@@ -86,14 +86,14 @@ def _add_order(sub) -> None:
                     "Reads GPT-NeoX's cached *_indexmap_*.npy files when present.")
     p.add_argument("--data-prefix", nargs="+", required=True, metavar="P",
                    help="indexed dataset prefix(es) (P.bin + P.idx); several = NeoX train-data-paths blend")
-    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--seq-length", type=int, default=2048, help="tokens per sample, S (default 2048)")
     n = p.add_mutually_exclusive_group()
     n.add_argument("--num-samples", help="GPT2Dataset num_samples, comma-separated per prefix "
                                          "(Pythia: 147164160 = ceil(143000*1024*1.005))")
     n.add_argument("--train-iters", type=int, help="derive num_samples as GPT-NeoX does: "
                                                    "ceil(iters*batch*weight*1.005) per prefix, or "
                                                    "iters*batch with --split")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=1234, help="GPT-NeoX's data seed (default 1234, Pythia's)")
     p.add_argument("--batch", type=int, default=1024, help="global batch size (samples per step)")
     p.add_argument("--steps", required=True, help="A:B (steps A..B-1) or a single step A")
     p.add_argument("--weights", type=float, nargs="+", help="blend weights, one per prefix (default equal)")
@@ -199,9 +199,9 @@ def _add_train_tokenizer(sub) -> None:
         description="Train a tokenizer on .jsonl/.jsonl.zst/.txt inputs. OUTPUT ending in .json: byte-level "
                     "BPE built like GPT-NeoX's 20B tokenizer (<|endoftext|>=0, <|padding|>=1). OUTPUT "
                     "ending in .model: sentencepiece (eos <|endoftext|>=0, pad 1, unk 2, byte fallback).")
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=".jsonl, .jsonl.zst or .txt training text")
     p.add_argument("--output", required=True, help="OUT.json (BPE) or OUT.model (sentencepiece)")
-    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
     p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe",
                    help="sentencepiece model type (default bpe)")
     p.add_argument("--min-frequency", type=int, default=2, help="BPE: minimum pair count to merge")

@@ -10,7 +10,7 @@ use, normally `arange(len)`), sequence length S, `num_samples`, `seed`.
 3. One `np.random.RandomState(seed)` is used twice, in this order:
    `doc_idx` = `documents` repeated `num_epochs` times, as int32, then `rng.shuffle(doc_idx)` (all
    epochs shuffled together, so repeated documents interleave through the run);
-   `shuffle_idx` = `arange(n)` (uint32, int64 when n >= 2**32 - 1), then `rng.shuffle(shuffle_idx)`.
+   `shuffle_idx` = `arange(n)` (uint32, int64 when n >= 2**32 - 2), then `rng.shuffle(shuffle_idx)`.
 4. `sample_idx` (int32 [n+1, 2], n = `(num_epochs * tokens_per_epoch - 1) // S`): concatenate the
    documents in `doc_idx` order into one stream; sample j (0-based) is stream positions
    `[j*S, j*S + S]` inclusive, S+1 tokens, so consecutive samples share one boundary token.
@@ -83,9 +83,13 @@ def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, ep
     return sample_idx
 
 
+def shuffle_idx_dtype(size: int) -> type:
+    """NeoX's `_build_shuffle_idx` dtype: uint32, or int64 once size >= uint32 max - 1 (2**32 - 2)."""
+    return np.uint32 if size < np.iinfo(np.uint32).max - 1 else np.int64
+
+
 def build_shuffle_idx(size: int, rng: np.random.RandomState) -> np.ndarray:
-    dtype = np.uint32 if size < np.iinfo(np.uint32).max - 1 else np.int64
-    shuffle_idx = np.arange(size, dtype=dtype)
+    shuffle_idx = np.arange(size, dtype=shuffle_idx_dtype(size))
     rng.shuffle(shuffle_idx)
     return shuffle_idx
 
