@@ -16,6 +16,7 @@ the same RunConfig.  `configs/train/tinyshakespeare.yaml` documents every key.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,6 +29,21 @@ from ..config import from_dict as model_from_dict
 SCHEDULES = ("neox_2022", "neox_2023")
 DECAY_STYLES = ("cosine", "linear", "exponential", "constant")
 LOSS_SCALES = ("none", "dynamic", "static")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader (YAML 1.1) plus YAML 1.2's floats without a dot or exponent sign
+    (`3e-4`, `1e3`, `1.0e8`), which YAML 1.1 reads as strings: `--set optimizer.lr=3e-4` and
+    `lr: 3e-4` in a run config mean the number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 def _check_fields(obj) -> None:
@@ -271,7 +287,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             raise ConfigError(f"--set {item!r}: key must be SECTION.KEY with SECTION one of "
                               f"{['model', *SECTIONS]}")
         try:
-            value = yaml.safe_load(text)
+            value = _load_yaml(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: value is not valid YAML ({_yaml_problem(e)})") from None
         sec = raw.get(section)
@@ -286,7 +302,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = _load_yaml(p.read_text())
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config ({e.strerror})") from None
     except yaml.YAMLError as e:
