@@ -209,8 +209,11 @@ def run_config_from_neox(raw: Mapping[str, Any], *, where: str = "neox config",
     elif d.get("data_path"):
         data["path"] = str(d["data_path"])
         data["split"] = str(d.get("split", "969, 30, 1"))
-    else:
-        raise ConfigError(f"{where}: no data_path or train_data_paths")
+    elif "split" in d:
+        data["split"] = str(d["split"])
+    # neither data_path nor train_data_paths (GPT-NeoX's configs/pythia/*.yml leave them to
+    # local_setup.yml): `--set data.path=...` or `--set data.train_paths=[...]` may still give them;
+    # DataConfig refuses the run if nothing does.
 
     mesh = {"data": 1, "fsdp": -1, "tensor": int(d.get("model_parallel_size", 1) or 1)}
 
