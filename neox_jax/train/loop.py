@@ -104,7 +104,8 @@ def _mesh(run: RunConfig):
     return mesh
 
 
-def _load_init(run: RunConfig, path: str, mesh) -> Any:
+def _check_init(run: RunConfig, path: str) -> None:
+    """Refuse an --init-from checkpoint whose architecture differs (before anything is written)."""
     cfg = ckpt.read_config(path)
     diff = {k: (v, getattr(run.model, k)) for k, v in cfg.arch_dict().items() if getattr(run.model, k) != v}
     if diff:
@@ -112,6 +113,9 @@ def _load_init(run: RunConfig, path: str, mesh) -> Any:
         raise TrainingError(f"--init-from {path}: architecture differs from the run's model: {k} is {have!r} "
                             f"in the checkpoint, {want!r} in the config" +
                             (f" (and {sorted(diff)[1:]})" if len(diff) > 1 else ""))
+
+
+def _load_init(run: RunConfig, path: str, mesh) -> Any:
     _, params = ckpt.load_params(path, dtype="float32", shardings=param_shardings(run, mesh))
     log.info("initial parameters from %s", ckpt.resolve(path))
     return params
@@ -155,6 +159,8 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
     """Train `run`, writing into `run_dir`; returns a summary dict (also the last metrics line)."""
     run_dir = Path(run_dir)
     _check_backend(run)
+    if run.train.init_from:
+        _check_init(run, run.train.init_from)
     train_ds, valid_ds = build_datasets(run)
     mesh = _mesh(run)
     lead = jax.process_index() == 0

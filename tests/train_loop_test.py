@@ -1,0 +1,195 @@
+"""The training loop and `neox-jax train` on real text (tinyshakespeare, the GPT-NeoX tokenizer):
+determinism, falling loss, the run directory's contents read by independent readers, clean stops
+on SIGTERM, a non-finite loss naming its step, and one-line errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from neox_jax.data.indexed import IndexedDataset
+from neox_jax.data.preprocess import preprocess
+from neox_jax.train.config import from_sections, load_resolved
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shared, neox_tokenizer_path):
+    """The first ~300 kB of tinyshakespeare, one document per speech, EOD appended (as the demo)."""
+    d = tmp_path_factory.mktemp("corpus")
+    text = (shared / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:300_000]
+    (d / "shakes.txt").write_text(text, encoding="utf-8")
+    res = preprocess([d / "shakes.txt"], str(d / "shakes"), neox_tokenizer_path, append_eod=True,
+                     txt_mode="blank-lines")
+    return res.prefix
+
+
+def raw_config(prefix, **train):
+    return {
+        "model": {"preset": "tiny", "hidden_size": 32, "num_heads": 2, "intermediate_size": 128,
+                  "max_position_embeddings": 64},
+        "data": {"path": prefix, "split": "949,50,1", "seq_length": 64},
+        "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup": 0.1},
+        "train": {"steps": 30, "batch_size": 8, "log_every": 10, "eval_every": 15, "eval_steps": 2, **train},
+    }
+
+
+def losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+def test_thirty_steps_twice_are_identical_and_the_loss_falls(corpus, tmp_path, record_property):
+    from neox_jax.train.loop import train
+
+    run = from_sections(raw_config(corpus))
+    a = train(run, tmp_path / "a")
+    b = train(run, tmp_path / "b")
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(la) == 30 and la == lb  # bit-identical loss sequences
+    assert np.mean(la[-5:]) < np.mean(la[:5]) - 1.0, la
+    assert a["valid_loss"] == b["valid_loss"] and a["valid_loss"] < la[0] - 1.0
+    record_property("measured", f"tiny on shakespeare: loss {la[0]:.3f} -> {la[-1]:.3f}, "
+                                f"valid {a['valid_loss']:.3f}, {a['tokens_per_s']:.0f} tokens/s (CPU)")
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "neox_jax", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, **kw)
+
+
+def test_cli_run_directory(corpus, tmp_path):
+    """config.yaml round-trips, metrics.jsonl has one line per step plus validations, TensorBoard's own
+    reader sees the scalars, and the final parameters are a checkpoint `score` reads."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(raw_config(corpus, steps=6, eval_every=3, log_every=3)))
+    r = _cli("train", cfg, "--run-dir", tmp_path / "run", "--set", "optimizer.lr=2e-3")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.splitlines()[-1])
+    run_dir = tmp_path / "run"
+    resolved = load_resolved(run_dir / "config.yaml")
+    assert resolved.optimizer.lr == 2e-3 and resolved.train.steps == 6
+    assert resolved.model.hidden_size == 32 and resolved.model.num_layers == 2  # from the preset
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in recs if "loss" in x]
+    assert [x["step"] for x in steps] == list(range(6))
+    for key in ("lr", "grad_norm", "loss_scale", "skipped", "tokens_per_s", "tflops_per_device", "step_time",
+                "data_step"):
+        assert key in steps[0], key
+    assert steps[0]["lr"] == 0.0 and steps[-1]["data_step"] == 6
+    valid = [x for x in recs if "valid_loss" in x]
+    assert [x["step"] for x in valid] == [3, 6] and valid[-1]["valid_loss"] == summary["valid_loss"]
+
+    import tensorflow as tf  # TensorFlow's own event-file reader
+
+    scalars = {}
+    for f in (run_dir / "tensorboard").iterdir():
+        for ev in tf.compat.v1.train.summary_iterator(str(f)):
+            for v in ev.summary.value:
+                scalars.setdefault(v.tag, []).append((ev.step, v.simple_value))
+    assert [s for s, _ in scalars["train/loss"]] == [2, 5]
+    assert scalars["train/loss"][-1][1] == pytest.approx(steps[5]["loss"], rel=1e-6)
+    assert scalars["valid/valid_loss"][-1][1] == pytest.approx(summary["valid_loss"], rel=1e-6)
+
+    ck = run_dir / "checkpoints" / "6"
+    assert summary["checkpoint"] == str(ck)
+    # the run's own data, scored from the checkpoint: perplexity near exp(validation loss)
+    toks = IndexedDataset(corpus)[5].tolist()
+    (tmp_path / "doc.jsonl").write_text(json.dumps({"tokens": toks}) + "\n")
+    s = _cli("score", ck, "--input", tmp_path / "doc.jsonl")
+    assert s.returncode == 0, s.stderr
+    assert json.loads(s.stdout)["summary"]["tokens_scored"] == len(toks) - 1
+
+
+def test_sigterm_stops_cleanly(corpus, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(raw_config(corpus, steps=100000, eval_every=0, eval_steps=0)))
+    proc = subprocess.Popen([sys.executable, "-m", "neox_jax", "train", str(cfg), "--run-dir", str(tmp_path / "r")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    summary = json.loads(out.splitlines()[-1])
+    assert summary["stopped_by"] == "SIGTERM" and 2 <= summary["steps"] < 100000
+    assert len(losses(tmp_path / "r")) == summary["steps"]
+    assert (tmp_path / "r" / "checkpoints" / str(summary["steps"]) / "neox_jax.json").exists()
+
+
+def test_non_finite_loss_stops_naming_the_step(corpus, tmp_path):
+    """Start from a checkpoint whose head is NaN: the first step's loss is NaN; without loss scaling
+    the run stops at step 0 with one line, exit 2."""
+    import jax
+    import jax.numpy as jnp
+
+    from neox_jax import model as M
+    from neox_jax.checkpoint import save_params
+    from neox_jax.config import from_dict
+
+    raw = raw_config(corpus, steps=5)
+    cfg = from_dict({**yaml.safe_load(open(ROOT / "configs" / "tiny.yaml"))["model"], **{
+        k: v for k, v in raw["model"].items() if k != "preset"}})
+    params = M.init_params(cfg, 0)
+    params["embed_out"]["kernel"] = params["embed_out"]["kernel"].at[0, 0].set(jnp.nan)
+    save_params(tmp_path / "nan", cfg, jax.device_get(params))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    r = _cli("train", tmp_path / "run.yaml", "--run-dir", tmp_path / "r", "--init-from", tmp_path / "nan")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert lines[-1].startswith("neox-jax: error: step 0: loss nan"), lines[-1]
+
+
+@pytest.mark.parametrize("case", ["exists", "cudnn", "arch", "bad-set", "unknown-key", "no-data", "batch"])
+def test_errors_are_one_line(case, corpus, tmp_path):
+    raw = raw_config(corpus, steps=2)
+    args = []
+    expect = ""
+    if case == "exists":
+        (tmp_path / "r").mkdir()
+        (tmp_path / "r" / "config.yaml").write_text("x: 1\n")
+        expect = "run directory exists"
+    elif case == "cudnn":
+        raw["model"]["attention"] = "cudnn"
+        expect = "cudnn, which needs an NVIDIA GPU"
+    elif case == "arch":
+        from neox_jax.checkpoint import save_params
+        from neox_jax.config import load_config
+        from neox_jax.model import init_params
+
+        other = load_config("tiny")
+        save_params(tmp_path / "other", other, init_params(other, 0))
+        args = ["--init-from", tmp_path / "other"]
+        expect = "architecture differs from the run's model: hidden_size is 64"
+    elif case == "bad-set":
+        args = ["--set", "train.nosuch=1"]
+        expect = "train.nosuch"
+    elif case == "unknown-key":
+        raw["optimizer"]["learning_rate"] = 1.0
+        expect = "optimizer.learning_rate"
+    elif case == "no-data":
+        raw["data"]["path"] = str(tmp_path / "missing")
+        expect = "missing"
+    elif case == "batch":
+        raw["train"]["batch_size"] = 6
+        raw["train"]["grad_accum"] = 4
+        expect = "not divisible by train.grad_accum"
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = _cli("train", tmp_path / "run.yaml", "--run-dir", tmp_path / "r", *args)
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("neox-jax: error:")]
+    assert r.returncode == 2 and len(err) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert expect in err[0], err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing new written
