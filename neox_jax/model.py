@@ -417,8 +417,11 @@ def target_logits_lse(
     chunk: int = 256,
 ) -> tuple[Float[Array, "B S"], Float[Array, "B S"]]:
     """(logits[target], logsumexp(logits)) from final hidden states, `chunk` positions at a time, so
-    the float32 [B, S, V] logits never exist whole (V = 50k makes them the largest activation)."""
+    the float32 [B, S, V] logits never exist whole (V = 50k makes them the largest activation).
+    Each chunk is rematerialised in the backward pass (`jax.checkpoint`): without it, the scan would
+    keep every chunk's logits for the gradient, i.e. the whole [B, S, V] again."""
 
+    @jax.checkpoint
     def one(args):
         hh, tt = args
         logits = logits_from_hidden(cfg, params, hh)

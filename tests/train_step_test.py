@@ -232,3 +232,19 @@ def test_overflowing_fp16_step_is_skipped():
     assert float(after.loss_scale.scale) == 2.0 ** 126
     for a, b in zip(jax.tree.leaves((after.params, after.opt_state)), jax.tree.leaves((before.params, before.opt_state))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_training_never_holds_the_whole_logits(record_property):
+    """Gradient of the loss at S 2048, V 50304: the compiled temporary memory stays below the size of
+    the float32 [B, S, V] logits, because each 256-position chunk is recomputed in the backward pass
+    (without the rematerialisation it measured 1.2 GB against 786 MB of logits)."""
+    run = from_sections({"model": {"preset": "tiny", "max_position_embeddings": 2048, "num_heads": 1},
+                         "data": {"path": "unused", "seq_length": 2048}, "train": {"steps": 1, "batch_size": 2}})
+    mesh = mesh_of((1, 1, 1))
+    f = T.loss_and_grads(run, mesh, S.param_shardings(run, mesh))
+    with jax.set_mesh(mesh):
+        ab = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), M.abstract_params(run.model))
+        mem = f.lower(ab, {"tokens": jax.ShapeDtypeStruct((2, 2049), np.int32)}).compile().memory_analysis()
+    logits = 2 * 2048 * run.model.vocab_size * 4
+    record_property("measured", f"S 2048 B 2: temp {mem.temp_size_in_bytes / 2**20:.0f} MiB vs logits {logits / 2**20:.0f} MiB")
+    assert mem.temp_size_in_bytes < 0.75 * logits

@@ -64,6 +64,7 @@ def _vocab_parallel_logits_lse(cfg, params, h, targets, mesh: Mesh, chunk: int):
         V_local = w.shape[0] if tied else w.shape[1]
         lo = jax.lax.axis_index("tensor") * V_local
 
+        @jax.checkpoint  # recompute each chunk's logits in the backward pass (see M.target_logits_lse)
         def one(args):
             hh, tt = args
             eq = "bsd,vd->bsv" if tied else "bsd,dv->bsv"
