@@ -54,14 +54,16 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a run directory whose newest numbered step is one."""
+    """A checkpoint directory, or a directory whose newest numbered step is one (a training run
+    directory keeps its steps under `checkpoints/`)."""
     p = Path(path)
     if is_checkpoint(p):
         return p
-    if p.is_dir():
-        steps = sorted((int(c.name), c) for c in p.iterdir() if c.name.isdigit() and is_checkpoint(c))
-        if steps:
-            return steps[-1][1]
+    for d in (p, p / "checkpoints"):
+        if d.is_dir():
+            steps = sorted((int(c.name), c) for c in d.iterdir() if c.name.isdigit() and is_checkpoint(c))
+            if steps:
+                return steps[-1][1]
     raise CheckpointError(f"{p}: not a neox-jax checkpoint (no {MARKER})")
 
 
