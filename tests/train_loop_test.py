@@ -193,3 +193,41 @@ def test_errors_are_one_line(case, corpus, tmp_path):
     assert r.returncode == 2 and len(err) == 1 and "Traceback" not in r.stderr, r.stderr
     assert expect in err[0], err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing new written
+
+
+def test_gpt_neox_yaml_trains(corpus, tmp_path):
+    """A GPT-NeoX config in its own JSON-style YAML (dashed keys, comments, True, trailing commas),
+    split over two files as GPT-NeoX users keep them, trains with `neox-jax train` on the
+    train-data-paths route; the resolved config says what it mapped."""
+    (tmp_path / "model.yml").write_text("""{
+  # a tiny GPT-NeoX
+  "pipe-parallel-size": 1, "model-parallel-size": 1,
+  "num-layers": 2, "hidden-size": 32, "num-attention-heads": 2, "seq-length": 64,
+  "max-position-embeddings": 64, "pos-emb": "rotary", "rotary-pct": 0.25, "no-weight-tying": true,
+  "gpt-j-residual": true, "output-layer-parallelism": "column", "attention-config": [[["flash"], 2]],
+  "scaled-upper-triang-masked-softmax-fusion": true, "bias-gelu-fusion": true,
+  "init_method": "small_init", "output_layer_init_method": "wang_init",
+  "optimizer": {"type": "Adam", "params": {"lr": 0.003, "betas": [0.9, 0.95], "eps": 1.0e-8,}},
+  "min_lr": 0.0003,
+  "zero_optimization": {"stage": 1, "overlap_comm": True,},
+  "train_micro_batch_size_per_gpu": 2, "gas": 2,
+  "checkpoint-activations": true, "checkpoint-num-layers": 1, "partition-activations": true,
+  "gradient_clipping": 1.0, "weight-decay": 0.1, "hidden-dropout": 0, "attention-dropout": 0,
+  "train-iters": 4, "lr-decay-iters": 4, "lr-decay-style": "cosine", "warmup": 0.25,
+  "eval-interval": 2, "eval-iters": 1, "log-interval": 2, "distributed-backend": "nccl",
+}""")
+    (tmp_path / "local_setup.yml").write_text(f"""{{
+  "train-data-paths": ["{corpus}"], "valid-data-paths": ["{corpus}"],
+  "tokenizer-type": "HFTokenizer", "vocab-file": "20B_tokenizer.json",
+}}""")
+    r = _cli("train", tmp_path / "model.yml", tmp_path / "local_setup.yml", "--run-dir", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    assert "not applicable" in r.stderr and "zero_optimization" in r.stderr
+    run = load_resolved(tmp_path / "r" / "config.yaml")
+    # batch = micro 2 x gas 2 x the data-parallel devices (the child sees the same devices as we do)
+    import jax
+
+    assert run.train.batch_size == 2 * 2 * jax.device_count()
+    assert run.train.grad_accum == 2 and run.model.remat == "full" and run.data.train_paths == (corpus,)
+    assert run.optimizer.lr == 0.003 and run.optimizer.schedule == "neox_2022"
+    assert len(losses(tmp_path / "r")) == 4

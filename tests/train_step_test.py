@@ -248,3 +248,27 @@ def test_training_never_holds_the_whole_logits(record_property):
     logits = 2 * 2048 * run.model.vocab_size * 4
     record_property("measured", f"S 2048 B 2: temp {mem.temp_size_in_bytes / 2**20:.0f} MiB vs logits {logits / 2**20:.0f} MiB")
     assert mem.temp_size_in_bytes < 0.75 * logits
+
+
+def test_per_document_attention_in_the_loss():
+    """With segment ids (data.segment_ids), each document in a packed row is scored as if it were
+    alone: the per-position log-probabilities inside every document equal a run on that document by
+    itself (rotary attention depends only on relative positions, so no position reset is needed)."""
+    run = run_config()
+    params = M.init_params(run.model, 2)
+    rs = np.random.RandomState(4)
+    docs = [rs.randint(1, V, n).astype(np.int32) for n in (11, 7, 14)]
+    row = np.concatenate([np.append(d, 0) for d in docs])  # each document closed by EOD (id 0)
+    from neox_jax.data.loader import segment_ids_from_eod
+
+    seg = segment_ids_from_eod(row, 0)
+    tgt, lse = jax.jit(lambda p, a, b, s: T.token_scores(run, p, a, b, s))(
+        params, row[None, :-1], row[None, 1:], seg[None, :-1])
+    packed = np.asarray(tgt - lse)[0]
+    start = 0
+    for d in docs:
+        alone = np.append(d, 0)
+        t, l = jax.jit(lambda p, a, b: T.token_scores(run, p, a, b))(params, alone[None, :-1], alone[None, 1:])
+        n = len(alone) - 1  # predictions inside the document (its last target is its EOD)
+        np.testing.assert_allclose(packed[start:start + n], np.asarray(t - l)[0], rtol=1e-5, atol=1e-5)
+        start += len(alone)
