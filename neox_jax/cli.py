@@ -155,9 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score(sub)
     from .convert import cli as convert_cli
     from .data import cli as data_cli
+    from . import generate_cli
 
     convert_cli.register(sub)
     data_cli.register(sub)
+    generate_cli.register(sub)
     return parser
 
 
