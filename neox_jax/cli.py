@@ -156,10 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .convert import cli as convert_cli
     from .data import cli as data_cli
     from . import generate_cli
+    from .eval import cli as eval_cli
 
     convert_cli.register(sub)
     data_cli.register(sub)
     generate_cli.register(sub)
+    eval_cli.register(sub)
     return parser
 
 

@@ -342,7 +342,7 @@ class Generator:
         stream = self._stream if on_token is not None else None
         self._on_token, self._stream_rows = on_token, list(ids)
         args = [jnp.asarray(a) for a in (tokens, mask, active, row_ids)]
-        with _maybe_mesh(self.mesh):
+        with mesh_context(self.mesh):
             state = prefill(self.cfg, sampling, self.params, *args, key, jnp.asarray(stop_ids), max_new=max_new,
                             keep_logits=keep_logits, stream=stream)
             step = 1
@@ -407,7 +407,9 @@ class Generator:
                 self._on_token(int(i), int(tok[r]))
 
 
-class _maybe_mesh:
+class mesh_context:
+    """`with mesh_context(mesh):` is `jax.set_mesh(mesh)`, or nothing when mesh is None."""
+
     def __init__(self, mesh):
         self.mesh = mesh
         self.ctx = None
