@@ -7,8 +7,8 @@ ms/step (one new token for every row of the batch; ms/token at batch 1).  Ours i
 (`generate.prefill`, then one `generate.decode` call for the remaining steps), after a warm-up
 call that compiles; HF's decode time is `generate()` minus a timed prompt forward.
 
-    python bench/decode_throughput.py                     # CPU: pythia-70m shapes, batch 1 and 32
-    python bench/decode_throughput.py --gpu               # GPU: pythia-1.4b shapes (HF with SDPA)
+    python bench/decode_throughput.py                     # CPU: pythia-70m shapes, fp32, batch 1 and 32
+    python bench/decode_throughput.py --gpu               # GPU: pythia-1.4b shapes, bf16 (HF with SDPA)
     python bench/decode_throughput.py --preset pythia-410m --batches 1,8 --dtype float32 --timeout 600
 
 Everything runs under --timeout seconds (default 1800); past it the script stops with exit status
@@ -115,7 +115,8 @@ def main():
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
-    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"],
+                    help="default: bfloat16 with --gpu, float32 on CPU (where bf16 matmuls are emulated and slow)")
     ap.add_argument("--repeats", type=int, default=1, help="timed repetitions (median)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers column")
     ap.add_argument("--timeout", type=int, default=1800)
@@ -133,6 +134,7 @@ def main():
     if not args.gpu and backend == "gpu":
         print("note: a GPU is present; --gpu selects the pythia-1.4b shapes")
     preset = args.preset or ("pythia-1.4b" if args.gpu else "pythia-70m")
+    args.dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
     cfg = load_config(preset).replace(param_dtype=args.dtype, compute_dtype=args.dtype)
     params = M.init_params(cfg, 0)
     n_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
@@ -156,7 +158,7 @@ def main():
             print(row + f"{'-':>16} {'-':>18} | {'-':>8} | -", flush=True)
             continue
         hpre, hstep, htoks = hf(cfg, params, tokens, args.new, args.repeats, args.dtype, device)
-        # bf16 rounding differs between the two libraries, so greedy paths may part after a while
+        # random weights give nearly flat logits, so the two libraries' rounding can part greedy paths
         same = np.mean(np.all(toks[:, :16] == htoks[:, :16], axis=1))
         print(row + f"{B * args.prompt / hpre:>16,.0f} {hstep * 1e3:>18.2f} | {hstep / step:>7.1f}x | "
                     f"{same:.0%} of rows agree on 16 tokens", flush=True)

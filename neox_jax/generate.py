@@ -312,6 +312,7 @@ class Generator:
         if stop_strings and self.tokenizer is None:
             raise UserError("stop strings need a tokenizer")
         _check_prompts(self.cfg, prompts, max_new_tokens)
+        batch_size = min(batch_size, len(prompts))  # no idle rows for a lone prompt
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         out: list[Completion | None] = [None] * len(prompts)
         from tqdm import tqdm

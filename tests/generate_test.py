@@ -71,10 +71,10 @@ def test_greedy_equals_hf_generate(hf_and_ours, record_property):
 
 def test_stop_token_matches_hf_eos(hf_and_ours):
     model, cfg, params = hf_and_ours
-    prompts = _prompts(cfg.vocab_size, (9, 3, 20))
+    prompts = _prompts(cfg.vocab_size, (9, 3, 20, 1, 6, 25))
     alone, _ = hf_greedy(model, prompts, MAX_NEW)
     # a token that some completion first produces at a step j >= 1 becomes the stop token
-    row, j = next((r, j) for r in range(3) for j in range(1, MAX_NEW) if alone[r][j] not in alone[r][:j])
+    row, j = next((r, j) for r in range(len(prompts)) for j in range(1, MAX_NEW) if alone[r][j] not in alone[r][:j])
     eos = alone[row][j]
     ref, _ = hf_greedy(model, prompts, MAX_NEW, eos=eos)
     ours = generate(cfg, params, prompts, max_new_tokens=MAX_NEW, stop_tokens=[eos], batch_size=B)
@@ -97,7 +97,7 @@ def test_cached_logits_equal_full_forward(rotary_dtype, base, record_property):
     """Every step's logits from the cache equal forward() over prompt + generated tokens."""
     cfg, params = base
     cfg = cfg.replace(rotary_dtype=rotary_dtype)
-    prompts = _prompts(cfg.vocab_size, (3, 17, 8, 30), seed=1)
+    prompts = _prompts(cfg.vocab_size, (3, 17, 8, 30, 1, 12), seed=1)
     res = generate(cfg, params, prompts, max_new_tokens=MAX_NEW, batch_size=B, keep_logits=True,
                    sampling=Sampling(temperature=1.0), seed=3)
     fwd = jax.jit(lambda p, t: M.forward(cfg, p, t))
@@ -133,7 +133,7 @@ def test_sampling_reproducible_batch_independent_and_filtered(base):
     """A seed fixes the completions (whatever the batching); every drawn token lies in the top-k /
     top-p set of that step's logits; another seed gives other completions."""
     cfg, params = base
-    prompts = _prompts(cfg.vocab_size, (4, 9, 2, 14, 6))
+    prompts = _prompts(cfg.vocab_size, (4, 9, 2, 14, 6, 20))
     sampling = Sampling(temperature=3.0, top_k=8, top_p=0.5)
     kw = dict(max_new_tokens=MAX_NEW, sampling=sampling, keep_logits=True)
     a = generate(cfg, params, prompts, seed=7, batch_size=B, **kw)
@@ -183,7 +183,7 @@ def test_padded_vocabulary_never_chosen(base):
     kernel = np.array(params["embed_out"]["kernel"])
     kernel[:, real:] = 50.0 * np.sign(kernel[:, real:])  # padded ids would win almost every step
     params = {**params, "embed_out": {"kernel": jnp.asarray(kernel)}}
-    prompts = _prompts(real, (3, 8))
+    prompts = _prompts(real, (3, 8, 17, 1, 4, 9))
     last = M.forward(cfg, params, jnp.asarray([prompts[0]]))[0, -1]
     assert int(jnp.argmax(last)) >= real  # the setup has teeth: a padded id is the most likely token
     for sampling in (Sampling(), Sampling(temperature=5.0)):
@@ -197,13 +197,13 @@ def test_stop_strings_and_streaming(base, neox_tokenizer_path):
 
     tok = load_tokenizer(neox_tokenizer_path)
     cfg, params = base
-    prompts = _prompts(cfg.vocab_size, (5, 9))
+    prompts = _prompts(cfg.vocab_size, (5, 9, 20, 2, 3, 4))
     gen = Generator(cfg, params, tokenizer=tok)
     full = gen.generate(prompts, max_new_tokens=24, batch_size=B)
     text = full[0].text
     assert text == tok.decode(full[0].completion_tokens)
     stop = text[len(text) // 2 : len(text) // 2 + 2]
-    streamed: dict[int, list[int]] = {0: [], 1: []}
+    streamed: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
     cut = gen.generate(prompts, max_new_tokens=24, stop_strings=[stop], chunk=4, batch_size=B,
                        on_token=lambda i, t: streamed[i].append(t))
     assert cut[0].stop_reason == "stop_string"
@@ -212,7 +212,7 @@ def test_stop_strings_and_streaming(base, neox_tokenizer_path):
     assert toks == full[0].completion_tokens[: len(toks)]
     assert stop in tok.decode(toks) and stop not in tok.decode(toks[:-1])
     # streaming saw each token of the (uncut) run as it was produced, in order; rows stop early
-    for i in (0, 1):
+    for i in range(len(prompts)):
         assert streamed[i] == full[i].completion_tokens[: len(streamed[i])]
         assert len(streamed[i]) >= len(cut[i].completion_tokens)
 
@@ -267,3 +267,12 @@ def test_sharded_decode_equals_single_device(tensor, eight_head_model, record_pr
         worst = max(worst, float(np.max(np.abs(a.logits - b.logits)) / np.max(np.abs(b.logits))))
     record_property("measured", f"tensor={tensor} vs 1 device: tokens equal, max|dlogit|/max|logit| {worst:.1e}")
     assert worst <= 1e-5
+    if tensor == 4:  # the lm-eval backend's scoring runs on the same decode-sharded parameters
+        from neox_jax.evaluate import score_continuations
+
+        reqs = [(p[:-2], p[-2:]) for p in prompts]
+        with jax.set_mesh(mesh):
+            a = score_continuations(cfg, sharded, reqs, batch_size=4)
+        b = score_continuations(cfg, params, reqs, batch_size=4)
+        assert [g for _, g in a] == [g for _, g in b]
+        np.testing.assert_allclose([x for x, _ in a], [x for x, _ in b], rtol=1e-5)
