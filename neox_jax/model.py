@@ -308,10 +308,11 @@ def attention(
 ):
     """Self-attention over the S new positions; returns [B, S, D].
 
-    With `past = (k_past, v_past, past_mask)` (k/v [B, T, N, H] already rotated, past_mask [B, T]
-    true for filled cache slots) the queries also attend to those cached keys, `mask` [B, 1, S, S]
-    covers the new positions among themselves, and the result is `(out, (k, v))` with the new
-    positions' rotated keys and values for the caller to store (generate.py's KV cache)."""
+    With `past = (k_past, v_past, past_mask)` (k/v [B, N, T, H] already rotated, heads before
+    positions so each head's keys are one contiguous matrix; past_mask [B, T] true for filled cache
+    slots) the queries also attend to those cached keys, `mask` [B, 1, S, S] covers the new
+    positions among themselves, and the result is `(out, (k, v))` with the new positions' rotated
+    keys and values [B, S, N, H] for the caller to store (generate.py's KV cache)."""
     dtype, precision = _numerics(cfg)
     qkv = jnp.einsum("bsd,dknh->bsknh", x, p["qkv"]["kernel"].astype(dtype), precision=precision)
     qkv = qkv + p["qkv"]["bias"].astype(dtype)
@@ -336,14 +337,14 @@ def _dot_attention_with_past(q, k, v, mask, past, precision):
     every step): two score blocks, one float32 softmax over both, two weighted sums."""
     k_past, v_past, past_mask = past
     H = q.shape[-1]
-    s_past = jnp.einsum("bsnh,btnh->bnst", q, k_past.astype(q.dtype), preferred_element_type=jnp.float32,
+    s_past = jnp.einsum("bsnh,bnth->bnst", q, k_past.astype(q.dtype), preferred_element_type=jnp.float32,
                         precision=precision)
     s_new = jnp.einsum("bsnh,btnh->bnst", q, k, preferred_element_type=jnp.float32, precision=precision)
-    T, scale, neg = k_past.shape[1], 1.0 / math.sqrt(H), jnp.finfo(jnp.float32).min
+    T, scale, neg = k_past.shape[2], 1.0 / math.sqrt(H), jnp.finfo(jnp.float32).min
     scores = jnp.concatenate([jnp.where(past_mask[:, None, None, :], s_past * scale, neg),
                               jnp.where(mask, s_new * scale, neg)], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return (jnp.einsum("bnst,btnh->bsnh", probs[..., :T], v_past.astype(v.dtype), precision=precision)
+    return (jnp.einsum("bnst,bnth->bsnh", probs[..., :T], v_past.astype(v.dtype), precision=precision)
             + jnp.einsum("bnst,btnh->bsnh", probs[..., T:], v, precision=precision))
 
 
