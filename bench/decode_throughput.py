@@ -58,7 +58,7 @@ def ours(cfg, params, tokens, new, repeats):
     def run_decode(state):
         return decode(cfg, greedy, params, state, rows, key, stop, jnp.int32(new))
 
-    run_decode(run_prefill())  # compile both
+    jax.block_until_ready(run_decode(run_prefill()))  # compile both (and finish before timing)
     t_pre, t_dec = [], []
     for _ in range(repeats):
         state, tp = _timed(run_prefill)
