@@ -155,11 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score(sub)
     from .convert import cli as convert_cli
     from .data import cli as data_cli
+    from . import generate_cli
+    from .eval import cli as eval_cli
     from .train import cli as train_cli
 
     train_cli.register(sub)
     convert_cli.register(sub)
     data_cli.register(sub)
+    generate_cli.register(sub)
+    eval_cli.register(sub)
     return parser
 
 

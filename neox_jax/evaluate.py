@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
-from .model import hidden_states, target_logprobs
+from .errors import UserError
+from .model import hidden_states, logits_from_hidden, target_logprobs
 
 
 @dataclasses.dataclass
@@ -64,6 +65,77 @@ def make_scorer(cfg: ModelConfig):
     return score
 
 
+def make_greedy_scorer(cfg: ModelConfig, chunk: int = 256):
+    """(log p(target), target == argmax) per position, `chunk` positions of logits at a time."""
+
+    def one(params, h, t):
+        logits = logits_from_hidden(cfg, params, h)
+        lp = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+        return lp, jnp.argmax(logits, axis=-1) == t
+
+    @jax.jit
+    def score(params, inputs, targets):
+        h = hidden_states(cfg, params, inputs)
+        B, S, D = h.shape
+        if S <= chunk or S % chunk:
+            return one(params, h, targets)
+        hc = h.reshape(B, S // chunk, chunk, D).swapaxes(0, 1)
+        tc = targets.reshape(B, S // chunk, chunk).swapaxes(0, 1)
+        lp, g = jax.lax.map(lambda a: one(params, *a), (hc, tc))
+        return lp.swapaxes(0, 1).reshape(B, S), g.swapaxes(0, 1).reshape(B, S)
+
+    return score
+
+
+def score_continuations(
+    cfg: ModelConfig,
+    params,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batch_size: int = 8,
+    window: int | None = None,
+    progress: bool = False,
+) -> list[tuple[float, bool]]:
+    """lm-eval `loglikelihood` on token ids: for each (context, continuation), the summed
+    log-probability of the continuation and whether every continuation token is the argmax.
+
+    As lm-eval's HF backend: the input is `(context + continuation)[-(W+1):][:-1]` (left-truncated
+    to the window W), the last len(continuation) positions are scored, requests run longest first
+    in batches of `batch_size` (right-padded to a bucket length; padding is causal-masked away)."""
+    W = window or cfg.max_position_embeddings
+    rows = []
+    for i, (ctx, cont) in enumerate(requests):
+        if not ctx or not cont:
+            raise UserError(f"request {i}: context and continuation must both be non-empty token lists")
+        if len(cont) > W:
+            raise UserError(f"request {i}: continuation of {len(cont)} tokens is longer than the window {W}")
+        whole = [int(t) for t in ctx] + [int(t) for t in cont]
+        bad = [t for t in whole if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise UserError(f"request {i}: token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+        whole = whole[-(W + 1):]
+        rows.append((whole[:-1], whole[1:], len(cont)))
+    order = sorted(range(len(rows)), key=lambda j: -len(rows[j][0]))
+    scorer = make_greedy_scorer(cfg)
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    bar = _progress(len(rows), progress, "loglikelihood")
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        L = _bucket(len(rows[idx[0]][0]), W)
+        inp = np.zeros((batch_size, L), np.int32)
+        tgt = np.zeros((batch_size, L), np.int32)
+        for r, j in enumerate(idx):
+            inp[r, : len(rows[j][0])] = rows[j][0]
+            tgt[r, : len(rows[j][1])] = rows[j][1]
+        lp, greedy = (np.asarray(x) for x in scorer(params, jnp.asarray(inp), jnp.asarray(tgt)))
+        for r, j in enumerate(idx):
+            n, k = len(rows[j][0]), rows[j][2]
+            out[j] = (float(np.sum(lp[r, n - k : n], dtype=np.float64)), bool(np.all(greedy[r, n - k : n])))
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
 def score_documents(
     cfg: ModelConfig,
     params,
@@ -78,8 +150,6 @@ def score_documents(
     for i, d in enumerate(docs):
         bad = [t for t in d if not 0 <= int(t) < cfg.vocab_size]
         if bad:
-            from .errors import UserError
-
             raise UserError(f"document {i}: token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
     windows = [w for i, d in enumerate(docs) for w in rolling_windows(i, d, W)]
     out = [np.zeros(max(len(d) - 1, 0), np.float32) for d in docs]

@@ -278,7 +278,15 @@ def attention(
     sin: Float[Array, "B S R"],
     mask: Bool[Array, "B 1 S T"],
     causal_only: bool,
-) -> Float[Array, "B S D"]:
+    past: tuple | None = None,
+):
+    """Self-attention over the S new positions; returns [B, S, D].
+
+    With `past = (k_past, v_past, past_mask)` (k/v [B, N, T, H] already rotated, heads before
+    positions so each head's keys are one contiguous matrix; past_mask [B, T] true for filled cache
+    slots) the queries also attend to those cached keys, `mask` [B, 1, S, S] covers the new
+    positions among themselves, and the result is `(out, (k, v))` with the new positions' rotated
+    keys and values [B, S, N, H] for the caller to store (generate.py's KV cache)."""
     dtype, precision = _numerics(cfg)
     qkv = jnp.einsum("bsd,dknh->bsknh", x, p["qkv"]["kernel"].astype(dtype), precision=precision)
     qkv = qkv + p["qkv"]["bias"].astype(dtype)
@@ -286,13 +294,32 @@ def attention(
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = constrain(apply_rotary(q, cos, sin), ("batch", "seq", "act_heads", None))
     k = constrain(apply_rotary(k, cos, sin), ("batch", "seq", "act_heads", None))
-    if cfg.attention == "cudnn":
+    if past is not None:
+        ctx = _dot_attention_with_past(q, k, v, mask, past, precision)
+    elif cfg.attention == "cudnn":
         ctx = _dot_attention_cudnn(q, k, v, mask, causal_only)
     else:
         ctx = _dot_attention_xla(q, k, v, mask, precision)
     out = jnp.einsum("bsnh,nhd->bsd", ctx, p["out"]["kernel"].astype(dtype), precision=precision)
     out = out + p["out"]["bias"].astype(dtype)
-    return checkpoint_name(out, "attn_out")
+    out = checkpoint_name(out, "attn_out")
+    return out if past is None else (out, (k, v))
+
+
+def _dot_attention_with_past(q, k, v, mask, past, precision):
+    """Softmax over [cached keys, new keys] without concatenating the cache (which would copy it
+    every step): two score blocks, one float32 softmax over both, two weighted sums."""
+    k_past, v_past, past_mask = past
+    H = q.shape[-1]
+    s_past = jnp.einsum("bsnh,bnth->bnst", q, k_past.astype(q.dtype), preferred_element_type=jnp.float32,
+                        precision=precision)
+    s_new = jnp.einsum("bsnh,btnh->bnst", q, k, preferred_element_type=jnp.float32, precision=precision)
+    T, scale, neg = k_past.shape[2], 1.0 / math.sqrt(H), jnp.finfo(jnp.float32).min
+    scores = jnp.concatenate([jnp.where(past_mask[:, None, None, :], s_past * scale, neg),
+                              jnp.where(mask, s_new * scale, neg)], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return (jnp.einsum("bnst,bnth->bsnh", probs[..., :T], v_past.astype(v.dtype), precision=precision)
+            + jnp.einsum("bnst,btnh->bsnh", probs[..., T:], v, precision=precision))
 
 
 def mlp(cfg: ModelConfig, p: Params, x: Float[Array, "B S D"]) -> Float[Array, "B S D"]:
@@ -306,18 +333,24 @@ def mlp(cfg: ModelConfig, p: Params, x: Float[Array, "B S D"]) -> Float[Array, "
     return checkpoint_name(out, "mlp_out")
 
 
-def block(cfg: ModelConfig, p: Params, x: Float[Array, "B S D"], cos, sin, mask, causal_only: bool):
-    """One GPT-NeoX layer: parallel `x + attn(ln1(x)) + mlp(ln2(x))` or the sequential form."""
+def block(cfg: ModelConfig, p: Params, x: Float[Array, "B S D"], cos, sin, mask, causal_only: bool,
+          past: tuple | None = None):
+    """One GPT-NeoX layer: parallel `x + attn(ln1(x)) + mlp(ln2(x))` or the sequential form.
+
+    With `past` (see `attention`) returns `(x, (k, v))`, the new positions' keys and values."""
     dtype, _ = _numerics(cfg)
     eps = cfg.layer_norm_eps
-    a = attention(cfg, p["attn"], layer_norm(x, p["ln_attn"], eps, dtype), cos, sin, mask, causal_only)
+    a = attention(cfg, p["attn"], layer_norm(x, p["ln_attn"], eps, dtype), cos, sin, mask, causal_only, past)
+    if past is not None:
+        a, kv = a
     if cfg.use_parallel_residual:
         m = mlp(cfg, p["mlp"], layer_norm(x, p["ln_mlp"], eps, dtype))
         x = x + (a + m)  # one sum, so tensor parallelism needs one reduction per layer
     else:
         x = x + a
         x = x + mlp(cfg, p["mlp"], layer_norm(x, p["ln_mlp"], eps, dtype))
-    return constrain(x, ("batch", "seq", "act_embed"))
+    x = constrain(x, ("batch", "seq", "act_embed"))
+    return x if past is None else (x, kv)
 
 
 def _numerics(cfg: ModelConfig):

@@ -45,6 +45,16 @@ RULES: dict[str, Any] = {
     "act_vocab": "tensor",
 }
 
+# Decoding (generate.py): tensor parallelism only.  One token per step reads every weight once, so
+# FSDP would all-gather the whole model every token; here weights stay split over `tensor` (heads,
+# MLP columns, vocabulary) and are never gathered, the KV cache is split by heads, and the batch
+# goes over `data`.  A model that does not fit one device decodes on a (data=1, fsdp=1, tensor=N) mesh.
+DECODE_RULES: dict[str, Any] = {
+    **RULES,
+    "embed": None,
+    "batch": "data",
+}
+
 
 def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, Any] = RULES) -> P:
     """('layers', 'embed', 'mlp') -> PartitionSpec(None, 'fsdp', 'tensor'); a mesh axis is used once."""
@@ -80,13 +90,14 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Iterable 
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def tree_shardings(axes_tree: Any, mesh: Mesh, shapes_tree: Any | None = None) -> Any:
-    """Tree of logical-axis tuples -> tree of NamedShardings.
+def tree_shardings(axes_tree: Any, mesh: Mesh, shapes_tree: Any | None = None,
+                   rules: Mapping[str, Any] = RULES) -> Any:
+    """Tree of logical-axis tuples -> tree of NamedShardings (`rules`: RULES or DECODE_RULES).
 
     With `shapes_tree`, a dimension that the mesh axis does not divide is left replicated
     (e.g. 8 heads on tensor=16), so any model runs on any mesh."""
     def one(axes, shape=None):
-        spec = logical_to_spec(axes)
+        spec = logical_to_spec(axes, rules)
         if shape is not None:
             spec = fit_spec(spec, shape.shape, mesh.shape)
         return NamedSharding(mesh, spec)
@@ -112,9 +123,9 @@ def _current_mesh():
     return None if mesh is None or mesh.empty else mesh
 
 
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: Mapping[str, Any] = RULES) -> jax.Array:
     """with_sharding_constraint by logical names; a no-op outside `jax.set_mesh(mesh)`."""
     mesh = _current_mesh()
     if mesh is None:
         return x
-    return jax.lax.with_sharding_constraint(x, fit_spec(logical_to_spec(axes), x.shape, mesh.shape))
+    return jax.lax.with_sharding_constraint(x, fit_spec(logical_to_spec(axes, rules), x.shape, mesh.shape))

@@ -1,0 +1,178 @@
+"""`neox-jax generate`: complete prompts with a checkpoint (KV-cached decoding, neox_jax/generate.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="complete prompts with a checkpoint (greedy or sampled, KV-cached)",
+        description="Generate text from a neox-jax checkpoint. Prompts come from --prompt, from --input (JSON "
+                    "lines with \"prompt\" (text) or \"prompt_tokens\" (ids)), or interactively from standard "
+                    "input (one prompt per line, tokens streamed as they are produced). Decoding stops at "
+                    "the tokenizer's end-of-document token, at a --stop string, or after --max-new-tokens. "
+                    "--output writes one JSON line per prompt: {\"prompt\", \"completion\", \"prompt_tokens\", "
+                    "\"completion_tokens\", \"stop_reason\"}.")
+    p.add_argument("ckpt", help="neox-jax checkpoint directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt (text)")
+    src.add_argument("--input", help="IN.jsonl: one {\"prompt\": TEXT} or {\"prompt_tokens\": [ids]} per line")
+    src.add_argument("--interactive", action="store_true", help="read prompts from standard input, stream tokens")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) means greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (each prompt draws from its own stream)")
+    p.add_argument("--stop", action="extend", nargs="+", default=[], metavar="STR",
+                   help="stop strings: the completion ends before the first one")
+    p.add_argument("--ignore-eod", action="store_true", help="do not stop at the end-of-document token")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="parameter and compute dtype (default float32)")
+    p.add_argument("--rotary-dtype", choices=["float32", "float16", "bfloat16"],
+                   help="rotary table precision (default: the checkpoint's config)")
+    p.add_argument("--tensor", type=int, default=1,
+                   help="tensor-parallel devices: weights and KV cache split by heads/columns (default 1)")
+    p.add_argument("--tokenizer", help="HF tokenizers JSON or sentencepiece .model "
+                                       "(default: ../shared/data/20B_tokenizer.json)")
+    p.add_argument("--output", help="OUT.jsonl (default: print)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    p.set_defaults(run=_run_generate)
+
+
+def _read_prompts(path: str, tok) -> tuple[list[str | None], list[list[int]]]:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: input file not found")
+    texts: list[str | None] = []
+    ids: list[list[int]] = []
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or ("prompt" in rec) == ("prompt_tokens" in rec):
+                raise UserError(f"{p}:{lineno}: expected an object with exactly one of 'prompt' or 'prompt_tokens'")
+            if "prompt_tokens" in rec:
+                t = rec["prompt_tokens"]
+                if not isinstance(t, list) or not t or not all(isinstance(x, int) and not isinstance(x, bool) for x in t):
+                    raise UserError(f"{p}:{lineno}: 'prompt_tokens' must be a non-empty list of integers")
+                texts.append(None)
+                ids.append(t)
+            else:
+                if not isinstance(rec["prompt"], str) or not rec["prompt"]:
+                    raise UserError(f"{p}:{lineno}: 'prompt' must be a non-empty string")
+                texts.append(rec["prompt"])
+                ids.append(tok.encode(rec["prompt"]))
+                if not ids[-1]:
+                    raise UserError(f"{p}:{lineno}: 'prompt' encodes to no tokens")
+    if not ids:
+        raise UserError(f"{p}: no prompts")
+    return texts, ids
+
+
+def _record(text, c) -> dict:
+    return {"prompt": text, "completion": c.text, "prompt_tokens": c.prompt_tokens,
+            "completion_tokens": c.completion_tokens, "stop_reason": c.stop_reason}
+
+
+def _run_generate(args):
+    from .data.tokenizer import load_tokenizer
+    from .generate import Sampling, load_generator
+
+    if args.output and Path(args.output).exists() and not args.overwrite:
+        raise UserError(f"{args.output}: exists (pass --overwrite to replace it)")
+    if args.output and args.interactive:
+        raise UserError("--output is not used with --interactive")
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    tok = load_tokenizer(args.tokenizer)
+    if args.input:
+        texts, prompts = _read_prompts(args.input, tok)
+    elif args.prompt is not None:
+        if not args.prompt:
+            raise UserError("--prompt is empty")
+        texts, prompts = [args.prompt], [tok.encode(args.prompt)]
+    overrides = {"rotary_dtype": args.rotary_dtype} if args.rotary_dtype else {}
+    gen = load_generator(args.ckpt, dtype=args.dtype, tensor=args.tensor, tokenizer=tok, overrides=overrides)
+    stop_tokens = [] if args.ignore_eod or not tok.has_eod else [tok.eod_id]
+    kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, stop_tokens=stop_tokens,
+              stop_strings=args.stop)
+    if args.interactive:
+        return _interactive(gen, tok, kw)
+    results = gen.generate(prompts, batch_size=args.batch_size, progress=sys.stderr.isatty(), **kw)
+    records = [_record(t, c) for t, c in zip(texts, results)]
+    if args.output:
+        out = Path(args.output)
+        tmp = out.with_name(f".{out.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+        n = sum(len(r["completion_tokens"]) for r in records)
+        print(f"wrote {out} ({len(records)} prompts, {n} generated tokens)", file=sys.stderr)
+    elif args.prompt is not None:
+        print(records[0]["completion"])
+    else:
+        for r in records:
+            print(json.dumps(r, ensure_ascii=False))
+
+
+class _Streamer:
+    """Prints a completion's text as tokens arrive (holding back an unfinished UTF-8 character and
+    anything from the first stop string on)."""
+
+    def __init__(self, tok, stop_strings):
+        self.tok, self.stop = tok, [s for s in stop_strings if s]
+        self.ids: list[int] = []
+        self.shown = 0
+        self.stopped = False
+
+    def __call__(self, _prompt: int, token: int) -> None:
+        if self.stopped:
+            return
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        hits = [text.find(s) for s in self.stop if s in text]
+        if hits:
+            text, self.stopped = text[: min(hits)], True
+        elif text.endswith("\ufffd"):
+            return
+        else:  # a stop string may be starting: hold back its longest matching prefix
+            hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[: len(text) - hold]
+        if len(text) > self.shown:
+            sys.stdout.write(text[self.shown:])
+            sys.stdout.flush()
+            self.shown = len(text)
+
+
+def _interactive(gen, tok, kw):
+    tty = sys.stdin.isatty()
+    seed = kw.pop("seed")
+    for turn in range(sys.maxsize):
+        kw["seed"] = seed + turn  # a new stream of random numbers per prompt
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        prompt = line.rstrip("\n")
+        if not prompt:
+            continue
+        ids = tok.encode(prompt)
+        streamer = _Streamer(tok, kw["stop_strings"])
+        result = gen.generate([ids], batch_size=1, on_token=streamer, **kw)[0]
+        rest = (result.text or "")[streamer.shown:]  # anything held back and not cut by a stop string
+        sys.stdout.write(rest + "\n")
+        sys.stdout.flush()

@@ -1,0 +1,97 @@
+"""`neox-jax generate`: JSONL in/out, --prompt, interactive streaming, one-line errors."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from neox_jax import checkpoint as C
+from neox_jax.cli import main
+from neox_jax.data.tokenizer import load_tokenizer
+from neox_jax.generate import Generator, Sampling
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gen") / "tiny"
+    assert main(["-q", "init", "tiny", str(d), "--seed", "3", "--set", "model.num_layers=1"]) == 0
+    return d
+
+
+def test_input_output_jsonl_equals_library(ckpt, tmp_path, neox_tokenizer_path, capsys):
+    tok = load_tokenizer(neox_tokenizer_path)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"prompt": "To be, or not to be"}) + "\n\n"
+                   + json.dumps({"prompt_tokens": [510, 3158, 8516]}) + "\n"
+                   + json.dumps({"prompt": "ROMEO:"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["-q", "generate", str(ckpt), "--input", str(inp), "--output", str(out), "--max-new-tokens", "9",
+            "--temperature", "0.9", "--top-k", "40", "--seed", "5", "--batch-size", "2", "--tokenizer",
+            str(neox_tokenizer_path)]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["To be, or not to be", None, "ROMEO:"]
+    cfg, params = C.load_params(ckpt)
+    prompts = [tok.encode("To be, or not to be"), [510, 3158, 8516], tok.encode("ROMEO:")]
+    ref = Generator(cfg, params, tokenizer=tok).generate(
+        prompts, max_new_tokens=9, sampling=Sampling(0.9, 40), seed=5, stop_tokens=[tok.eod_id])
+    for r, c, p in zip(rows, ref, prompts):
+        assert set(r) == {"prompt", "completion", "prompt_tokens", "completion_tokens", "stop_reason"}
+        assert r["prompt_tokens"] == p
+        assert r["completion_tokens"] == c.completion_tokens and len(c.completion_tokens) == 9
+        assert r["completion"] == tok.decode(c.completion_tokens)
+    # never touches an existing output without --overwrite
+    before = out.read_text()
+    assert main(args) == 2
+    assert "exists (pass --overwrite" in capsys.readouterr().err
+    assert out.read_text() == before
+    assert main(args + ["--overwrite"]) == 0 and out.read_text() == before  # same seed, same text
+
+
+def test_prompt_and_interactive_streaming(ckpt, neox_tokenizer_path, monkeypatch, capsys):
+    base = ["-q", "generate", str(ckpt), "--max-new-tokens", "6", "--tokenizer", str(neox_tokenizer_path)]
+    expected = []
+    for prompt in ("Hello there", "The cat"):
+        assert main(base + ["--prompt", prompt]) == 0
+        expected.append(capsys.readouterr().out)
+    assert all(e.strip() for e in expected)
+    streamed = []
+    tok = load_tokenizer(neox_tokenizer_path)
+    import neox_jax.generate_cli as G
+
+    orig = G._Streamer.__call__
+
+    def spy(self, i, t):  # record that tokens arrive one at a time from inside the decode loop
+        streamed.append(t)
+        return orig(self, i, t)
+
+    monkeypatch.setattr(G._Streamer, "__call__", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n\nThe cat\n"))
+    assert main(base + ["--interactive"]) == 0
+    out = capsys.readouterr().out
+    assert out == "".join(expected)  # greedy: the same completions, streamed
+    assert tok.decode(streamed) == "".join(e.rstrip("\n") for e in expected)
+
+
+def test_errors_are_one_line(ckpt, tmp_path, neox_tokenizer_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"prompt": 3}\n')
+    cases = [
+        (["--input", str(bad)], "bad.jsonl:2: 'prompt' must be a non-empty string"),
+        (["--input", str(tmp_path / "none.jsonl")], "none.jsonl: input file not found"),
+        (["--prompt", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--prompt", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+        (["--prompt", "x", "--max-new-tokens", "1000"], "exceed the model's context of 256"),
+        (["--prompt", "x", "--tensor", "3"], "--tensor 3 does not divide"),
+        (["--prompt", "x", "--tokenizer", str(tmp_path / "tok.json")], "tok.json: tokenizer file not found"),
+    ]
+    for extra, msg in cases:
+        assert main(["generate", str(ckpt), *extra]) == 2, extra
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("neox-jax: error:")]
+        assert len(err) == 1 and msg in err[0], (extra, err)
+    r = subprocess.run([sys.executable, "-m", "neox_jax", "generate", str(tmp_path), "--prompt", "x"],
+                       capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 2 and "not a neox-jax checkpoint" in r.stderr and "Traceback" not in r.stderr
