@@ -33,6 +33,6 @@ for r in recs:
     if "valid_loss" in r:
         print(f"  validation at step {r['step']}: loss {r['valid_loss']:.3f} (perplexity {r['valid_ppl']:.1f})")
 PY
-echo "--- a sample from the trained model (temperature 0.8, top-k 40, seed 0)"
+echo "--- a sample from the trained model (temperature 0.8, top-k 40, seed 0; speeches end with <|endoftext|>)"
 "$VENV/bin/neox-jax" generate "$OUT/shakespeare" --tokenizer "$TOKENIZER" --prompt "ROMEO:" \
-  --max-new-tokens 80 --temperature 0.8 --top-k 40 --seed 0
+  --max-new-tokens 80 --temperature 0.8 --top-k 40 --seed 0 --ignore-eod
