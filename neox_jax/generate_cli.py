@@ -24,7 +24,7 @@ def register(sub) -> None:
     src.add_argument("--prompt", help="one prompt (text)")
     src.add_argument("--input", help="IN.jsonl: one {\"prompt\": TEXT} or {\"prompt_tokens\": [ids]} per line")
     src.add_argument("--interactive", action="store_true", help="read prompts from standard input, stream tokens")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) means greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
@@ -32,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--stop", action="extend", nargs="+", default=[], metavar="STR",
                    help="stop strings: the completion ends before the first one")
     p.add_argument("--ignore-eod", action="store_true", help="do not stop at the end-of-document token")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="parameter and compute dtype (default float32)")
     p.add_argument("--rotary-dtype", choices=["float32", "float16", "bfloat16"],

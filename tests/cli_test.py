@@ -33,6 +33,14 @@ DOCUMENTED = {
                         "--no-cache", "--save-index-maps", "--overwrite"],
     ("data", "train-tokenizer"): ["--output", "--vocab-size", "--model-type", "--min-frequency", "--overwrite",
                                   "--jsonl-key", "--txt-mode"],
+    ("train",): ["--set", "--run-dir", "--init-from", "--overwrite", "--print-config"],
+    ("generate",): ["--prompt", "--input", "--interactive", "--max-new-tokens", "--temperature", "--top-k",
+                    "--top-p", "--seed", "--stop", "--ignore-eod", "--batch-size", "--dtype", "--rotary-dtype",
+                    "--tensor", "--tokenizer", "--output", "--overwrite"],
+    ("eval",): ["--tasks", "--include-path", "--num-fewshot", "--limit", "--log-samples", "--lambada",
+                "--perplexity", "--data-prefix", "--split", "--split-part", "--seq-length", "--max-samples",
+                "--context", "--batch-size", "--dtype", "--tensor", "--seed", "--tokenizer", "--output",
+                "--overwrite"],
 }
 
 

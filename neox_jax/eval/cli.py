@@ -37,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--max-samples", type=int, help="--data-prefix: score at most this many samples")
     p.add_argument("--context", type=int, help="window for --lambada/--perplexity and lm-eval max_length "
                                                "(default: the model's max_position_embeddings)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="requests or windows scored together (default 8)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter and compute dtype")
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel devices (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for tasks that sample")
