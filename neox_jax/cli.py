@@ -74,6 +74,8 @@ def _add_score(sub):
 
 
 def _read_documents(path: str, tokenizer_path: str | None):
+    from .jsonl import read_jsonl
+
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: input file not found")
@@ -83,27 +85,20 @@ def _read_documents(path: str, tokenizer_path: str | None):
         texts.append(p.read_text(encoding="utf-8"))
         tokens.append(None)
     else:
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or ("text" in rec) == ("tokens" in rec):
-                    raise UserError(f"{p}:{lineno}: expected an object with exactly one of 'text' or 'tokens'")
-                if "tokens" in rec:
-                    t = rec["tokens"]
-                    if not isinstance(t, list) or not all(isinstance(x, int) for x in t):
-                        raise UserError(f"{p}:{lineno}: 'tokens' must be a list of integers")
-                    tokens.append(t)
-                    texts.append(None)
-                else:
-                    if not isinstance(rec["text"], str):
-                        raise UserError(f"{p}:{lineno}: 'text' must be a string")
-                    texts.append(rec["text"])
-                    tokens.append(None)
+        for lineno, rec in read_jsonl(p):
+            if not isinstance(rec, dict) or ("text" in rec) == ("tokens" in rec):
+                raise UserError(f"{p}:{lineno}: expected an object with exactly one of 'text' or 'tokens'")
+            if "tokens" in rec:
+                t = rec["tokens"]
+                if not isinstance(t, list) or not all(isinstance(x, int) for x in t):
+                    raise UserError(f"{p}:{lineno}: 'tokens' must be a list of integers")
+                tokens.append(t)
+                texts.append(None)
+            else:
+                if not isinstance(rec["text"], str):
+                    raise UserError(f"{p}:{lineno}: 'text' must be a string")
+                texts.append(rec["text"])
+                tokens.append(None)
     # bits per byte only when every document came as text
     n_bytes: int | None = 0 if all(t is not None for t in texts) else None
     if any(t is not None for t in texts):

@@ -46,7 +46,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import UserError
-from .model import DTYPES, _numerics, attention_mask, block, layer_norm, logits_from_hidden, param_axes, rotary_tables
+from .model import _numerics, attention_mask, block, layer_norm, logits_from_hidden, param_axes, rotary_tables
 from .sharding import DECODE_RULES, constrain, make_mesh, tree_shardings
 
 log = logging.getLogger("neox_jax")

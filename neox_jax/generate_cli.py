@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .jsonl import read_jsonl
 
 
 def register(sub) -> None:
@@ -48,33 +49,24 @@ def register(sub) -> None:
 
 def _read_prompts(path: str, tok) -> tuple[list[str | None], list[list[int]]]:
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"{p}: input file not found")
     texts: list[str | None] = []
     ids: list[list[int]] = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or ("prompt" in rec) == ("prompt_tokens" in rec):
-                raise UserError(f"{p}:{lineno}: expected an object with exactly one of 'prompt' or 'prompt_tokens'")
-            if "prompt_tokens" in rec:
-                t = rec["prompt_tokens"]
-                if not isinstance(t, list) or not t or not all(isinstance(x, int) and not isinstance(x, bool) for x in t):
-                    raise UserError(f"{p}:{lineno}: 'prompt_tokens' must be a non-empty list of integers")
-                texts.append(None)
-                ids.append(t)
-            else:
-                if not isinstance(rec["prompt"], str) or not rec["prompt"]:
-                    raise UserError(f"{p}:{lineno}: 'prompt' must be a non-empty string")
-                texts.append(rec["prompt"])
-                ids.append(tok.encode(rec["prompt"]))
-                if not ids[-1]:
-                    raise UserError(f"{p}:{lineno}: 'prompt' encodes to no tokens")
+    for lineno, rec in read_jsonl(p):
+        if not isinstance(rec, dict) or ("prompt" in rec) == ("prompt_tokens" in rec):
+            raise UserError(f"{p}:{lineno}: expected an object with exactly one of 'prompt' or 'prompt_tokens'")
+        if "prompt_tokens" in rec:
+            t = rec["prompt_tokens"]
+            if not isinstance(t, list) or not t or not all(isinstance(x, int) and not isinstance(x, bool) for x in t):
+                raise UserError(f"{p}:{lineno}: 'prompt_tokens' must be a non-empty list of integers")
+            texts.append(None)
+            ids.append(t)
+        else:
+            if not isinstance(rec["prompt"], str) or not rec["prompt"]:
+                raise UserError(f"{p}:{lineno}: 'prompt' must be a non-empty string")
+            texts.append(rec["prompt"])
+            ids.append(tok.encode(rec["prompt"]))
+            if not ids[-1]:
+                raise UserError(f"{p}:{lineno}: 'prompt' encodes to no tokens")
     if not ids:
         raise UserError(f"{p}: no prompts")
     return texts, ids

@@ -10,7 +10,6 @@ import tracemalloc
 import jax
 import ml_dtypes
 import numpy as np
-import pytest
 import tensorstore as ts
 import torch
 

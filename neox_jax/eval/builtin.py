@@ -18,7 +18,6 @@ perplexity of an indexed dataset split (what a study of 154 Pythia checkpoints n
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +26,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import UserError
+from ..jsonl import read_jsonl
 
 
 def lambada_requests(texts: Sequence[str], tok) -> list[tuple[list[int], list[int]]]:
@@ -47,20 +47,11 @@ def lambada_requests(texts: Sequence[str], tok) -> list[tuple[list[int], list[in
 
 def read_texts(path: str | Path, key: str = "text") -> list[str]:
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"{p}: input file not found")
     texts = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get(key), str) or not rec[key].strip():
-                raise UserError(f"{p}:{lineno}: expected an object with a non-empty string {key!r}")
-            texts.append(rec[key])
+    for lineno, rec in read_jsonl(p):
+        if not isinstance(rec, dict) or not isinstance(rec.get(key), str) or not rec[key].strip():
+            raise UserError(f"{p}:{lineno}: expected an object with a non-empty string {key!r}")
+        texts.append(rec[key])
     if not texts:
         raise UserError(f"{p}: no documents")
     return texts
