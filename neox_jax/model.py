@@ -345,7 +345,7 @@ def block(cfg: ModelConfig, p: Params, x: Float[Array, "B S D"], cos, sin, mask,
         a, kv = a
     if cfg.use_parallel_residual:
         m = mlp(cfg, p["mlp"], layer_norm(x, p["ln_mlp"], eps, dtype))
-        x = x + (a + m)  # one sum, so tensor parallelism needs one reduction per layer
+        x = x + (a + m)  # under tensor parallelism both partial sums travel in one collective per layer
     else:
         x = x + a
         x = x + mlp(cfg, p["mlp"], layer_norm(x, p["ln_mlp"], eps, dtype))
@@ -442,6 +442,20 @@ def forward(
     return logits_from_hidden(cfg, params, h)
 
 
+def over_position_chunks(one, h: Float[Array, "B S D"], targets: Int[Array, "B S"], chunk: int):
+    """Apply `one(h_chunk, targets_chunk) -> pytree of [B, c]` to `chunk` positions at a time
+    (`lax.map`) and reassemble [B, S] results.  Each chunk is rematerialised in the backward pass
+    (`jax.checkpoint`): without it the scan would keep every chunk's logits for the gradient, i.e.
+    the whole [B, S, V] again.  S <= chunk, or S not a multiple of it, runs in one piece."""
+    one = jax.checkpoint(one)
+    B, S, D = h.shape
+    if S <= chunk or S % chunk:
+        return one(h, targets)
+    hc = h.reshape(B, S // chunk, chunk, D).swapaxes(0, 1)
+    tc = targets.reshape(B, S // chunk, chunk).swapaxes(0, 1)
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(B, S), jax.lax.map(lambda a: one(*a), (hc, tc)))
+
+
 def target_logits_lse(
     cfg: ModelConfig,
     params: Params,
@@ -450,22 +464,13 @@ def target_logits_lse(
     chunk: int = 256,
 ) -> tuple[Float[Array, "B S"], Float[Array, "B S"]]:
     """(logits[target], logsumexp(logits)) from final hidden states, `chunk` positions at a time, so
-    the float32 [B, S, V] logits never exist whole (V = 50k makes them the largest activation).
-    Each chunk is rematerialised in the backward pass (`jax.checkpoint`): without it, the scan would
-    keep every chunk's logits for the gradient, i.e. the whole [B, S, V] again."""
+    the float32 [B, S, V] logits never exist whole (V = 50k makes them the largest activation)."""
 
-    @jax.checkpoint
-    def one(args):
-        hh, tt = args
+    def one(hh, tt):
         logits = logits_from_hidden(cfg, params, hh)
         return jnp.take_along_axis(logits, tt[..., None], axis=-1)[..., 0], jax.nn.logsumexp(logits, axis=-1)
 
-    B, S, D = h.shape
-    if S <= chunk or S % chunk:
-        return one((h, targets))
-    hc = h.reshape(B, S // chunk, chunk, D).swapaxes(0, 1)
-    tc = targets.reshape(B, S // chunk, chunk).swapaxes(0, 1)
-    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(B, S), jax.lax.map(one, (hc, tc)))
+    return over_position_chunks(one, h, targets, chunk)
 
 
 def target_logprobs(

@@ -64,9 +64,7 @@ def _vocab_parallel_logits_lse(cfg, params, h, targets, mesh: Mesh, chunk: int):
         V_local = w.shape[0] if tied else w.shape[1]
         lo = jax.lax.axis_index("tensor") * V_local
 
-        @jax.checkpoint  # recompute each chunk's logits in the backward pass (see M.target_logits_lse)
-        def one(args):
-            hh, tt = args
+        def one(hh, tt):
             eq = "bsd,vd->bsv" if tied else "bsd,dv->bsv"
             logits = jnp.einsum(eq, hh, w, preferred_element_type=jnp.float32, precision=precision)
             m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), "tensor")
@@ -77,12 +75,7 @@ def _vocab_parallel_logits_lse(cfg, params, h, targets, mesh: Mesh, chunk: int):
             tgt = jax.lax.psum(jnp.where(here, tgt, 0.0), "tensor")
             return tgt, jnp.log(sum_exp) + m
 
-        B, S, D = h.shape
-        if S <= chunk or S % chunk:
-            return one((h, t))
-        hc = h.reshape(B, S // chunk, chunk, D).swapaxes(0, 1)
-        tc = t.reshape(B, S // chunk, chunk).swapaxes(0, 1)
-        return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(B, S), jax.lax.map(one, (hc, tc)))
+        return M.over_position_chunks(one, h, t, chunk)
 
     w_spec = P("tensor", None) if tied else P(None, "tensor")
     return jax.shard_map(local, mesh=mesh, in_specs=(P(rows, None, None), w_spec, P(rows, None)),
