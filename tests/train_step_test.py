@@ -272,3 +272,52 @@ def test_per_document_attention_in_the_loss():
         n = len(alone) - 1  # predictions inside the document (its last target is its EOD)
         np.testing.assert_allclose(packed[start:start + n], np.asarray(t - l)[0], rtol=1e-5, atol=1e-5)
         start += len(alone)
+
+
+def _bf16_round(x):
+    return np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_float32_output_matmul_backward_runs_in_operand_dtype(dtype):
+    """`model.einsum_f32_out` (the logits head, XLA attention scores): forward accumulated in float32;
+    backward = the cotangent rounded to the operands' dtype, then the two transposed matmuls rounded to
+    that dtype (PyTorch autocast's bf16 logits gradient).  Re-derived in NumPy float64."""
+    rs = np.random.RandomState(0)
+    h32, w32, g = rs.randn(2, 5, 16), rs.randn(16, 24), rs.randn(2, 5, 24)
+    h, w = jnp.asarray(h32, dtype), jnp.asarray(w32, dtype)
+    out, vjp = jax.vjp(lambda a, b: M.einsum_f32_out("bsd,dv->bsv", a, b, jax.lax.Precision.HIGHEST), h, w)
+    dh, dw = vjp(jnp.asarray(g, jnp.float32))
+    assert out.dtype == jnp.float32 and dh.dtype == h.dtype and dw.dtype == w.dtype
+    hf, wf = np.asarray(h, np.float64), np.asarray(w, np.float64)
+    np.testing.assert_allclose(np.asarray(out), np.einsum("bsd,dv->bsv", hf, wf), rtol=1e-5, atol=1e-5)
+    gq = g if dtype == "float32" else _bf16_round(g)
+    rnd = (lambda x: x) if dtype == "float32" else _bf16_round
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=8e-3, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(dh, np.float64), rnd(np.einsum("bsv,dv->bsd", gq, wf)), **tol)
+    np.testing.assert_allclose(np.asarray(dw, np.float64), rnd(np.einsum("bsd,bsv->dv", hf, gq)), **tol)
+
+
+@pytest.mark.parametrize("attention", ["xla", "none"])
+def test_bf16_step_has_no_float32_matmuls(attention):
+    """With bf16 compute every matmul of the train step, backward included, takes bf16 operands (the
+    optimizer and the loss reductions are not matmuls).  A float32 x float32 dot_general in the lowered
+    program is a float32/TF32 GEMM on a GPU: the H200 profile found two per step (the vocab head's
+    backward), 7% of the step, before `einsum_f32_out`.  `none` = the tied-embedding head."""
+    model = {"compute_dtype": "bfloat16"} | ({"tie_word_embeddings": True} if attention == "none" else {})
+    run = run_config(**model)
+    mesh = mesh_of((1, 1, 1))
+    opt = S.make_optimizer(run)
+    sh = S.state_shardings(run, mesh, opt)
+    with jax.set_mesh(mesh):
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                S.abstract_state(run, opt), sh)
+        batch = {"tokens": jax.ShapeDtypeStruct((B, SEQ + 1), np.int32, sharding=T.batch_sharding(mesh))}
+        text = T.make_train_step(run, mesh, opt, sh).lower(abstract, batch).as_text()
+    dots = [ln for ln in text.splitlines() if "dot_general" in ln]
+    sig = re.compile(r":\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)")
+    typed = [sig.search(ln) for ln in dots]
+    assert dots and all(typed), dots[:3]
+    f32 = [ln.strip()[:160] for ln, m in zip(dots, typed) if m.group(1).endswith("xf32>") and m.group(2).endswith("xf32>")]
+    assert not f32, f32
+    assert any(m.group(1).endswith("xbf16>") for m in typed)
