@@ -14,7 +14,6 @@ into place at the end, so an interrupted or failed write never leaves a half che
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -24,11 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ConfigError, ModelConfig, from_dict
-from .errors import UserError
-from .model import DTYPES, abstract_params, flatten, unflatten
-
-log = logging.getLogger("neox_jax")
+from .config import ModelConfig, from_dict
+from .errors import CheckpointError, ConfigError
+from .model import DTYPES, abstract_params
+from .tree import flatten, unflatten
 
 # Arrays are stored in chunks of at most this many bytes, one layer per chunk along the stacked
 # `layers` axis, so one layer can be read or written alone (converters stream layer by layer).
@@ -37,10 +35,6 @@ CHUNK_BYTES = 16 * 2**20
 FORMAT = "neox-jax"
 VERSION = 1
 MARKER = "neox_jax.json"
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be read or written (the message names the file or tensor)."""
 
 
 def _ocp():

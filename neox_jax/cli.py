@@ -14,9 +14,10 @@ import os
 import sys
 from pathlib import Path
 
+from .config import RUN_DTYPES
 from .errors import UserError
 
-log = logging.getLogger("neox_jax")
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- init
@@ -64,7 +65,7 @@ def _add_score(sub):
     p.add_argument("ckpt", help="neox-jax checkpoint directory")
     p.add_argument("--input", required=True, help="IN.jsonl (or a .txt file = one document)")
     p.add_argument("--output", help="OUT.jsonl (per-document scores)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--dtype", choices=RUN_DTYPES, default="float32", help="compute dtype")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--tokenizer", help="HF tokenizers JSON or sentencepiece .model "
                                        "(default: ../shared/data/20B_tokenizer.json)")

@@ -33,7 +33,6 @@ slices (peak memory: the largest stacked tensor, documented in docs/convert.md).
 from __future__ import annotations
 
 import json
-import logging
 import math
 import shutil
 from pathlib import Path
@@ -41,12 +40,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..checkpoint import CHUNK_BYTES, CheckpointError, check_tree, read_config, resolve, saved_tree, write_marker
+from ..checkpoint import CHUNK_BYTES, check_tree, read_config, resolve, saved_tree, write_marker
 from ..config import FLOAT_DTYPES, ModelConfig
-from ..model import flatten, unflatten
-from .formats import Entry, NativeTensor, Reader, Writer, check_slice, leaf_shapes, our_entries
+from ..errors import CheckpointError
+from ..tree import flatten, unflatten
+from .formats import Entry, NativeTensor, Reader, Writer, check_slice
+from .mapping import leaf_shapes, our_entries, to_torch
 
-log = logging.getLogger("neox_jax")
 
 # CHUNK_BYTES (from checkpoint.py): several chunks per big slice, compressed in parallel
 MAX_IN_FLIGHT = 2  # slices being compressed/written while the next one is read
@@ -256,6 +256,9 @@ class OrbaxReader(Reader):
         out = np.asarray(out)
         check_slice(entry, out, str(self.path))
         return out
+
+    def read_torch(self, entry: Entry) -> np.ndarray:
+        return to_torch(entry.name, self.read(entry), self.config)
 
     def native_tensors(self) -> Iterator[NativeTensor]:
         for name in sorted(self.arrays):

@@ -19,11 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..checkpoint import CheckpointError, commit_destination, prepare_destination
-from ..errors import UserError
-from .formats import FORMATS, Entry, Reader, cast, dtype_name, human_bytes, np_dtype, open_reader, parse_size
+from ..checkpoint import commit_destination, prepare_destination
+from ..errors import UserError, VerifyError
+from .dispatch import FORMATS, make_writer, open_reader
+from .formats import cast, dtype_name, human_bytes, np_dtype, parse_size
 
-log = logging.getLogger("neox_jax")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -34,26 +35,6 @@ class ConvertResult:
     rows: list[dict]  # per (source dtype, written dtype): tensors, bytes
     seconds: float
     verify: dict | None = None
-
-
-def make_writer(fmt: str, tmp: Path, reader: Reader, entries: list[Entry], *, dst: Path, tp: int,
-                max_shard_size: int, step: int | None):
-    cfg = reader.config
-    if fmt == "orbax":
-        from .orbax_io import OrbaxWriter
-
-        return OrbaxWriter(tmp, cfg, entries, extras=reader.extras,
-                           source={"format": reader.fmt, "path": str(Path(reader.path).resolve())})
-    if fmt == "hf":
-        from .hf import HFWriter
-
-        return HFWriter(tmp, cfg, entries, max_shard_size=max_shard_size, extras=reader.extras)
-    if fmt == "neox":
-        from .neox import NeoxWriter
-
-        st = step if step is not None else int(reader.extras.get("step", 0))
-        return NeoxWriter(tmp, cfg, entries, tp=tp, step=st, final_dst=dst, extras=reader.extras)
-    raise UserError(f"--to {fmt!r}: expected one of {FORMATS}")
 
 
 def _progress(entries, desc):
@@ -145,10 +126,6 @@ def sync_tree(root: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-class VerifyError(CheckpointError):
-    """--verify found logits outside the tolerance."""
 
 
 def summary_table(result: ConvertResult) -> str:
