@@ -345,7 +345,7 @@ class HFWriter(Writer):
 
     def finish(self) -> None:
         for fd in self.fds:
-            os.close(fd)  # synced with the rest of DST before it is published (stream.sync_tree)
+            os.close(fd)  # synced with the rest of DST before it is published (atomic.sync_tree)
         self.fds = []
         if self.pending:
             first = sorted(self.pending, key=str)[0]
