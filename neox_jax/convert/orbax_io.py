@@ -258,13 +258,13 @@ class OrbaxReader(Reader):
     def read(self, entry: Entry) -> np.ndarray:
         t = self.arrays[entry.name]
         if entry.layer is None:
-            out = t.read().result()
+            out = self._fetch(t, entry.label)
         elif self.per_layer[entry.name]:
-            out = t[entry.layer].read().result()
+            out = self._fetch(t[entry.layer], entry.label)
         else:
             if self._cache is None or self._cache[0] != entry.name:
                 self._cache = None
-                self._cache = (entry.name, t.read().result())
+                self._cache = (entry.name, self._fetch(t, entry.name))
             out = self._cache[1][entry.layer]
             if entry.layer == t.shape[0] - 1:
                 out = out.copy()
@@ -282,8 +282,8 @@ class OrbaxReader(Reader):
 
             def load(t=t, name=name):
                 if self.per_layer[name] and t.ndim > 0:
-                    return (self._checked(name, i, np.asarray(t[i].read().result())) for i in range(t.shape[0]))
-                whole = np.asarray(t.read().result())
+                    return (self._checked(name, i, self._fetch(t[i], f"{name}[{i}]")) for i in range(t.shape[0]))
+                whole = self._fetch(t, name)
                 if checksums.stacked(name):
                     for i in range(whole.shape[0]):
                         self._checked(name, i, whole[i])
@@ -291,6 +291,14 @@ class OrbaxReader(Reader):
                 return self._checked(name, None, whole)
 
             yield name, tuple(t.shape), t.dtype.numpy_dtype, load
+
+    def _fetch(self, t, label: str) -> np.ndarray:
+        """Read a tensorstore array (or slice); a damaged or missing file is a CheckpointError."""
+        try:
+            return np.asarray(t.read().result())
+        except Exception as e:  # tensorstore raises ValueError with the whole spec in the message
+            raise CheckpointError(f"{self.path}: tensor {label} is unreadable "
+                                  f"({str(e).splitlines()[0][:200]})") from None
 
     def _checked(self, name: str, layer: int | None, a: np.ndarray) -> np.ndarray:
         if self.digests is not None:
