@@ -124,7 +124,14 @@ def save_params(dst: str | os.PathLike, cfg: ModelConfig, params: Any, *, overwr
     check_tree(cfg, jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params), str(dst))
     with open_destination(dst, overwrite) as out:
         ckptr = _ocp().StandardCheckpointer()
-        ckptr.save(out.path.resolve() / "params", params, save_args=save_args(params))
+        try:
+            ckptr.save(out.path.resolve() / "params", params, save_args=save_args(params))
+        except BaseException:
+            try:
+                ckptr.wait_until_finished()  # no background write may outlive the temporary directory
+            except Exception:  # the save failed already; that error is the one reported
+                pass
+            raise
         ckptr.wait_until_finished()
         flat = flatten(params)
         if all(getattr(x, "is_fully_addressable", True) for x in flat.values()):
