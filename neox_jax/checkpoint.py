@@ -220,7 +220,7 @@ def load_params(
         if spread:
             raise CheckpointError(f"{p}: tensor {spread[0]} spans several processes; verify it with "
                                   f"`neox-jax inspect {p}` (which checks every checksum)")
-        checksums.check_tree(digests, {n: np.asarray(x) for n, x in flat.items()}, str(p))
+        checksums.check_tree(digests, flat, str(p))
         if dtype is not None:
             params = cast_params(params, dtype)
     return cfg, params

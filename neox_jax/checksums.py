@@ -108,22 +108,25 @@ def check(digests: Digests, name: str, layer: int | None, array: np.ndarray, whe
                               f"{FILE} says {want}")
 
 
-def check_tree(digests: Digests, flat: Mapping[str, np.ndarray], where: str) -> None:
-    """Check every tensor of a flat host tree (threads); the first mismatch in name order is raised."""
+def check_tree(digests: Digests, flat: Mapping[str, Any], where: str) -> None:
+    """Check every tensor of a flat tree of numpy or (fully addressable) jax arrays, in threads, one
+    layer slice at a time (a device array is copied to the host slice by slice, never whole); the
+    first mismatch in name order is raised."""
     jobs = []
     for name in sorted(flat):
-        a = np.asarray(flat[name])
-        jobs += [(name, i, a[i]) for i in range(a.shape[0])] if stacked(name) else [(name, None, a)]
+        x = flat[name]
+        jobs += [(name, i, x) for i in range(x.shape[0])] if stacked(name) else [(name, None, x)]
+
+    def run(job) -> CheckpointError | None:
+        name, layer, x = job
+        try:
+            check(digests, name, layer, np.asarray(x if layer is None else x[layer]), where)
+        except CheckpointError as e:
+            return e
+        return None
+
     with ThreadPoolExecutor(_workers()) as ex:
-        errors = list(ex.map(lambda job: _try_check(digests, *job, where), jobs))
+        errors = list(ex.map(run, jobs))
     for e in errors:
         if e is not None:
             raise e
-
-
-def _try_check(digests, name, layer, array, where) -> CheckpointError | None:
-    try:
-        check(digests, name, layer, array, where)
-    except CheckpointError as e:
-        return e
-    return None

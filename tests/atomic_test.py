@@ -175,6 +175,27 @@ def test_disk_full_during_convert_and_init(ckpts, tmp_path, capsys, monkeypatch)
 # ----------------------------------------------------------------------------- checksums
 
 
+def test_checksums_are_zlib_crc32_of_each_tensor_and_layer(ckpts, tmp_path):
+    """checksums.json from save_params (init) and from the streaming converter (HF -> orbax) is
+    zlib.crc32 of each tensor's little-endian bytes, one per layer for stacked tensors."""
+    import zlib
+
+    from neox_jax.tree import flatten
+
+    convert(str(ckpts / "hf0"), str(tmp_path / "conv"))
+    _, params = load_params(ckpts / "ck0")
+    for ck in (ckpts / "ck0", tmp_path / "conv"):
+        stored = json.loads((ck / "checksums.json").read_text())
+        assert stored["algorithm"] == "crc32"
+        want = {}
+        for name, x in flatten(params).items():
+            a = np.asarray(x)
+            crc = [zlib.crc32(np.ascontiguousarray(s).astype(s.dtype.newbyteorder("<")).tobytes())
+                   for s in (a if name.startswith("layers/") else [a])]
+            want[name] = [f"{c:08x}" for c in crc] if name.startswith("layers/") else f"{crc[0]:08x}"
+        assert stored["tensors"] == want, ck
+
+
 def test_flipped_bit_is_named(ckpts, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(ckpts / "ck0", bad)
