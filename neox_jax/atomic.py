@@ -361,13 +361,13 @@ class Replacement:
         self._tmp = {f: self.parent / f".{f.name}.{TAG}-{self.op}.tmp" for f in self.finals}
         self._old = {f: self.parent / f".{f.name}.{TAG}-{self.op}.old" for f in self.finals}
         try:
-            self._write_journal()
+            self._write_journal("writing")
             if directory:
                 for t in self._tmp.values():
                     t.mkdir()
         except OSError as e:
             self.abort()
-            raise UserError(f"{self.finals[0]}: cannot write here ({e.strerror})") from None
+            raise error(f"{self.finals[0]}: cannot write here ({e.strerror})") from None
 
     def tmp(self, final: str | os.PathLike | None = None) -> Path:
         """Where the new content of `final` (default: the only output) is written."""
@@ -377,10 +377,10 @@ class Replacement:
     def path(self) -> Path:
         return self.tmp()
 
-    def _write_journal(self, ids: dict | None = None) -> None:
+    def _write_journal(self, state: str, ids: dict | None = None) -> None:
         targets = [{"final": f.name, "tmp": self._tmp[f].name, "old": self._old[f].name,
                     "dir": self.directory, "id": (ids or {}).get(f)} for f in self.finals]
-        _write_json_atomic(self.journal, {"tool": TAG, "op": self.op, "state": self.state,
+        _write_json_atomic(self.journal, {"tool": TAG, "op": self.op, "state": state,
                                           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                           "targets": targets, **_owner()})
 
@@ -395,8 +395,8 @@ class Replacement:
             sync_tree(t)
             ids[f] = _identity(t)
         fsync_path(self.parent)
+        self._write_journal("committing", ids)  # from here on the new outputs can always be published
         self.state = "committing"
-        self._write_journal(ids)
         with _HeldSignals():
             _finish(self.journal, _read_journal(self.journal))
             self.state = "done"

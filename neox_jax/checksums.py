@@ -68,6 +68,11 @@ def tree_digests(flat: Mapping[str, np.ndarray]) -> Digests:
     return out
 
 
+def _on_host(x) -> bool:
+    devices = getattr(x, "devices", None)
+    return devices is None or all(d.platform == "cpu" for d in devices())
+
+
 def write(directory: Path, digests: Digests) -> None:
     (Path(directory) / FILE).write_text(
         json.dumps({"algorithm": ALGORITHM, "tensors": dict(sorted(digests.items()))}, indent=1) + "\n")
@@ -115,6 +120,8 @@ def check_tree(digests: Digests, flat: Mapping[str, Any], where: str) -> None:
     jobs = []
     for name in sorted(flat):
         x = flat[name]
+        if _on_host(x):
+            x = np.asarray(x)  # no copy for numpy or CPU-backed jax arrays; slices are views
         jobs += [(name, i, x) for i in range(x.shape[0])] if stacked(name) else [(name, None, x)]
 
     def run(job) -> CheckpointError | None:
