@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from neox_jax.config import load_config  # noqa: E402
-from neox_jax.convert.hf import hf_config_dict, hf_order, hf_name, torch_shape  # noqa: E402
-from neox_jax.convert.formats import our_entries  # noqa: E402
+from neox_jax.convert.hf import hf_config_dict, hf_order  # noqa: E402
+from neox_jax.convert.mapping import hf_name, our_entries, torch_shape  # noqa: E402
 
 
 def make_hf(cfg, path: Path, seed: int = 0) -> int:

@@ -4,11 +4,13 @@
       neox_jax.json   {"format": "neox-jax", "version": 1, "kind": "params", ...}
       config.json     the ModelConfig (neox_jax.config), as JSON
       params/         an Orbax PyTree checkpoint of the nested parameter dict (docs/params.md)
+      checksums.json  CRC-32 of every tensor's bytes, per layer for stacked ones (checksums.py)
 
 Training checkpoints (a later issue) are the same directory with more Orbax items beside
 `params/` (optimizer state, data-loader state); a run directory holds numbered step directories,
-and `resolve()` picks the newest complete one.  Writes go to a temporary sibling that is renamed
-into place at the end, so an interrupted or failed write never leaves a half checkpoint at DST.
+and `resolve()` picks the newest complete one.  Writes go through `atomic.Replacement`: a hidden
+temporary sibling, fsynced, then swapped in, so an interrupted or failed write never leaves a half
+checkpoint, or none, at DST (neox_jax/atomic.py says exactly what is guaranteed).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ConfigError, ModelConfig, from_dict
-from .errors import UserError
-from .model import DTYPES, abstract_params, flatten, unflatten
+from . import atomic, checksums
+from .config import ModelConfig, from_dict
+from .errors import CheckpointError, ConfigError
+from .model import DTYPES, abstract_params
+from .tree import flatten, unflatten
 
-log = logging.getLogger("neox_jax")
+log = logging.getLogger(__name__)
 
 # Arrays are stored in chunks of at most this many bytes, one layer per chunk along the stacked
 # `layers` axis, so one layer can be read or written alone (converters stream layer by layer).
@@ -37,10 +40,6 @@ CHUNK_BYTES = 16 * 2**20
 FORMAT = "neox-jax"
 VERSION = 1
 MARKER = "neox_jax.json"
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be read or written (the message names the file or tensor)."""
 
 
 def _ocp():
@@ -64,6 +63,9 @@ def resolve(path: str | os.PathLike) -> Path:
             steps = sorted((int(c.name), c) for c in d.iterdir() if c.name.isdigit() and is_checkpoint(c))
             if steps:
                 return steps[-1][1]
+    note = atomic.pending(p)
+    if note:
+        raise CheckpointError(note)
     raise CheckpointError(f"{p}: not a neox-jax checkpoint (no {MARKER})")
 
 
@@ -76,24 +78,39 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     return from_dict(raw, where=str(p / "config.json"))
 
 
+def check_destination(dst: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse a DST that exists and is not empty (unless overwrite), or is a symbolic link."""
+    return atomic.check_destination(dst, overwrite, directory=True, error=CheckpointError)
+
+
+def open_destination(dst: str | os.PathLike, overwrite: bool = False) -> atomic.Replacement:
+    """The Replacement for a checkpoint directory DST: write into `.path`, then `.commit()`."""
+    return atomic.Replacement([dst], overwrite=overwrite, directory=True, error=CheckpointError)
+
+
+_OPEN: dict[Path, atomic.Replacement] = {}
+
+
 def prepare_destination(dst: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an existing non-empty DST unless overwrite; return the temporary path to write into."""
-    dst = Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise CheckpointError(f"{dst}: exists and is not empty (pass --overwrite to replace it)")
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
+    """`open_destination(...).path` for callers that hold only the temporary path; finish with
+    `commit_destination(tmp, dst)` or `discard_destination(tmp)`."""
+    rep = open_destination(dst, overwrite)
+    _OPEN[rep.path] = rep
+    return rep.path
 
 
 def commit_destination(tmp: Path, dst: str | os.PathLike) -> Path:
-    dst = Path(dst)
-    if dst.exists():
-        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-    os.replace(tmp, dst)
-    return dst
+    rep = _OPEN.pop(Path(tmp))
+    if rep.finals[0] != Path(dst):
+        raise ValueError(f"{tmp} was prepared for {rep.finals[0]}, not {dst}")
+    rep.commit()
+    return Path(dst)
+
+
+def discard_destination(tmp: Path) -> None:
+    rep = _OPEN.pop(Path(tmp), None)
+    if rep is not None:
+        rep.abort()
 
 
 def write_marker(directory: Path, cfg: ModelConfig, kind: str = "params", **extra) -> None:
@@ -105,16 +122,25 @@ def write_marker(directory: Path, cfg: ModelConfig, kind: str = "params", **extr
 def save_params(dst: str | os.PathLike, cfg: ModelConfig, params: Any, *, overwrite: bool = False, **extra) -> Path:
     """Write a params checkpoint atomically.  `params` must match `abstract_params(cfg)` in shapes."""
     check_tree(cfg, jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params), str(dst))
-    tmp = prepare_destination(dst, overwrite)
-    try:
+    with open_destination(dst, overwrite) as out:
         ckptr = _ocp().StandardCheckpointer()
-        ckptr.save(tmp.resolve() / "params", params, save_args=save_args(params))
+        try:
+            ckptr.save(out.path.resolve() / "params", params, save_args=save_args(params))
+        except BaseException:
+            try:
+                ckptr.wait_until_finished()  # no background write may outlive the temporary directory
+            except Exception:  # the save failed already; that error is the one reported
+                pass
+            raise
         ckptr.wait_until_finished()
-        write_marker(tmp, cfg, **extra)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return commit_destination(tmp, dst)
+        flat = flatten(params)
+        if all(getattr(x, "is_fully_addressable", True) for x in flat.values()):
+            checksums.write(out.path, checksums.tree_digests({n: np.asarray(x) for n, x in flat.items()}))
+        else:
+            log.warning("%s: parameters span several processes; no checksums written", dst)
+        write_marker(out.path, cfg, **extra)
+        out.commit()
+    return Path(dst)
 
 
 def save_args(params: Any) -> Any:
@@ -161,18 +187,24 @@ def load_params(
     *,
     dtype: str | None = None,
     shardings: Any | None = None,
+    verify: bool = False,
 ) -> tuple[ModelConfig, dict]:
     """Restore (config, params).  dtype casts on restore; shardings (tree of NamedSharding) places
-    each tensor directly on a mesh, which may differ from the one that saved it."""
+    each tensor directly on a mesh, which may differ from the one that saved it.  verify: check
+    every tensor against checksums.json (restored in the stored dtype, checked, then cast); needs
+    each tensor whole in this process."""
     p = resolve(path)
     cfg = read_config(p)
     saved = saved_tree(p)
     check_tree(cfg, saved, str(p))
+    digests = checksums.read(p) if verify else None
+    if verify and digests is None:
+        raise CheckpointError(f"{p}: no {checksums.FILE} (written before checksums existed); cannot verify")
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype)
 
     def target(sds, sharding=None):
-        dt = DTYPES[dtype] if dtype else sds.dtype
+        dt = DTYPES[dtype] if dtype and not verify else sds.dtype
         if sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return jax.ShapeDtypeStruct(sds.shape, dt, sharding=sharding)
@@ -182,6 +214,15 @@ def load_params(
         params = _ocp().StandardCheckpointer().restore((p / "params").resolve(), abstract)
     except Exception as e:
         raise CheckpointError(f"{p / 'params'}: restore failed ({e.__class__.__name__}: {e})") from None
+    if verify:
+        flat = flatten(params)
+        spread = [n for n, x in flat.items() if not x.is_fully_addressable]
+        if spread:
+            raise CheckpointError(f"{p}: tensor {spread[0]} spans several processes; verify it with "
+                                  f"`neox-jax inspect {p}` (which checks every checksum)")
+        checksums.check_tree(digests, flat, str(p))
+        if dtype is not None:
+            params = cast_params(params, dtype)
     return cfg, params
 
 
@@ -191,6 +232,7 @@ def cast_params(params: Any, dtype: str) -> Any:
 
 __all__ = [
     "CheckpointError", "ConfigError", "resolve", "read_config", "save_params", "load_params",
-    "saved_tree", "check_tree", "prepare_destination", "commit_destination", "write_marker",
+    "saved_tree", "check_tree", "check_destination", "open_destination", "prepare_destination",
+    "commit_destination", "discard_destination", "write_marker",
     "is_checkpoint", "cast_params",
 ]

@@ -2,7 +2,9 @@
 
 Each command registers its own parser; heavy imports (jax, torch) happen inside `run`, so
 `--help` is fast.  Bad input raises `UserError` (or OSError), reported as one line
-`neox-jax: error: ...` with exit status 2 and no traceback (`--debug` shows it).
+`neox-jax: error: ...` with exit status 2 and no traceback (`--debug` shows it).  SIGTERM is
+handled as SIGINT is: it raises `Terminated` in the main thread, so every writer's cleanup runs
+(temporaries removed, DST untouched); the exit status is then 143 (130 for SIGINT).
 """
 
 from __future__ import annotations
@@ -10,13 +12,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
+from .config import RUN_DTYPES
 from .errors import UserError
 
-log = logging.getLogger("neox_jax")
+log = logging.getLogger(__name__)
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler (a BaseException, like KeyboardInterrupt: not caught as an error)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 # ----------------------------------------------------------------------------- init
@@ -36,13 +48,11 @@ def _add_init(sub):
 
 
 def _run_init(args):
-    from .checkpoint import prepare_destination, save_params
+    from .checkpoint import check_destination, save_params
     from .config import load_config
 
     cfg = load_config(args.config, args.set)
-    # refuse a bad destination before spending time on initialisation
-    tmp = prepare_destination(args.dst, args.overwrite)
-    tmp.rmdir()
+    check_destination(args.dst, args.overwrite)  # before spending time on initialisation
     from .model import init_params
 
     log.info("initialising %s parameters (seed %d)", f"{cfg.num_params():,}", args.seed)
@@ -64,12 +74,14 @@ def _add_score(sub):
     p.add_argument("ckpt", help="neox-jax checkpoint directory")
     p.add_argument("--input", required=True, help="IN.jsonl (or a .txt file = one document)")
     p.add_argument("--output", help="OUT.jsonl (per-document scores)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--dtype", choices=RUN_DTYPES, default="float32", help="compute dtype")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--tokenizer", help="HF tokenizers JSON or sentencepiece .model "
                                        "(default: ../shared/data/20B_tokenizer.json)")
     p.add_argument("--context", type=int, help="window length (default: the model's max_position_embeddings)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    p.add_argument("--verify", action="store_true",
+                   help="check every tensor against the checkpoint's checksums.json before scoring")
     p.set_defaults(run=_run_score)
 
 
@@ -120,14 +132,16 @@ def _run_score(args):
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise UserError(f"{args.output}: exists (pass --overwrite to replace it)")
     docs, n_bytes = _read_documents(args.input, args.tokenizer)
-    cfg, params = load_params(args.ckpt)
+    cfg, params = load_params(args.ckpt, verify=args.verify)
     cfg = cfg.replace(compute_dtype=args.dtype)
     lps = score_documents(cfg, params, docs, batch_size=args.batch_size, window=args.context,
                           progress=sys.stderr.isatty())
     if args.output:
-        tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp")
-        write_scores(tmp, docs, lps)
-        os.replace(tmp, args.output)
+        from .atomic import Replacement
+
+        with Replacement([args.output], overwrite=True) as rep:
+            write_scores(rep.tmp(), docs, lps)
+            rep.commit()
     summary = summarize(lps, n_bytes)
     print(json.dumps({"summary": summary}))
     print(f"perplexity {summary['perplexity']:.4f} over {summary['tokens_scored']} tokens "
@@ -169,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "jax._src", "orbax", "tensorstore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         args.run(args)
     except (UserError, OSError) as e:
@@ -180,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("neox-jax: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("neox-jax: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term)
     return 0
 
 

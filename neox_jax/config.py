@@ -27,12 +27,13 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import UserError
+from .errors import ConfigError
 
-log = logging.getLogger("neox_jax")
+log = logging.getLogger(__name__)
 
 HIDDEN_ACTS = ("gelu", "gelu_tanh")  # exact erf GELU (HF Pythia configs) / tanh approximation (NeoX training)
-FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # the one list of dtype names (model.DTYPES, convert --dtype)
+RUN_DTYPES = ("float32", "bfloat16")  # what score / generate / eval compute in
 ATTENTION_IMPLS = ("xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "save_proj")
 INIT_SCHEMES = ("small_wang", "normal")
@@ -51,10 +52,6 @@ def _yaml_problem(e: Exception) -> str:
     mark = getattr(e, "problem_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     return where + str(getattr(e, "problem", None) or e.__class__.__name__)
-
-
-class ConfigError(UserError):
-    """A configuration value or key that we cannot honour (the message names it)."""
 
 
 @dataclasses.dataclass(frozen=True)

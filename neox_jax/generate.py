@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 from typing import Any, Callable, Sequence
 
@@ -44,12 +43,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig
+from .config import RUN_DTYPES, ModelConfig
 from .errors import UserError
 from .model import _numerics, attention_mask, block, layer_norm, logits_from_hidden, param_axes, rotary_tables
 from .sharding import DECODE_RULES, constrain, make_mesh, tree_shardings
 
-log = logging.getLogger("neox_jax")
 
 CACHE_AXES = ("layers", "batch", "act_heads", "seq", "head_dim")
 PAD_ID = 1  # <|padding|> in the GPT-NeoX tokenizer; only ever in masked slots
@@ -433,8 +431,8 @@ def load_generator(ckpt: str, *, dtype: str = "float32", tensor: int = 1, tokeni
     tensor > 1 placed directly on a decode mesh (each device reads only its shard)."""
     from .checkpoint import load_params, read_config
 
-    if dtype not in ("float32", "bfloat16"):
-        raise UserError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    if dtype not in RUN_DTYPES:
+        raise UserError(f"dtype must be one of {RUN_DTYPES}, got {dtype!r}")
     mesh = decode_mesh(tensor) if tensor > 1 else None
     cfg = read_config(ckpt)
     shardings = decode_shardings(cfg, mesh) if mesh is not None else None

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import FLOAT_DTYPES, RUN_DTYPES
 from .errors import UserError
 from .jsonl import read_jsonl
 
@@ -34,9 +35,9 @@ def register(sub) -> None:
                    help="stop strings: the completion ends before the first one")
     p.add_argument("--ignore-eod", action="store_true", help="do not stop at the end-of-document token")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+    p.add_argument("--dtype", choices=RUN_DTYPES, default="float32",
                    help="parameter and compute dtype (default float32)")
-    p.add_argument("--rotary-dtype", choices=["float32", "float16", "bfloat16"],
+    p.add_argument("--rotary-dtype", choices=FLOAT_DTYPES,
                    help="rotary table precision (default: the checkpoint's config)")
     p.add_argument("--tensor", type=int, default=1,
                    help="tensor-parallel devices: weights and KV cache split by heads/columns (default 1)")

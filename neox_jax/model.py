@@ -25,7 +25,6 @@ checkpoints, converters and the train step pass around.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from typing import Any
 
@@ -35,14 +34,13 @@ from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from .config import ModelConfig
+from .config import FLOAT_DTYPES, ModelConfig
 from .sharding import constrain, tree_shardings
 from .tree import count_params, flatten, unflatten  # noqa: F401  (re-exported for callers)
 
-log = logging.getLogger("neox_jax")
 
 Params = dict[str, Any]
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {name: jnp.dtype(name) for name in FLOAT_DTYPES}
 
 
 # ----------------------------------------------------------------------------- parameters

@@ -109,7 +109,7 @@ def test_restore_onto_a_mesh(tmp_path, tiny):
     C.save_params(tmp_path / "ck", cfg, params)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     shardings = tree_shardings(M.param_axes(cfg), mesh, M.abstract_params(cfg))
-    _, restored = C.load_params(tmp_path / "ck", shardings=shardings)
+    _, restored = C.load_params(tmp_path / "ck", shardings=shardings, verify=True)  # checksums, sharded
     k = restored["layers"]["mlp"]["fc_in"]["kernel"]
     assert k.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     np.testing.assert_array_equal(np.asarray(k), np.asarray(params["layers"]["mlp"]["fc_in"]["kernel"]))

@@ -17,7 +17,7 @@ from convert_fixtures import save_hf, tiny_hf
 from neox_jax.checkpoint import load_params, prepare_destination, commit_destination, save_params, saved_tree, write_marker
 from neox_jax.cli import main
 from neox_jax.config import ModelConfig
-from neox_jax.convert.formats import our_entries
+from neox_jax.convert.mapping import our_entries
 from neox_jax.convert.orbax_io import CHUNK_BYTES, OrbaxReader, OrbaxWriter, chunk_shape
 from neox_jax.convert.stream import convert
 from neox_jax.model import flatten, init_params

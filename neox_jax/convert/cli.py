@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-FORMATS = ("orbax", "hf", "neox")
-DTYPES = ("float32", "bfloat16", "float16")
+from ..config import FLOAT_DTYPES
+from .dispatch import FORMATS
 
 
 def register(sub) -> None:
@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("src", help="source checkpoint directory")
     p.add_argument("dst", help="directory to create")
     p.add_argument("--to", choices=FORMATS, default="orbax", help="target format (default: orbax)")
-    p.add_argument("--dtype", choices=DTYPES, help="cast every tensor (default: keep the source dtypes)")
+    p.add_argument("--dtype", choices=FLOAT_DTYPES, help="cast every tensor (default: keep the source dtypes)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks for --to neox (default 1)")
     p.add_argument("--verify", action="store_true",
                    help="run transformers (PyTorch) and our JAX model on a fixed batch; fail (DST not written) "

@@ -1,4 +1,4 @@
-"""What every checkpoint format shares: tensor entries in our layout, readers, writers, detection.
+"""What every checkpoint format shares: tensor entries, reader and writer bases, dtype and torch I/O.
 
 A *reader* opens one checkpoint (HF, native GPT-NeoX, or ours), checks every tensor's name and shape
 against its config before any data is read, and then hands out tensors one at a time, already in
@@ -10,24 +10,23 @@ OUR layout (mapping.py's transforms, tensor-parallel shards merged):
                                   `layer` the index into the stacked leading axis (None for globals),
                                   `shape` the shape of that one slice
     reader.read(entry)            numpy array, source dtype, our layout
+    reader.read_torch(entry)      the same tensor in torch layout (HF / merged NeoX)
     reader.native_tensors()       (native name, shape, dtype, loader) for `inspect`
 
 A *writer* receives the same stream in any order and writes its format into a temporary directory:
 `writer.write(entry, array)` then `writer.finish()`.  HF and NeoX writers take torch layout
-(`writer.layout == "torch"`, fed by `reader.read_torch`), so HF <-> NeoX never transposes.  Neither side ever holds more than one tensor
-(one layer for the native NeoX writer, whose files are per layer) plus I/O buffers.
+(`writer.layout == "torch"`, fed by `reader.read_torch`), so HF <-> NeoX never transposes.  Neither
+side ever holds more than one tensor (one layer for the native NeoX writer, whose files are per
+layer) plus I/O buffers.
 
-Detection (`detect_format`): a directory with `neox_jax.json` (or a run directory of numbered steps)
-is ours; `config.json` + `*.safetensors` / `pytorch_model*.bin` is Hugging Face; `latest` +
-`global_stepN/`, or a `global_stepN/` directory itself, with `layer_XX-model_YY-model_states.pt` or
-`mp_rank_XX_model_states.pt` files is native GPT-NeoX.
+Imports run one way: formats (this module) <- mapping (names, layouts, our entries) <- hf, neox,
+orbax_io (one module per format) <- dispatch (detect_format, open_reader, make_writer) <- stream,
+inspect, verify.
 """
-
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -35,14 +34,10 @@ from typing import Any, Callable, Iterator
 import ml_dtypes
 import numpy as np
 
-from ..checkpoint import CheckpointError
 from ..config import ModelConfig
-from .mapping import HF_GLOBAL_MAP, LAYER_MAP
+from ..errors import CheckpointError
 
-log = logging.getLogger("neox_jax")
-
-FORMATS = ("orbax", "hf", "neox")
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,43 +72,6 @@ def np_dtype(name: str | np.dtype) -> np.dtype:
 
 def dtype_name(dt) -> str:
     return np.dtype(dt).name
-
-
-def our_entries(cfg: ModelConfig, dtype: Any = np.float32) -> list[Entry]:
-    """Every (name, layer) slice of our parameter tree for cfg, layer-major (the natural HF order)."""
-    D, V, N, H, F = cfg.hidden_size, cfg.vocab_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
-    layer_shapes = {
-        "ln_attn/scale": (D,), "ln_attn/bias": (D,), "ln_mlp/scale": (D,), "ln_mlp/bias": (D,),
-        "attn/qkv/kernel": (D, 3, N, H), "attn/qkv/bias": (3, N, H),
-        "attn/out/kernel": (N, H, D), "attn/out/bias": (D,),
-        "mlp/fc_in/kernel": (D, F), "mlp/fc_in/bias": (F,),
-        "mlp/fc_out/kernel": (F, D), "mlp/fc_out/bias": (D,),
-    }
-    assert set(layer_shapes) == set(LAYER_MAP)
-    dt = np.dtype(dtype)
-    out = [Entry("embed_in/embedding", None, (V, D), dt)]
-    for i in range(cfg.num_layers):
-        out += [Entry(f"layers/{n}", i, layer_shapes[n], dt) for n in LAYER_MAP]
-    out += [Entry("final_ln/scale", None, (D,), dt), Entry("final_ln/bias", None, (D,), dt)]
-    if not cfg.tie_word_embeddings:
-        out.append(Entry("embed_out/kernel", None, (D, V), dt))
-    assert {e.name for e in out} - {"embed_out/kernel"} <= set(HF_GLOBAL_MAP) | {f"layers/{n}" for n in LAYER_MAP}
-    return out
-
-
-def leaf_shapes(entries: list[Entry], cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Our flat leaf name -> (full shape, dtype); stacked leaves get the leading L axis.
-
-    A stacked leaf whose layers came in different dtypes gets the promoted dtype."""
-    leaves: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-    for e in entries:
-        shape = e.shape if e.layer is None else (cfg.num_layers,) + tuple(e.shape)
-        if e.name in leaves:
-            dt = np.promote_types(leaves[e.name][1], e.dtype)
-            leaves[e.name] = (shape, dt)
-        else:
-            leaves[e.name] = (shape, np.dtype(e.dtype))
-    return leaves
 
 
 def cast(array: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
@@ -232,11 +190,8 @@ class Reader:
         raise NotImplementedError
 
     def read_torch(self, entry: Entry) -> np.ndarray:
-        """The same tensor in torch layout (HF / merged NeoX), for writers of those formats.
-        HF and NeoX readers override this to skip the round trip through our layout."""
-        from .hf import to_torch
-
-        return to_torch(entry.name, self.read(entry), self.config)
+        """The same tensor in torch layout (HF / merged NeoX), for writers of those formats."""
+        raise NotImplementedError
 
     def native_tensors(self) -> Iterator[NativeTensor]:
         raise NotImplementedError
@@ -271,55 +226,6 @@ class Writer:
 def check_slice(entry: Entry, array: np.ndarray, where: str) -> None:
     if tuple(array.shape) != tuple(entry.shape):
         raise CheckpointError(f"{where}: tensor {entry.label} has shape {tuple(array.shape)}, expected {entry.shape}")
-
-
-# ----------------------------------------------------------------------------- detection
-
-_STEP_DIR = re.compile(r"global_step(\d+)$")
-
-
-def detect_format(path: str | os.PathLike) -> str:
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file or directory")
-    if not p.is_dir():
-        raise CheckpointError(f"{p}: expected a checkpoint directory")
-    try:
-        from ..checkpoint import resolve
-
-        resolve(p)
-        return "orbax"
-    except CheckpointError:
-        pass
-    if (p / "config.json").exists() and (
-        any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin")) or any(p.glob("*.index.json"))
-    ):
-        return "hf"
-    if (p / "latest").exists() or _STEP_DIR.match(p.name) or any(_STEP_DIR.match(c.name) for c in p.iterdir()):
-        return "neox"
-    if (p / "config.json").exists():
-        raise CheckpointError(f"{p}: has config.json but no model.safetensors / pytorch_model*.bin weights")
-    raise CheckpointError(
-        f"{p}: not a recognised checkpoint (expected neox_jax.json, an HF config.json + weights, "
-        f"or a GPT-NeoX 'latest' + global_stepN/ directory)"
-    )
-
-
-def open_reader(path: str | os.PathLike, fmt: str | None = None, *, neox_config: list[str] | None = None) -> Reader:
-    fmt = fmt or detect_format(path)
-    if fmt == "orbax":
-        from .orbax_io import OrbaxReader
-
-        return OrbaxReader(Path(path))
-    if fmt == "hf":
-        from .hf import HFReader
-
-        return HFReader(Path(path))
-    if fmt == "neox":
-        from .neox import NeoxReader
-
-        return NeoxReader(Path(path), config_files=neox_config)
-    raise CheckpointError(f"unknown format {fmt!r}")
 
 
 def human_bytes(n: float) -> str:

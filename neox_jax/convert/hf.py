@@ -30,13 +30,12 @@ from typing import Any, Iterator
 import ml_dtypes
 import numpy as np
 
-from ..checkpoint import CheckpointError
-from ..config import ConfigError, ModelConfig, from_hf_config, to_hf_config
-from .formats import Entry, NativeTensor, Reader, Writer, check_slice, our_entries, torch_dtype_np, torch_load, \
-    torch_to_numpy
-from .mapping import HF_GLOBAL_MAP, HF_IGNORED_SUFFIXES, LAYER_MAP, hf_layer_key
+from ..config import ModelConfig, from_hf_config, to_hf_config
+from ..errors import CheckpointError, ConfigError
+from .formats import Entry, NativeTensor, Reader, Writer, check_slice, torch_dtype_np, torch_load, torch_to_numpy
+from .mapping import HF_IGNORED_SUFFIXES, LAYER_MAP, hf_name, our_entries, to_ours, torch_shape
 
-log = logging.getLogger("neox_jax")
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -55,44 +54,6 @@ ST_CODES = {v: k for k, v in ST_DTYPES.items()}
 
 
 # ----------------------------------------------------------------------------- names and shapes
-
-
-def hf_name(entry_name: str, layer: int | None) -> str:
-    if layer is None:
-        return HF_GLOBAL_MAP[entry_name][0]
-    return hf_layer_key(layer, LAYER_MAP[entry_name[len("layers/"):]][0])
-
-
-def _transforms(entry_name: str):
-    """(torch -> ours, ours -> torch) for one of our flat names."""
-    if entry_name.startswith("layers/"):
-        _, fwd, back = LAYER_MAP[entry_name[len("layers/"):]]
-    else:
-        _, fwd, back = HF_GLOBAL_MAP[entry_name]
-    return fwd, back
-
-
-def to_ours(entry_name: str, torch_layout: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    return _transforms(entry_name)[0](torch_layout, cfg)
-
-
-def to_torch(entry_name: str, ours: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    return _transforms(entry_name)[1](ours, cfg)
-
-
-def torch_shape(entry_name: str, cfg: ModelConfig) -> tuple[int, ...]:
-    """Shape of the torch (HF / merged NeoX) tensor for one of our flat names."""
-    D, V, F = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
-    table = {
-        "embed_in/embedding": (V, D), "embed_out/kernel": (V, D), "final_ln/scale": (D,), "final_ln/bias": (D,),
-        "layers/ln_attn/scale": (D,), "layers/ln_attn/bias": (D,),
-        "layers/ln_mlp/scale": (D,), "layers/ln_mlp/bias": (D,),
-        "layers/attn/qkv/kernel": (3 * D, D), "layers/attn/qkv/bias": (3 * D,),
-        "layers/attn/out/kernel": (D, D), "layers/attn/out/bias": (D,),
-        "layers/mlp/fc_in/kernel": (F, D), "layers/mlp/fc_in/bias": (F,),
-        "layers/mlp/fc_out/kernel": (D, F), "layers/mlp/fc_out/bias": (D,),
-    }
-    return table[entry_name]
 
 
 def hf_order(entries: list[Entry]) -> list[Entry]:
@@ -384,7 +345,7 @@ class HFWriter(Writer):
 
     def finish(self) -> None:
         for fd in self.fds:
-            os.close(fd)  # synced with the rest of DST before it is published (stream.sync_tree)
+            os.close(fd)  # synced with the rest of DST before it is published (atomic.sync_tree)
         self.fds = []
         if self.pending:
             first = sorted(self.pending, key=str)[0]

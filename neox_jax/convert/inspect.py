@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .formats import Entry, Reader, dtype_name, human_bytes, open_reader
+from .dispatch import open_reader
+from .formats import Entry, Reader, dtype_name, human_bytes
 
 
 CHUNK = 1 << 22  # elements per float64 pass: bounded memory however big the tensor

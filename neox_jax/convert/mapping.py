@@ -10,11 +10,13 @@ W_qkv.reshape(N, 3, H, D).  Ours is kernel [D, 3, N, H] and bias [3, N, H].
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from ..config import ModelConfig
+from ..tree import flatten, unflatten
+from .formats import Entry
 
 Array = np.ndarray
 
@@ -119,8 +121,6 @@ def hf_keys(cfg: ModelConfig) -> list[str]:
 
 def params_from_hf(cfg: ModelConfig, sd: Mapping[str, Array]) -> dict:
     """In-memory HF state dict (numpy arrays) -> our nested parameter dict (layers stacked)."""
-    from ..model import unflatten
-
     flat = {}
     for name, (key, fwd, _) in HF_GLOBAL_MAP.items():
         if name == "embed_out/kernel" and cfg.tie_word_embeddings:
@@ -137,8 +137,6 @@ def params_from_hf(cfg: ModelConfig, sd: Mapping[str, Array]) -> dict:
 
 def params_to_hf(cfg: ModelConfig, params: dict) -> dict[str, Array]:
     """Our nested parameter dict -> HF state dict of numpy arrays."""
-    from ..model import flatten
-
     flat = {k: np.asarray(v) for k, v in flatten(params).items()}
     sd = {}
     for name, (key, _, back) in HF_GLOBAL_MAP.items():
@@ -149,3 +147,81 @@ def params_to_hf(cfg: ModelConfig, params: dict) -> dict[str, Array]:
         for i in range(cfg.num_layers):
             sd[hf_layer_key(i, suffix)] = back(stacked[i], cfg)
     return sd
+
+
+# ----------------------------------------------------------------------------- per-tensor layout
+
+
+def hf_name(entry_name: str, layer: int | None) -> str:
+    if layer is None:
+        return HF_GLOBAL_MAP[entry_name][0]
+    return hf_layer_key(layer, LAYER_MAP[entry_name[len("layers/"):]][0])
+
+
+def _transforms(entry_name: str):
+    """(torch -> ours, ours -> torch) for one of our flat names."""
+    if entry_name.startswith("layers/"):
+        _, fwd, back = LAYER_MAP[entry_name[len("layers/"):]]
+    else:
+        _, fwd, back = HF_GLOBAL_MAP[entry_name]
+    return fwd, back
+
+
+def to_ours(entry_name: str, torch_layout: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    return _transforms(entry_name)[0](torch_layout, cfg)
+
+
+def to_torch(entry_name: str, ours: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    return _transforms(entry_name)[1](ours, cfg)
+
+
+def torch_shape(entry_name: str, cfg: ModelConfig) -> tuple[int, ...]:
+    """Shape of the torch (HF / merged NeoX) tensor for one of our flat names."""
+    D, V, F = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
+    table = {
+        "embed_in/embedding": (V, D), "embed_out/kernel": (V, D), "final_ln/scale": (D,), "final_ln/bias": (D,),
+        "layers/ln_attn/scale": (D,), "layers/ln_attn/bias": (D,),
+        "layers/ln_mlp/scale": (D,), "layers/ln_mlp/bias": (D,),
+        "layers/attn/qkv/kernel": (3 * D, D), "layers/attn/qkv/bias": (3 * D,),
+        "layers/attn/out/kernel": (D, D), "layers/attn/out/bias": (D,),
+        "layers/mlp/fc_in/kernel": (F, D), "layers/mlp/fc_in/bias": (F,),
+        "layers/mlp/fc_out/kernel": (D, F), "layers/mlp/fc_out/bias": (D,),
+    }
+    return table[entry_name]
+
+
+def our_entries(cfg: ModelConfig, dtype: Any = np.float32) -> list[Entry]:
+    """Every (name, layer) slice of our parameter tree for cfg, layer-major (the natural HF order)."""
+    D, V, N, H, F = cfg.hidden_size, cfg.vocab_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
+    layer_shapes = {
+        "ln_attn/scale": (D,), "ln_attn/bias": (D,), "ln_mlp/scale": (D,), "ln_mlp/bias": (D,),
+        "attn/qkv/kernel": (D, 3, N, H), "attn/qkv/bias": (3, N, H),
+        "attn/out/kernel": (N, H, D), "attn/out/bias": (D,),
+        "mlp/fc_in/kernel": (D, F), "mlp/fc_in/bias": (F,),
+        "mlp/fc_out/kernel": (F, D), "mlp/fc_out/bias": (D,),
+    }
+    assert set(layer_shapes) == set(LAYER_MAP)
+    dt = np.dtype(dtype)
+    out = [Entry("embed_in/embedding", None, (V, D), dt)]
+    for i in range(cfg.num_layers):
+        out += [Entry(f"layers/{n}", i, layer_shapes[n], dt) for n in LAYER_MAP]
+    out += [Entry("final_ln/scale", None, (D,), dt), Entry("final_ln/bias", None, (D,), dt)]
+    if not cfg.tie_word_embeddings:
+        out.append(Entry("embed_out/kernel", None, (D, V), dt))
+    assert {e.name for e in out} - {"embed_out/kernel"} <= set(HF_GLOBAL_MAP) | {f"layers/{n}" for n in LAYER_MAP}
+    return out
+
+
+def leaf_shapes(entries: list[Entry], cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Our flat leaf name -> (full shape, dtype); stacked leaves get the leading L axis.
+
+    A stacked leaf whose layers came in different dtypes gets the promoted dtype."""
+    leaves: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    for e in entries:
+        shape = e.shape if e.layer is None else (cfg.num_layers,) + tuple(e.shape)
+        if e.name in leaves:
+            dt = np.promote_types(leaves[e.name][1], e.dtype)
+            leaves[e.name] = (shape, dt)
+        else:
+            leaves[e.name] = (shape, np.dtype(e.dtype))
+    return leaves

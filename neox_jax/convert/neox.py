@@ -47,14 +47,13 @@ from typing import Any, Iterator
 import numpy as np
 import yaml
 
-from ..checkpoint import CheckpointError
-from ..config import ConfigError, ModelConfig, from_neox_yaml
-from .formats import Entry, NativeTensor, Reader, Writer, check_slice, numpy_to_torch, our_entries, \
-    torch_dtype_np, torch_load, torch_to_numpy
-from .hf import to_ours, torch_shape
-from .mapping import LAYER_MAP
+from ..config import ModelConfig, from_neox_yaml
+from ..errors import CheckpointError, ConfigError
+from .formats import Entry, NativeTensor, Reader, Writer, check_slice, numpy_to_torch, torch_dtype_np, torch_load, \
+    torch_to_numpy
+from .mapping import LAYER_MAP, our_entries, to_ours, torch_shape
 
-log = logging.getLogger("neox_jax")
+log = logging.getLogger(__name__)
 
 # our per-layer name -> (GPT-NeoX parameter suffix, TP kind)
 NEOX_LAYER = {n: (suffix, kind) for n, (suffix, _, _), kind in zip(

@@ -15,7 +15,8 @@ stacked (`layers/mlp/fc_in/kernel` is [L, D, F], 13 GB in bf16 at 20B).  What is
    several cores).  The data are written slice by slice as they stream in: `store[layer] = slice`,
    at most MAX_IN_FLIGHT slices being compressed while the next is read.  Writes skip per-write
    fsync; the converter fsyncs the whole directory once before publishing it.
-3. `neox_jax.json` and `config.json` are written last, then the temporary directory is renamed.
+3. `checksums.json` (CRC-32 of each slice, computed in a thread as slices arrive; checksums.py),
+   `neox_jax.json` and `config.json` are written last, then the temporary directory is published.
 
 The result is exactly what Orbax would have written for numpy leaves apart from the chunk grid, so
 `checkpoint.load_params` (plain `StandardCheckpointer().restore`, any sharding) and
@@ -23,7 +24,7 @@ The result is exactly what Orbax would have written for numpy leaves apart from 
 Checked with orbax-checkpoint 0.12.8 (here) and 0.12.4 (the GPU machine's version), both ways:
 written by one version, restored by the other, and the whole convert test suite run under 0.12.4.
 
-Reading is per slice too: `store[layer].read()`.  `checkpoint.save_params` (used by `init` and
+Reading is per slice too: `store[layer].read()`, each slice checked against `checksums.json`.  `checkpoint.save_params` (used by `init` and
 meant for the trainer) asks Orbax for the same one-layer chunks.  An Orbax checkpoint written
 otherwise may have one chunk per array shard, often the whole stacked tensor; a slice of such a
 chunk cannot be decoded alone, so the reader then reads the whole leaf once and hands out its
@@ -33,20 +34,22 @@ slices (peak memory: the largest stacked tensor, documented in docs/convert.md).
 from __future__ import annotations
 
 import json
-import logging
 import math
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from ..checkpoint import CHUNK_BYTES, CheckpointError, check_tree, read_config, resolve, saved_tree, write_marker
+from .. import checksums
+from ..checkpoint import CHUNK_BYTES, check_tree, read_config, resolve, saved_tree, write_marker
 from ..config import FLOAT_DTYPES, ModelConfig
-from ..model import flatten, unflatten
-from .formats import Entry, NativeTensor, Reader, Writer, check_slice, leaf_shapes, our_entries
+from ..errors import CheckpointError
+from ..tree import flatten, unflatten
+from .formats import Entry, NativeTensor, Reader, Writer, check_slice
+from .mapping import leaf_shapes, our_entries, to_torch
 
-log = logging.getLogger("neox_jax")
 
 # CHUNK_BYTES (from checkpoint.py): several chunks per big slice, compressed in parallel
 MAX_IN_FLIGHT = 2  # slices being compressed/written while the next one is read
@@ -86,7 +89,7 @@ class _Store:
         self.use_zarr3 = bool(meta.get("use_zarr3", False))
         self.driver = "zarr3" if self.use_zarr3 else "zarr"
         self.meta_file = "zarr.json" if self.use_zarr3 else ".zarray"
-        self.context = _ts().Context({"file_io_sync": False})  # one sync at the end (sync_tree)
+        self.context = _ts().Context({"file_io_sync": False})  # one sync at the end (atomic.sync_tree)
         base = params_dir.resolve().as_posix()
         if self.use_ocdbt:
             self.kv = {"driver": "ocdbt", "base": f"file://{base}/"}
@@ -149,6 +152,8 @@ class OrbaxWriter(Writer):
                 raise CheckpointError(f"orbax writer: {name} opened as {self.arrays[name].dtype}, expected {dt}")
         self.pending = {(e.name, e.layer) for e in entries}
         self.inflight: list = []
+        self.hasher = ThreadPoolExecutor(2)
+        self.digests: dict[tuple[str, int | None], Any] = {}  # futures of checksums.digest
 
     def write(self, entry: Entry, array: np.ndarray) -> None:
         shape, dt = self.leaves[entry.name]
@@ -156,6 +161,7 @@ class OrbaxWriter(Writer):
         t = self.arrays[entry.name]
         target = t if entry.layer is None else t[entry.layer]
         self.inflight.append((target.write(array, can_reference_source_data_indefinitely=True), array))
+        self.digests[(entry.name, entry.layer)] = self.hasher.submit(checksums.digest, array)
         while len(self.inflight) > MAX_IN_FLIGHT:
             self.inflight.pop(0)[0].result()
         self.pending.discard((entry.name, entry.layer))
@@ -169,6 +175,7 @@ class OrbaxWriter(Writer):
                 future.result()
             except Exception:  # the conversion is failing anyway; its own error is reported
                 pass
+        self.hasher.shutdown(wait=True, cancel_futures=True)
         self.arrays.clear()
 
     def finish(self) -> None:
@@ -178,6 +185,14 @@ class OrbaxWriter(Writer):
             first = sorted(self.pending, key=str)[0]
             raise CheckpointError(f"orbax writer: {len(self.pending)} tensors never arrived (first: {first})")
         self.arrays.clear()
+        digests: checksums.Digests = {}
+        for (name, layer), fut in sorted(self.digests.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+            if layer is None:
+                digests[name] = fut.result()
+            else:
+                digests.setdefault(name, []).append(fut.result())
+        self.hasher.shutdown()
+        checksums.write(self.tmp, digests)
         dts = {dt.name for _, dt in self.leaves.values()}
         cfg = self.cfg
         if len(dts) == 1 and next(iter(dts)) in FLOAT_DTYPES:
@@ -218,6 +233,7 @@ class OrbaxReader(Reader):
             chunks = t.chunk_layout.read_chunk.shape
             self.per_layer[name] = chunks is not None and chunks[0] == 1
         self._cache: tuple[str, np.ndarray] | None = None
+        self.digests = checksums.read(root)  # None: written before checksums existed, nothing to check
         try:
             marker = json.loads((root / "neox_jax.json").read_text())
         except (OSError, json.JSONDecodeError):
@@ -242,20 +258,23 @@ class OrbaxReader(Reader):
     def read(self, entry: Entry) -> np.ndarray:
         t = self.arrays[entry.name]
         if entry.layer is None:
-            out = t.read().result()
+            out = self._fetch(t, entry.label)
         elif self.per_layer[entry.name]:
-            out = t[entry.layer].read().result()
+            out = self._fetch(t[entry.layer], entry.label)
         else:
             if self._cache is None or self._cache[0] != entry.name:
                 self._cache = None
-                self._cache = (entry.name, t.read().result())
+                self._cache = (entry.name, self._fetch(t, entry.name))
             out = self._cache[1][entry.layer]
             if entry.layer == t.shape[0] - 1:
                 out = out.copy()
                 self._cache = None
         out = np.asarray(out)
         check_slice(entry, out, str(self.path))
-        return out
+        return self._checked(entry.name, entry.layer, out)
+
+    def read_torch(self, entry: Entry) -> np.ndarray:
+        return to_torch(entry.name, self.read(entry), self.config)
 
     def native_tensors(self) -> Iterator[NativeTensor]:
         for name in sorted(self.arrays):
@@ -263,10 +282,28 @@ class OrbaxReader(Reader):
 
             def load(t=t, name=name):
                 if self.per_layer[name] and t.ndim > 0:
-                    return (np.asarray(t[i].read().result()) for i in range(t.shape[0]))
-                return np.asarray(t.read().result())
+                    return (self._checked(name, i, self._fetch(t[i], f"{name}[{i}]")) for i in range(t.shape[0]))
+                whole = self._fetch(t, name)
+                if checksums.stacked(name):
+                    for i in range(whole.shape[0]):
+                        self._checked(name, i, whole[i])
+                    return whole
+                return self._checked(name, None, whole)
 
             yield name, tuple(t.shape), t.dtype.numpy_dtype, load
+
+    def _fetch(self, t, label: str) -> np.ndarray:
+        """Read a tensorstore array (or slice); a damaged or missing file is a CheckpointError."""
+        try:
+            return np.asarray(t.read().result())
+        except Exception as e:  # tensorstore raises ValueError with the whole spec in the message
+            raise CheckpointError(f"{self.path}: tensor {label} is unreadable "
+                                  f"({str(e).splitlines()[0][:200]})") from None
+
+    def _checked(self, name: str, layer: int | None, a: np.ndarray) -> np.ndarray:
+        if self.digests is not None:
+            checksums.check(self.digests, name, layer, a, str(self.path))
+        return a
 
     def close(self) -> None:
         self.arrays.clear()

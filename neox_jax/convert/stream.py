@@ -1,29 +1,30 @@
 """`neox-jax convert`: one reader, one writer, one tensor at a time, then (optionally) --verify.
 
     reader = open_reader(SRC)          # validates every name and shape against the config first
-    tmp    = prepare_destination(DST)  # refuses a non-empty DST unless --overwrite
+    out    = open_destination(DST)     # refuses a non-empty DST unless --overwrite
     for entry in reader.entries():     # source order (layer-major for HF and NeoX)
         writer.write(entry, cast(reader.read(entry), --dtype))
-    writer.finish(); verify(tmp); commit_destination(tmp, DST)
+    writer.finish(); verify(out.path); out.commit()
 
-Any error (or a failed --verify) removes the temporary directory, so DST is either the complete
-new checkpoint or untouched.
+Any error, SIGINT, SIGTERM (or a failed --verify) removes the temporary directory, so DST is either
+the complete new checkpoint or untouched (neox_jax/atomic.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from ..checkpoint import CheckpointError, commit_destination, prepare_destination
-from ..errors import UserError
-from .formats import FORMATS, Entry, Reader, cast, dtype_name, human_bytes, np_dtype, open_reader, parse_size
+from ..atomic import test_pause
+from ..checkpoint import check_destination, open_destination
+from ..errors import UserError, VerifyError
+from .dispatch import FORMATS, make_writer, open_reader
+from .formats import cast, dtype_name, human_bytes, np_dtype, parse_size
 
-log = logging.getLogger("neox_jax")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -34,26 +35,6 @@ class ConvertResult:
     rows: list[dict]  # per (source dtype, written dtype): tensors, bytes
     seconds: float
     verify: dict | None = None
-
-
-def make_writer(fmt: str, tmp: Path, reader: Reader, entries: list[Entry], *, dst: Path, tp: int,
-                max_shard_size: int, step: int | None):
-    cfg = reader.config
-    if fmt == "orbax":
-        from .orbax_io import OrbaxWriter
-
-        return OrbaxWriter(tmp, cfg, entries, extras=reader.extras,
-                           source={"format": reader.fmt, "path": str(Path(reader.path).resolve())})
-    if fmt == "hf":
-        from .hf import HFWriter
-
-        return HFWriter(tmp, cfg, entries, max_shard_size=max_shard_size, extras=reader.extras)
-    if fmt == "neox":
-        from .neox import NeoxWriter
-
-        st = step if step is not None else int(reader.extras.get("step", 0))
-        return NeoxWriter(tmp, cfg, entries, tp=tp, step=st, final_dst=dst, extras=reader.extras)
-    raise UserError(f"--to {fmt!r}: expected one of {FORMATS}")
 
 
 def _progress(entries, desc):
@@ -80,75 +61,54 @@ def convert(src: str, dst: str, *, to: str = "orbax", dtype: str | None = None, 
     shard = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     out_dt = np_dtype(dtype) if dtype else None
 
+    check_destination(dst, overwrite)  # before any reading
+
     t0 = time.perf_counter()
     reader = open_reader(src, neox_config=neox_config)
-    tmp = None
     writer = None
     try:
         entries = reader.entries()
         out_entries = [e.with_dtype(out_dt) if out_dt is not None else e for e in entries]
-        tmp = prepare_destination(dst, overwrite)
-        writer = make_writer(to, tmp, reader, out_entries, dst=dst_p, tp=tp, max_shard_size=shard, step=step)
-        log.info("converting %s -> %s (%s, %d tensors)", reader.describe(), dst, to, len(entries))
-        rows: dict[tuple[str, str], dict] = {}
-        for e, oe in zip(_progress(entries, f"{reader.fmt}->{to}"), out_entries):
-            a = cast(reader.read_torch(e) if writer.layout == "torch" else reader.read(e), out_dt)
-            writer.write(oe, a)
-            r = rows.setdefault((dtype_name(e.dtype), dtype_name(a.dtype)), {"tensors": 0, "bytes": 0})
-            r["tensors"] += 1
-            r["bytes"] += a.nbytes
-            del a
-        writer.finish()
-        sync_tree(tmp)
-        seconds = time.perf_counter() - t0
-        result = ConvertResult(dst_p, reader.fmt, to, [
-            {"source_dtype": k[0], "dtype": k[1], **v} for k, v in sorted(rows.items())], seconds)
-        if verify:
-            from .verify import verify_conversion
+        with open_destination(dst, overwrite) as out:
+            try:
+                tmp = out.path
+                writer = make_writer(to, tmp, reader, out_entries, dst=dst_p, tp=tp, max_shard_size=shard,
+                                     step=step)
+                log.info("converting %s -> %s (%s, %d tensors)", reader.describe(), dst, to, len(entries))
+                rows: dict[tuple[str, str], dict] = {}
+                for e, oe in zip(_progress(entries, f"{reader.fmt}->{to}"), out_entries):
+                    a = cast(reader.read_torch(e) if writer.layout == "torch" else reader.read(e), out_dt)
+                    writer.write(oe, a)
+                    r = rows.setdefault((dtype_name(e.dtype), dtype_name(a.dtype)), {"tensors": 0, "bytes": 0})
+                    r["tensors"] += 1
+                    r["bytes"] += a.nbytes
+                    del a
+                    test_pause("convert-tensor")
+                writer.finish()
+                seconds = time.perf_counter() - t0
+                result = ConvertResult(dst_p, reader.fmt, to, [
+                    {"source_dtype": k[0], "dtype": k[1], **v} for k, v in sorted(rows.items())], seconds)
+                if verify:
+                    from .verify import verify_conversion
 
-            narrowed = any(np_dtype(oe.dtype).itemsize < np_dtype(e.dtype).itemsize or
-                           (oe.dtype != e.dtype and np_dtype(oe.dtype).itemsize == np_dtype(e.dtype).itemsize)
-                           for e, oe in zip(entries, out_entries))
-            reader.close()
-            result.verify = verify_conversion(src, reader.fmt, tmp, to, neox_config=neox_config,
-                                              narrowed_to=dtype if narrowed else None, dst_label=str(dst))
-            if not result.verify["ok"]:
-                v = result.verify
-                raise VerifyError(
-                    f"verify failed: max |dlogit| {v['max_abs_diff']:.3g} > tolerance {v['tolerance']:.3g} "
-                    f"(mean KL {v['mean_kl']:.3g}); {dst} was not written")
-        commit_destination(tmp, dst)
-        tmp = None
+                    narrowed = any(np_dtype(oe.dtype).itemsize < np_dtype(e.dtype).itemsize or
+                                   (oe.dtype != e.dtype and np_dtype(oe.dtype).itemsize == np_dtype(e.dtype).itemsize)
+                                   for e, oe in zip(entries, out_entries))
+                    reader.close()
+                    result.verify = verify_conversion(src, reader.fmt, tmp, to, neox_config=neox_config,
+                                                      narrowed_to=dtype if narrowed else None, dst_label=str(dst))
+                    if not result.verify["ok"]:
+                        v = result.verify
+                        raise VerifyError(
+                            f"verify failed: max |dlogit| {v['max_abs_diff']:.3g} > tolerance {v['tolerance']:.3g} "
+                            f"(mean KL {v['mean_kl']:.3g}); {dst} was not written")
+                out.commit()
+            finally:
+                if writer is not None and out.state != "done":
+                    writer.abort()  # end in-flight writes before the temporary directory is deleted
         return result
     finally:
         reader.close()
-        if writer is not None and tmp is not None:
-            writer.abort()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def sync_tree(root: Path) -> None:
-    """fsync every file and directory under root once, before the rename that publishes it
-    (the writers themselves write without per-write syncs)."""
-    import os
-
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-class VerifyError(CheckpointError):
-    """--verify found logits outside the tolerance."""
 
 
 def summary_table(result: ConvertResult) -> str:

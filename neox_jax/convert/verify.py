@@ -17,13 +17,11 @@ The whole model is held twice in float32 (once per framework): budget memory for
 
 from __future__ import annotations
 
-import logging
 import numpy as np
 
 from ..config import ModelConfig
-from .formats import open_reader
+from .dispatch import open_reader
 
-log = logging.getLogger("neox_jax")
 
 TOLERANCE = {None: 1e-4, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 BATCH, SEQ, SEED = 2, 64, 1234
@@ -40,7 +38,8 @@ def torch_model_from_reader(reader):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from .formats import numpy_to_torch
-    from .hf import hf_config_dict, hf_name
+    from .hf import hf_config_dict
+    from .mapping import hf_name
 
     cfg = reader.config
     hf = hf_config_dict(cfg, "float32")
@@ -64,7 +63,7 @@ def torch_model_from_reader(reader):
 
 def jax_params(path, fmt: str, neox_config=None):
     """(config, float32 params) of a checkpoint, for our forward pass."""
-    from ..model import unflatten
+    from ..tree import unflatten
 
     if fmt == "orbax":
         from ..checkpoint import load_params

@@ -7,7 +7,6 @@ temporary names and renamed at the end; existing outputs are refused unless `--o
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -175,18 +174,17 @@ def _run_order(args) -> None:
             blend = f" dataset {d['dataset']}" if "dataset" in d else ""
             print(f"step {i // args.batch} index {i}{blend} sample {d['sample']}{where}")
         return
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
+    from ..atomic import Replacement
+
+    with Replacement([out], overwrite=True) as rep:
+        with open(rep.tmp(), "w", encoding="utf-8") as f:
             for i in bar:
                 tokens = ds[i]
                 rec = {"step": i // args.batch, "index": i, **ds.describe(i), "tokens": tokens.tolist()}
                 if tok is not None:
                     rec["text"] = tok.decode(tokens)
                 f.write(json.dumps(rec) + "\n")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+        rep.commit()
     print(f"wrote {out}: {len(indices)} samples of steps {steps.start}..{steps.stop - 1}")
 
 

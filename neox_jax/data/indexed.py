@@ -17,9 +17,11 @@ utilities).  Dtype code 6 is float32 there; the 2022 Pythia-branch code mapped i
 which that code could neither write nor read such a file, so float32 is the only meaning in use.
 
 `IndexedDataset` validates a file pair before use and names the file and byte offset of any problem
-(wrong magic, version, dtype code, truncated arrays, items that point past the end of `.bin`).
-`IndexedDatasetWriter` writes to hidden temporary names and renames both files only at `finalize`, so a
-failed run never leaves a half-written dataset behind.
+(wrong magic, version, dtype code, truncated arrays, items that point past the end of `.bin`, a `.bin`
+longer than the index says, a pair whose replacement was interrupted).
+`IndexedDatasetWriter` writes both files under hidden temporary names and publishes them together
+through `atomic.Replacement` at `finalize`: a failed or killed run never leaves a half-written
+dataset, and the pair is never seen as a mixed old/new pair (neox_jax/atomic.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .. import atomic
 from ..errors import UserError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -103,6 +106,10 @@ class IndexedDataset:
         self.prefix = strip_prefix(prefix)
         idx_path, bin_path = index_file(self.prefix), data_file(self.prefix)
         for p in (idx_path, bin_path):
+            note = atomic.pending(p)
+            if note:
+                raise UserError(note)
+        for p in (idx_path, bin_path):
             if not p.exists():
                 raise UserError(f"{p}: not found (expected {self.prefix}.idx and {self.prefix}.bin)")
         self.index_path, self.data_path = idx_path, bin_path
@@ -141,6 +148,10 @@ class IndexedDataset:
         self._bin = (np.memmap(bin_path, dtype=np.uint8, mode="r") if bin_size
                      else np.zeros(0, dtype=np.uint8))
         self._check_items(bin_size)
+        want = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if n else 0
+        if bin_size != want:
+            raise UserError(f"{bin_path}: {bin_size} bytes, but {idx_path} describes {want} "
+                            f"(the two files do not belong together)")
 
     def _check_items(self, bin_size: int) -> None:
         n = len(self.sizes)
@@ -205,13 +216,8 @@ class IndexedDatasetWriter:
         self.dtype = np.dtype(dtype)
         dtype_code(self.dtype)
         self.index_path, self.data_path = index_file(self.prefix), data_file(self.prefix)
-        for p in (self.index_path, self.data_path):
-            if p.exists() and not overwrite:
-                raise UserError(f"{p}: exists (pass --overwrite to replace it)")
-        self.data_path.parent.mkdir(parents=True, exist_ok=True)
-        tag = f".tmp-{os.getpid()}"
-        self._tmp_bin = self.data_path.with_name(f".{self.data_path.name}{tag}")
-        self._tmp_idx = self.index_path.with_name(f".{self.index_path.name}{tag}")
+        self._out = atomic.Replacement([self.data_path, self.index_path], overwrite=overwrite)
+        self._tmp_bin, self._tmp_idx = self._out.tmp(self.data_path), self._out.tmp(self.index_path)
         self._bin = open(self._tmp_bin, "wb")
         self._sizes = array("q")
         self._doc_idx = array("q", [0])
@@ -248,21 +254,22 @@ class IndexedDatasetWriter:
         self._bin.close()
         sizes = np.frombuffer(self._sizes, dtype=np.int64)
         self._tmp_idx.write_bytes(encode_index(sizes, np.frombuffer(self._doc_idx, np.int64), self.dtype))
-        os.replace(self._tmp_bin, self.data_path)
-        os.replace(self._tmp_idx, self.index_path)
+        self._out.commit()
 
     def abort(self) -> None:
         """Close and delete the temporary files."""
         self._done = True
         self._bin.close()
-        for p in (self._tmp_bin, self._tmp_idx):
-            p.unlink(missing_ok=True)
+        self._out.abort()
 
     def __enter__(self) -> "IndexedDatasetWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.finalize()
-        else:
-            self.abort()
+        with self._out:  # turns an OSError (a full disk) into one line naming the dataset
+            if exc_type is None:
+                self.finalize()
+            else:
+                self.abort()
+                if exc is not None:
+                    raise exc

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -130,9 +131,13 @@ def build_index_maps(prefix: str, name: str, documents: np.ndarray, sizes: np.nd
     shuffle_idx = build_shuffle_idx(n, rng)
     if save_cache:
         for p, arr in zip(paths, (doc_idx, sample_idx, shuffle_idx)):
-            tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+            # every process of a multi-host run may write the same map: a name unique per write
+            # (a pid is not unique across hosts), then an atomic rename over any other copy
+            tmp = p.with_name(f".{p.name}.neox-jax-{secrets.token_hex(6)}.tmp")
             with open(tmp, "wb") as f:
                 np.save(f, arr, allow_pickle=True)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, p)
     return IndexMaps(doc_idx, sample_idx, shuffle_idx, num_epochs=epochs, from_cache=False)
 

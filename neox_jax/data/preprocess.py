@@ -44,6 +44,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..atomic import test_pause
 from ..errors import UserError
 from .indexed import IndexedDatasetWriter, best_fitting_dtype, strip_prefix
 from .tokenizer import Tokenizer, load_tokenizer
@@ -274,6 +275,7 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str, tokenize
                     writer.end_document()
                     n_tokens += int(ids.size)
                 n_docs += len(encoded)
+                test_pause("preprocess-chunk")
                 bar.update(pos - bar.n)
                 bar.set_postfix(docs=n_docs, tok_s=f"{n_tokens / (time.perf_counter() - start):,.0f}")
     finally:

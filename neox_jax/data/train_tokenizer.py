@@ -9,17 +9,18 @@
   2 = `<unk>`, no bos, identity normalisation, whitespace kept, byte fallback (lossless decode).
   SentencePiece trains on sentences: each document's lines are fed as separate sentences.
 
-Outputs go to a temporary name first and are renamed at the end; an existing output is refused unless
-`overwrite`.
+Outputs are written under a temporary name and published by `atomic.Replacement` (fsynced, then
+renamed over the old file); an existing output is refused unless `overwrite`.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from ..atomic import Replacement, check_destination
 from ..errors import UserError
 from .preprocess import iter_documents
 
@@ -32,9 +33,7 @@ def _texts(inputs: Sequence[str | os.PathLike], key: str, txt_mode: str) -> Iter
 
 
 def _check_output(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise UserError(f"{path}: exists (pass --overwrite to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_destination(path, overwrite, directory=False)
 
 
 def train_bpe(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, vocab_size: int, *,
@@ -56,9 +55,9 @@ def train_bpe(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, vo
                                   special_tokens=list(SPECIALS), show_progress=progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_texts(inputs, key, txt_mode), trainer=trainer)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tok.save(str(tmp))
-    os.replace(tmp, out)
+    with Replacement([out], overwrite=overwrite) as rep:
+        tok.save(str(rep.tmp()))
+        rep.commit()
     return out
 
 
@@ -74,21 +73,21 @@ def train_sentencepiece(inputs: Sequence[str | os.PathLike], output: str | os.Pa
     _check_output(out, overwrite)
     if model_type not in ("bpe", "unigram"):
         raise UserError(f"sentencepiece model type {model_type!r}: expected bpe or unigram")
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.tmp-") as tmpdir:
-        prefix = Path(tmpdir) / "spm"
+    def sentences() -> Iterator[str]:
+        for text in _texts(inputs, key, txt_mode):
+            yield from (line for line in text.split("\n") if line.strip())
 
-        def sentences() -> Iterator[str]:
-            for text in _texts(inputs, key, txt_mode):
-                yield from (line for line in text.split("\n") if line.strip())
-
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=sentences(), model_prefix=str(prefix), vocab_size=vocab_size,
-                model_type=model_type, eos_id=0, eos_piece=SPECIALS[0], pad_id=1, pad_piece=SPECIALS[1],
-                unk_id=2, bos_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
-                byte_fallback=True, input_sentence_size=max_sentences, shuffle_input_sentence=True,
-                allow_whitespace_only_pieces=True, minloglevel=2)
-        except RuntimeError as e:
-            raise UserError(f"sentencepiece training failed: {e}") from None
-        os.replace(prefix.with_suffix(".model"), out)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, eos_id=0, eos_piece=SPECIALS[0], pad_id=1, pad_piece=SPECIALS[1],
+            unk_id=2, bos_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            byte_fallback=True, input_sentence_size=max_sentences, shuffle_input_sentence=True,
+            allow_whitespace_only_pieces=True, minloglevel=2)
+    except RuntimeError as e:
+        raise UserError(f"sentencepiece training failed: {e}") from None
+    with Replacement([out], overwrite=overwrite) as rep:
+        rep.tmp().write_bytes(model.getvalue())
+        rep.commit()
     return out

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import RUN_DTYPES
 from ..errors import UserError
 
 
@@ -38,7 +39,7 @@ def register(sub) -> None:
     p.add_argument("--context", type=int, help="window for --lambada/--perplexity and lm-eval max_length "
                                                "(default: the model's max_position_embeddings)")
     p.add_argument("--batch-size", type=int, default=8, help="requests or windows scored together (default 8)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter and compute dtype")
+    p.add_argument("--dtype", choices=RUN_DTYPES, default="float32", help="parameter and compute dtype")
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel devices (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for tasks that sample")
     p.add_argument("--tokenizer", help="HF tokenizers JSON or sentencepiece .model "

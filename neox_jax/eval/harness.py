@@ -33,7 +33,7 @@ from lm_eval.api.registry import register_model
 
 from ..errors import UserError
 
-log = logging.getLogger("neox_jax")
+log = logging.getLogger(__name__)
 
 MODEL_ARGS = ("checkpoint", "tokenizer", "dtype", "batch_size", "max_length", "max_gen_toks", "tensor", "seed")
 

@@ -27,18 +27,14 @@ import numpy as np
 from .. import checkpoint as ckpt
 from .. import flops
 from ..data.loader import Loader, global_batch_arrays
-from ..errors import UserError
+from ..errors import TrainingError, UserError
 from ..sharding import make_mesh
 from .config import RunConfig
 from .metrics import Metrics, peak_flops
 from .state import init_state, make_optimizer, param_shardings, state_shardings
 from .step import batch_sharding, make_eval_step, make_train_step, use_vocab_parallel
 
-log = logging.getLogger("neox_jax")
-
-
-class TrainingError(UserError):
-    """The run cannot continue (non-finite loss, incompatible --init-from checkpoint, ...)."""
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- data

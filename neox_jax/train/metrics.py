@@ -9,14 +9,12 @@ MFU against the device's dense bf16 peak (`peak_flops`; unknown on CPU, so no MF
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any
 
 from ..flops import PEAK_FLOPS
 
-log = logging.getLogger("neox_jax")
 
 # substrings of `jax.Device.device_kind` (lower case) -> PEAK_FLOPS key
 _KINDS = (("h100", "h100"), ("h200", "h200"), ("gh200", "h200"), ("a100", "a100"), ("v5 lite", "tpu-v5e"),

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from ..config import _NEOX_MATH_ALLOWED, _NEOX_READ, ConfigError, from_neox_yaml
 
-log = logging.getLogger("neox_jax")
+log = logging.getLogger(__name__)
 
 _MAPPED = {
     "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gas", "train_batch_size",

@@ -1,0 +1,439 @@
+"""Replacing outputs so that a crash, a kill or a full disk never leaves a missing or mixed output.
+
+Every writer (checkpoint save, `init`, `convert`, `data preprocess`, `data train-tokenizer`) goes
+through one `Replacement`:
+
+    with Replacement([dst], overwrite=..., directory=True) as rep:
+        write into rep.tmp(dst)        # a hidden sibling: .NAME.neox-jax-<op>.tmp
+        rep.commit()                   # fsync, then publish every output
+
+Names are unique per operation (`<op>`: 12 random hex digits), never per pid, so two hosts writing
+beside each other cannot collide.  Beside the temporaries sits the operation's journal,
+`.NAME.neox-jax-<op>.journal` (JSON): the creating host, boot id, pid and the pid's start time, the
+state ("writing", then "committing"), and each output's final, temporary and aside names.
+
+Commit, in order:
+1. fsync every file and directory of the new outputs (the old outputs are untouched so far);
+2. rewrite the journal atomically with state "committing" and the (device, inode) of each new
+   output, fsynced: from here on the new outputs are complete and the operation can always be
+   finished by whoever finds the journal;
+3. publish each output.  A file: `rename(2)` over the old one (atomic).  A directory that exists:
+   `renameat2(RENAME_EXCHANGE)` swaps old and new in one step, so at every instant DST holds the
+   complete old or the complete new directory; the old one is then deleted.  Where the kernel or
+   file system lacks RENAME_EXCHANGE, the old directory is renamed aside (`.NAME.neox-jax-<op>.old`),
+   the new one renamed in, the aside one deleted: DST is then missing for the time between two
+   renames, and a reader that looks in that window is told that a replacement is pending;
+4. fsync the parent directory, delete the journal.
+
+SIGINT and SIGTERM that arrive during step 3 are held until it ends (the output is then the new
+one; the command still exits as interrupted).  Publishing is idempotent: the inode identity tells
+whether an output is already in place, so a journal in state "committing" is finished by the next
+`Replacement` in that directory.  Several outputs (a dataset's `.bin` and `.idx`) are never seen
+as a mixed pair by our readers: `pending()` reports an unfinished journal and `IndexedDataset`
+refuses the pair until it is finished.
+
+Leftovers: when a `Replacement` starts, it looks at the journals in its directory.  One whose
+creating process is gone (same host and boot, pid not running or running a different process) is
+provably ours and abandoned: in state "writing" its temporaries are deleted, in state
+"committing" it is finished; either is logged.  Journals of live processes or of other hosts are
+reported and left alone, as are temporaries without a journal.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+TAG = "neox-jax"
+_NAME = re.compile(r"^\.(?P<name>.+)\.neox-jax-(?P<op>[0-9a-f]{12})\.(?P<kind>tmp|old|journal|journal\.new)$")
+
+
+# ----------------------------------------------------------------------------- small OS helpers
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file and directory under root (root itself included)."""
+    root = Path(root)
+    if not root.is_dir():
+        fsync_path(root)
+        return
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                fsync_path(Path(p))
+        fsync_path(Path(dirpath))
+
+
+def remove(path: Path) -> None:
+    """Delete a file, link or directory tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def _identity(path: Path) -> list[int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return [st.st_dev, st.st_ino]
+
+
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE).  False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start is None or _start_time(pid) in (None, start)
+
+
+def _owner() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
+            "pid_start": _start_time(os.getpid())}
+
+
+def _abandoned(j: dict) -> bool:
+    """True when the journal's creator is provably gone (this host and boot, process not running)."""
+    if j.get("host") != socket.gethostname() or j.get("boot_id") != _boot_id():
+        return False
+    return not _alive(int(j.get("pid", -1)), j.get("pid_start"))
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    new = path.with_name(path.name + ".new")
+    with open(new, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(new, path)
+    fsync_path(path.parent)
+
+
+class _HeldSignals:
+    """Hold SIGINT/SIGTERM while publishing (main thread only); deliver them afterwards."""
+
+    def __enter__(self):
+        self.got: list[int] = []
+        self.old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.old[s] = signal.signal(s, lambda signum, frame: self.got.append(signum))
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        for s in self.got:
+            h = self.old.get(s)
+            if callable(h):
+                h(s, None)
+            elif s == signal.SIGINT:
+                raise KeyboardInterrupt
+            elif h == signal.SIG_DFL:
+                signal.raise_signal(s)
+
+
+def test_pause(point: str) -> None:
+    """Fault tests (tests/atomic_test.py) widen a window to kill a run in: with
+    NEOX_JAX_TEST_PAUSE="point:seconds" set, sleep that long each time `point` is reached."""
+    spec = os.environ.get("NEOX_JAX_TEST_PAUSE")
+    if spec and spec.rpartition(":")[0] == point:
+        time.sleep(float(spec.rpartition(":")[2]))
+
+
+# ----------------------------------------------------------------------------- journals
+
+
+def _journals(parent: Path) -> Iterable[tuple[Path, str]]:
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    out = []
+    for n in sorted(names):
+        m = _NAME.match(n)
+        if m and m.group("kind") == "journal":
+            out.append((parent / n, m.group("op")))
+    return out
+
+
+def _read_journal(path: Path) -> dict | None:
+    try:
+        j = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return j if isinstance(j, dict) and j.get("tool") == TAG and isinstance(j.get("targets"), list) else None
+
+
+def pending(final: str | os.PathLike) -> str | None:
+    """A one-line description of an unfinished replacement of `final`, or None."""
+    final = Path(final)
+    for path, _ in _journals(final.parent):
+        j = _read_journal(path)
+        if j and j.get("state") == "committing" and any(t.get("final") == final.name for t in j["targets"]):
+            return (f"{final}: an interrupted replacement is pending (journal {path}; pid {j.get('pid')} on "
+                    f"{j.get('host')}); the next neox-jax write into {final.parent} finishes it")
+    return None
+
+
+def _publish(parent: Path, t: dict) -> None:
+    """Move one new output into place (idempotent; see the module docstring)."""
+    final, tmp, old = parent / t["final"], parent / t["tmp"], parent / t["old"]
+    new_id = t["id"]
+    if _identity(final) != new_id:
+        if _identity(tmp) != new_id:
+            raise UserError(f"{final}: cannot finish the replacement: its new copy {tmp} is missing")
+        if os.path.lexists(final) and (t["dir"] or (final.is_dir() and not final.is_symlink())):
+            if not exchange(tmp, final):
+                if not os.path.lexists(old):
+                    os.rename(final, old)
+                os.rename(tmp, final)
+        else:
+            os.replace(tmp, final)
+    # after an exchange the old output sits at the temporary name
+    if os.path.lexists(tmp) and _identity(tmp) != new_id:
+        remove(tmp)
+    remove(old)
+
+
+def _finish(path: Path, j: dict) -> None:
+    parent = path.parent
+    for t in j["targets"]:
+        _publish(parent, t)
+        test_pause("publish")
+    fsync_path(parent)
+    path.unlink(missing_ok=True)
+    fsync_path(parent)
+
+
+def _discard(path: Path, j: dict) -> None:
+    parent = path.parent
+    for t in j["targets"]:
+        remove(parent / t["tmp"])
+        remove(parent / t["old"])
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".new").unlink(missing_ok=True)
+
+
+def recover(parent: str | os.PathLike, *, skip_op: str | None = None) -> list[str]:
+    """Deal with what interrupted operations left in `parent` (see the module docstring); returns
+    one line per leftover found (also logged)."""
+    parent = Path(parent)
+    notes: list[str] = []
+    known_ops = set()
+    for path, op in _journals(parent):
+        known_ops.add(op)
+        if op == skip_op:
+            continue
+        j = _read_journal(path)
+        if j is None:
+            notes.append(f"{path}: unreadable neox-jax journal; left alone")
+            continue
+        who = f"pid {j.get('pid')} on {j.get('host')}"
+        finals = ", ".join(str(parent / t["final"]) for t in j["targets"])
+        if not _abandoned(j):
+            notes.append(f"{path}: temporaries of another neox-jax run ({who}, writing {finals}); left alone")
+        elif j.get("state") == "committing":
+            _finish(path, j)
+            notes.append(f"{finals}: finished a replacement that an interrupted run ({who}) had started")
+        else:
+            _discard(path, j)
+            notes.append(f"{finals}: removed the temporaries of an interrupted run ({who})")
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        names = []
+    for n in sorted(names):
+        m = _NAME.match(n)
+        if m and m.group("kind") in ("tmp", "old") and m.group("op") not in known_ops:
+            notes.append(f"{parent / n}: a neox-jax temporary without a journal (not provably abandoned); "
+                         f"left alone, delete it if no neox-jax command is writing here")
+    for note in notes:
+        log.warning("%s", note)
+    return notes
+
+
+# ----------------------------------------------------------------------------- the helper
+
+
+def check_destination(final: str | os.PathLike, overwrite: bool, *, directory: bool,
+                      error: type[UserError] = UserError) -> Path:
+    """Refuse a destination we must not replace (raising `error`); return it as a Path.  A directory
+    destination may exist empty; anything else that exists needs `overwrite`."""
+    final = Path(final)
+    if final.is_symlink():
+        raise error(f"{final}: is a symbolic link; give the real path (a link is never replaced)")
+    if final.exists() and not overwrite:
+        if directory and final.is_dir():
+            if any(final.iterdir()):
+                raise error(f"{final}: exists and is not empty (pass --overwrite to replace it)")
+        else:
+            raise error(f"{final}: exists (pass --overwrite to replace it)")
+    if not final.parent.is_dir():
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise error(f"{final.parent}: cannot create the output directory ({e.strerror})") from None
+    return final
+
+
+class Replacement:
+    """Replace one or more outputs in one directory (module docstring).  Use as a context manager:
+    leaving the block without `commit()` (an error, SIGINT, SIGTERM) deletes the temporaries; an
+    OSError while writing becomes a UserError naming the destination."""
+
+    def __init__(self, finals: Sequence[str | os.PathLike], *, overwrite: bool = False,
+                 directory: bool = False, error: type[UserError] = UserError):
+        self.finals = [check_destination(f, overwrite, directory=directory, error=error) for f in finals]
+        parents = {f.parent.resolve() for f in self.finals}
+        if len(parents) != 1:
+            raise ValueError(f"outputs of one Replacement must share a directory: {self.finals}")
+        self.parent = self.finals[0].parent
+        self.op = secrets.token_hex(6)
+        self.directory = directory
+        self.state = "writing"
+        recover(self.parent, skip_op=self.op)
+        self.journal = self.parent / f".{self.finals[0].name}.{TAG}-{self.op}.journal"
+        self._tmp = {f: self.parent / f".{f.name}.{TAG}-{self.op}.tmp" for f in self.finals}
+        self._old = {f: self.parent / f".{f.name}.{TAG}-{self.op}.old" for f in self.finals}
+        try:
+            self._write_journal("writing")
+            if directory:
+                for t in self._tmp.values():
+                    t.mkdir()
+        except OSError as e:
+            self.abort()
+            raise error(f"{self.finals[0]}: cannot write here ({e.strerror})") from None
+
+    def tmp(self, final: str | os.PathLike | None = None) -> Path:
+        """Where the new content of `final` (default: the only output) is written."""
+        return self._tmp[Path(final) if final is not None else self.finals[0]]
+
+    @property
+    def path(self) -> Path:
+        return self.tmp()
+
+    def _write_journal(self, state: str, ids: dict | None = None) -> None:
+        targets = [{"final": f.name, "tmp": self._tmp[f].name, "old": self._old[f].name,
+                    "dir": self.directory, "id": (ids or {}).get(f)} for f in self.finals]
+        _write_json_atomic(self.journal, {"tool": TAG, "op": self.op, "state": state,
+                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                          "targets": targets, **_owner()})
+
+    def commit(self) -> list[Path]:
+        """fsync the new outputs, then publish them all (module docstring)."""
+        if self.state != "writing":
+            raise RuntimeError(f"commit in state {self.state}")
+        ids = {}
+        for f, t in self._tmp.items():
+            if not os.path.lexists(t):
+                raise UserError(f"{f}: nothing was written to {t}")
+            sync_tree(t)
+            ids[f] = _identity(t)
+        fsync_path(self.parent)
+        self._write_journal("committing", ids)  # from here on the new outputs can always be published
+        self.state = "committing"
+        with _HeldSignals():
+            _finish(self.journal, _read_journal(self.journal))
+            self.state = "done"
+        return list(self.finals)
+
+    def abort(self) -> None:
+        """Delete the temporaries (not once committing: then the journal finishes the job)."""
+        if self.state != "writing":
+            return
+        self.state = "aborted"
+        for t in self._tmp.values():
+            remove(t)
+        self.journal.with_name(self.journal.name + ".new").unlink(missing_ok=True)
+        self.journal.unlink(missing_ok=True)
+
+    def __enter__(self) -> "Replacement":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.state == "writing":
+            self.abort()
+        if exc_type is None or isinstance(exc, UserError) or not isinstance(exc, Exception):
+            return
+        io_error = isinstance(exc, OSError) or "No space left on device" in str(exc)
+        if not io_error:
+            return
+        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no space left on device"
+        where = getattr(exc, "filename", None) or self.tmp(self.finals[0])
+        after = ("the old output is untouched" if self.state == "aborted" else
+                 "the new output is complete and the next neox-jax write here finishes publishing it")
+        raise UserError(f"{self.finals[0]}: {what} while writing {where}; {after}") from None
+
+
+def write_file(final: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
+    """Replace one small file atomically."""
+    with Replacement([final], overwrite=overwrite) as rep:
+        with open(rep.tmp(), "wb") as f:
+            f.write(data)
+        rep.commit()
+    return Path(final)

@@ -1,0 +1,320 @@
+"""Write safety (issue 8): atomic replacement, interrupted runs, full disks, checksums.
+
+Fault tests run the real CLI in a subprocess and kill it.  The window is widened with the test hook
+NEOX_JAX_TEST_PAUSE="point:seconds" (neox_jax/atomic.py: `test_pause`), which sleeps at a named
+point: after each tensor of `convert`, after each chunk of documents of `data preprocess`, after
+each output is published.  The test waits until the run's journal exists (it is writing), or says
+"committing" (it is publishing), then sends the signal.  DST must then be byte-identical to the
+complete old output or to the complete new output made by an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neox_jax import atomic
+from neox_jax.checkpoint import CheckpointError, load_params, save_params
+from neox_jax.cli import main
+from neox_jax.config import load_config
+from neox_jax.convert.stream import convert
+from neox_jax.data.indexed import IndexedDataset
+from neox_jax.data.preprocess import preprocess
+from neox_jax.errors import UserError
+from neox_jax.model import abstract_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tree_bytes(path: Path) -> dict[str, bytes]:
+    """Every file under path (or path itself) -> its bytes."""
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(n for n in os.listdir(parent) if atomic._NAME.match(n))
+
+
+def one_error_line(capsys, *needles) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [x for x in err if x.startswith("neox-jax: error:")]
+    assert len(lines) == 1 and "Traceback" not in "\n".join(err), err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def random_params(cfg, seed: int):
+    """Random values of the model's shapes (only the bytes matter here; no jit compile)."""
+    import jax
+
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(s.dtype), abstract_params(cfg))
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Two tiny checkpoints (seeds 0 and 1) and the HF conversion of each."""
+    d = tmp_path_factory.mktemp("ck")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    for seed in (0, 1):
+        save_params(d / f"ck{seed}", cfg, random_params(cfg, seed))
+        convert(str(d / f"ck{seed}"), str(d / f"hf{seed}"), to="hf")
+    return d
+
+
+# ----------------------------------------------------------------------------- the helper itself
+
+
+@pytest.mark.parametrize("swap", ["exchange", "aside"])
+def test_directory_replacement(tmp_path, monkeypatch, swap):
+    if swap == "aside":  # a kernel or file system without RENAME_EXCHANGE
+        monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    with pytest.raises(UserError, match="exists and is not empty"):
+        atomic.Replacement([dst], directory=True)
+    with atomic.Replacement([dst], overwrite=True, directory=True) as rep:
+        (rep.path / "new.txt").write_text("new")
+        assert json.loads(rep.journal.read_text())["state"] == "writing"
+        rep.commit()
+    assert tree_bytes(dst) == {"new.txt": b"new"} and leftovers(tmp_path) == []
+    (tmp_path / "link").symlink_to(dst)
+    with pytest.raises(UserError, match="symbolic link"):
+        atomic.Replacement([tmp_path / "link"], overwrite=True, directory=True)
+
+
+def test_failure_keeps_the_old_output(tmp_path):
+    dst = tmp_path / "out.txt"
+    dst.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic.Replacement([dst], overwrite=True) as rep:
+            rep.tmp().write_text("half")
+            raise RuntimeError("boom")
+    assert dst.read_text() == "old" and leftovers(tmp_path) == []
+
+
+def test_stale_temporaries_removed_only_when_provably_abandoned(tmp_path, caplog):
+    parent = tmp_path
+    mine = {"tool": "neox-jax", "host": __import__("socket").gethostname(), "boot_id": atomic._boot_id(),
+            "state": "writing"}
+    for op, pid in (("0000000000aa", dead_pid()), ("0000000000bb", os.getpid())):
+        (parent / f".x.neox-jax-{op}.tmp").mkdir()
+        (parent / f".x.neox-jax-{op}.journal").write_text(json.dumps(
+            {**mine, "op": op, "pid": pid, "pid_start": atomic._start_time(pid),
+             "targets": [{"final": "x", "tmp": f".x.neox-jax-{op}.tmp", "old": f".x.neox-jax-{op}.old",
+                          "dir": True, "id": None}]}))
+    (parent / ".y.neox-jax-0000000000cc.tmp").write_text("no journal")
+    notes = atomic.recover(parent)
+    assert leftovers(parent) == [".x.neox-jax-0000000000bb.journal", ".x.neox-jax-0000000000bb.tmp",
+                                 ".y.neox-jax-0000000000cc.tmp"]
+    assert any("removed the temporaries of an interrupted run" in n for n in notes)
+    assert any("another neox-jax run" in n and str(os.getpid()) in n for n in notes)
+    assert any("without a journal" in n for n in notes)
+
+
+# ----------------------------------------------------------------------------- full disk
+
+
+def test_disk_full_during_convert_and_init(ckpts, tmp_path, capsys, monkeypatch):
+    """ENOSPC injected at the write layer, in-process (no small file system can be mounted here):
+    the converter's tensor write and Orbax's save for `init`."""
+    from neox_jax.convert.orbax_io import OrbaxWriter
+
+    dst = tmp_path / "dst"
+    shutil.copytree(ckpts / "ck1", dst)
+    before = tree_bytes(dst)
+    calls = []
+
+    def full(self, entry, array):
+        calls.append(entry)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, entry, array)
+
+    real = OrbaxWriter.write
+    monkeypatch.setattr(OrbaxWriter, "write", full)
+    assert main(["convert", str(ckpts / "hf0"), str(dst), "--overwrite"]) == 2
+    one_error_line(capsys, str(dst), "No space left on device", "old output is untouched")
+    assert tree_bytes(dst) == before and leftovers(tmp_path) == []
+    monkeypatch.undo()
+
+    import orbax.checkpoint as ocp
+
+    from neox_jax import model
+
+    def full_save(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", full_save)
+    monkeypatch.setattr(model, "init_params", random_params)  # the write is under test, not the init
+    assert main(["init", str(ROOT / "configs" / "tiny.yaml"), str(dst), "--overwrite"]) == 2
+    one_error_line(capsys, str(dst), "No space left on device")
+    assert tree_bytes(dst) == before and leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def test_checksums_are_zlib_crc32_of_each_tensor_and_layer(ckpts, tmp_path):
+    """checksums.json from save_params (init) and from the streaming converter (HF -> orbax) is
+    zlib.crc32 of each tensor's little-endian bytes, one per layer for stacked tensors."""
+    import zlib
+
+    from neox_jax.tree import flatten
+
+    convert(str(ckpts / "hf0"), str(tmp_path / "conv"))
+    _, params = load_params(ckpts / "ck0")
+    for ck in (ckpts / "ck0", tmp_path / "conv"):
+        stored = json.loads((ck / "checksums.json").read_text())
+        assert stored["algorithm"] == "crc32"
+        want = {}
+        for name, x in flatten(params).items():
+            a = np.asarray(x)
+            crc = [zlib.crc32(np.ascontiguousarray(s).astype(s.dtype.newbyteorder("<")).tobytes())
+                   for s in (a if name.startswith("layers/") else [a])]
+            want[name] = [f"{c:08x}" for c in crc] if name.startswith("layers/") else f"{crc[0]:08x}"
+        assert stored["tensors"] == want, ck
+
+
+def test_flipped_bit_is_named(ckpts, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpts / "ck0", bad)
+    big = max((p for p in (bad / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(big.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    big.write_bytes(bytes(data))
+    (tmp_path / "in.jsonl").write_text('{"tokens": [1, 2, 3, 4, 5]}\n')
+    for argv in (["inspect", str(bad), "--no-hash"], ["convert", str(bad), str(tmp_path / "out"), "--to", "hf"],
+                 ["score", str(bad), "--input", str(tmp_path / "in.jsonl"), "--verify"]):
+        assert main(argv) == 2, argv
+        one_error_line(capsys, str(bad), "tensor ", "is damaged", "checksums.json")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    with pytest.raises(CheckpointError, match=r"tensor \S+ is damaged"):
+        load_params(bad, verify=True)
+    cfg, params = load_params(ckpts / "ck0", verify=True, dtype="bfloat16")  # clean: passes, then casts
+    assert str(params["embed_in"]["embedding"].dtype) == "bfloat16"
+
+
+# ----------------------------------------------------------------------------- killed runs
+
+
+def _spawn(args, pause: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NEOX_JAX_TEST_PAUSE": pause,
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, "-m", "neox_jax", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def _wait_for_journal(proc, parent: Path, state: str, timeout: float = 90) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        for j in parent.glob(".*.neox-jax-*.journal"):
+            try:
+                if json.loads(j.read_text()).get("state") == state:
+                    return
+            except (OSError, ValueError):
+                pass
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no journal in state {state} under {parent}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_convert_leaves_old_or_new(ckpts, tmp_path, capsys, caplog, sig):
+    dst = tmp_path / "hf"
+    shutil.copytree(ckpts / "hf1", dst)
+    old, new = tree_bytes(dst), tree_bytes(ckpts / "hf0")
+    assert old != new
+    proc = _spawn(["convert", ckpts / "ck0", dst, "--to", "hf", "--overwrite"], "convert-tensor:0.2")
+    _wait_for_journal(proc, tmp_path, "writing")
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert tree_bytes(dst) == old  # killed while writing: the old output, whole
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143 and err.strip().splitlines()[-1] == "neox-jax: terminated", err
+        assert leftovers(tmp_path) == []
+    else:
+        assert proc.returncode == -signal.SIGKILL and leftovers(tmp_path)
+        caplog.set_level("WARNING", logger="neox_jax")
+        assert main(["convert", str(ckpts / "ck0"), str(dst), "--to", "hf", "--overwrite"]) == 0
+        assert "removed the temporaries of an interrupted run" in caplog.text
+        assert tree_bytes(dst) == new and leftovers(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shakespeare):
+    """Old and new inputs, and the new pair as an uninterrupted run writes it."""
+    d = tmp_path_factory.mktemp("corpus")
+    lines = [ln for ln in shakespeare.splitlines() if ln.strip()]
+    (d / "old.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[:200]))
+    (d / "new.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[:1500]))
+    return d
+
+
+def _pair(prefix: Path) -> dict[str, bytes]:
+    return {s: Path(f"{prefix}_text_document{s}").read_bytes() for s in (".bin", ".idx")}
+
+
+@pytest.mark.parametrize("sig,when", [(signal.SIGTERM, "writing"), (signal.SIGKILL, "writing"),
+                                      (signal.SIGKILL, "committing")])
+def test_killed_preprocess_leaves_old_or_new_pair(corpus, neox_tokenizer_path, tmp_path, caplog, sig, when):
+    ref = tmp_path / "ref" / "d"
+    preprocess([corpus / "new.jsonl"], str(ref), neox_tokenizer_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    prefix = out / "d"
+    preprocess([corpus / "old.jsonl"], str(prefix), neox_tokenizer_path)
+    old, new = _pair(prefix), _pair(ref)
+    pause = "preprocess-chunk:0.4" if when == "writing" else "publish:30"
+    proc = _spawn(["data", "preprocess", corpus / "new.jsonl", "--output-prefix", prefix,
+                   "--tokenizer", neox_tokenizer_path, "--overwrite"], pause)
+    _wait_for_journal(proc, out, when)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    if when == "writing":
+        assert _pair(prefix) == old
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 143 and "neox-jax: terminated" in err and leftovers(out) == []
+        return
+    # killed between publishing the .bin and the .idx: on disk a new .bin beside the old .idx, which
+    # no reader accepts; the journal says the new pair is complete, and the next write finishes it
+    assert Path(f"{prefix}_text_document.bin").read_bytes() == new[".bin"]
+    with pytest.raises(UserError, match="interrupted replacement is pending"):
+        IndexedDataset(f"{prefix}_text_document")
+    caplog.set_level("WARNING", logger="neox_jax")
+    notes = atomic.recover(out)
+    assert any("finished a replacement" in n for n in notes), notes
+    assert _pair(prefix) == new and leftovers(out) == []
+    assert IndexedDataset(f"{prefix}_text_document").num_tokens > 0
+
+
+def test_bin_longer_than_index_refused(tmp_path, neox_tokenizer_path, corpus):
+    prefix = tmp_path / "d"
+    preprocess([corpus / "old.jsonl"], str(prefix), neox_tokenizer_path)
+    with open(f"{prefix}_text_document.bin", "ab") as f:
+        f.write(np.zeros(3, np.uint16).tobytes())
+    with pytest.raises(UserError, match="do not belong together"):
+        IndexedDataset(f"{prefix}_text_document")
