@@ -82,7 +82,11 @@ def _read_documents(path: str, tokenizer_path: str | None):
     texts: list[str | None] = []
     tokens: list[list[int] | None] = []
     if p.suffix == ".txt":
-        texts.append(p.read_text(encoding="utf-8"))
+        data = p.read_bytes()
+        try:
+            texts.append(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{p}: offset {e.start}: not UTF-8 ({e.reason})") from None
         tokens.append(None)
     else:
         for lineno, rec in read_jsonl(p):
@@ -117,13 +121,23 @@ def _run_score(args):
     from .checkpoint import load_params
     from .evaluate import score_documents, summarize, write_scores
 
+    from .checkpoint import read_config
+    from .evaluate import check_batch_size, check_window
+
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise UserError(f"{args.output}: exists (pass --overwrite to replace it)")
+    check_batch_size(args.batch_size)
+    if args.context is not None and args.context < 1:
+        raise UserError(f"--context {args.context}: must be a positive number of tokens")
+    cfg = read_config(args.ckpt)  # options checked against the model before any work
+    window = check_window(args.context, cfg)
     docs, n_bytes = _read_documents(args.input, args.tokenizer)
+    if all(len(d) < 2 for d in docs):
+        raise UserError(f"{args.input}: nothing to score (every document has fewer than 2 tokens)")
     cfg, params = load_params(args.ckpt)
     cfg = cfg.replace(compute_dtype=args.dtype)
-    lps = score_documents(cfg, params, docs, batch_size=args.batch_size, window=args.context,
-                          progress=sys.stderr.isatty())
+    lps = score_documents(cfg, params, docs, batch_size=args.batch_size, window=window,
+                          progress=sys.stderr.isatty(), source=args.input)
     if args.output:
         tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp")
         write_scores(tmp, docs, lps)

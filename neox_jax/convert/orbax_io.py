@@ -41,6 +41,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..errors import reading
 from ..checkpoint import CHUNK_BYTES, CheckpointError, check_tree, read_config, resolve, saved_tree, write_marker
 from ..config import FLOAT_DTYPES, ModelConfig
 from ..model import flatten, unflatten
@@ -240,6 +241,10 @@ class OrbaxReader(Reader):
         return sorted(out, key=lambda e: (order[e.name], e.layer if e.layer is not None else -1))
 
     def read(self, entry: Entry) -> np.ndarray:
+        with reading(self.path / "params", f"cannot read tensor {entry.label}"):
+            return self._read(entry)
+
+    def _read(self, entry: Entry) -> np.ndarray:
         t = self.arrays[entry.name]
         if entry.layer is None:
             out = t.read().result()
@@ -262,9 +267,16 @@ class OrbaxReader(Reader):
             t = self.arrays[name]
 
             def load(t=t, name=name):
+                where = self.path / "params"
                 if self.per_layer[name] and t.ndim > 0:
-                    return (np.asarray(t[i].read().result()) for i in range(t.shape[0]))
-                return np.asarray(t.read().result())
+                    def layers():
+                        for i in range(t.shape[0]):
+                            with reading(where, f"cannot read tensor {name} layer {i}"):
+                                arr = np.asarray(t[i].read().result())
+                            yield arr
+                    return layers()
+                with reading(where, f"cannot read tensor {name}"):
+                    return np.asarray(t.read().result())
 
             yield name, tuple(t.shape), t.dtype.numpy_dtype, load
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import sys
 import time
@@ -78,6 +79,12 @@ def convert(src: str, dst: str, *, to: str = "orbax", dtype: str | None = None, 
     if src_p == dst_p or src_p in dst_p.parents or dst_p in src_p.parents:
         raise UserError(f"{dst}: DST must not be SRC or contain it (or be inside it)")
     shard = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    if shard < 1:
+        raise UserError(f"--max-shard-size {max_shard_size}: must be positive")
+    if step is not None and step < 0:
+        raise UserError(f"--step {step}: must be >= 0")
+    if Path(dst).is_symlink():
+        raise UserError(f"{dst}: is a symbolic link (to {os.readlink(dst)}); give the real directory")
     out_dt = np_dtype(dtype) if dtype else None
 
     t0 = time.perf_counter()
