@@ -127,6 +127,8 @@ def _run_score(args):
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise UserError(f"{args.output}: exists (pass --overwrite to replace it)")
     check_batch_size(args.batch_size)
+    if not Path(args.input).exists():
+        raise UserError(f"{args.input}: input file not found")
     if args.context is not None and args.context < 1:
         raise UserError(f"--context {args.context}: must be a positive number of tokens")
     cfg = read_config(args.ckpt)  # options checked against the model before any work

@@ -164,10 +164,16 @@ class IndexedDataset:
                                 f"{int(self.pointers[i])}, but the sizes before it put it at {int(want[i - a])} "
                                 "(inconsistent index)")
             expect = int(want[-1]) + int(sizes[-1]) * self.dtype.itemsize
-        if expect != bin_size:
-            what = "shorter" if bin_size < expect else "longer"
-            raise UserError(f"{self.data_path}: file is {what} than the index says: {bin_size} bytes, "
-                            f"{self.index_path.name} describes {expect} (a .bin and .idx from different runs?)")
+        if expect > bin_size:
+            ends = self.pointers + self.sizes.astype(np.int64) * self.dtype.itemsize
+            i = int(np.flatnonzero(ends > bin_size)[0])
+            raise UserError(f"{self.data_path}: offset {int(self.pointers[i])}: file is shorter than the "
+                            f"index says: item {i} needs bytes [{int(self.pointers[i])}, {int(ends[i])}) "
+                            f"but the file has {bin_size} bytes")
+        if expect < bin_size:
+            raise UserError(f"{self.data_path}: offset {expect}: file is longer than the index says: "
+                            f"{bin_size} bytes, {self.index_path.name} describes {expect} (a .bin and .idx "
+                            "from different runs?)")
         d = self.doc_idx
         if len(d) == 0 or d[0] != 0 or d[-1] != n:
             got = "empty" if len(d) == 0 else f"runs from {int(d[0])} to {int(d[-1])}"
