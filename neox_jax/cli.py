@@ -190,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, OSError) as e:
         if args.debug:
             raise
-        msg = str(e) if isinstance(e, UserError) else f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}"
+        if isinstance(e, UserError):
+            msg = str(e)
+        else:  # an OSError names its file when it has one (never an empty name before the colon)
+            name = getattr(e, "filename", None)
+            msg = f"{name}: {e.strerror or e}" if name else str(e.strerror or e)
         print(f"neox-jax: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -464,11 +464,11 @@ def from_neox_yaml(src: str | os.PathLike | Mapping[str, Any] | list, *, tokeniz
 
     f = Fields(d, where)
     padded = f.int("padded_vocab_size", 0, nullable=True)
+    tp = f.int("model_parallel_size", 1, nullable=True) or 1
     if padded:
         vocab = padded
     else:
-        multiple = (f.int("make_vocab_size_divisible_by", 128, nullable=True)
-                    * (f.int("model_parallel_size", 1, nullable=True) or 1))
+        multiple = f.int("make_vocab_size_divisible_by", 128, nullable=True) * tp
         if multiple <= 0:
             raise ConfigError(f"{where}: make_vocab_size_divisible_by x model_parallel_size must be positive")
         vocab = int(math.ceil(tokenizer_vocab_size / multiple) * multiple)

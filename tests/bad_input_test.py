@@ -152,6 +152,48 @@ def ck_with(fx, d, **changes) -> Path:
     return ck
 
 
+def ck_without(fx, d, rel: str) -> Path:
+    """The checkpoint copy with `rel` (a file or directory) removed."""
+    ck = copy(fx, "ck", d)
+    target = ck / rel
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return ck
+
+
+def ck_marker(fx, d, **changes) -> Path:
+    ck = copy(fx, "ck", d)
+    edit_json(ck / "neox_jax.json", **changes)
+    return ck
+
+
+def hf_config_text(fx, d, text: str) -> Path:
+    src = copy(fx, "hf", d)
+    (src / "config.json").write_text(text)
+    return src
+
+
+def write(d: Path, name: str, data: bytes) -> Path:
+    (d / name).write_bytes(data)
+    return d / name
+
+
+def short_bin(fx, d) -> Path:
+    p = ds_with(fx, d)
+    Path(f"{p}.bin").write_bytes(Path(f"{p}.bin").read_bytes()[:-6])
+    return p
+
+
+def model_yaml(d: Path, text: str) -> Path:
+    (d / "m.yaml").write_text(text)
+    return d / "m.yaml"
+
+
+def non_empty_dir(d: Path, name: str) -> Path:
+    (d / name).mkdir()
+    existing(d / name, "x")
+    return d / name
+
+
 def biggest_array_file(ck: Path) -> Path:
     files = [p for p in (ck / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
     return max(files, key=lambda p: p.stat().st_size)
@@ -378,7 +420,7 @@ CASES = [
     ("score-input-not-utf8", lambda fx, d: ["score", S(fx["ck"]), "--input", S(non_utf8(d, "in.jsonl")),
                                             "--tokenizer", S(fx["tok"])], ["in.jsonl:2", "UTF-8"]),
     ("score-txt-not-utf8", lambda fx, d: ["score", S(fx["ck"]), "--input",
-                                          S((d / "in.txt", (d / "in.txt").write_bytes(b"ab\xffcd"))[0])],
+                                          S(write(d, "in.txt", b"ab\xffcd"))],
      ["in.txt", "UTF-8"]),
     ("score-input-missing", lambda fx, d: ["score", S(fx["ck"]), "--input", S(d / "nope.jsonl")], ["nope.jsonl"]),
     ("score-token-out-of-vocab", lambda fx, d: ["score", S(fx["ck"]), "--input",
@@ -390,14 +432,10 @@ CASES = [
     ("score-output-exists", lambda fx, d: ["score", S(fx["ck"]), "--input", S(fx["docs"]), "--output",
                                            S(existing(d, "o.jsonl"))], ["o.jsonl", "--overwrite"]),
     # ---- score: damaged checkpoints
-    ("score-ck-missing-metadata", lambda fx, d: ["score", S((lambda c: ((c / "params" / "_METADATA").unlink(), c)[1])(
-        copy(fx, "ck", d))), "--input", S(fx["docs"])], ["_METADATA"]),
-    ("score-ck-missing-marker", lambda fx, d: ["score", S((lambda c: ((c / "neox_jax.json").unlink(), c)[1])(
-        copy(fx, "ck", d))), "--input", S(fx["docs"])], ["neox_jax.json"]),
-    ("score-ck-missing-params", lambda fx, d: ["score", S((lambda c: (shutil.rmtree(c / "params"), c)[1])(
-        copy(fx, "ck", d))), "--input", S(fx["docs"])], ["params"]),
-    ("score-ck-missing-manifest", lambda fx, d: ["score", S((lambda c: ((c / "params" / "manifest.ocdbt").unlink(),
-                                                                        c)[1])(copy(fx, "ck", d))),
+    ("score-ck-missing-metadata", lambda fx, d: ["score", S(ck_without(fx, d, "params/_METADATA")), "--input", S(fx["docs"])], ["_METADATA"]),
+    ("score-ck-missing-marker", lambda fx, d: ["score", S(ck_without(fx, d, "neox_jax.json")), "--input", S(fx["docs"])], ["neox_jax.json"]),
+    ("score-ck-missing-params", lambda fx, d: ["score", S(ck_without(fx, d, "params")), "--input", S(fx["docs"])], ["params"]),
+    ("score-ck-missing-manifest", lambda fx, d: ["score", S(ck_without(fx, d, "params/manifest.ocdbt")),
                                                  "--input", S(fx["docs"])], ["params"]),
     ("score-ck-array-truncated", lambda fx, d: ["score", S(damaged_ck(fx, d, "truncated")), "--input",
                                                 S(fx["docs"])], ["params"]),
@@ -405,11 +443,9 @@ CASES = [
      ["params"]),
     ("score-ck-array-deleted", lambda fx, d: ["score", S(damaged_ck(fx, d, "deleted")), "--input", S(fx["docs"])],
      ["params"]),
-    ("score-ck-foreign-format", lambda fx, d: ["score", S((lambda c: (edit_json(c / "neox_jax.json", format="other"),
-                                                                      c)[1])(copy(fx, "ck", d))),
+    ("score-ck-foreign-format", lambda fx, d: ["score", S(ck_marker(fx, d, format="other")),
                                                "--input", S(fx["docs"])], ["neox_jax.json", "other"]),
-    ("score-ck-version-99", lambda fx, d: ["score", S((lambda c: (edit_json(c / "neox_jax.json", version=99), c)[1])(
-        copy(fx, "ck", d))), "--input", S(fx["docs"])], ["neox_jax.json", "99"]),
+    ("score-ck-version-99", lambda fx, d: ["score", S(ck_marker(fx, d, version=99)), "--input", S(fx["docs"])], ["neox_jax.json", "99"]),
     ("score-ck-bool-as-string", lambda fx, d: ["score", S(ck_with(fx, d, tie_word_embeddings="no")),
                                                "--input", S(fx["docs"])], ["config.json", "tie_word_embeddings"]),
     ("score-ck-eps-null", lambda fx, d: ["score", S(ck_with(fx, d, layer_norm_eps=None)), "--input", S(fx["docs"])],
@@ -434,8 +470,7 @@ CASES = [
      ["config.json", "num_hidden_layers"]),
     ("convert-hf-vocab-float", lambda fx, d: ["convert", S(hf_with(fx, d, vocab_size=256.5)), S(d / "dst")],
      ["config.json", "vocab_size"]),
-    ("convert-hf-config-not-json", lambda fx, d: ["convert", S((lambda s: ((s / "config.json").write_text("{oops"),
-                                                                           s)[1])(copy(fx, "hf", d))), S(d / "dst")],
+    ("convert-hf-config-not-json", lambda fx, d: ["convert", S(hf_config_text(fx, d, "{oops")), S(d / "dst")],
      ["config.json"]),
     ("convert-hf-tied-with-embed-out", lambda fx, d: ["convert", S(tied_with_embed_out(fx, d)), S(d / "dst")],
      ["embed_out.weight", "unexpected"]),
@@ -470,8 +505,7 @@ CASES = [
      ["--tp"]),
     ("convert-symlinked-dst", lambda fx, d: ["convert", S(fx["hf"]), S(symlinked_dst(fx, d)), "--overwrite"],
      ["link", "symbolic link"]),
-    ("convert-dst-exists", lambda fx, d: ["convert", S(fx["hf"]), S((lambda p: (p.mkdir(), existing(p, "x"), p)[2])(
-        d / "dst"))], ["dst", "--overwrite"]),
+    ("convert-dst-exists", lambda fx, d: ["convert", S(fx["hf"]), S(non_empty_dir(d, "dst"))], ["dst", "--overwrite"]),
     ("convert-src-missing", lambda fx, d: ["convert", S(d / "nope"), S(d / "dst")], ["nope"]),
     # ---- convert: GPT-NeoX YAML values
     ("convert-neox-hidden-abc", lambda fx, d: ["convert", S(neox_with(fx, d, hidden_size="abc")), S(d / "dst")],
@@ -489,22 +523,15 @@ CASES = [
                                                 "--to", "hf"], ["params"]),
     ("convert-ck-array-zeroed", lambda fx, d: ["convert", S(damaged_ck(fx, d, "zeroed")), S(d / "dst"), "--to", "hf"],
      ["params"]),
-    ("convert-ck-missing-metadata", lambda fx, d: ["convert", S((lambda c: ((c / "params" / "_METADATA").unlink(),
-                                                                            c)[1])(copy(fx, "ck", d))),
+    ("convert-ck-missing-metadata", lambda fx, d: ["convert", S(ck_without(fx, d, "params/_METADATA")),
                                                    S(d / "dst"), "--to", "hf"], ["_METADATA"]),
-    ("convert-ck-foreign-marker", lambda fx, d: ["convert", S((lambda c: (edit_json(c / "neox_jax.json",
-                                                                                    format="other"), c)[1])(
-        copy(fx, "ck", d))), S(d / "dst"), "--to", "hf"], ["neox_jax.json", "other"]),
-    ("inspect-ck-missing-params", lambda fx, d: ["inspect", S((lambda c: (shutil.rmtree(c / "params"), c)[1])(
-        copy(fx, "ck", d)))], ["params"]),
+    ("convert-ck-foreign-marker", lambda fx, d: ["convert", S(ck_marker(fx, d, format="other")), S(d / "dst"), "--to", "hf"], ["neox_jax.json", "other"]),
+    ("inspect-ck-missing-params", lambda fx, d: ["inspect", S(ck_without(fx, d, "params"))], ["params"]),
     ("inspect-ck-array-deleted", lambda fx, d: ["inspect", S(damaged_ck(fx, d, "deleted"))], ["params"]),
     ("inspect-ck-array-truncated", lambda fx, d: ["inspect", S(damaged_ck(fx, d, "truncated"))], ["params"]),
-    ("inspect-ck-missing-manifest", lambda fx, d: ["inspect", S((lambda c: ((c / "params" / "manifest.ocdbt").unlink(),
-                                                                            c)[1])(copy(fx, "ck", d)))], ["params"]),
+    ("inspect-ck-missing-manifest", lambda fx, d: ["inspect", S(ck_without(fx, d, "params/manifest.ocdbt"))], ["params"]),
     ("diff-ck-array-zeroed", lambda fx, d: ["diff", S(damaged_ck(fx, d, "zeroed")), S(fx["ck"])], ["params"]),
-    ("diff-ck-missing-metadata", lambda fx, d: ["diff", S(fx["ck"]), S((lambda c: ((c / "params" / "_METADATA")
-                                                                                   .unlink(), c)[1])(
-        copy(fx, "ck", d)))], ["_METADATA"]),
+    ("diff-ck-missing-metadata", lambda fx, d: ["diff", S(fx["ck"]), S(ck_without(fx, d, "params/_METADATA"))], ["_METADATA"]),
     ("diff-rtol-negative", lambda fx, d: ["diff", S(fx["hf"]), S(fx["hf"]), "--rtol", "-1"], ["--rtol", "-1"]),
     ("diff-rtol-nan", lambda fx, d: ["diff", S(fx["hf"]), S(fx["hf"]), "--rtol", "nan"], ["--rtol", "nan"]),
     # ---- data preprocess
@@ -544,8 +571,7 @@ CASES = [
                                                    "--num-samples", "4", "--steps", "0", "--batch", "1", "--no-cache"],
      ["ds.bin"]),
     ("order-bin-shorter-than-index", lambda fx, d: ["data", "order", "--data-prefix",
-                                                    S((lambda p: (Path(f"{p}.bin").write_bytes(
-                                                        Path(f"{p}.bin").read_bytes()[:-6]), p)[1])(ds_with(fx, d))),
+                                                    S(short_bin(fx, d)),
                                                     "--seq-length", "8", "--num-samples", "4", "--steps", "0",
                                                     "--batch", "1", "--no-cache"], ["ds.bin"]),
     ("order-index-map-out-of-range", lambda fx, d: ["data", "order", "--data-prefix",
@@ -568,8 +594,7 @@ CASES = [
                                                    S(file_parent(d, "t.json")), "--vocab-size", "300"], ["afile"]),
     ("tokenizer-sp-output-unwritable", lambda fx, d: ["data", "train-tokenizer", S(fx["text"]), "--output",
                                                       S(file_parent(d, "t.model")), "--vocab-size", "300"], ["afile"]),
-    ("tokenizer-input-not-utf8", lambda fx, d: ["data", "train-tokenizer", S((d / "in.txt", (d / "in.txt")
-                                                                              .write_bytes(b"a\xffb"))[0]),
+    ("tokenizer-input-not-utf8", lambda fx, d: ["data", "train-tokenizer", S(write(d, "in.txt", b"a\xffb")),
                                                 "--output", S(d / "t.json"), "--vocab-size", "300"], ["in.txt"]),
     # ---- train
     ("train-bool-as-string", lambda fx, d: ["train", S(train_cfg(fx, d, "model", "tie_word_embeddings", "no")),
@@ -642,10 +667,8 @@ CASES = [
     # ---- init
     ("init-bool-as-string", lambda fx, d: ["init", S(REPO / "configs" / "tiny.yaml"), S(d / "ck"), "--set",
                                            "model.scan_layers=maybe"], ["scan_layers"]),
-    ("init-eps-string", lambda fx, d: ["init", S((lambda p: (p.write_text("model:\n  vocab_size: 64\n  hidden_size: 8\n"
-                                                                          "  num_layers: 1\n  num_heads: 2\n"
-                                                                          "  layer_norm_eps: tiny\n"), p)[1])(
-        d / "m.yaml")), S(d / "ck")], ["m.yaml", "layer_norm_eps"]),
+    ("init-eps-string", lambda fx, d: ["init", S(model_yaml(d, "model: {vocab_size: 64, hidden_size: 8, num_layers: 1, num_heads: 2, "
+                                                     "layer_norm_eps: tiny}\n")), S(d / "ck")], ["m.yaml", "layer_norm_eps"]),
     ("init-config-missing", lambda fx, d: ["init", S(d / "none.yaml"), S(d / "ck")], ["none.yaml"]),
     ("init-set-unknown-key", lambda fx, d: ["init", S(REPO / "configs" / "tiny.yaml"), S(d / "ck"), "--set",
                                             "model.hidden=3"], ["hidden"]),

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError, ModelConfig, from_hf_config, to_hf_config
+from ..values import Fields
 from .formats import Entry, NativeTensor, Reader, Writer, check_slice, our_entries, torch_dtype_np, torch_load, \
     torch_to_numpy
 from .mapping import HF_GLOBAL_MAP, HF_IGNORED_SUFFIXES, LAYER_MAP, hf_layer_key
@@ -191,7 +192,9 @@ class HFReader(Reader):
         self.hf_config = hf_cfg
         self.config = from_hf_config(hf_cfg, where=str(cfg_path))
         dt = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype")
-        self.extras["hf_token_ids"] = {k: hf_cfg[k] for k in HF_TOKEN_ID_KEYS if k in hf_cfg}
+        f = Fields(hf_cfg, str(cfg_path))  # token ids are copied to outputs: int, list of ints or null
+        self.extras["hf_token_ids"] = {k: f.list(k, int) if isinstance(hf_cfg[k], list) else f.int(k, None, nullable=True)
+                                       for k in HF_TOKEN_ID_KEYS if k in hf_cfg}
         self.extras["tokenizer_files"] = {f: str(path / f) for f in TOKENIZER_FILES if (path / f).is_file()}
         self._st: dict[str, tuple[Path, int, np.dtype, tuple[int, ...]]] = {}  # key -> file, abs offset, ...
         self._bin: dict[str, tuple[Path, tuple[int, ...], np.dtype]] = {}  # key -> (file, shape, dtype)
