@@ -544,6 +544,13 @@ CASES = [
                                                 S(d / "out"), "--tokenizer", S(fx["tok"])], ["nope.jsonl"]),
     ("preprocess-tokenizer-missing", lambda fx, d: ["data", "preprocess", S(fx["text"]), "--output-prefix",
                                                     S(d / "out"), "--tokenizer", S(d / "tok.json")], ["tok.json"]),
+    ("preprocess-tokenizer-garbage", lambda fx, d: ["data", "preprocess", S(fx["text"]), "--output-prefix",
+                                                    S(d / "out"), "--tokenizer", S(write(d, "tok.json", b"{nope"))],
+     ["tok.json", "tokenizers JSON"]),
+    ("preprocess-sentencepiece-garbage", lambda fx, d: ["data", "preprocess", S(fx["text"]), "--output-prefix",
+                                                        S(d / "out"), "--tokenizer",
+                                                        S(write(d, "tok.model", b"\x00\x01garbage"))],
+     ["tok.model", "sentencepiece"]),
     ("preprocess-workers-zero", lambda fx, d: ["data", "preprocess", S(fx["text"]), "--output-prefix", S(d / "out"),
                                                "--tokenizer", S(fx["tok"]), "--workers", "0"], ["--workers"]),
     ("preprocess-output-exists", lambda fx, d: ["data", "preprocess", S(fx["text"]), "--output-prefix",
@@ -583,6 +590,9 @@ CASES = [
      ["--steps"]),
     ("order-prefix-missing", lambda fx, d: ["data", "order", "--data-prefix", S(d / "nope"), "--seq-length", "16",
                                             "--num-samples", "10", "--steps", "0", "--batch", "1"], ["nope.idx"]),
+    ("order-weights-mismatch", lambda fx, d: ["data", "order", "--data-prefix", S(fx["ds"]), "--seq-length", "16",
+                                              "--num-samples", "10", "--steps", "0", "--batch", "1", "--weights", "1",
+                                              "2", "--no-cache"], ["weights"]),
     # ---- data train-tokenizer
     ("tokenizer-min-frequency-negative", lambda fx, d: ["data", "train-tokenizer", S(fx["text"]), "--output",
                                                         S(d / "t.json"), "--vocab-size", "300", "--min-frequency",
@@ -617,6 +627,9 @@ CASES = [
                                                    S(d / "r")], ["neox.yml", "fp16"]),
     ("train-set-bad-value", lambda fx, d: ["train", S(fx["run"]), "--run-dir", S(d / "r"), "--set",
                                            "train.batch_size=many"], ["train.batch_size"]),
+    ("train-neox-yaml-betas-string", lambda fx, d: ["train", S(neox_train_cfg(
+        fx, d, optimizer={"type": "Adam", "params": {"lr": 1e-3, "betas": "0.9,0.95"}})), "--run-dir", S(d / "r")],
+     ["neox.yml", "betas"]),
     # ---- generate
     ("generate-max-new-tokens-zero", lambda fx, d: ["generate", S(fx["ck"]), "--prompt", "hi", "--max-new-tokens",
                                                     "0", "--tokenizer", S(fx["tok"])], ["--max-new-tokens"]),
@@ -640,6 +653,8 @@ CASES = [
     ("generate-output-exists", lambda fx, d: ["generate", S(fx["ck"]), "--input",
                                               S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]})), "--output",
                                               S(existing(d, "o.jsonl"))], ["o.jsonl", "--overwrite"]),
+    ("generate-tokenizer-garbage", lambda fx, d: ["generate", S(fx["ck"]), "--prompt", "hi", "--tokenizer",
+                                                  S(write(d, "tok.json", b"not json"))], ["tok.json"]),
     ("generate-ck-array-deleted", lambda fx, d: ["generate", S(damaged_ck(fx, d, "deleted")), "--input",
                                                  S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]}))], ["params"]),
     # ---- eval
