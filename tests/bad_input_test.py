@@ -606,6 +606,11 @@ CASES = [
                                                       S(file_parent(d, "t.model")), "--vocab-size", "300"], ["afile"]),
     ("tokenizer-input-not-utf8", lambda fx, d: ["data", "train-tokenizer", S(write(d, "in.txt", b"a\xffb")),
                                                 "--output", S(d / "t.json"), "--vocab-size", "300"], ["in.txt"]),
+    ("tokenizer-sp-input-not-utf8", lambda fx, d: ["data", "train-tokenizer", S(write(d, "in.txt", b"a\xffb")),
+                                                   "--output", S(d / "t.model"), "--vocab-size", "300"], ["in.txt"]),
+    ("tokenizer-sp-vocab-size-huge", lambda fx, d: ["data", "train-tokenizer", S(fx["text"]), "--output",
+                                                    S(d / "t.model"), "--vocab-size", "1000000000"],
+     ["--vocab-size", "1000000000"]),
     # ---- train
     ("train-bool-as-string", lambda fx, d: ["train", S(train_cfg(fx, d, "model", "tie_word_embeddings", "no")),
                                             "--run-dir", S(d / "r")], ["run.yaml", "tie_word_embeddings"]),
