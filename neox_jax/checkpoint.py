@@ -27,9 +27,10 @@ import numpy as np
 
 from . import atomic, checksums
 from .config import ModelConfig, from_dict
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, one_line, reading
 from .model import DTYPES, abstract_params
 from .tree import flatten, unflatten
+from .values import Fields
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,51 @@ def resolve(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"{p}: not a neox-jax checkpoint (no {MARKER})")
 
 
+def read_marker(path: str | os.PathLike) -> dict:
+    """The checkpoint's `neox_jax.json`, checked: format "neox-jax", a version this code reads."""
+    f = Path(path) / MARKER
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: unreadable ({one_line(e)})") from None
+    m = Fields(meta, str(f))
+    fmt, version = m.str("format"), m.int("version")
+    if fmt != FORMAT:
+        raise CheckpointError(f"{f}: format {fmt!r} is not {FORMAT!r} (not a neox-jax checkpoint)")
+    if version != VERSION:
+        raise CheckpointError(f"{f}: version {version} is not supported (this neox-jax reads version {VERSION})")
+    m.str("kind", "params")
+    return meta
+
+
 def read_config(path: str | os.PathLike) -> ModelConfig:
     p = resolve(path)
+    read_marker(p)
     try:
         raw = json.loads((p / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p / 'config.json'}: unreadable ({e.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{p / 'config.json'}: expected a JSON object")
     return from_dict(raw, where=str(p / "config.json"))
+
+
+def check_params_dir(path: str | os.PathLike) -> Path:
+    """`CKPT/params` with the files Orbax needs to read it (named when missing)."""
+    p = resolve(path) / "params"
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: missing (the checkpoint has no parameters directory)")
+    meta = p / "_METADATA"
+    try:
+        md = json.loads(meta.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta}: unreadable Orbax metadata ({one_line(e)})") from None
+    if not isinstance(md, dict) or not isinstance(md.get("tree_metadata"), dict):
+        raise CheckpointError(f"{meta}: no tree_metadata (not an Orbax PyTree checkpoint)")
+    if md.get("use_ocdbt", True) and not (p / "manifest.ocdbt").is_file():
+        raise CheckpointError(f"{p / 'manifest.ocdbt'}: missing (the OCDBT manifest of the parameter arrays)")
+    return p
+
 
 
 def check_destination(dst: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -154,13 +193,13 @@ def save_args(params: Any) -> Any:
 
 def saved_tree(path: str | os.PathLike) -> dict[str, Any]:
     """Shapes and dtypes of the saved parameters as a nested dict of ShapeDtypeStruct."""
-    p = resolve(path) / "params"
-    try:
+    p = check_params_dir(path)
+    with reading(p, "unreadable Orbax metadata"):  # orbax raises many types for a broken directory
         md = _ocp().StandardCheckpointer().metadata(p.resolve())
-    except Exception as e:  # orbax raises many types for a broken directory
-        raise CheckpointError(f"{p}: unreadable Orbax metadata ({e.__class__.__name__}: {e})") from None
     tree = getattr(md, "item_metadata", md)
     tree = getattr(tree, "tree", tree)
+    if not isinstance(tree, dict) or not tree:
+        raise CheckpointError(f"{p}: Orbax finds no parameter metadata (damaged _METADATA?)")
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), dict(tree),
                         is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
 
@@ -210,10 +249,8 @@ def load_params(
         return jax.ShapeDtypeStruct(sds.shape, dt, sharding=sharding)
 
     abstract = jax.tree.map(target, saved) if shardings is None else jax.tree.map(target, saved, shardings)
-    try:
+    with reading(p / "params", "restore failed (damaged or missing array data)"):
         params = _ocp().StandardCheckpointer().restore((p / "params").resolve(), abstract)
-    except Exception as e:
-        raise CheckpointError(f"{p / 'params'}: restore failed ({e.__class__.__name__}: {e})") from None
     if verify:
         flat = flatten(params)
         spread = [n for n, x in flat.items() if not x.is_fully_addressable]

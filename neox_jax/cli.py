@@ -94,7 +94,11 @@ def _read_documents(path: str, tokenizer_path: str | None):
     texts: list[str | None] = []
     tokens: list[list[int] | None] = []
     if p.suffix == ".txt":
-        texts.append(p.read_text(encoding="utf-8"))
+        data = p.read_bytes()
+        try:
+            texts.append(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{p}: offset {e.start}: not UTF-8 ({e.reason})") from None
         tokens.append(None)
     else:
         for lineno, rec in read_jsonl(p):
@@ -129,13 +133,25 @@ def _run_score(args):
     from .checkpoint import load_params
     from .evaluate import score_documents, summarize, write_scores
 
+    from .checkpoint import read_config
+    from .evaluate import check_batch_size, check_window
+
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise UserError(f"{args.output}: exists (pass --overwrite to replace it)")
+    check_batch_size(args.batch_size)
+    if not Path(args.input).exists():
+        raise UserError(f"{args.input}: input file not found")
+    if args.context is not None and args.context < 1:
+        raise UserError(f"--context {args.context}: must be a positive number of tokens")
+    cfg = read_config(args.ckpt)  # options checked against the model before any work
+    window = check_window(args.context, cfg)
     docs, n_bytes = _read_documents(args.input, args.tokenizer)
+    if all(len(d) < 2 for d in docs):
+        raise UserError(f"{args.input}: nothing to score (every document has fewer than 2 tokens)")
     cfg, params = load_params(args.ckpt, verify=args.verify)
     cfg = cfg.replace(compute_dtype=args.dtype)
-    lps = score_documents(cfg, params, docs, batch_size=args.batch_size, window=args.context,
-                          progress=sys.stderr.isatty())
+    lps = score_documents(cfg, params, docs, batch_size=args.batch_size, window=window,
+                          progress=sys.stderr.isatty(), source=args.input)
     if args.output:
         from .atomic import Replacement
 
@@ -190,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, OSError) as e:
         if args.debug:
             raise
-        msg = str(e) if isinstance(e, UserError) else f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}"
+        if isinstance(e, UserError):
+            msg = str(e)
+        else:  # an OSError names its file when it has one (never an empty name before the colon)
+            name = getattr(e, "filename", None)
+            msg = f"{name}: {e.strerror or e}" if name else str(e.strerror or e)
         print(f"neox-jax: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

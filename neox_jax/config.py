@@ -27,7 +27,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError
+from .values import CHECKS, Fields
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(msg)
 
+        for f in dataclasses.fields(self):  # types first (values may come from JSON/YAML files)
+            object.__setattr__(self, f.name, CHECKS[_FIELD_TYPES[f.name]](getattr(self, f.name), f.name))
         for f in ("vocab_size", "hidden_size", "num_layers", "num_heads"):
             v = getattr(self, f)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{f} must be a positive int, got {v!r}")
@@ -152,6 +155,8 @@ class ModelConfig:
         return L * per_layer + 2 * h + v * h * (1 if self.tie_word_embeddings else 2)
 
 
+_FIELD_TYPES = {f.name: {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+                for f in dataclasses.fields(ModelConfig)}
 ARCH_FIELDS = (
     "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
     "rotary_pct", "rotary_emb_base", "layer_norm_eps", "use_parallel_residual",
@@ -169,7 +174,8 @@ def from_dict(d: Mapping[str, Any], *, where: str = "config") -> ModelConfig:
     except TypeError as e:  # missing required keys
         raise ConfigError(f"{where}: {e}") from None
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
 # ---------------------------------------------------------------- our YAML / JSON
@@ -255,31 +261,33 @@ def from_hf_config(hf: Mapping[str, Any], *, where: str = "config.json", **numer
     """Build a ModelConfig from a Hugging Face GPT-NeoX `config.json` dict.
 
     Unknown or unsupported keys that would change the forward pass raise ConfigError."""
+    f = Fields(hf, where)
     hf = dict(hf)
-    mt = hf.get("model_type", "gpt_neox")
+    mt = f.str("model_type", "gpt_neox")
     if mt != "gpt_neox":
         raise ConfigError(f"{where}: model_type {mt!r} is not gpt_neox")
-    arch = hf.get("architectures") or ["GPTNeoXForCausalLM"]
+    arch = f.list("architectures", str, ["GPTNeoXForCausalLM"], nullable=True) or ["GPTNeoXForCausalLM"]
     if not any(a.startswith("GPTNeoX") for a in arch):
         raise ConfigError(f"{where}: unsupported architectures {arch}")
 
-    rope = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling")
-    if scaling:
-        rope.update(scaling)
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope = f.mapping("rope_parameters", {}, nullable=True)
+    rope.update(f.mapping("rope_scaling", {}, nullable=True))
+    r = Fields(rope, where, "rope_parameters.")
+    rope_type = r.str("rope_type", None) or r.str("type", "default")
     if rope_type != "default":
         raise ConfigError(f"{where}: rope type {rope_type!r} is not supported (only default rotary)")
-    rotary_pct = rope.get("partial_rotary_factor", hf.get("rotary_pct", hf.get("partial_rotary_factor", 0.25)))
-    rope_theta = rope.get("rope_theta", hf.get("rotary_emb_base", hf.get("rope_theta", 10000.0)))
     unknown_rope = set(rope) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
     if unknown_rope:
         raise ConfigError(f"{where}: unsupported rope parameter(s) {sorted(unknown_rope)}")
+    rotary_pct = (r.float("partial_rotary_factor") if r.has("partial_rotary_factor") else
+                  f.float("rotary_pct") if f.has("rotary_pct") else f.float("partial_rotary_factor", 0.25))
+    rope_theta = (r.float("rope_theta") if r.has("rope_theta") else
+                  f.float("rotary_emb_base") if f.has("rotary_emb_base") else f.float("rope_theta", 10000.0))
 
-    act = hf.get("hidden_act", "gelu")
+    act = f.str("hidden_act", "gelu")
     if act not in _HF_ACTS:
         raise ConfigError(f"{where}: hidden_act {act!r} is not supported (known: {sorted(_HF_ACTS)})")
-    if hf.get("attention_bias", True) is not True:
+    if not f.bool("attention_bias", True):
         raise ConfigError(f"{where}: attention_bias=false is not supported (NeoX linears all have biases)")
     for k in ("rope_scaling",):
         hf.pop(k, None)
@@ -295,24 +303,23 @@ def from_hf_config(hf: Mapping[str, Any], *, where: str = "config.json", **numer
         raise ConfigError(f"{where}: unknown key(s) {unknown} (would they change the math? refusing to guess)")
     try:
         return ModelConfig(
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=int(hf["hidden_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
-            num_heads=int(hf["num_attention_heads"]),
-            intermediate_size=int(hf.get("intermediate_size") or 0),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            rotary_pct=float(rotary_pct),
-            rotary_emb_base=float(rope_theta),
-            layer_norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
-            use_parallel_residual=bool(hf.get("use_parallel_residual", True)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            vocab_size=f.int("vocab_size"),
+            hidden_size=f.int("hidden_size"),
+            num_layers=f.int("num_hidden_layers"),
+            num_heads=f.int("num_attention_heads"),
+            intermediate_size=f.int("intermediate_size", 0, nullable=True),
+            max_position_embeddings=f.int("max_position_embeddings", 2048),
+            rotary_pct=rotary_pct,
+            rotary_emb_base=rope_theta,
+            layer_norm_eps=f.float("layer_norm_eps", 1e-5),
+            use_parallel_residual=f.bool("use_parallel_residual", True),
+            tie_word_embeddings=f.bool("tie_word_embeddings", False),
             hidden_act=_HF_ACTS[act],
             **numerics,
         )
-    except KeyError as e:
-        raise ConfigError(f"{where}: missing key {e.args[0]!r}") from None
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
 def to_hf_config(cfg: ModelConfig, *, torch_dtype: str = "float32", bos_token_id: int = 0, eos_token_id: int = 0) -> dict:
@@ -388,22 +395,28 @@ _NEOX_READ = {
 }
 
 
-def _neox_attention_kinds(ac: Any) -> set[str]:
+def _neox_attention_kinds(ac: Any, where: str) -> set[str]:
+    """Attention kinds of GPT-NeoX's `attention_config`, e.g. [[["global"], 24]]."""
     kinds: set[str] = set()
+    if ac is not None and not isinstance(ac, list):
+        raise ConfigError(f"{where}: attention_config must be a list like [[[\"global\"], N]], got {ac!r}")
     for entry in ac or []:
-        names, _count = entry
-        kinds.update(names if isinstance(names, list) else [names])
+        if not (isinstance(entry, list) and len(entry) == 2):
+            raise ConfigError(f"{where}: attention_config entry {entry!r} is not [kinds, count]")
+        names = entry[0] if isinstance(entry[0], list) else [entry[0]]
+        if not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"{where}: attention_config entry {entry!r}: kinds must be strings")
+        kinds.update(names)
     return kinds
 
 
 def from_neox_yaml(src: str | os.PathLike | Mapping[str, Any] | list, *, tokenizer_vocab_size: int = 50277,
-                   **numerics) -> ModelConfig:
+                   where: str = "neox config", **numerics) -> ModelConfig:
     """Read GPT-NeoX YAML config(s) (one file, a list of files merged in order, or a dict).
 
     `tokenizer_vocab_size` is what NeoX gets from its tokenizer (50277 for the 20B tokenizer); the
     padded size follows `make_vocab_size_divisible_by * model_parallel_size` unless the config
     carries `padded_vocab_size`."""
-    where = "neox config"
     if isinstance(src, Mapping):
         raw = dict(src)
     else:
@@ -435,7 +448,7 @@ def from_neox_yaml(src: str | os.PathLike | Mapping[str, Any] | list, *, tokeniz
             raise ConfigError(f"{where}: {key}={d[key]!r} is not supported (supported: {list(allowed)})")
     if "pos_emb" not in d:
         raise ConfigError(f"{where}: no pos_emb key; GPT-NeoX's default is 'learned', which is not supported")
-    kinds = _neox_attention_kinds(d.get("attention_config"))
+    kinds = _neox_attention_kinds(d.get("attention_config"), where)
     bad = kinds - {"global", "flash"}
     if bad:
         raise ConfigError(f"{where}: attention_config kinds {sorted(bad)} are not supported (global/flash only)")
@@ -446,29 +459,37 @@ def from_neox_yaml(src: str | os.PathLike | Mapping[str, Any] | list, *, tokeniz
         if k not in d:
             raise ConfigError(f"{where}: missing key {k!r}")
 
-    if d.get("padded_vocab_size"):
-        vocab = int(d["padded_vocab_size"])
+    f = Fields(d, where)
+    padded = f.int("padded_vocab_size", 0, nullable=True)
+    tp = f.int("model_parallel_size", 1, nullable=True) or 1
+    if padded:
+        vocab = padded
     else:
-        multiple = int(d.get("make_vocab_size_divisible_by", 128)) * int(d.get("model_parallel_size", 1) or 1)
+        multiple = f.int("make_vocab_size_divisible_by", 128, nullable=True) * tp
+        if multiple <= 0:
+            raise ConfigError(f"{where}: make_vocab_size_divisible_by x model_parallel_size must be positive")
         vocab = int(math.ceil(tokenizer_vocab_size / multiple) * multiple)
-    seq = int(d.get("max_position_embeddings") or d.get("seq_length") or 2048)
+    seq = (f.int("max_position_embeddings", 0, nullable=True) or f.int("seq_length", 0, nullable=True)
+           or 2048)
+    init_method = f.str("init_method", None, nullable=True)
     try:
         return ModelConfig(
             vocab_size=vocab,
-            hidden_size=int(d["hidden_size"]),
-            num_layers=int(d["num_layers"]),
-            num_heads=int(d["num_attention_heads"]),
-            intermediate_size=int(d.get("intermediate_size") or 0),
+            hidden_size=f.int("hidden_size"),
+            num_layers=f.int("num_layers"),
+            num_heads=f.int("num_attention_heads"),
+            intermediate_size=f.int("intermediate_size", 0, nullable=True),
             max_position_embeddings=seq,
-            rotary_pct=float(d.get("rotary_pct", 1.0)),
-            rotary_emb_base=float(d.get("rotary_emb_base", 10000)),
-            layer_norm_eps=float(d.get("layernorm_epsilon", 1e-5)),
-            use_parallel_residual=bool(d.get("gpt_j_residual", False)),
-            tie_word_embeddings=not bool(d.get("no_weight_tying", False)),
-            hidden_act="gelu_tanh" if d.get("bias_gelu_fusion", False) else "gelu",
+            rotary_pct=f.float("rotary_pct", 1.0),
+            rotary_emb_base=f.float("rotary_emb_base", 10000.0),
+            layer_norm_eps=f.float("layernorm_epsilon", 1e-5),
+            use_parallel_residual=f.bool("gpt_j_residual", False),
+            tie_word_embeddings=not f.bool("no_weight_tying", False),
+            hidden_act="gelu_tanh" if f.bool("bias_gelu_fusion", False) else "gelu",
             tokenizer_vocab_size=min(tokenizer_vocab_size, vocab),
-            init="small_wang" if d.get("init_method") == "small_init" else "normal",
+            init="small_wang" if init_method == "small_init" else "normal",
             **numerics,
         )
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None

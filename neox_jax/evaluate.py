@@ -34,7 +34,27 @@ class Window:
     keep: int  # score only the last `keep` targets
 
 
+def check_window(window: int | None, cfg: ModelConfig, option: str = "--context") -> int:
+    """The scoring window: `window`, or the model's context when None; 1 <= W <= max_position_embeddings."""
+    if window is None:
+        return cfg.max_position_embeddings
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise UserError(f"{option} {window}: must be a positive number of tokens")
+    if window > cfg.max_position_embeddings:
+        raise UserError(f"{option} {window}: exceeds the model's max_position_embeddings "
+                        f"{cfg.max_position_embeddings}")
+    return window
+
+
+def check_batch_size(batch_size: int, option: str = "--batch-size") -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"{option} {batch_size}: must be at least 1")
+    return batch_size
+
+
 def rolling_windows(doc: int, tokens: Sequence[int], W: int) -> Iterator[Window]:
+    if W < 1:
+        raise UserError(f"window {W}: must be at least 1 token")
     n = len(tokens)
     if n < 2:
         return
@@ -102,7 +122,8 @@ def score_continuations(
     As lm-eval's HF backend: the input is `(context + continuation)[-(W+1):][:-1]` (left-truncated
     to the window W), the last len(continuation) positions are scored, requests run longest first
     in batches of `batch_size` (right-padded to a bucket length; padding is causal-masked away)."""
-    W = window or cfg.max_position_embeddings
+    W = check_window(window, cfg, "window")
+    check_batch_size(batch_size, "batch size")
     rows = []
     for i, (ctx, cont) in enumerate(requests):
         if not ctx or not cont:
@@ -144,13 +165,17 @@ def score_documents(
     batch_size: int = 8,
     window: int | None = None,
     progress: bool = False,
+    source: str | None = None,
 ) -> list[np.ndarray]:
-    """Log-probabilities (float32 numpy, length len(doc)-1) for each document."""
-    W = window or cfg.max_position_embeddings
+    """Log-probabilities (float32 numpy, length len(doc)-1) for each document (`source`, the file
+    the documents came from, is named in errors)."""
+    W = check_window(window, cfg, "window")
+    check_batch_size(batch_size, "batch size")
     for i, d in enumerate(docs):
         bad = [t for t in d if not 0 <= int(t) < cfg.vocab_size]
         if bad:
-            raise UserError(f"document {i}: token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+            raise UserError(f"{source + ': ' if source else ''}document {i}: token id {bad[0]} outside the "
+                            f"vocabulary [0, {cfg.vocab_size})")
     windows = [w for i, d in enumerate(docs) for w in rolling_windows(i, d, W)]
     out = [np.zeros(max(len(d) - 1, 0), np.float32) for d in docs]
     filled = [0] * len(docs)
@@ -195,8 +220,8 @@ def summarize(logprobs: Iterable[np.ndarray], n_bytes: int | None = None) -> dic
         "documents": len(lps),
         "tokens_scored": count,
         "sum_logprob": total,
-        "mean_nll": -total / count if count else float("nan"),
-        "perplexity": math.exp(-total / count) if count else float("nan"),
+        "mean_nll": -total / count if count else None,  # None (JSON null), never NaN, when nothing was scored
+        "perplexity": math.exp(-total / count) if count else None,
     }
     if n_bytes:
         summary["bits_per_byte"] = -total / math.log(2) / n_bytes

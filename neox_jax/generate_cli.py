@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -86,6 +87,15 @@ def _run_generate(args):
         raise UserError(f"{args.output}: exists (pass --overwrite to replace it)")
     if args.output and args.interactive:
         raise UserError("--output is not used with --interactive")
+    checks = (("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
+               "a finite number >= 0"),
+              ("--top-k", args.top_k, args.top_k >= 0, ">= 0"),
+              ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
+              ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+              ("--tensor", args.tensor, args.tensor >= 1, ">= 1"))
+    for opt, value, ok, want in checks:
+        if not ok:
+            raise UserError(f"{opt} {value}: must be {want}")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -96,6 +106,15 @@ def _run_generate(args):
         if not args.prompt:
             raise UserError("--prompt is empty")
         texts, prompts = [args.prompt], [tok.encode(args.prompt)]
+    if args.input:
+        from .checkpoint import read_config
+
+        vocab = read_config(args.ckpt).vocab_size
+        for i, ids in enumerate(prompts):
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise UserError(f"{args.input}: prompt {i}: token id {bad[0]} outside the model's vocabulary "
+                                f"[0, {vocab})")
     overrides = {"rotary_dtype": args.rotary_dtype} if args.rotary_dtype else {}
     gen = load_generator(args.ckpt, dtype=args.dtype, tensor=args.tensor, tokenizer=tok, overrides=overrides)
     stop_tokens = [] if args.ignore_eod or not tok.has_eod else [tok.eod_id]

@@ -35,6 +35,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from .config import FLOAT_DTYPES, ModelConfig
+from .errors import UserError
 from .sharding import constrain, tree_shardings
 from .tree import count_params, flatten, unflatten  # noqa: F401  (re-exported for callers)
 
@@ -292,9 +293,10 @@ def _dot_attention_xla(q, k, v, mask, precision):
 
 def _dot_attention_cudnn(q, k, v, mask, causal_only: bool):
     if jax.default_backend() != "gpu":
-        raise RuntimeError(f"attention=cudnn needs an NVIDIA GPU; this process runs on {jax.default_backend()!r}")
+        raise UserError(f"attention=cudnn needs an NVIDIA GPU; this process runs on {jax.default_backend()!r} "
+                        "(set model.attention to xla)")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise RuntimeError(f"attention=cudnn needs bfloat16/float16 compute, got {q.dtype}")
+        raise UserError(f"attention=cudnn needs bfloat16/float16 compute, got {q.dtype}")
     return jax.nn.dot_product_attention(
         q, k, v, mask=None if causal_only else mask, is_causal=causal_only,
         scale=1.0 / math.sqrt(q.shape[-1]), implementation="cudnn",

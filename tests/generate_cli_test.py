@@ -82,8 +82,8 @@ def test_errors_are_one_line(ckpt, tmp_path, neox_tokenizer_path, capsys):
     cases = [
         (["--input", str(bad)], "bad.jsonl:2: 'prompt' must be a non-empty string"),
         (["--input", str(tmp_path / "none.jsonl")], "none.jsonl: input file not found"),
-        (["--prompt", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
-        (["--prompt", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+        (["--prompt", "x", "--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+        (["--prompt", "x", "--temperature", "-1"], "--temperature -1.0: must be a finite number >= 0"),
         (["--prompt", "x", "--max-new-tokens", "1000"], "exceed the model's context of 256"),
         (["--prompt", "x", "--tensor", "3"], "--tensor 3 does not divide"),
         (["--prompt", "x", "--tokenizer", str(tmp_path / "tok.json")], "tok.json: tokenizer file not found"),

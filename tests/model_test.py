@@ -11,6 +11,7 @@ import torch
 from hf_reference import hf_logits, hf_model, ours_from_hf
 from neox_jax import model as M
 from neox_jax.config import load_config
+from neox_jax.errors import UserError
 
 REL_TOL = 1e-4  # max |logit difference| <= REL_TOL * max |logit|, fp32
 
@@ -167,7 +168,7 @@ def test_cudnn_backend_is_an_error_off_gpu():
     params = M.init_params(cfg, 0)
     if jax.default_backend() == "gpu":
         pytest.fail("this test asserts CPU behaviour; run the GPU check in bench/ instead")
-    with pytest.raises(RuntimeError, match="cudnn needs an NVIDIA GPU"):
+    with pytest.raises(UserError, match="cudnn needs an NVIDIA GPU"):
         M.forward(cfg, params, jnp.zeros((1, 8), jnp.int32))
 
 

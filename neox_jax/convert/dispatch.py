@@ -52,6 +52,9 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def open_reader(path: str | os.PathLike, fmt: str | None = None, *, neox_config: list[str] | None = None):
     """The Reader (convert/formats.py) for the checkpoint at path; fmt None: detect it."""
+    for f in neox_config or []:  # given for any format: a missing file is an error, never ignored
+        if not Path(f).is_file():
+            raise CheckpointError(f"{f}: --neox-config file not found")
     fmt = fmt or detect_format(path)
     if fmt == "orbax":
         from .orbax_io import OrbaxReader

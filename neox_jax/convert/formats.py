@@ -35,7 +35,7 @@ import ml_dtypes
 import numpy as np
 
 from ..config import ModelConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +153,9 @@ def torch_load(path: Path, *, mmap: bool = True) -> Any:
             globals_list = [g for g in globals_list if not isinstance(g, tuple)]
             return load(globals_list, mmap)
     except pickle.UnpicklingError as e:
-        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = f"it needs {m.group(1)}" if m else str(e).strip().splitlines()[-1][:200]
+        m = (re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+             or re.search(r"unsupported GLOBAL ([\w.]+)", str(e)))
+        what = f"it needs the blocked global {m.group(1)}" if m else one_line(e)
         raise CheckpointError(
             f"{path}: refusing to unpickle: only torch.load(weights_only=True) is allowed and {what}"
         ) from None
@@ -163,8 +164,8 @@ def torch_load(path: Path, *, mmap: bool = True) -> Any:
             log.warning("%s: legacy torch format, reading it whole (no mmap)", path)
             return torch_load(path, mmap=False)
         raise CheckpointError(f"{path}: unreadable torch file ({str(e).strip().splitlines()[0][:200]})") from None
-    except (EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable torch file ({e.__class__.__name__}: {str(e)[:200]})") from None
+    except Exception as e:  # text or random bytes: the unpickler fails in many ways (KeyError, EOFError, ...)
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({one_line(e)})") from None
 
 
 # ----------------------------------------------------------------------------- readers / writers

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -34,6 +35,7 @@ from ..config import ModelConfig, from_hf_config, to_hf_config
 from ..errors import CheckpointError, ConfigError
 from .formats import Entry, NativeTensor, Reader, Writer, check_slice, torch_dtype_np, torch_load, torch_to_numpy
 from .mapping import HF_IGNORED_SUFFIXES, LAYER_MAP, hf_name, our_entries, to_ours, torch_shape
+from ..values import Fields
 
 log = logging.getLogger(__name__)
 
@@ -82,23 +84,44 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
             header = json.loads(f.read(n))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable safetensors header ({e.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     header.pop("__metadata__", None)
     base = 8 + n
-    end = 0
+    spans = []
     for key, info in header.items():
         try:
             dt = ST_DTYPES[info["dtype"]]
             start, stop = info["data_offsets"]
-            shape = tuple(int(s) for s in info["shape"])
+            shape = tuple(info["shape"])
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (start, stop, *shape)):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {key}: unsupported or malformed header entry {info}") from None
-        if stop - start != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
-            raise CheckpointError(f"{path}: tensor {key}: header size does not match shape {shape}")
-        end = max(end, stop)
+            raise CheckpointError(f"{path}: tensor {key}: unsupported or malformed header entry "
+                                  f"{str(info)[:120]}") from None
+        nbytes = math.prod(shape) * dt.itemsize
+        if stop < start or stop - start != nbytes:
+            raise CheckpointError(f"{path}: tensor {key}: data_offsets [{start}, {stop}) span {stop - start} bytes, "
+                                  f"but {info['dtype']}{list(shape)} needs {nbytes}")
+        spans.append((start, stop, key))
+    # as the format's own reader: the tensors tile the data buffer exactly, in offset order
+    spans.sort()
+    end, prev = 0, None
+    for start, stop, key in spans:
+        if start < end:
+            raise CheckpointError(f"{path}: tensor {key} (bytes [{start}, {stop})) overlaps tensor {prev} "
+                                  f"(ends at {end}): corrupt header")
+        if start > end:
+            raise CheckpointError(f"{path}: bytes [{end}, {start}) of the data belong to no tensor "
+                                  f"(before {key}): corrupt header")
+        end, prev = stop, key
     if base + end > size:
         raise CheckpointError(
             f"{path}: truncated safetensors file ({size} bytes, header says {base + end}); re-download it"
         )
+    if base + end < size:
+        raise CheckpointError(f"{path}: {size - base - end} bytes after the last tensor that no header entry "
+                              f"covers (file {size} bytes, header says {base + end}): corrupt or mixed file")
     return header, base
 
 
@@ -130,7 +153,9 @@ class HFReader(Reader):
         self.hf_config = hf_cfg
         self.config = from_hf_config(hf_cfg, where=str(cfg_path))
         dt = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype")
-        self.extras["hf_token_ids"] = {k: hf_cfg[k] for k in HF_TOKEN_ID_KEYS if k in hf_cfg}
+        f = Fields(hf_cfg, str(cfg_path))  # token ids are copied to outputs: int, list of ints or null
+        self.extras["hf_token_ids"] = {k: f.list(k, int) if isinstance(hf_cfg[k], list) else f.int(k, None, nullable=True)
+                                       for k in HF_TOKEN_ID_KEYS if k in hf_cfg}
         self.extras["tokenizer_files"] = {f: str(path / f) for f in TOKENIZER_FILES if (path / f).is_file()}
         self._st: dict[str, tuple[Path, int, np.dtype, tuple[int, ...]]] = {}  # key -> file, abs offset, ...
         self._bin: dict[str, tuple[Path, tuple[int, ...], np.dtype]] = {}  # key -> (file, shape, dtype)
@@ -171,17 +196,23 @@ class HFReader(Reader):
             if f.suffix == ".safetensors":
                 header, base = read_safetensors_header(f)
                 for key, info in header.items():
+                    self._no_duplicate(key, f)
                     self._st[key] = (f, base + info["data_offsets"][0], ST_DTYPES[info["dtype"]],
                                      tuple(info["shape"]))
             else:
                 for key, t in self._load_bin(f).items():
                     if hasattr(t, "shape"):
+                        self._no_duplicate(key, f)
                         self._bin[key] = (f, tuple(t.shape), torch_dtype_np(t))
         if self._weight_map is not None:
             have = set(self._st) | set(self._bin)
             for key, fname in self._weight_map.items():
                 if key not in have:
                     raise CheckpointError(f"{self.path / fname}: index says it holds {key}, but it does not")
+
+    def _no_duplicate(self, key: str, f: Path) -> None:
+        if key in self._st or key in self._bin:
+            raise CheckpointError(f"tensor {key} is in both {self._file_of(key)} and {f}: which one is meant?")
 
     def _keys(self) -> set[str]:
         return set(self._st) | set(self._bin)
@@ -221,7 +252,8 @@ class HFReader(Reader):
             if key.endswith(HF_IGNORED_SUFFIXES) or key.endswith("rotary_emb.inv_freq"):
                 continue
             if cfg.tie_word_embeddings and key in ("embed_out.weight", "lm_head.weight"):
-                continue
+                raise CheckpointError(f"{self._file_of(key)}: unexpected tensor {key}: config.json says "
+                                      "tie_word_embeddings: true (no separate output layer); fix one of them")
             raise CheckpointError(f"{self._file_of(key)}: unexpected tensor {key} (not part of a "
                                   f"{cfg.num_layers}-layer GPTNeoXForCausalLM per config.json)")
         return entries

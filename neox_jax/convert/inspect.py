@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UserError
 from .dispatch import open_reader
 from .formats import Entry, Reader, dtype_name, human_bytes
 
@@ -156,6 +157,8 @@ def _layer_major(entries: list[Entry]) -> bool:
 
 def diff_checkpoints(a: str, b: str, *, rtol: float = 0.0, per_layer: bool = False,
                      neox_config_a: list[str] | None = None, neox_config_b: list[str] | None = None) -> dict:
+    if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
+        raise UserError(f"--rtol {rtol}: must be a finite number >= 0")
     with open_reader(a, neox_config=neox_config_a) as ra, open_reader(b, neox_config=neox_config_b) as rb:
         arch_a, arch_b = ra.config.arch_dict(), rb.config.arch_dict()
         config_diff = {k: [arch_a[k], arch_b[k]] for k in arch_a if arch_a[k] != arch_b[k]}

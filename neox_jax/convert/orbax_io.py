@@ -256,6 +256,10 @@ class OrbaxReader(Reader):
         return sorted(out, key=lambda e: (order[e.name], e.layer if e.layer is not None else -1))
 
     def read(self, entry: Entry) -> np.ndarray:
+        with reading(self.path / "params", f"cannot read tensor {entry.label}"):
+            return self._read(entry)
+
+    def _read(self, entry: Entry) -> np.ndarray:
         t = self.arrays[entry.name]
         if entry.layer is None:
             out = self._fetch(t, entry.label)
@@ -281,6 +285,7 @@ class OrbaxReader(Reader):
             t = self.arrays[name]
 
             def load(t=t, name=name):
+                where = self.path / "params"
                 if self.per_layer[name] and t.ndim > 0:
                     return (self._checked(name, i, self._fetch(t[i], f"{name}[{i}]")) for i in range(t.shape[0]))
                 whole = self._fetch(t, name)

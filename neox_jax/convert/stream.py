@@ -59,6 +59,10 @@ def convert(src: str, dst: str, *, to: str = "orbax", dtype: str | None = None, 
     if src_p == dst_p or src_p in dst_p.parents or dst_p in src_p.parents:
         raise UserError(f"{dst}: DST must not be SRC or contain it (or be inside it)")
     shard = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    if shard < 1:
+        raise UserError(f"--max-shard-size {max_shard_size}: must be positive")
+    if step is not None and step < 0:
+        raise UserError(f"--step {step}: must be >= 0")
     out_dt = np_dtype(dtype) if dtype else None
 
     check_destination(dst, overwrite)  # before any reading

@@ -138,6 +138,10 @@ def _build_order_dataset(args, limit: int):
             counts = [int(x) for x in args.num_samples.split(",")]
         except ValueError:
             raise UserError(f"--num-samples {args.num_samples!r}: expected integers") from None
+        if any(c < 1 for c in counts):
+            raise UserError(f"--num-samples {args.num_samples}: every count must be >= 1")
+    if args.train_iters is not None and args.train_iters < 1:
+        raise UserError(f"--train-iters {args.train_iters}: must be >= 1")
     return build_train_dataset(args.data_prefix, args.seq_length, args.seed, num_samples=counts,
                                train_iters=args.train_iters, batch=args.batch, weights=args.weights,
                                split=args.split, use_cache=not args.no_cache,

@@ -153,22 +153,50 @@ class IndexedDataset:
             raise UserError(f"{bin_path}: {bin_size} bytes, but {idx_path} describes {want} "
                             f"(the two files do not belong together)")
 
-    def _check_items(self, bin_size: int) -> None:
+    def _check_items(self, bin_size: int, chunk: int = 1 << 24) -> None:
+        """What GPT-NeoX's writer guarantees: sizes >= 0, pointers = exclusive cumsum(sizes) x itemsize,
+        `.bin` exactly as long as the items, doc_idx from 0 to len, non-decreasing (checked in chunks)."""
         n = len(self.sizes)
-        if n == 0:
-            return
-        bad = np.flatnonzero(self.sizes < 0)
-        if bad.size:
-            i = int(bad[0])
-            raise UserError(f"{self.index_path}: offset {HEADER_SIZE + 4 * i}: item {i} has negative "
-                            f"size {int(self.sizes[i])}")
-        ends = self.pointers + self.sizes.astype(np.int64) * self.dtype.itemsize
-        bad = np.flatnonzero((self.pointers < 0) | (ends > bin_size))
-        if bad.size:
-            i = int(bad[0])
+        ptr_off = HEADER_SIZE + 4 * n
+        doc_off = ptr_off + 8 * n
+        expect = 0  # the next item's pointer
+        for a in range(0, n, chunk):
+            sizes = self.sizes[a:a + chunk].astype(np.int64)
+            bad = np.flatnonzero(sizes < 0)
+            if bad.size:
+                i = a + int(bad[0])
+                raise UserError(f"{self.index_path}: offset {HEADER_SIZE + 4 * i}: item {i} has negative "
+                                f"size {int(self.sizes[i])}")
+            want = expect + np.concatenate([[0], np.cumsum(sizes[:-1])]) * self.dtype.itemsize
+            bad = np.flatnonzero(self.pointers[a:a + chunk] != want)
+            if bad.size:
+                i = a + int(bad[0])
+                raise UserError(f"{self.index_path}: offset {ptr_off + 8 * i}: item {i} pointer "
+                                f"{int(self.pointers[i])}, but the sizes before it put it at {int(want[i - a])} "
+                                "(inconsistent index)")
+            expect = int(want[-1]) + int(sizes[-1]) * self.dtype.itemsize
+        if expect > bin_size:
+            ends = self.pointers + self.sizes.astype(np.int64) * self.dtype.itemsize
+            i = int(np.flatnonzero(ends > bin_size)[0])
             raise UserError(f"{self.data_path}: offset {int(self.pointers[i])}: file is shorter than the "
                             f"index says: item {i} needs bytes [{int(self.pointers[i])}, {int(ends[i])}) "
                             f"but the file has {bin_size} bytes")
+        if expect < bin_size:
+            raise UserError(f"{self.data_path}: offset {expect}: file is longer than the index says: "
+                            f"{bin_size} bytes, {self.index_path.name} describes {expect} (a .bin and .idx "
+                            "from different runs?)")
+        d = self.doc_idx
+        if len(d) == 0 or d[0] != 0 or d[-1] != n:
+            got = "empty" if len(d) == 0 else f"runs from {int(d[0])} to {int(d[-1])}"
+            raise UserError(f"{self.index_path}: offset {doc_off}: doc_idx {got}; it must run from 0 to the "
+                            f"item count {n}")
+        for a in range(0, len(d), chunk):
+            part = d[a:a + chunk + 1]
+            bad = np.flatnonzero(np.diff(part) < 0)
+            if bad.size:
+                i = a + int(bad[0]) + 1
+                raise UserError(f"{self.index_path}: offset {doc_off + 8 * i}: doc_idx[{i}] = {int(d[i])} is below "
+                                f"doc_idx[{i - 1}] = {int(d[i - 1])} (must not decrease)")
 
     def __len__(self) -> int:
         return len(self.sizes)

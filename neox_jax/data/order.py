@@ -117,13 +117,16 @@ def build_index_maps(prefix: str, name: str, documents: np.ndarray, sizes: np.nd
     """doc_idx, sample_idx, shuffle_idx as GPT-NeoX builds them (reading NeoX's cache when present)."""
     if seq_length < 2:
         raise UserError(f"seq_length must be at least 2, got {seq_length}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise UserError(f"{prefix}: num_samples {num_samples} (--num-samples / --train-iters): must be >= 1")
     tokens = tokens_per_epoch(documents, sizes)
     epochs = num_epochs(tokens, seq_length, num_samples)
     n = (epochs * tokens - 1) // seq_length
+    _check_memory(prefix, num_samples, seq_length, n, epochs * len(documents))
     paths = index_map_paths(prefix, name, num_samples, seq_length, seed)
     if use_cache and all(p.exists() for p in paths):
         maps = [_load_npy(p) for p in paths]
-        _check_cached(paths, maps, n, epochs * len(documents))
+        _check_cached(paths, maps, n, epochs * len(documents), len(sizes), sizes)
         return IndexMaps(*maps, num_epochs=epochs, from_cache=True)
     rng = np.random.RandomState(seed=seed)
     doc_idx = build_doc_idx(documents, epochs, rng)
@@ -149,13 +152,44 @@ def _load_npy(path: Path) -> np.ndarray:
         raise UserError(f"{path}: not a readable .npy index map ({e})") from None
 
 
-def _check_cached(paths, maps, n: int, n_doc_idx: int) -> None:
+def _check_memory(prefix: str, num_samples: int, seq_length: int, n: int, n_doc_idx: int) -> None:
+    """Refuse index maps larger than this machine's memory before allocating them (doc_idx int32,
+    per-document sizes and ends int64 while building, sample_idx 2 x int32, shuffle_idx up to int64)."""
+    need = n_doc_idx * (4 + 8 + 8) + (n + 1) * 8 + n * np.dtype(shuffle_idx_dtype(n)).itemsize
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        have = 2**40
+    if need > have:
+        raise UserError(f"{prefix}: num_samples {num_samples} (--num-samples / --train-iters) x seq_length "
+                        f"{seq_length} needs index maps of {need / 2**30:,.1f} GiB; this machine has "
+                        f"{have / 2**30:,.1f} GiB")
+
+
+def _check_cached(paths, maps, n: int, n_doc_idx: int, n_items: int, sizes: np.ndarray) -> None:
+    """Shapes, then values: every index a cached map holds must point inside what it indexes."""
     doc_idx, sample_idx, shuffle_idx = maps
     expect = ((doc_idx, (n_doc_idx,)), (sample_idx, (n + 1, 2)), (shuffle_idx, (n,)))
     for p, (arr, shape) in zip(paths, expect):
         if arr.shape != shape:
             raise UserError(f"{p}: shape {arr.shape}, but this dataset and these settings give {shape} "
                             "(stale cache for a different dataset?)")
+
+    def first_bad(p: Path, arr: np.ndarray, ok: np.ndarray, what: str) -> None:
+        bad = np.flatnonzero(~ok)
+        if bad.size:
+            i = int(bad[0])
+            raise UserError(f"{p}: entry {i} is {arr.reshape(-1)[i] if arr.ndim == 1 else arr[i].tolist()}, "
+                            f"outside {what} (corrupt or stale cache)")
+
+    first_bad(paths[0], doc_idx, (doc_idx >= 0) & (doc_idx < n_items), f"the dataset's {n_items} documents")
+    rows = np.asarray(sample_idx, dtype=np.int64)
+    first_bad(paths[1], rows, (rows[:, 0] >= 0) & (rows[:, 0] < n_doc_idx), f"doc_idx's {n_doc_idx} entries")
+    docs = np.asarray(doc_idx, dtype=np.int64)[rows[:, 0]]
+    first_bad(paths[1], rows, (rows[:, 1] >= 0) & (rows[:, 1] <= np.asarray(sizes, np.int64)[docs]),
+              "its document's tokens")
+    first_bad(paths[1], rows, np.concatenate([[True], np.diff(rows[:, 0]) >= 0]), "non-decreasing order")
+    first_bad(paths[2], shuffle_idx, (shuffle_idx >= 0) & (shuffle_idx < n), f"the {n} samples")
 
 
 def train_valid_test_split(splits_string: str, size: int) -> list[int]:

@@ -29,7 +29,6 @@ order.  A tqdm bar over input bytes shows documents and tokens/s.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import multiprocessing
@@ -121,6 +120,43 @@ def _read_jsonl(path: Path, raw, stream, key: str, strict: bool,
         yield text, raw.tell()
 
 
+def _zst_lines(path: Path, raw, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The lines of a .zst file (one or more frames), decompressed as they stream.  A corrupt or
+    truncated stream raises UserError naming the file and the compressed/uncompressed offsets."""
+    import zstandard
+
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    pending = b""
+    out_pos = 0  # uncompressed bytes produced so far
+    frame_open = False
+    while True:
+        data = raw.read(chunk)
+        if not data:
+            break
+        while data:
+            try:
+                out = dobj.decompress(data)
+            except zstandard.ZstdError as e:
+                raise UserError(f"{path}: offset {raw.tell()} (uncompressed {out_pos}): corrupt zstd stream "
+                                f"({e})") from None
+            frame_open = True
+            data = b""
+            if dobj.eof:  # a frame ended; anything after it starts the next one
+                data = dobj.unused_data
+                dobj = zstandard.ZstdDecompressor().decompressobj()
+                frame_open = bool(data)
+            out_pos += len(out)
+            pending += out
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line + b"\n"
+    if frame_open:
+        raise UserError(f"{path}: offset {raw.tell()} (uncompressed {out_pos}): truncated zstd stream "
+                        "(the last frame never ends)")
+    if pending:
+        yield pending
+
+
 def _read_txt(path: Path, mode: str) -> list[str]:
     data = path.read_bytes()
     try:
@@ -150,12 +186,7 @@ def iter_documents(paths: Sequence[str | os.PathLike], key: str = "text", txt_mo
             docs = ((t, size) for t in _read_txt(p, txt_mode))
         else:
             raw = open(p, "rb")
-            if kind == ".jsonl.zst":
-                import zstandard
-
-                stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
-            else:
-                stream = raw
+            stream = _zst_lines(p, raw) if kind == ".jsonl.zst" else raw
             docs = _read_jsonl(p, raw, stream, key, strict, stats)
         try:
             for text, pos in docs:
@@ -164,10 +195,6 @@ def iter_documents(paths: Sequence[str | os.PathLike], key: str = "text", txt_mo
                     continue
                 stats.documents += 1
                 yield text, done + pos
-        except Exception as e:
-            if kind == ".jsonl.zst" and type(e).__name__ == "ZstdError":
-                raise UserError(f"{p}: offset {raw.tell()}: corrupt zstd stream ({e})") from None
-            raise
         finally:
             if kind != ".txt":
                 raw.close()
@@ -278,6 +305,11 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str, tokenize
                 test_pause("preprocess-chunk")
                 bar.update(pos - bar.n)
                 bar.set_postfix(docs=n_docs, tok_s=f"{n_tokens / (time.perf_counter() - start):,.0f}")
+            if n_docs == 0:  # raised inside the writer: nothing is written
+                if stats.examples:
+                    log.warning("bad lines: %s", "; ".join(stats.examples))
+                raise UserError(f"{', '.join(map(str, inputs))}: no document to write: {stats.bad_lines} bad "
+                                f"line(s) skipped, {stats.empty} empty document(s)")
     finally:
         if pool is not None:
             pool.terminate()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import UserError
+from ..errors import UserError, reading
 
 
 def shared_dir() -> Path:
@@ -66,10 +66,8 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     if p.suffix == ".model":
         import sentencepiece as spm
 
-        try:
+        with reading(p, "not a sentencepiece model"):  # RuntimeError/OSError variants
             sp = spm.SentencePieceProcessor(model_file=str(p))
-        except Exception as e:  # sentencepiece raises RuntimeError/OSError variants
-            raise UserError(f"{p}: not a sentencepiece model ({e})") from None
         # GPT-NeoX's SentencePieceTokenizer uses the "<|endoftext|>" piece as EOD; else the model's eos
         eod = sp.piece_to_id("<|endoftext|>")
         if sp.id_to_piece(eod) != "<|endoftext|>":
@@ -77,9 +75,7 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
         return Tokenizer(str(p), "sentencepiece", sp, max(eod, 0), has_eod=eod >= 0)
     from tokenizers import Tokenizer as HFTokenizer
 
-    try:
+    with reading(p, "not a Hugging Face tokenizers JSON file"):  # a bare Exception on malformed JSON
         tok = HFTokenizer.from_file(str(p))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-        raise UserError(f"{p}: not a Hugging Face tokenizers JSON file ({e})") from None
     eod = tok.token_to_id("<|endoftext|>")
     return Tokenizer(str(p), "hf", tok, 0 if eod is None else eod, has_eod=eod is not None)

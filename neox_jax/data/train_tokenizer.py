@@ -32,8 +32,27 @@ def _texts(inputs: Sequence[str | os.PathLike], key: str, txt_mode: str) -> Iter
         yield text
 
 
+MAX_VOCAB = 2**22  # far above any real tokenizer; larger requests make the Rust trainer abort
+
+
 def _check_output(path: Path, overwrite: bool) -> None:
     check_destination(path, overwrite, directory=False)
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"{path.parent}: not writable (cannot write {path})")
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    if not 256 + len(SPECIALS) <= vocab_size <= MAX_VOCAB:
+        raise UserError(f"--vocab-size {vocab_size}: must lie in [{256 + len(SPECIALS)}, {MAX_VOCAB}] "
+                        f"(256 byte symbols + {len(SPECIALS)} specials at least)")
+
+
+def _trainer_error(output: Path, e: BaseException) -> UserError:
+    """A tokenizer library failure (a Python exception or a Rust panic) as one line naming OUTPUT."""
+    if isinstance(e, UserError):
+        return e
+    first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
+    return UserError(f"{output}: tokenizer training failed ({e.__class__.__name__}: {first})")
 
 
 def train_bpe(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, vocab_size: int, *,
@@ -43,9 +62,10 @@ def train_bpe(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, vo
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     out = Path(output)
+    check_vocab_size(vocab_size)
+    if min_frequency < 0:
+        raise UserError(f"--min-frequency {min_frequency}: must be >= 0")
     _check_output(out, overwrite)
-    if vocab_size < 256 + len(SPECIALS):
-        raise UserError(f"vocab size {vocab_size} is below the 256 byte symbols + {len(SPECIALS)} specials")
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True)
@@ -54,7 +74,25 @@ def train_bpe(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, vo
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=list(SPECIALS), show_progress=progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_texts(inputs, key, txt_mode), trainer=trainer)
+    texts = _texts(inputs, key, txt_mode)
+    for p in map(Path, inputs):  # a missing input fails before training starts
+        if not p.is_file():
+            raise UserError(f"{p}: input file not found")
+    failure: list[BaseException] = []
+
+    def guarded():  # an exception raised inside the Rust trainer's iteration comes back as a panic
+        try:
+            yield from texts
+        except BaseException as e:
+            failure.append(e)
+            raise
+
+    try:
+        tok.train_from_iterator(guarded(), trainer=trainer)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # pyo3's PanicException derives from BaseException
+        raise _trainer_error(out, failure[0] if failure else e) from None
     with Replacement([out], overwrite=overwrite) as rep:
         tok.save(str(rep.tmp()))
         rep.commit()
@@ -70,9 +108,11 @@ def train_sentencepiece(inputs: Sequence[str | os.PathLike], output: str | os.Pa
     out = Path(output)
     if out.suffix != ".model":
         raise UserError(f"{out}: a sentencepiece output must end in .model")
+    check_vocab_size(vocab_size)
     _check_output(out, overwrite)
     if model_type not in ("bpe", "unigram"):
         raise UserError(f"sentencepiece model type {model_type!r}: expected bpe or unigram")
+
     def sentences() -> Iterator[str]:
         for text in _texts(inputs, key, txt_mode):
             yield from (line for line in text.split("\n") if line.strip())
@@ -86,7 +126,7 @@ def train_sentencepiece(inputs: Sequence[str | os.PathLike], output: str | os.Pa
             byte_fallback=True, input_sentence_size=max_sentences, shuffle_input_sentence=True,
             allow_whitespace_only_pieces=True, minloglevel=2)
     except RuntimeError as e:
-        raise UserError(f"sentencepiece training failed: {e}") from None
+        raise UserError(f"{out}: sentencepiece training failed: {str(e).strip().splitlines()[0][:200]}") from None
     with Replacement([out], overwrite=overwrite) as rep:
         rep.tmp().write_bytes(model.getvalue())
         rep.commit()

@@ -84,7 +84,8 @@ def document_perplexity(cfg: ModelConfig, params, path: str | Path, tokenizer_pa
     from ..evaluate import score_documents, summarize
 
     docs, n_bytes = _read_documents(str(path), tokenizer_path)
-    lps = score_documents(cfg, params, docs, batch_size=batch_size, window=window, progress=progress)
+    lps = score_documents(cfg, params, docs, batch_size=batch_size, window=window, progress=progress,
+                          source=str(path))
     return {"file": str(path), **summarize(lps, n_bytes)}
 
 

@@ -63,6 +63,16 @@ def _run_eval(args):
         raise UserError("nothing to evaluate: give --tasks, --lambada, --perplexity and/or --data-prefix")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for opt in ("context", "seq_length", "max_samples"):
+        v = getattr(args, opt)
+        if v is not None and v < 1:
+            raise UserError(f"--{opt.replace('_', '-')} {v}: must be >= 1")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError(f"--num-fewshot {args.num_fewshot}: must be >= 0")
+    if args.limit is not None and not args.limit > 0:
+        raise UserError(f"--limit {args.limit}: must be positive")
+    if args.tensor < 1:
+        raise UserError(f"--tensor {args.tensor}: must be >= 1")
     for name in ("lambada", "perplexity", "include_path"):
         path = getattr(args, name)
         if path and not Path(path).exists():
@@ -71,6 +81,13 @@ def _run_eval(args):
         from ..data.indexed import IndexedDataset
 
         IndexedDataset(args.data_prefix)  # a missing or broken dataset fails before the model loads
+    from ..checkpoint import read_config
+    from ..evaluate import check_window
+
+    model_cfg = read_config(args.ckpt)  # options checked against the model before it loads
+    check_window(args.context, model_cfg)
+    if args.seq_length is not None:
+        check_window(args.seq_length, model_cfg, "--seq-length")
     harness = manager = None
     if args.tasks:
         try:

@@ -22,6 +22,7 @@ import logging
 from typing import Any, Mapping
 
 from ..config import _NEOX_MATH_ALLOWED, _NEOX_READ, ConfigError, from_neox_yaml
+from ..values import Fields
 
 log = logging.getLogger(__name__)
 
@@ -80,31 +81,31 @@ def _where(where: str, key: str) -> str:
 
 def _precision(d: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]]:
     """(compute dtype, optimizer loss-scale keys) from the fp16 / bf16 blocks or `precision`."""
-    fp16 = d.get("fp16") or {}
-    bf16 = d.get("bf16") or {}
-    if not isinstance(fp16, Mapping) or not isinstance(bf16, Mapping):
-        raise ConfigError(f"{where}: the fp16 / bf16 keys must be mappings")
-    if fp16.get("enabled", False) and fp16.get("type") in ("bfloat16", "bf16"):
+    top = Fields(d, where)
+    f16, b16 = top.sub("fp16"), top.sub("bf16")
+    fp16, bf16 = f16.data, b16.data
+    if f16.bool("enabled", False) and fp16.get("type") in ("bfloat16", "bf16"):
         fp16, bf16 = {}, {"enabled": True}
+        f16, b16 = Fields(fp16, where, "fp16."), Fields(bf16, where, "bf16.")
     precision = d.get("precision")
-    if fp16.get("enabled", False) or precision == "fp16":
+    if f16.bool("enabled", False) or precision == "fp16":
         unknown = sorted(set(fp16) - {"fp16", "enabled", "type", "loss_scale", "loss_scale_window",
                                       "initial_scale_power", "hysteresis", "min_loss_scale",
                                       "consecutive_hysteresis"})
         if unknown:
             raise ConfigError(f"{_where(where, 'fp16')}: unsupported setting(s) {unknown}")
-        if fp16.get("consecutive_hysteresis", False):
+        if f16.bool("consecutive_hysteresis", False):
             raise ConfigError(f"{_where(where, 'fp16')}: consecutive_hysteresis=true is not supported")
-        static = float(fp16.get("loss_scale", 0) or 0)
+        static = f16.float("loss_scale", 0.0, nullable=True)
         opt = {"loss_scale": "static", "static_scale": static} if static > 0 else {
             "loss_scale": "dynamic",
-            "initial_scale_power": int(fp16.get("initial_scale_power", 16)),  # DeepSpeed's default 2^16
-            "scale_window": int(fp16.get("loss_scale_window", 1000)),
-            "hysteresis": int(fp16.get("hysteresis", 2)),
-            "min_scale": float(fp16.get("min_loss_scale", 1)),
+            "initial_scale_power": f16.int("initial_scale_power", 16),  # DeepSpeed's default 2^16
+            "scale_window": f16.int("loss_scale_window", 1000),
+            "hysteresis": f16.int("hysteresis", 2),
+            "min_scale": f16.float("min_loss_scale", 1.0),
         }
         return "float16", opt
-    if bf16.get("enabled", False) or precision in ("bfloat16", "bf16"):
+    if b16.bool("enabled", False) or precision in ("bfloat16", "bf16"):
         return "bfloat16", {}
     if precision not in (None, "fp32", "float32"):
         raise ConfigError(f"{_where(where, 'precision')}: {precision!r} is not supported")
@@ -134,49 +135,54 @@ def run_config_from_neox(raw: Mapping[str, Any], *, where: str = "neox config",
         if key not in d:
             raise ConfigError(f"{where}: missing GPT-NeoX key {key!r}")
 
+    f = Fields(d, where)
     compute, loss_scale = _precision(d, where)
-    remat = "full" if d.get("checkpoint_activations", False) else "none"
-    model = from_neox_yaml(d, compute_dtype=compute, param_dtype="float32", remat=remat,
-                           **({"init_std": float(d["init_method_std"])} if "init_method_std" in d else {}))
+    remat = "full" if f.bool("checkpoint_activations", False) else "none"
+    model = from_neox_yaml(d, where=where, compute_dtype=compute, param_dtype="float32", remat=remat,
+                           **({"init_std": f.float("init_method_std")} if "init_method_std" in d else {}))
 
-    opt_block = d.get("optimizer") or {}
-    if not isinstance(opt_block, Mapping):
-        raise ConfigError(f"{_where(where, 'optimizer')} must be a mapping")
-    kind = str(opt_block.get("type", "Adam"))
+    opt = f.sub("optimizer")
+    opt_block = opt.data
+    kind = opt.str("type", "Adam")
     if kind.lower() not in ("adam", "adamw"):
         raise ConfigError(f"{_where(where, 'optimizer.type')} = {kind!r}: only Adam / AdamW are supported")
-    params = dict(opt_block.get("params") or {})
+    pf = opt.sub("params")
+    params = pf.data
     unknown_p = sorted(set(params) - {"lr", "betas", "eps", "weight_decay"})
     if unknown_p:
         raise ConfigError(f"{_where(where, 'optimizer.params')}: unsupported parameter(s) {unknown_p}")
     if "lr" not in params and "lr" not in d:
         raise ConfigError(f"{where}: no learning rate (optimizer.params.lr)")
-    style = str(d.get("lr_decay_style", "linear"))  # GPT-NeoX's default
+    style = f.str("lr_decay_style", "linear")  # GPT-NeoX's default
     if style not in _DECAY_STYLES:
         raise ConfigError(f"{_where(where, 'lr_decay_style')} = {style!r} is not supported")
-    betas = params.get("betas", [0.9, 0.999])  # torch Adam's default
+    betas = pf.list("betas", float, [0.9, 0.999])  # torch Adam's default
+    if len(betas) != 2:
+        raise ConfigError(f"{_where(where, 'optimizer.params.betas')} must be two numbers, got {betas}")
     optimizer = {
-        "lr": float(params.get("lr", d.get("lr"))),
-        "min_lr": float(d.get("min_lr", 0.0)),
+        "lr": pf.float("lr") if pf.has("lr") else f.float("lr"),
+        "min_lr": f.float("min_lr", 0.0),
         "schedule": "neox_2022",
         "decay_style": style,
-        "warmup": float(d.get("warmup", 0.01)),
-        "decay_steps": int(d.get("lr_decay_iters") or d["train_iters"]),
-        "b1": float(betas[0]),
-        "b2": float(betas[1]),
-        "eps": float(params.get("eps", 1e-8)),
-        "weight_decay": float(params.get("weight_decay", d.get("weight_decay", 0.01))),
-        "clip": float(d.get("gradient_clipping", d.get("clip_grad", 0.0)) or 0.0),
+        "warmup": f.float("warmup", 0.01),
+        "decay_steps": f.int("lr_decay_iters", 0, nullable=True) or f.int("train_iters"),
+        "b1": betas[0],
+        "b2": betas[1],
+        "eps": pf.float("eps", 1e-8),
+        "weight_decay": pf.float("weight_decay") if pf.has("weight_decay") else f.float("weight_decay", 0.01),
+        "clip": (f.float("gradient_clipping", 0.0, nullable=True) if f.has("gradient_clipping")
+                 else f.float("clip_grad", 0.0, nullable=True)),
         **loss_scale,
     }
 
-    micro = int(d["train_micro_batch_size_per_gpu"])
-    gas = int(d.get("gradient_accumulation_steps", d.get("gas", 1)) or 1)
-    if d.get("train_batch_size"):
-        batch = int(d["train_batch_size"])
+    micro = f.int("train_micro_batch_size_per_gpu")
+    gas = (f.int("gradient_accumulation_steps", 1, nullable=True) if f.has("gradient_accumulation_steps")
+           else f.int("gas", 1, nullable=True)) or 1
+    if f.int("train_batch_size", 0, nullable=True):
+        batch = f.int("train_batch_size")
     elif num_devices is not None:
-        tp = int(d.get("model_parallel_size", 1) or 1)
-        pp = max(1, int(d.get("pipe_parallel_size", 0) or 0))
+        tp = f.int("model_parallel_size", 1, nullable=True) or 1
+        pp = max(1, f.int("pipe_parallel_size", 0, nullable=True))
         if num_devices % (tp * pp):
             raise ConfigError(f"{where}: model_parallel_size {tp} x pipe_parallel_size {pp} does not divide "
                               f"the {num_devices} devices")
@@ -185,27 +191,27 @@ def run_config_from_neox(raw: Mapping[str, Any], *, where: str = "neox config",
         raise ConfigError(f"{where}: no train_batch_size; the global batch is micro-batch x "
                           "gradient_accumulation_steps x data-parallel devices, which needs the mesh")
     train = {
-        "steps": int(d["train_iters"]),
+        "steps": f.int("train_iters"),
         "batch_size": batch,
         "grad_accum": gas,
-        "seed": int(d.get("seed", 1234)),
-        "eval_every": int(d.get("eval_interval", 1000)),
-        "eval_steps": int(d.get("eval_iters", 100)),
+        "seed": f.int("seed", 1234),
+        "eval_every": f.int("eval_interval", 1000),
+        "eval_steps": f.int("eval_iters", 100),
     }
-    if d.get("log_interval"):
-        train["log_every"] = int(d["log_interval"])
+    if f.int("log_interval", 0, nullable=True):
+        train["log_every"] = f.int("log_interval")
 
-    data: dict[str, Any] = {"seq_length": int(d.get("seq_length") or model.max_position_embeddings),
-                            "seed": int(d.get("seed", 1234)),
-                            "mask_eod_loss": bool(d.get("eod_mask_loss", False))}
+    data: dict[str, Any] = {"seq_length": f.int("seq_length", 0, nullable=True) or model.max_position_embeddings,
+                            "seed": f.int("seed", 1234),
+                            "mask_eod_loss": f.bool("eod_mask_loss", False)}
     if d.get("train_data_paths"):
         data["train_paths"] = list(d["train_data_paths"])
         if d.get("train_data_weights"):
-            data["train_weights"] = [float(w) for w in d["train_data_weights"]]
+            data["train_weights"] = f.list("train_data_weights", float)
         if d.get("valid_data_paths"):
             data["valid_paths"] = list(d["valid_data_paths"])
             if d.get("valid_data_weights"):
-                data["valid_weights"] = [float(w) for w in d["valid_data_weights"]]
+                data["valid_weights"] = f.list("valid_data_weights", float)
     elif d.get("data_path"):
         data["path"] = str(d["data_path"])
         data["split"] = str(d.get("split", "969, 30, 1"))
@@ -215,7 +221,7 @@ def run_config_from_neox(raw: Mapping[str, Any], *, where: str = "neox config",
     # local_setup.yml): `--set data.path=...` or `--set data.train_paths=[...]` may still give them;
     # DataConfig refuses the run if nothing does.
 
-    mesh = {"data": 1, "fsdp": -1, "tensor": int(d.get("model_parallel_size", 1) or 1)}
+    mesh = {"data": 1, "fsdp": -1, "tensor": f.int("model_parallel_size", 1, nullable=True) or 1}
 
     na = sorted(k for k in d if k in _NOT_APPLICABLE)
     if na:

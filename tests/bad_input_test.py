@@ -1,0 +1,733 @@
+"""Bad input to every command, table-driven (issue 8): each case builds its input in its own directory,
+runs the command in-process through `neox_jax.cli.main` and asserts the CLI contract:
+
+* exit status 2;
+* exactly one stderr line starting `neox-jax: error:`, containing what the case names (file, key,
+  tensor or option), short (no tensorstore spec or pickle dump), and no traceback;
+* the case directory byte-identical afterwards: pre-existing outputs untouched, no temporaries or
+  partial outputs left (`snapshot` walks every file, symlink and directory);
+* the shared fixtures untouched (checked once at the end).
+
+Fixtures are tiny and built once: a neox-jax checkpoint (`init configs/tiny.yaml`, 512-row
+vocabulary), a random HF GPT-NeoX (`save_pretrained` layout, written by the fixtures in
+convert_fixtures.py) and its native GPT-NeoX twin, an indexed dataset written by hand to the published
+.bin/.idx layout, and the shared 20B tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from convert_fixtures import save_hf, tiny_hf, write_neox
+from neox_jax.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_LINE = 600  # an error line longer than this is dumping something (a TensorStore spec, a pickle)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def write_indexed(prefix: Path, docs: list[list[int]], dtype=np.uint16, *, sizes=None, pointers=None,
+                  doc_idx=None, extra_bin: bytes = b"") -> None:
+    """PREFIX.bin/.idx written from the published MMIDIDX layout (independent of neox_jax.data)."""
+    dt = np.dtype(dtype)
+    code = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}[dt]
+    sizes = np.array([len(d) for d in docs], np.int32) if sizes is None else np.asarray(sizes, np.int32)
+    if pointers is None:
+        pointers = np.concatenate([[0], np.cumsum(sizes[:-1], dtype=np.int64)]) * dt.itemsize
+    doc_idx = np.arange(len(docs) + 1) if doc_idx is None else doc_idx
+    data = b"".join(np.asarray(d, dt).tobytes() for d in docs) + extra_bin
+    Path(f"{prefix}.bin").write_bytes(data)
+    head = b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, code, len(sizes), len(doc_idx))
+    Path(f"{prefix}.idx").write_bytes(head + sizes.astype("<i4").tobytes()
+                                      + np.asarray(pointers, "<i8").tobytes() + np.asarray(doc_idx, "<i8").tobytes())
+
+
+def read_st(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def write_st(path: Path, header: dict, data: bytes) -> None:
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory, neox_tokenizer_path):
+    d = tmp_path_factory.mktemp("fixtures")
+    assert main(["-q", "init", str(REPO / "configs" / "tiny.yaml"), str(d / "ck"),
+                 "--set", "model.vocab_size=512", "--set", "model.tokenizer_vocab_size=0"]) == 0
+    model = tiny_hf(3)
+    save_hf(model, d / "hf", dtype=torch.float32)
+    write_neox(tiny_hf(3), d / "neox", tp=1)
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 500, size=int(rng.integers(5, 40))).tolist() for _ in range(40)]
+    write_indexed(d / "ds", docs)
+    (d / "docs.jsonl").write_text("".join(json.dumps({"tokens": t[:20]}) + "\n" for t in docs[:3]))
+    (d / "text.jsonl").write_text("".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(5)))
+    (d / "run.yaml").write_text(yaml.safe_dump(run_config(str(d / "ds"))))
+    return {"dir": d, "ck": d / "ck", "hf": d / "hf", "neox": d / "neox", "ds": d / "ds", "docs": d / "docs.jsonl",
+            "text": d / "text.jsonl", "tok": Path(neox_tokenizer_path), "run": d / "run.yaml",
+            "before": snapshot(d)}
+
+
+def run_config(prefix: str, **train) -> dict:
+    return {
+        "model": {"preset": "tiny", "vocab_size": 512, "tokenizer_vocab_size": 0, "hidden_size": 32, "num_heads": 2,
+                  "intermediate_size": 64, "max_position_embeddings": 32},
+        "data": {"path": prefix, "split": "949,50,1", "seq_length": 16},
+        "optimizer": {"lr": 1e-3},
+        "train": {"steps": 2, "batch_size": 2, "log_every": 1, "eval_every": 0, "eval_steps": 0, **train},
+    }
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = "link:" + os.readlink(p)
+            elif p.is_dir():
+                out[rel] = "dir"
+            else:
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+# ----------------------------------------------------------------------------- helpers for the cases
+
+
+def copy(fx, name: str, d: Path) -> Path:
+    return Path(shutil.copytree(fx[name], d / name))
+
+
+def edit_json(path: Path, **changes) -> None:
+    obj = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is DROP:
+            obj.pop(k, None)
+        else:
+            obj[k] = v
+    path.write_text(json.dumps(obj))
+
+
+DROP = object()
+
+
+def hf_with(fx, d, **changes) -> Path:
+    src = copy(fx, "hf", d)
+    edit_json(src / "config.json", **changes)
+    return src
+
+
+def neox_with(fx, d, **changes) -> Path:
+    src = copy(fx, "neox", d)
+    yml = src / "global_step1000" / "configs" / "model.yml"
+    y = yaml.safe_load(yml.read_text())
+    y.update({k.replace("_", "-"): v for k, v in changes.items()})
+    yml.write_text(yaml.safe_dump(y))
+    return src
+
+
+def ck_with(fx, d, **changes) -> Path:
+    ck = copy(fx, "ck", d)
+    edit_json(ck / "config.json", **changes)
+    return ck
+
+
+def ck_without(fx, d, rel: str) -> Path:
+    """The checkpoint copy with `rel` (a file or directory) removed."""
+    ck = copy(fx, "ck", d)
+    target = ck / rel
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return ck
+
+
+def ck_marker(fx, d, **changes) -> Path:
+    ck = copy(fx, "ck", d)
+    edit_json(ck / "neox_jax.json", **changes)
+    return ck
+
+
+def hf_config_text(fx, d, text: str) -> Path:
+    src = copy(fx, "hf", d)
+    (src / "config.json").write_text(text)
+    return src
+
+
+def write(d: Path, name: str, data: bytes) -> Path:
+    (d / name).write_bytes(data)
+    return d / name
+
+
+def short_bin(fx, d) -> Path:
+    p = ds_with(fx, d)
+    Path(f"{p}.bin").write_bytes(Path(f"{p}.bin").read_bytes()[:-6])
+    return p
+
+
+def model_yaml(d: Path, text: str) -> Path:
+    (d / "m.yaml").write_text(text)
+    return d / "m.yaml"
+
+
+def non_empty_dir(d: Path, name: str) -> Path:
+    (d / name).mkdir()
+    existing(d / name, "x")
+    return d / name
+
+
+def biggest_array_file(ck: Path) -> Path:
+    files = [p for p in (ck / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def damaged_ck(fx, d, how: str) -> Path:
+    ck = copy(fx, "ck", d)
+    f = biggest_array_file(ck)
+    if how == "truncated":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "zeroed":
+        f.write_bytes(bytes(f.stat().st_size))
+    elif how == "deleted":
+        f.unlink()
+    return ck
+
+
+def st_with(fx, d, edit) -> Path:
+    """The HF copy with its model.safetensors header edited by edit(header, data) -> (header, data)."""
+    src = copy(fx, "hf", d)
+    f = src / "model.safetensors"
+    header, data = read_st(f)
+    header, data = edit(header, data)
+    write_st(f, header, data)
+    return src
+
+
+def keys_by_offset(header: dict) -> list[str]:
+    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+
+
+def overlap(header, data):
+    a, b = keys_by_offset(header)[:2]
+    sa, ea = header[a]["data_offsets"]
+    sb, eb = header[b]["data_offsets"]
+    if eb - sb == ea - sa:
+        header[b]["data_offsets"] = [sa, ea]  # b reads a's bytes
+    else:
+        header[b]["data_offsets"] = [sb - 4, eb - 4]
+    return header, data
+
+
+def gap(header, data):
+    """Every tensor after the first moved 8 bytes on: a hole of 8 unused bytes."""
+    for k in keys_by_offset(header)[1:]:
+        s, e = header[k]["data_offsets"]
+        header[k]["data_offsets"] = [s + 8, e + 8]
+    first = keys_by_offset(header)[0]
+    end = header[first]["data_offsets"][1]
+    return header, data[:end] + bytes(8) + data[end:]
+
+
+def trailing(header, data):
+    return header, data + bytes(16)
+
+
+def shape_mismatch(header, data):
+    k = keys_by_offset(header)[0]
+    header[k]["dtype"] = "F16"  # half the bytes the offsets span
+    return header, data
+
+
+def two_shards(fx, d) -> Path:
+    """A sharded copy whose final_layer_norm.weight is in both shards (index lists one)."""
+    from safetensors.torch import load_file, save_file
+
+    src = copy(fx, "hf", d)
+    sd = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    keys = sorted(sd)
+    half = len(keys) // 2
+    dup = "gpt_neox.final_layer_norm.weight"
+    a = {k: sd[k] for k in keys[:half]}
+    b = {k: sd[k] for k in keys[half:]}
+    a[dup], b[dup] = sd[dup], sd[dup]
+    save_file(a, str(src / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(b, str(src / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    wm = {k: "model-00001-of-00002.safetensors" for k in a} | {k: "model-00002-of-00002.safetensors" for k in b
+                                                                if k not in a}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    return src
+
+
+def tied_with_embed_out(fx, d) -> Path:
+    src = copy(fx, "hf", d)
+    edit_json(src / "config.json", tie_word_embeddings=True)
+    return src  # the files still carry embed_out.weight
+
+
+def bin_as(fx, d, content: bytes) -> Path:
+    src = d / "bin"
+    src.mkdir()
+    shutil.copy(fx["hf"] / "config.json", src / "config.json")
+    (src / "pytorch_model.bin").write_bytes(content)
+    return src
+
+
+def evil_pickle(fx, d) -> Path:
+    from safetensors.torch import load_file
+
+    src = bin_as(fx, d, b"")
+    sd = load_file(str(fx["hf"] / "model.safetensors"))
+    sd["extra"] = os.system
+    torch.save(sd, src / "pytorch_model.bin")
+    return src
+
+
+def zst(d: Path, truncate: bool) -> Path:
+    import zstandard
+
+    text = "".join(json.dumps({"text": f"line {i} " * 50}) + "\n" for i in range(400)).encode()
+    blob = zstandard.ZstdCompressor().compress(text)
+    f = d / "in.jsonl.zst"
+    f.write_bytes(blob[: len(blob) // 2] if truncate else blob)
+    return f
+
+
+def ds_with(fx, d, **kw) -> Path:
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, 500, size=10).tolist() for _ in range(20)]
+    write_indexed(d / "ds", docs, **kw)
+    return d / "ds"
+
+
+def bad_doc_idx(fx, d):
+    return ds_with(fx, d, doc_idx=np.array([0, 3, 2] + list(range(4, 21))))
+
+
+def bad_pointers(fx, d):
+    p = np.arange(20, dtype=np.int64) * 20
+    p[5] += 4  # item 5 starts inside item 5's own bytes + 4: not cumsum(sizes)
+    return ds_with(fx, d, pointers=p)
+
+
+def index_maps_out_of_range(fx, d):
+    """Cached NeoX index maps of the right shapes holding an index past the dataset."""
+    from neox_jax.data.order import build_index_maps, index_map_paths
+
+    prefix = copy_ds(fx, d)
+    from neox_jax.data.indexed import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    docs = np.arange(len(ds), dtype=np.int32)
+    maps = build_index_maps(str(prefix), "train_0", docs, ds.sizes, 10, 16, 1234, use_cache=False)
+    doc_idx = np.array(maps.doc_idx)
+    doc_idx[3] = 10_000  # no such document
+    for p, arr in zip(index_map_paths(str(prefix), "train_0", 10, 16, 1234),
+                      (doc_idx, maps.sample_idx, maps.shuffle_idx)):
+        np.save(p, arr)
+    return prefix
+
+
+def copy_ds(fx, d) -> Path:
+    for ext in (".bin", ".idx"):
+        shutil.copy(f"{fx['ds']}{ext}", d / f"ds{ext}")
+    return d / "ds"
+
+
+def train_cfg(fx, d, section: str, key: str, value) -> Path:
+    raw = run_config(str(fx["ds"]))
+    raw[section][key] = value
+    (d / "run.yaml").write_text(yaml.safe_dump(raw))
+    return d / "run.yaml"
+
+
+def neox_train_cfg(fx, d, **changes) -> Path:
+    raw = {"num-layers": 2, "hidden-size": 32, "num-attention-heads": 2, "seq-length": 16,
+           "max-position-embeddings": 32, "pos-emb": "rotary", "norm": "layernorm", "rotary-pct": 0.25,
+           "no-weight-tying": True, "gpt-j-residual": True, "activation": "gelu", "hidden-dropout": 0,
+           "attention-dropout": 0, "train-iters": 2, "train-batch-size": 2, "train-micro-batch-size-per-gpu": 2,
+           "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}, "data-path": str(fx["ds"]),
+           "eval-iters": 0, "eval-interval": 1000}
+    raw.update({k.replace("_", "-"): v for k, v in changes.items()})
+    (d / "neox.yml").write_text(yaml.safe_dump(raw))
+    return d / "neox.yml"
+
+
+def non_utf8(d: Path, name: str, key: str = "text") -> Path:
+    f = d / name
+    f.write_bytes(json.dumps({key: "ok"}).encode() + b"\n" + b'{"' + key.encode() + b'": "\xff\xfe"}\n')
+    return f
+
+
+def lines(d: Path, name: str, *objs) -> Path:
+    f = d / name
+    f.write_text("".join(json.dumps(o) + "\n" for o in objs))
+    return f
+
+
+def existing(d: Path, name: str) -> Path:
+    f = d / name
+    f.write_text("precious\n")
+    return f
+
+
+def symlinked_dst(fx, d) -> Path:
+    (d / "real").mkdir()
+    (d / "real" / "keep.txt").write_text("keep")
+    (d / "link").symlink_to(d / "real")
+    return d / "link"
+
+
+def file_parent(d: Path, name: str) -> Path:
+    (d / "afile").write_text("not a directory")
+    return d / "afile" / name
+
+
+# ----------------------------------------------------------------------------- the table
+# (id, builder(fx, d) -> argv, needles the error line must contain)
+
+S = str
+
+
+CASES = [
+    # ---- score: options
+    ("score-context-negative", lambda fx, d: ["score", S(fx["ck"]), "--input", S(fx["docs"]), "--context", "-3"],
+     ["--context", "-3"]),
+    ("score-context-zero", lambda fx, d: ["score", S(fx["ck"]), "--input", S(fx["docs"]), "--context", "0"],
+     ["--context", "0"]),
+    ("score-context-above-max", lambda fx, d: ["score", S(fx["ck"]), "--input", S(fx["docs"]), "--context", "4096"],
+     ["--context", "4096", "max_position_embeddings"]),
+    ("score-batch-size-zero", lambda fx, d: ["score", S(fx["ck"]), "--input", S(fx["docs"]), "--batch-size", "0"],
+     ["--batch-size"]),
+    ("score-input-not-utf8", lambda fx, d: ["score", S(fx["ck"]), "--input", S(non_utf8(d, "in.jsonl")),
+                                            "--tokenizer", S(fx["tok"])], ["in.jsonl:2", "UTF-8"]),
+    ("score-txt-not-utf8", lambda fx, d: ["score", S(fx["ck"]), "--input",
+                                          S(write(d, "in.txt", b"ab\xffcd"))],
+     ["in.txt", "UTF-8"]),
+    ("score-input-missing", lambda fx, d: ["score", S(fx["ck"]), "--input", S(d / "nope.jsonl")], ["nope.jsonl"]),
+    ("score-token-out-of-vocab", lambda fx, d: ["score", S(fx["ck"]), "--input",
+                                                S(lines(d, "in.jsonl", {"tokens": [1, 2]}, {"tokens": [3, 9999]}))],
+     ["in.jsonl", "9999", "document 1"]),
+    ("score-nothing-to-score", lambda fx, d: ["score", S(fx["ck"]), "--input",
+                                              S(lines(d, "in.jsonl", {"tokens": [5]})), "--output", S(d / "o.jsonl")],
+     ["in.jsonl", "nothing to score"]),
+    ("score-output-exists", lambda fx, d: ["score", S(fx["ck"]), "--input", S(fx["docs"]), "--output",
+                                           S(existing(d, "o.jsonl"))], ["o.jsonl", "--overwrite"]),
+    # ---- score: damaged checkpoints
+    ("score-ck-missing-metadata", lambda fx, d: ["score", S(ck_without(fx, d, "params/_METADATA")), "--input", S(fx["docs"])], ["_METADATA"]),
+    ("score-ck-missing-marker", lambda fx, d: ["score", S(ck_without(fx, d, "neox_jax.json")), "--input", S(fx["docs"])], ["neox_jax.json"]),
+    ("score-ck-missing-params", lambda fx, d: ["score", S(ck_without(fx, d, "params")), "--input", S(fx["docs"])], ["params"]),
+    ("score-ck-missing-manifest", lambda fx, d: ["score", S(ck_without(fx, d, "params/manifest.ocdbt")),
+                                                 "--input", S(fx["docs"])], ["params"]),
+    ("score-ck-array-truncated", lambda fx, d: ["score", S(damaged_ck(fx, d, "truncated")), "--input",
+                                                S(fx["docs"])], ["params"]),
+    ("score-ck-array-zeroed", lambda fx, d: ["score", S(damaged_ck(fx, d, "zeroed")), "--input", S(fx["docs"])],
+     ["params"]),
+    ("score-ck-array-deleted", lambda fx, d: ["score", S(damaged_ck(fx, d, "deleted")), "--input", S(fx["docs"])],
+     ["params"]),
+    ("score-ck-foreign-format", lambda fx, d: ["score", S(ck_marker(fx, d, format="other")),
+                                               "--input", S(fx["docs"])], ["neox_jax.json", "other"]),
+    ("score-ck-version-99", lambda fx, d: ["score", S(ck_marker(fx, d, version=99)), "--input", S(fx["docs"])], ["neox_jax.json", "99"]),
+    ("score-ck-bool-as-string", lambda fx, d: ["score", S(ck_with(fx, d, tie_word_embeddings="no")),
+                                               "--input", S(fx["docs"])], ["config.json", "tie_word_embeddings"]),
+    ("score-ck-eps-null", lambda fx, d: ["score", S(ck_with(fx, d, layer_norm_eps=None)), "--input", S(fx["docs"])],
+     ["config.json", "layer_norm_eps"]),
+    ("score-ck-cudnn-on-cpu", lambda fx, d: ["score", S(ck_with(fx, d, attention="cudnn")), "--input",
+                                             S(fx["docs"])], ["cudnn"]),
+    # ---- convert: HF config values
+    ("convert-hf-tied-no", lambda fx, d: ["convert", S(hf_with(fx, d, tie_word_embeddings="no")), S(d / "dst")],
+     ["config.json", "tie_word_embeddings", "'no'"]),
+    ("convert-hf-parallel-1", lambda fx, d: ["convert", S(hf_with(fx, d, use_parallel_residual=1)), S(d / "dst")],
+     ["config.json", "use_parallel_residual"]),
+    ("convert-hf-eps-null", lambda fx, d: ["convert", S(hf_with(fx, d, layer_norm_eps=None)), S(d / "dst")],
+     ["config.json", "layer_norm_eps", "null"]),
+    ("convert-hf-eps-abc", lambda fx, d: ["convert", S(hf_with(fx, d, layer_norm_eps="abc")), S(d / "dst")],
+     ["config.json", "layer_norm_eps", "'abc'"]),
+    ("convert-hf-rope-theta-null", lambda fx, d: ["convert", S(hf_with(fx, d, rope_parameters={
+        "rope_type": "default", "rope_theta": None, "partial_rotary_factor": 0.25})), S(d / "dst")],
+     ["config.json", "rope_theta"]),
+    ("convert-hf-rope-parameters-string", lambda fx, d: ["convert", S(hf_with(fx, d, rope_parameters="x")),
+                                                         S(d / "dst")], ["config.json", "rope_parameters"]),
+    ("convert-hf-layers-string", lambda fx, d: ["convert", S(hf_with(fx, d, num_hidden_layers="2")), S(d / "dst")],
+     ["config.json", "num_hidden_layers"]),
+    ("convert-hf-vocab-float", lambda fx, d: ["convert", S(hf_with(fx, d, vocab_size=256.5)), S(d / "dst")],
+     ["config.json", "vocab_size"]),
+    ("convert-hf-config-not-json", lambda fx, d: ["convert", S(hf_config_text(fx, d, "{oops")), S(d / "dst")],
+     ["config.json"]),
+    ("convert-hf-tied-with-embed-out", lambda fx, d: ["convert", S(tied_with_embed_out(fx, d)), S(d / "dst")],
+     ["embed_out.weight", "unexpected"]),
+    # ---- convert: safetensors layouts
+    ("convert-st-overlap", lambda fx, d: ["convert", S(st_with(fx, d, overlap)), S(d / "dst")],
+     ["model.safetensors", "overlap"]),
+    ("convert-st-gap", lambda fx, d: ["convert", S(st_with(fx, d, gap)), S(d / "dst")], ["model.safetensors"]),
+    ("convert-st-trailing-bytes", lambda fx, d: ["convert", S(st_with(fx, d, trailing)), S(d / "dst")],
+     ["model.safetensors"]),
+    ("convert-st-dtype-size-mismatch", lambda fx, d: ["convert", S(st_with(fx, d, shape_mismatch)), S(d / "dst")],
+     ["model.safetensors"]),
+    ("convert-st-tensor-in-two-shards", lambda fx, d: ["convert", S(two_shards(fx, d)), S(d / "dst")],
+     ["gpt_neox.final_layer_norm.weight", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]),
+    ("inspect-st-overlap", lambda fx, d: ["inspect", S(st_with(fx, d, overlap))], ["model.safetensors", "overlap"]),
+    # ---- convert: PyTorch files
+    ("convert-bin-text", lambda fx, d: ["convert", S(bin_as(fx, d, b"hello, this is text\n" * 20)), S(d / "dst")],
+     ["pytorch_model.bin"]),
+    ("convert-bin-random", lambda fx, d: ["convert", S(bin_as(fx, d, np.random.default_rng(0).bytes(4096))),
+                                          S(d / "dst")], ["pytorch_model.bin"]),
+    ("convert-bin-pickle-global", lambda fx, d: ["convert", S(evil_pickle(fx, d)), S(d / "dst")],
+     ["pytorch_model.bin", "system"]),
+    # ---- convert: options
+    ("convert-step-negative", lambda fx, d: ["convert", S(fx["hf"]), S(d / "dst"), "--to", "neox", "--step", "-1"],
+     ["--step", "-1"]),
+    ("convert-neox-config-missing", lambda fx, d: ["convert", S(fx["neox"]), S(d / "dst"), "--neox-config",
+                                                   S(d / "nope.yml")], ["nope.yml"]),
+    ("convert-neox-config-missing-hf", lambda fx, d: ["convert", S(fx["hf"]), S(d / "dst"), "--neox-config",
+                                                      S(d / "nope.yml")], ["nope.yml"]),
+    ("convert-max-shard-size-zero", lambda fx, d: ["convert", S(fx["hf"]), S(d / "dst"), "--to", "hf",
+                                                   "--max-shard-size", "0"], ["--max-shard-size"]),
+    ("convert-tp-zero", lambda fx, d: ["convert", S(fx["hf"]), S(d / "dst"), "--to", "neox", "--tp", "0"],
+     ["--tp"]),
+    ("convert-symlinked-dst", lambda fx, d: ["convert", S(fx["hf"]), S(symlinked_dst(fx, d)), "--overwrite"],
+     ["link", "symbolic link"]),
+    ("convert-dst-exists", lambda fx, d: ["convert", S(fx["hf"]), S(non_empty_dir(d, "dst"))], ["dst", "--overwrite"]),
+    ("convert-src-missing", lambda fx, d: ["convert", S(d / "nope"), S(d / "dst")], ["nope"]),
+    # ---- convert: GPT-NeoX YAML values
+    ("convert-neox-hidden-abc", lambda fx, d: ["convert", S(neox_with(fx, d, hidden_size="abc")), S(d / "dst")],
+     ["model.yml", "hidden_size"]),
+    ("convert-neox-gptj-no", lambda fx, d: ["convert", S(neox_with(fx, d, gpt_j_residual="no")), S(d / "dst")],
+     ["model.yml", "gpt_j_residual"]),
+    ("convert-neox-eps-null", lambda fx, d: ["convert", S(neox_with(fx, d, layernorm_epsilon=None)), S(d / "dst")],
+     ["model.yml", "layernorm_epsilon"]),
+    ("convert-neox-attention-config-string", lambda fx, d: ["convert", S(neox_with(fx, d, attention_config="x")),
+                                                            S(d / "dst")], ["model.yml", "attention_config"]),
+    # ---- convert / inspect / diff: damaged neox-jax checkpoints
+    ("convert-ck-array-truncated", lambda fx, d: ["convert", S(damaged_ck(fx, d, "truncated")), S(d / "dst"),
+                                                  "--to", "hf"], ["params"]),
+    ("convert-ck-array-deleted", lambda fx, d: ["convert", S(damaged_ck(fx, d, "deleted")), S(d / "dst"),
+                                                "--to", "hf"], ["params"]),
+    ("convert-ck-array-zeroed", lambda fx, d: ["convert", S(damaged_ck(fx, d, "zeroed")), S(d / "dst"), "--to", "hf"],
+     ["params"]),
+    ("convert-ck-missing-metadata", lambda fx, d: ["convert", S(ck_without(fx, d, "params/_METADATA")),
+                                                   S(d / "dst"), "--to", "hf"], ["_METADATA"]),
+    ("convert-ck-foreign-marker", lambda fx, d: ["convert", S(ck_marker(fx, d, format="other")), S(d / "dst"), "--to", "hf"], ["neox_jax.json", "other"]),
+    ("inspect-ck-missing-params", lambda fx, d: ["inspect", S(ck_without(fx, d, "params"))], ["params"]),
+    ("inspect-ck-array-deleted", lambda fx, d: ["inspect", S(damaged_ck(fx, d, "deleted"))], ["params"]),
+    ("inspect-ck-array-truncated", lambda fx, d: ["inspect", S(damaged_ck(fx, d, "truncated"))], ["params"]),
+    ("inspect-ck-missing-manifest", lambda fx, d: ["inspect", S(ck_without(fx, d, "params/manifest.ocdbt"))], ["params"]),
+    ("diff-ck-array-zeroed", lambda fx, d: ["diff", S(damaged_ck(fx, d, "zeroed")), S(fx["ck"])], ["params"]),
+    ("diff-ck-missing-metadata", lambda fx, d: ["diff", S(fx["ck"]), S(ck_without(fx, d, "params/_METADATA"))], ["_METADATA"]),
+    ("diff-rtol-negative", lambda fx, d: ["diff", S(fx["hf"]), S(fx["hf"]), "--rtol", "-1"], ["--rtol", "-1"]),
+    ("diff-rtol-nan", lambda fx, d: ["diff", S(fx["hf"]), S(fx["hf"]), "--rtol", "nan"], ["--rtol", "nan"]),
+    # ---- data preprocess
+    ("preprocess-zst-truncated", lambda fx, d: ["data", "preprocess", S(zst(d, True)), "--output-prefix",
+                                                S(d / "out"), "--tokenizer", S(fx["tok"])], ["in.jsonl.zst", "offset"]),
+    ("preprocess-every-line-bad", lambda fx, d: ["data", "preprocess", S(lines(d, "in.jsonl", {"x": 1}, {"y": 2})),
+                                                 "--output-prefix", S(d / "out"), "--tokenizer", S(fx["tok"])],
+     ["in.jsonl", "no document"]),
+    ("preprocess-input-missing", lambda fx, d: ["data", "preprocess", S(d / "nope.jsonl"), "--output-prefix",
+                                                S(d / "out"), "--tokenizer", S(fx["tok"])], ["nope.jsonl"]),
+    ("preprocess-tokenizer-missing", lambda fx, d: ["data", "preprocess", S(fx["text"]), "--output-prefix",
+                                                    S(d / "out"), "--tokenizer", S(d / "tok.json")], ["tok.json"]),
+    ("preprocess-tokenizer-garbage", lambda fx, d: ["data", "preprocess", S(fx["text"]), "--output-prefix",
+                                                    S(d / "out"), "--tokenizer", S(write(d, "tok.json", b"{nope"))],
+     ["tok.json", "tokenizers JSON"]),
+    ("preprocess-sentencepiece-garbage", lambda fx, d: ["data", "preprocess", S(fx["text"]), "--output-prefix",
+                                                        S(d / "out"), "--tokenizer",
+                                                        S(write(d, "tok.model", b"\x00\x01garbage"))],
+     ["tok.model", "sentencepiece"]),
+    ("preprocess-workers-zero", lambda fx, d: ["data", "preprocess", S(fx["text"]), "--output-prefix", S(d / "out"),
+                                               "--tokenizer", S(fx["tok"]), "--workers", "0"], ["--workers"]),
+    ("preprocess-output-exists", lambda fx, d: ["data", "preprocess", S(fx["text"]), "--output-prefix",
+                                                S(existing(d, "out_text_document.bin").parent / "out"),
+                                                "--tokenizer", S(fx["tok"])],
+     ["out_text_document.bin", "--overwrite"]),
+    # ---- data order
+    ("order-num-samples-huge", lambda fx, d: ["data", "order", "--data-prefix", S(fx["ds"]), "--seq-length", "16",
+                                              "--num-samples", "1000000000000", "--steps", "0", "--batch", "1",
+                                              "--no-cache"], ["--num-samples", "1000000000000"]),
+    ("order-num-samples-negative", lambda fx, d: ["data", "order", "--data-prefix", S(fx["ds"]), "--seq-length",
+                                                  "16", "--num-samples", "-5", "--steps", "0", "--batch", "1"],
+     ["--num-samples", "-5"]),
+    ("order-train-iters-negative", lambda fx, d: ["data", "order", "--data-prefix", S(fx["ds"]), "--seq-length",
+                                                  "16", "--train-iters", "-1", "--steps", "0", "--batch", "1"],
+     ["--train-iters", "-1"]),
+    ("order-idx-doc-idx-inconsistent", lambda fx, d: ["data", "order", "--data-prefix", S(bad_doc_idx(fx, d)),
+                                                      "--seq-length", "8", "--num-samples", "4", "--steps", "0",
+                                                      "--batch", "1", "--no-cache"], ["ds.idx", "doc_idx"]),
+    ("order-idx-pointers-inconsistent", lambda fx, d: ["data", "order", "--data-prefix", S(bad_pointers(fx, d)),
+                                                       "--seq-length", "8", "--num-samples", "4", "--steps", "0",
+                                                       "--batch", "1", "--no-cache"], ["ds.idx", "pointer"]),
+    ("order-bin-longer-than-index", lambda fx, d: ["data", "order", "--data-prefix",
+                                                   S(ds_with(fx, d, extra_bin=bytes(6))), "--seq-length", "8",
+                                                   "--num-samples", "4", "--steps", "0", "--batch", "1", "--no-cache"],
+     ["ds.bin"]),
+    ("order-bin-shorter-than-index", lambda fx, d: ["data", "order", "--data-prefix",
+                                                    S(short_bin(fx, d)),
+                                                    "--seq-length", "8", "--num-samples", "4", "--steps", "0",
+                                                    "--batch", "1", "--no-cache"], ["ds.bin"]),
+    ("order-index-map-out-of-range", lambda fx, d: ["data", "order", "--data-prefix",
+                                                    S(index_maps_out_of_range(fx, d)), "--seq-length", "16",
+                                                    "--num-samples", "10", "--steps", "0", "--batch", "1"],
+     ["doc_idx.npy"]),
+    ("order-steps-backwards", lambda fx, d: ["data", "order", "--data-prefix", S(fx["ds"]), "--seq-length", "16",
+                                             "--num-samples", "10", "--steps", "5:2", "--batch", "1", "--no-cache"],
+     ["--steps"]),
+    ("order-prefix-missing", lambda fx, d: ["data", "order", "--data-prefix", S(d / "nope"), "--seq-length", "16",
+                                            "--num-samples", "10", "--steps", "0", "--batch", "1"], ["nope.idx"]),
+    ("order-weights-mismatch", lambda fx, d: ["data", "order", "--data-prefix", S(fx["ds"]), "--seq-length", "16",
+                                              "--num-samples", "10", "--steps", "0", "--batch", "1", "--weights", "1",
+                                              "2", "--no-cache"], ["weights"]),
+    # ---- data train-tokenizer
+    ("tokenizer-min-frequency-negative", lambda fx, d: ["data", "train-tokenizer", S(fx["text"]), "--output",
+                                                        S(d / "t.json"), "--vocab-size", "300", "--min-frequency",
+                                                        "-3"], ["--min-frequency", "-3"]),
+    ("tokenizer-vocab-size-huge", lambda fx, d: ["data", "train-tokenizer", S(fx["text"]), "--output",
+                                                 S(d / "t.json"), "--vocab-size", "1000000000"],
+     ["--vocab-size", "1000000000"]),
+    ("tokenizer-output-unwritable", lambda fx, d: ["data", "train-tokenizer", S(fx["text"]), "--output",
+                                                   S(file_parent(d, "t.json")), "--vocab-size", "300"], ["afile"]),
+    ("tokenizer-sp-output-unwritable", lambda fx, d: ["data", "train-tokenizer", S(fx["text"]), "--output",
+                                                      S(file_parent(d, "t.model")), "--vocab-size", "300"], ["afile"]),
+    ("tokenizer-input-not-utf8", lambda fx, d: ["data", "train-tokenizer", S(write(d, "in.txt", b"a\xffb")),
+                                                "--output", S(d / "t.json"), "--vocab-size", "300"], ["in.txt"]),
+    ("tokenizer-sp-input-not-utf8", lambda fx, d: ["data", "train-tokenizer", S(write(d, "in.txt", b"a\xffb")),
+                                                   "--output", S(d / "t.model"), "--vocab-size", "300"], ["in.txt"]),
+    ("tokenizer-sp-vocab-size-huge", lambda fx, d: ["data", "train-tokenizer", S(fx["text"]), "--output",
+                                                    S(d / "t.model"), "--vocab-size", "1000000000"],
+     ["--vocab-size", "1000000000"]),
+    # ---- train
+    ("train-bool-as-string", lambda fx, d: ["train", S(train_cfg(fx, d, "model", "tie_word_embeddings", "no")),
+                                            "--run-dir", S(d / "r")], ["run.yaml", "tie_word_embeddings"]),
+    ("train-steps-string", lambda fx, d: ["train", S(train_cfg(fx, d, "train", "steps", "abc")), "--run-dir",
+                                          S(d / "r")], ["run.yaml", "train.steps"]),
+    ("train-lr-null", lambda fx, d: ["train", S(train_cfg(fx, d, "optimizer", "lr", None)), "--run-dir", S(d / "r")],
+     ["run.yaml", "optimizer.lr"]),
+    ("train-data-missing", lambda fx, d: ["train", S(train_cfg(fx, d, "data", "path", S(d / "nodata"))), "--run-dir",
+                                          S(d / "r")], ["nodata"]),
+    ("train-init-from-missing", lambda fx, d: ["train", S(fx["run"]), "--run-dir", S(d / "r"), "--init-from",
+                                               S(d / "nockpt")], ["nockpt"]),
+    ("train-config-missing", lambda fx, d: ["train", S(d / "none.yaml"), "--run-dir", S(d / "r")], ["none.yaml"]),
+    ("train-neox-yaml-bool", lambda fx, d: ["train", S(neox_train_cfg(fx, d, gpt_j_residual="no")), "--run-dir",
+                                            S(d / "r")], ["neox.yml", "gpt_j_residual"]),
+    ("train-neox-yaml-lr-string", lambda fx, d: ["train", S(neox_train_cfg(
+        fx, d, optimizer={"type": "Adam", "params": {"lr": "fast"}})), "--run-dir", S(d / "r")],
+     ["neox.yml", "lr"]),
+    ("train-neox-yaml-fp16-string", lambda fx, d: ["train", S(neox_train_cfg(fx, d, fp16="x")), "--run-dir",
+                                                   S(d / "r")], ["neox.yml", "fp16"]),
+    ("train-set-bad-value", lambda fx, d: ["train", S(fx["run"]), "--run-dir", S(d / "r"), "--set",
+                                           "train.batch_size=many"], ["train.batch_size"]),
+    ("train-neox-yaml-betas-string", lambda fx, d: ["train", S(neox_train_cfg(
+        fx, d, optimizer={"type": "Adam", "params": {"lr": 1e-3, "betas": "0.9,0.95"}})), "--run-dir", S(d / "r")],
+     ["neox.yml", "betas"]),
+    # ---- generate
+    ("generate-max-new-tokens-zero", lambda fx, d: ["generate", S(fx["ck"]), "--prompt", "hi", "--max-new-tokens",
+                                                    "0", "--tokenizer", S(fx["tok"])], ["--max-new-tokens"]),
+    ("generate-batch-size-zero", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                                S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]})), "--batch-size",
+                                                "0"], ["--batch-size"]),
+    ("generate-top-p-above-one", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                                S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]})), "--top-p", "2",
+                                                "--temperature", "1"], ["--top-p"]),
+    ("generate-temperature-negative", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                                     S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]})),
+                                                     "--temperature", "-1"], ["--temperature"]),
+    ("generate-ckpt-missing", lambda fx, d: ["generate", S(d / "nockpt"), "--input",
+                                             S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]}))], ["nockpt"]),
+    ("generate-input-not-utf8", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                               S(non_utf8(d, "p.jsonl", "prompt")), "--tokenizer", S(fx["tok"])],
+     ["p.jsonl:2", "UTF-8"]),
+    ("generate-token-out-of-vocab", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                                   S(lines(d, "p.jsonl", {"prompt_tokens": [1, 99999]}))],
+     ["p.jsonl", "99999"]),
+    ("generate-output-exists", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                              S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]})), "--output",
+                                              S(existing(d, "o.jsonl"))], ["o.jsonl", "--overwrite"]),
+    ("generate-tokenizer-garbage", lambda fx, d: ["generate", S(fx["ck"]), "--prompt", "hi", "--tokenizer",
+                                                  S(write(d, "tok.json", b"not json"))], ["tok.json"]),
+    ("generate-ck-array-deleted", lambda fx, d: ["generate", S(damaged_ck(fx, d, "deleted")), "--input",
+                                                 S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]}))], ["params"]),
+    # ---- eval
+    ("eval-batch-size-zero", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(fx["docs"]), "--batch-size", "0",
+                                            "--output", S(d / "r.json")], ["--batch-size"]),
+    ("eval-perplexity-missing", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(d / "nope.jsonl"),
+                                               "--output", S(d / "r.json")], ["nope.jsonl"]),
+    ("eval-context-negative", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(fx["docs"]), "--context", "-1",
+                                             "--output", S(d / "r.json")], ["--context"]),
+    ("eval-context-above-max", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(fx["docs"]), "--context",
+                                              "100000", "--output", S(d / "r.json")], ["--context", "100000"]),
+    ("eval-lambada-not-utf8", lambda fx, d: ["eval", S(fx["ck"]), "--lambada", S(non_utf8(d, "l.jsonl")),
+                                             "--tokenizer", S(fx["tok"]), "--output", S(d / "r.json")],
+     ["l.jsonl:2", "UTF-8"]),
+    ("eval-perplexity-token-out-of-vocab", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity",
+                                                          S(lines(d, "in.jsonl", {"tokens": [1, 99999]})), "--output",
+                                                          S(d / "r.json")], ["in.jsonl", "99999"]),
+    ("eval-max-samples-negative", lambda fx, d: ["eval", S(fx["ck"]), "--data-prefix", S(fx["ds"]), "--max-samples",
+                                                 "-2", "--seq-length", "16", "--output", S(d / "r.json")],
+     ["--max-samples"]),
+    ("eval-output-exists", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(fx["docs"]), "--output",
+                                          S(existing(d, "r.json"))], ["r.json", "--overwrite"]),
+    ("eval-ck-array-truncated", lambda fx, d: ["eval", S(damaged_ck(fx, d, "truncated")), "--perplexity",
+                                               S(fx["docs"]), "--output", S(d / "r.json")], ["params"]),
+    # ---- init
+    ("init-bool-as-string", lambda fx, d: ["init", S(REPO / "configs" / "tiny.yaml"), S(d / "ck"), "--set",
+                                           "model.scan_layers=maybe"], ["scan_layers"]),
+    ("init-eps-string", lambda fx, d: ["init", S(model_yaml(d, "model: {vocab_size: 64, hidden_size: 8, num_layers: 1, num_heads: 2, "
+                                                     "layer_norm_eps: tiny}\n")), S(d / "ck")], ["m.yaml", "layer_norm_eps"]),
+    ("init-config-missing", lambda fx, d: ["init", S(d / "none.yaml"), S(d / "ck")], ["none.yaml"]),
+    ("init-set-unknown-key", lambda fx, d: ["init", S(REPO / "configs" / "tiny.yaml"), S(d / "ck"), "--set",
+                                            "model.hidden=3"], ["hidden"]),
+    ("init-dst-symlink", lambda fx, d: ["init", S(REPO / "configs" / "tiny.yaml"), S(symlinked_dst(fx, d)),
+                                        "--overwrite"], ["link", "symbolic link"]),
+]
+
+
+def test_the_table_is_large_and_unique():
+    ids = [c[0] for c in CASES]
+    assert len(ids) == len(set(ids))
+    assert len(ids) >= 60
+    commands = {c[0].split("-")[0] for c in CASES}
+    assert {"score", "convert", "inspect", "diff", "preprocess", "order", "tokenizer", "train", "generate", "eval",
+            "init"} <= commands
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, fx, tmp_path, capsys):
+    name, build, needles = case
+    d = tmp_path / "case"
+    d.mkdir()
+    argv = build(fx, d)
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    rc = main(argv)
+    out = capsys.readouterr()
+    err = [ln for ln in out.err.splitlines() if ln.strip()]
+    errors = [ln for ln in err if ln.startswith("neox-jax: error:")]
+    assert rc == 2, (rc, out.err[-2000:])
+    assert len(errors) == 1, err
+    assert not any("Traceback" in ln for ln in err), out.err
+    line = errors[0]
+    assert "error: :" not in line, line  # an empty file name
+    assert len(line) <= MAX_LINE, line
+    for n in needles:
+        assert n in line, (n, line)
+    assert snapshot(tmp_path) == before, "the case directory changed (output touched or temporary left)"
+
+
+def test_fixtures_untouched(fx):
+    assert snapshot(fx["dir"]) == fx["before"]
