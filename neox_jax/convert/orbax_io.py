@@ -15,7 +15,8 @@ stacked (`layers/mlp/fc_in/kernel` is [L, D, F], 13 GB in bf16 at 20B).  What is
    several cores).  The data are written slice by slice as they stream in: `store[layer] = slice`,
    at most MAX_IN_FLIGHT slices being compressed while the next is read.  Writes skip per-write
    fsync; the converter fsyncs the whole directory once before publishing it.
-3. `checksums.json` (CRC-32 of each slice, computed in a thread as slices arrive; checksums.py),
+3. `checksums.json` (CRC-32 of each slice, computed while tensorstore compresses the slice in its
+   own threads; checksums.py),
    `neox_jax.json` and `config.json` are written last, then the temporary directory is published.
 
 The result is exactly what Orbax would have written for numpy leaves apart from the chunk grid, so
@@ -36,7 +37,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -152,8 +152,7 @@ class OrbaxWriter(Writer):
                 raise CheckpointError(f"orbax writer: {name} opened as {self.arrays[name].dtype}, expected {dt}")
         self.pending = {(e.name, e.layer) for e in entries}
         self.inflight: list = []
-        self.hasher = ThreadPoolExecutor(2)
-        self.digests: dict[tuple[str, int | None], Any] = {}  # futures of checksums.digest
+        self.digests: dict[tuple[str, int | None], str] = {}
 
     def write(self, entry: Entry, array: np.ndarray) -> None:
         shape, dt = self.leaves[entry.name]
@@ -161,7 +160,7 @@ class OrbaxWriter(Writer):
         t = self.arrays[entry.name]
         target = t if entry.layer is None else t[entry.layer]
         self.inflight.append((target.write(array, can_reference_source_data_indefinitely=True), array))
-        self.digests[(entry.name, entry.layer)] = self.hasher.submit(checksums.digest, array)
+        self.digests[(entry.name, entry.layer)] = checksums.digest(array)  # zlib: GIL released
         while len(self.inflight) > MAX_IN_FLIGHT:
             self.inflight.pop(0)[0].result()
         self.pending.discard((entry.name, entry.layer))
@@ -175,7 +174,6 @@ class OrbaxWriter(Writer):
                 future.result()
             except Exception:  # the conversion is failing anyway; its own error is reported
                 pass
-        self.hasher.shutdown(wait=True, cancel_futures=True)
         self.arrays.clear()
 
     def finish(self) -> None:
@@ -186,12 +184,11 @@ class OrbaxWriter(Writer):
             raise CheckpointError(f"orbax writer: {len(self.pending)} tensors never arrived (first: {first})")
         self.arrays.clear()
         digests: checksums.Digests = {}
-        for (name, layer), fut in sorted(self.digests.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        for (name, layer), d in sorted(self.digests.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
             if layer is None:
-                digests[name] = fut.result()
+                digests[name] = d
             else:
-                digests.setdefault(name, []).append(fut.result())
-        self.hasher.shutdown()
+                digests.setdefault(name, []).append(d)
         checksums.write(self.tmp, digests)
         dts = {dt.name for _, dt in self.leaves.values()}
         cfg = self.cfg
