@@ -316,5 +316,5 @@ def test_bin_longer_than_index_refused(tmp_path, neox_tokenizer_path, corpus):
     preprocess([corpus / "old.jsonl"], str(prefix), neox_tokenizer_path)
     with open(f"{prefix}_text_document.bin", "ab") as f:
         f.write(np.zeros(3, np.uint16).tobytes())
-    with pytest.raises(UserError, match="do not belong together"):
+    with pytest.raises(UserError, match="longer than the index says"):
         IndexedDataset(f"{prefix}_text_document")

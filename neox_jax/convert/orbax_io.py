@@ -45,7 +45,7 @@ import numpy as np
 from .. import checksums
 from ..checkpoint import CHUNK_BYTES, check_tree, read_config, resolve, saved_tree, write_marker
 from ..config import FLOAT_DTYPES, ModelConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, reading
 from ..tree import flatten, unflatten
 from .formats import Entry, NativeTensor, Reader, Writer, check_slice
 from .mapping import leaf_shapes, our_entries, to_torch

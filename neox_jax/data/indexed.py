@@ -147,11 +147,7 @@ class IndexedDataset:
         bin_size = bin_path.stat().st_size
         self._bin = (np.memmap(bin_path, dtype=np.uint8, mode="r") if bin_size
                      else np.zeros(0, dtype=np.uint8))
-        self._check_items(bin_size)
-        want = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if n else 0
-        if bin_size != want:
-            raise UserError(f"{bin_path}: {bin_size} bytes, but {idx_path} describes {want} "
-                            f"(the two files do not belong together)")
+        self._check_items(bin_size)  # also: .bin exactly as long as the index says
 
     def _check_items(self, bin_size: int, chunk: int = 1 << 24) -> None:
         """What GPT-NeoX's writer guarantees: sizes >= 0, pointers = exclusive cumsum(sizes) x itemsize,
