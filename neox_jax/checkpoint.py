@@ -76,12 +76,13 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     return from_dict(raw, where=str(p / "config.json"))
 
 
-def prepare_destination(dst: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an existing non-empty DST unless overwrite; return the temporary path to write into."""
+def prepare_destination(dst: str | os.PathLike, overwrite: bool = False, tag: str | None = None) -> Path:
+    """Refuse an existing non-empty DST unless overwrite; return the temporary path to write into
+    (`.DST.tmp-TAG`, TAG the process id unless given)."""
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise CheckpointError(f"{dst}: exists and is not empty (pass --overwrite to replace it)")
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid() if tag is None else tag}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -105,6 +106,8 @@ def write_marker(directory: Path, cfg: ModelConfig, kind: str = "params", **extr
 def save_params(dst: str | os.PathLike, cfg: ModelConfig, params: Any, *, overwrite: bool = False, **extra) -> Path:
     """Write a params checkpoint atomically.  `params` must match `abstract_params(cfg)` in shapes."""
     check_tree(cfg, jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params), str(dst))
+    if jax.process_count() > 1:
+        return _save_params_multiprocess(dst, cfg, params, overwrite, extra)
     tmp = prepare_destination(dst, overwrite)
     try:
         ckptr = _ocp().StandardCheckpointer()
@@ -115,6 +118,32 @@ def save_params(dst: str | os.PathLike, cfg: ModelConfig, params: Any, *, overwr
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return commit_destination(tmp, dst)
+
+
+def _save_params_multiprocess(dst, cfg: ModelConfig, params: Any, overwrite: bool, extra: dict) -> Path:
+    """save_params when several processes hold shards of `params` (a filesystem all processes share):
+    every process checks DST (so all refuse alike), process 0 makes one temporary directory (named
+    the same in every process), all write their shards through Orbax, process 0 writes the marker
+    and renames, and nobody returns before the checkpoint is complete."""
+    from .distributed import barrier
+
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+        raise CheckpointError(f"{dst}: exists and is not empty (pass --overwrite to replace it)")
+    lead = jax.process_index() == 0
+    tmp = dst.with_name(f".{dst.name}.tmp-multiprocess")
+    if lead:
+        tmp = prepare_destination(dst, overwrite=True, tag="multiprocess")
+    barrier(f"neox_jax.save_params.prepare:{dst.name}")
+    ckptr = _ocp().StandardCheckpointer()
+    ckptr.save(tmp.resolve() / "params", params, save_args=save_args(params))
+    ckptr.wait_until_finished()
+    barrier(f"neox_jax.save_params.written:{dst.name}")
+    if lead:
+        write_marker(tmp, cfg, **extra)
+        commit_destination(tmp, dst)
+    barrier(f"neox_jax.save_params.committed:{dst.name}")
+    return dst
 
 
 def save_args(params: Any) -> Any:
