@@ -113,7 +113,7 @@ def test_collective_counter_and_flags_file():
            "  %c = f32[4]{0} add(f32[4]{0} %p, f32[4]{0} %q)\n")
     c = TT.count_collectives(hlo)
     assert c["by_kind"] == {"all-reduce": 1, "all-gather": 1} and c["total"] == 2
-    flags = TT.xla_flags_from_file(str(ROOT / "bench" / "xla_gpu_flags.sh"))
+    flags = TT.xla_flags_from_file(str(ROOT / "launch" / "xla_gpu_flags.sh"))
     assert flags and all(f.startswith("--xla_gpu_") and "=" in f for f in flags)
     # XLA aborts at start-up on a flag it does not know: every flag of the file is known to this jaxlib
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))

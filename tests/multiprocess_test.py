@@ -51,7 +51,8 @@ def test_two_processes_train_as_one(tmp_path, shared, neox_tokenizer_path, recor
     logs = "".join(p.read_text() for p in sorted((tmp_path / "two.logs").glob("*.log")))
     assert r.returncode == 0, r.stderr[-3000:] + logs[-3000:]
     assert "2 processes, 4 local / 8 global devices" in r.stderr, r.stderr[-2000:]
-    assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1} over 8 cpu device(s)" in r.stderr
+    # two processes of 4 devices are two nodes: data across them by default, fsdp within (hybrid mesh)
+    assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1} over 8 cpu device(s)" in r.stderr
     # only process 0 logs at INFO and prints the summary
     assert "step 1/3" not in logs and "INFO" not in logs, logs
     assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == STEPS

@@ -29,7 +29,7 @@ from .. import flops
 from ..data.loader import Loader, global_batch_arrays
 from ..distributed import barrier
 from ..errors import UserError
-from ..sharding import make_mesh
+from ..sharding import make_mesh, node_count
 from .config import RunConfig
 from .metrics import Metrics, peak_flops
 from .state import init_state, make_optimizer, param_shardings, state_shardings
@@ -94,7 +94,9 @@ def _check_backend(run: RunConfig) -> None:
 def _mesh(run: RunConfig):
     m = run.mesh
     try:
-        mesh = make_mesh(m.data, m.fsdp, m.tensor)
+        devices = jax.devices()
+        dcn = (m.dcn_data or node_count(devices), m.dcn_fsdp, m.dcn_tensor)
+        mesh = make_mesh(m.data, m.fsdp, m.tensor, devices=devices, dcn=dcn)
     except ValueError as e:
         raise UserError(f"mesh: {e}") from None
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
