@@ -18,7 +18,8 @@ from neox_jax import flops
 from neox_jax.train import state as S
 from neox_jax.train.config import from_sections
 from neox_jax.sharding import make_mesh
-from neox_jax.train.plan import analyse_hlo, parse_size, plan
+from neox_jax.train.config import MeshConfig
+from neox_jax.train.plan import analyse_hlo, parse_size, plan, total_mesh_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,3 +138,9 @@ def test_cli_plans_for_more_devices_than_the_machine_has(tmp_path):
     assert r.returncode == 2 and "micro-batch 16" in r.stderr and "train.batch_size" in r.stderr, r.stderr
     r = _cli("plan", cfg, "--devices", 8, "--device-memory", "lots")
     assert r.returncode == 2 and "--device-memory 'lots'" in r.stderr, r.stderr
+
+
+def test_total_mesh_shape_multiplies_across_node_factors():
+    assert total_mesh_shape(MeshConfig(data=1, fsdp=8, tensor=1, dcn_data=12)) == (12, 8, 1)
+    assert total_mesh_shape(MeshConfig(data=1, fsdp=-1, tensor=4, dcn_fsdp=2)) == (1, -1, 4)
+    assert total_mesh_shape(MeshConfig(fsdp=4, tensor=2)) == (1, 4, 2)  # dcn_data 0: one node

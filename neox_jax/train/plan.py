@@ -182,6 +182,13 @@ def _leaf_bytes(abstract: Any, shardings: Any) -> int:
                    for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))))
 
 
+def total_mesh_shape(m) -> tuple[int, int, int]:
+    """A MeshConfig's total axis sizes: per-node sizes x across-node factors (dcn_data 0 counts as one
+    node: plan for a multi-node run by giving mesh.dcn_data or --mesh); -1 stays -1 (the rest)."""
+    return tuple(s if s == -1 else s * f for s, f in
+                 zip((m.data, m.fsdp, m.tensor), (max(m.dcn_data, 1), m.dcn_fsdp, m.dcn_tensor)))
+
+
 def plan(run, mesh_shape: tuple[int, int, int] | None = None, devices: list | None = None,
          device_memory: int | None = None) -> Plan:
     """Compile `run`'s train step for `devices` (default: all) on `mesh_shape` (default: run.mesh)."""
@@ -193,7 +200,7 @@ def plan(run, mesh_shape: tuple[int, int, int] | None = None, devices: list | No
     from . import step as T
 
     devices = list(devices if devices is not None else jax.devices())
-    data, fsdp, tensor = mesh_shape or (run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+    data, fsdp, tensor = mesh_shape or total_mesh_shape(run.mesh)
     try:
         mesh = make_mesh(data, fsdp, tensor, devices=devices)
     except ValueError as e:
@@ -279,7 +286,8 @@ def register(sub) -> None:
                     "backend's buffer assignment differs from GPU/TPU: treat temporaries as an estimate.")
     p.add_argument("config", nargs="+", help="run YAML, or GPT-NeoX YAML file(s)")
     p.add_argument("--devices", type=int, required=True, metavar="N", help="devices to plan for")
-    p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR", help="mesh sizes (one may be -1); default: the config's")
+    p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+                   help="total mesh sizes (one may be -1); default: the config's sizes x its mesh.dcn_* factors")
     p.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 80GiB, 96GB")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a key, e.g. --set model.remat=full --set train.batch_size=64 (repeatable)")
