@@ -134,7 +134,8 @@ def initialize(plan: Plan | None) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # seconds to wait for every process to reach the coordinator (JAX's default: 300)
     timeout = _int(os.environ.get(ENV_TIMEOUT, "300"), ENV_TIMEOUT)
-    log.log(logging.INFO if plan.process_id in (None, 0) else logging.DEBUG, "jax.distributed: joining (%s); waiting up to %d s for every process", plan.describe(), timeout)
+    log.log(logging.INFO if plan.process_id in (None, 0) else logging.DEBUG,
+            "jax.distributed: joining (%s); waiting up to %d s for every process", plan.describe(), timeout)
     try:
         if plan.coordinator is None:
             jax.distributed.initialize(initialization_timeout=timeout)

@@ -4,7 +4,6 @@ data-across-nodes factor, and the one-line refusals (neox_jax/sharding.py: hybri
 from types import SimpleNamespace
 
 import jax
-import numpy as np
 import pytest
 
 from neox_jax.sharding import hybrid_device_array, make_mesh, node_count
