@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "--attention resolves to cudnn. Needs a GPU")
     ap.add_argument("--lr", type=float, default=6e-4, help="peak learning rate of both sides (default 6e-4)")
     ap.add_argument("--xla-flags-file", default="",
-                    help="append the --xla_* flags listed in this file (e.g. bench/xla_gpu_flags.sh) to "
+                    help="append the --xla_* flags listed in this file (e.g. launch/xla_gpu_flags.sh) to "
                          "XLA_FLAGS of the JAX jobs")
     ap.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
                     help="one process per job (auto: yes; no: everything in this process, as the test does)")

@@ -341,24 +341,32 @@ def check_destination(final: str | os.PathLike, overwrite: bool, *, directory: b
     return final
 
 
+def tmp_path(final: str | os.PathLike, op: str) -> Path:
+    """Where operation `op` writes the new content of `final`."""
+    final = Path(final)
+    return final.parent / f".{final.name}.{TAG}-{op}.tmp"
+
+
 class Replacement:
     """Replace one or more outputs in one directory (module docstring).  Use as a context manager:
     leaving the block without `commit()` (an error, SIGINT, SIGTERM) deletes the temporaries; an
     OSError while writing becomes a UserError naming the destination."""
 
     def __init__(self, finals: Sequence[str | os.PathLike], *, overwrite: bool = False,
-                 directory: bool = False, error: type[UserError] = UserError):
+                 directory: bool = False, error: type[UserError] = UserError, op: str | None = None):
+        """op: the operation's name (default: 12 random hex digits); several processes writing one
+        output together agree on it first, so that all of them find `tmp_path(final, op)`."""
         self.finals = [check_destination(f, overwrite, directory=directory, error=error) for f in finals]
         parents = {f.parent.resolve() for f in self.finals}
         if len(parents) != 1:
             raise ValueError(f"outputs of one Replacement must share a directory: {self.finals}")
         self.parent = self.finals[0].parent
-        self.op = secrets.token_hex(6)
+        self.op = op or secrets.token_hex(6)
         self.directory = directory
         self.state = "writing"
         recover(self.parent, skip_op=self.op)
         self.journal = self.parent / f".{self.finals[0].name}.{TAG}-{self.op}.journal"
-        self._tmp = {f: self.parent / f".{f.name}.{TAG}-{self.op}.tmp" for f in self.finals}
+        self._tmp = {f: tmp_path(f, self.op) for f in self.finals}
         self._old = {f: self.parent / f".{f.name}.{TAG}-{self.op}.old" for f in self.finals}
         try:
             self._write_journal("writing")

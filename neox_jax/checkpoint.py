@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,8 @@ def write_marker(directory: Path, cfg: ModelConfig, kind: str = "params", **extr
 def save_params(dst: str | os.PathLike, cfg: ModelConfig, params: Any, *, overwrite: bool = False, **extra) -> Path:
     """Write a params checkpoint atomically.  `params` must match `abstract_params(cfg)` in shapes."""
     check_tree(cfg, jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params), str(dst))
+    if jax.process_count() > 1:
+        return _save_params_multiprocess(dst, cfg, params, overwrite, extra)
     with open_destination(dst, overwrite) as out:
         ckptr = _ocp().StandardCheckpointer()
         try:
@@ -180,6 +183,41 @@ def save_params(dst: str | os.PathLike, cfg: ModelConfig, params: Any, *, overwr
         write_marker(out.path, cfg, **extra)
         out.commit()
     return Path(dst)
+
+
+def _save_params_multiprocess(dst, cfg: ModelConfig, params: Any, overwrite: bool, extra: dict) -> Path:
+    """save_params when several processes hold shards of `params` (a filesystem all processes share):
+    every process checks DST (so all refuse alike); process 0 opens the Replacement under an
+    operation name it broadcasts, so every process finds the same temporary directory; all write
+    their shards through Orbax; process 0 writes the marker and commits; nobody returns before the
+    checkpoint is complete.  No checksums: no process holds every tensor."""
+    from jax.experimental import multihost_utils
+
+    from .distributed import barrier
+
+    dst = Path(dst)
+    check_destination(dst, overwrite)
+    lead = jax.process_index() == 0
+    op = np.frombuffer(bytes.fromhex(secrets.token_hex(6)), np.uint8) if lead else np.zeros(6, np.uint8)
+    op = bytes(np.asarray(multihost_utils.broadcast_one_to_all(op)).astype(np.uint8)).hex()
+    rep = atomic.Replacement([dst], overwrite=overwrite, directory=True, error=CheckpointError, op=op) \
+        if lead else None
+    barrier(f"neox_jax.save_params.prepare:{dst.name}")
+    tmp = atomic.tmp_path(dst, op)
+    try:
+        ckptr = _ocp().StandardCheckpointer()
+        ckptr.save(tmp.resolve() / "params", params, save_args=save_args(params))
+        ckptr.wait_until_finished()
+        barrier(f"neox_jax.save_params.written:{dst.name}")
+        if lead:
+            log.warning("%s: parameters span several processes; no checksums written", dst)
+            write_marker(tmp, cfg, **extra)
+            rep.commit()
+    finally:
+        if rep is not None and rep.state == "writing":
+            rep.abort()
+    barrier(f"neox_jax.save_params.committed:{dst.name}")
+    return dst
 
 
 def save_args(params: Any) -> Any:

@@ -183,8 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import generate_cli
     from .eval import cli as eval_cli
     from .train import cli as train_cli
+    from .train import plan as plan_cli
 
     train_cli.register(sub)
+    plan_cli.register(sub)
     convert_cli.register(sub)
     data_cli.register(sub)
     generate_cli.register(sub)

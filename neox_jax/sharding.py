@@ -17,6 +17,7 @@ Logical axes (every parameter names one per dimension; see docs/params.md)
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
@@ -74,9 +75,16 @@ def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, Any] = RULES
     return P(*out)
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Iterable | None = None) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh with Auto axis types; one size may be -1 (the rest)."""
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Iterable | None = None,
+              dcn: Sequence[int] = (1, 1, 1)) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh with Auto axis types; one size may be -1 (the rest).
+
+    With `dcn` factors (data, fsdp, tensor) whose product is > 1, the sizes are per node/slice and
+    axis i spans dcn[i] x size[i] devices (`hybrid_device_array`)."""
     devices = list(devices if devices is not None else jax.devices())
+    if int(np.prod(dcn)) > 1:
+        arr = hybrid_device_array((data, fsdp, tensor), dcn, devices)
+        return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     shape = [data, fsdp, tensor]
     if shape.count(-1) > 1:
         raise ValueError("at most one mesh axis may be -1")
@@ -88,6 +96,78 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Iterable 
     if int(np.prod(shape)) != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, have {len(devices)}")
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def granules(devices: Sequence[Any], count: int) -> list[int]:
+    """Which of `count` granules (units joined by the slow network: TPU slices, or nodes) each device
+    belongs to.  TPU devices carry `slice_index`; elsewhere a granule is a block of consecutive
+    processes (srun and launch/*.sh number a node's processes consecutively), so one process per node
+    and one process per GPU both work."""
+    if count == 1:
+        return [0] * len(devices)
+    slices = sorted({getattr(d, "slice_index", None) for d in devices} - {None})
+    if len(slices) == count:
+        return [slices.index(d.slice_index) for d in devices]
+    procs = sorted({d.process_index for d in devices})
+    if len(procs) % count:
+        raise ValueError(f"{len(procs)} processes do not divide into {count} nodes/slices (the product of the "
+                         "dcn_* mesh factors)")
+    per = len(procs) // count
+    return [procs.index(d.process_index) // per for d in devices]
+
+
+@dataclasses.dataclass(frozen=True)
+class _InGranule:
+    """A device seen by mesh_utils with its granule as `slice_index` (for non-TPU nodes)."""
+
+    device: Any
+    slice_index: int
+
+    def __getattr__(self, name):
+        return getattr(self.device, name)
+
+
+def node_count(devices: Sequence[Any]) -> int:
+    """Nodes/slices the devices span, for the default across-node factor: TPU slices, or the processes
+    when each holds several devices (one process per node); 1 for one process per device (say
+    mesh.dcn_* explicitly then) or a single process."""
+    slices = {getattr(d, "slice_index", None) for d in devices} - {None}
+    if len(slices) > 1:
+        return len(slices)
+    procs = {d.process_index for d in devices}
+    return len(procs) if len(devices) > len(procs) else 1
+
+
+def hybrid_device_array(ici: Sequence[int], dcn: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+    """Devices as an array of shape ici * dcn (elementwise) for the axes ('data', 'fsdp', 'tensor'):
+    axis i is dcn[i] granules of ici[i] devices, built by `mesh_utils.create_hybrid_device_mesh`, so
+    each granule holds a contiguous [ici] block and only the dcn part of an axis crosses the slow
+    network.  One ici size may be -1 (the rest of a granule's devices)."""
+    from jax.experimental import mesh_utils
+
+    count = int(np.prod(dcn))
+    if any(x < 1 for x in dcn):
+        raise ValueError(f"dcn mesh factors must be >= 1, got {dict(zip(MESH_AXES, dcn))}")
+    if len(devices) % count:
+        raise ValueError(f"{len(devices)} devices do not divide into {count} nodes/slices")
+    per = len(devices) // count
+    ici = list(ici)
+    if ici.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    if -1 in ici:
+        known = int(np.prod([s for s in ici if s != -1]))
+        if per % known:
+            raise ValueError(f"{per} devices per node/slice do not divide into mesh {dict(zip(MESH_AXES, ici))}")
+        ici[ici.index(-1)] = per // known
+    if int(np.prod(ici)) != per:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, ici))} within a node/slice needs {int(np.prod(ici))} devices, "
+                         f"each of the {count} nodes/slices has {per}")
+    tagged = [_InGranule(d, g) for d, g in zip(devices, granules(devices, count))]
+    sizes = np.bincount([t.slice_index for t in tagged], minlength=count)
+    if (sizes != per).any():
+        raise ValueError(f"devices per node/slice are {sizes.tolist()}, not {per} each")
+    arr = mesh_utils.create_hybrid_device_mesh(ici, list(dcn), tagged)
+    return np.vectorize(lambda t: t.device, otypes=[object])(arr)
 
 
 def tree_shardings(axes_tree: Any, mesh: Mesh, shapes_tree: Any | None = None,

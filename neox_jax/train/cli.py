@@ -23,7 +23,30 @@ def register(sub) -> None:
                                                        "(same architecture) instead of random init")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    g = p.add_argument_group("several processes", "one process per host or GPU (docs/scaling.md); without "
+                             "these, SLURM's srun and the NEOX_JAX_* variables of launch/*.sh are detected")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (all processes give the same)")
+    g.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's rank in [0, N)")
     p.set_defaults(run=_run_train)
+
+
+def _distributed_plan(args, overrides):
+    """Multi-process settings from the command line, else the run config's mesh section, else the
+    environment (read before JAX starts: jax.distributed must initialise before any backend)."""
+    from .. import distributed
+    from .config import apply_overrides, is_neox_yaml, read_yaml
+
+    mesh = {}
+    if len(args.config) == 1:
+        raw = read_yaml(args.config[0])
+        if not is_neox_yaml(raw):
+            mesh = apply_overrides(raw, overrides).get("mesh") or {}
+    pick = lambda flag, key, unset: flag if flag is not None else (  # noqa: E731
+        None if mesh.get(key, unset) == unset else mesh[key])
+    return distributed.resolve(pick(args.coordinator, "coordinator", ""),
+                               pick(args.num_processes, "num_processes", 0),
+                               pick(args.process_id, "process_id", -1))
 
 
 def _run_train(args) -> None:
@@ -32,6 +55,10 @@ def _run_train(args) -> None:
     overrides = list(args.set)
     if args.init_from:
         overrides.append(f"train.init_from={json.dumps(args.init_from)}")
+    plan = None if args.print_config else _distributed_plan(args, overrides)
+    from .. import distributed
+
+    distributed.initialize(plan)
     import jax
 
     # a GPT-NeoX config without train_batch_size needs the device count for its global batch
@@ -45,4 +72,5 @@ def _run_train(args) -> None:
 
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config[0]).stem)
     summary = train(run, run_dir, overwrite=args.overwrite, progress=sys.stderr.isatty())
-    print(json.dumps(summary))
+    if jax.process_index() == 0:
+        print(json.dumps(summary))

@@ -80,15 +80,29 @@ def _need(cond: bool, msg: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
+    # sizes within one node / TPU slice (NVLink, ICI); one may be -1 (the rest of its devices)
     data: int = 1  # pure data parallelism (parameters replicated)
     fsdp: int = -1  # data parallelism with parameters and optimizer state sharded; -1: the rest
     tensor: int = 1  # tensor parallelism (heads, MLP columns, vocabulary)
+    # factors across nodes / slices (InfiniBand, DCN): axis size = within x across
+    dcn_data: int = 0  # 0: the number of nodes/slices (data parallelism across them), 1 when alone
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    # several processes (neox_jax/distributed.py; usually set by a launcher, not here): all three or none
+    coordinator: str = ""  # HOST:PORT of process 0's coordination service
+    num_processes: int = 0  # 0: single process, or detected from SLURM / the launcher's environment
+    process_id: int = -1  # this process's rank in [0, num_processes)
 
     def __post_init__(self):
         _check_fields(self)
         sizes = (self.data, self.fsdp, self.tensor)
         _need(all(s == -1 or s >= 1 for s in sizes), f"mesh sizes must be >= 1 or -1, got {sizes}")
         _need(sizes.count(-1) <= 1, "at most one mesh axis may be -1")
+        _need(self.dcn_data >= 0 and self.dcn_fsdp >= 1 and self.dcn_tensor >= 1,
+              f"mesh.dcn_data must be >= 0 (0: one per node/slice), dcn_fsdp and dcn_tensor >= 1, got "
+              f"{(self.dcn_data, self.dcn_fsdp, self.dcn_tensor)}")
+        _need(self.num_processes >= 0, f"mesh.num_processes must be >= 0, got {self.num_processes}")
+        _need(self.process_id >= -1, f"mesh.process_id must be >= 0 (or -1: unset), got {self.process_id}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,8 +27,9 @@ import numpy as np
 from .. import checkpoint as ckpt
 from .. import flops
 from ..data.loader import Loader, global_batch_arrays
+from ..distributed import barrier
 from ..errors import TrainingError, UserError
-from ..sharding import make_mesh
+from ..sharding import make_mesh, node_count
 from .config import RunConfig
 from .metrics import Metrics, peak_flops
 from .state import init_state, make_optimizer, param_shardings, state_shardings
@@ -89,7 +90,9 @@ def _check_backend(run: RunConfig) -> None:
 def _mesh(run: RunConfig):
     m = run.mesh
     try:
-        mesh = make_mesh(m.data, m.fsdp, m.tensor)
+        devices = jax.devices()
+        dcn = (m.dcn_data or node_count(devices), m.dcn_fsdp, m.dcn_tensor)
+        mesh = make_mesh(m.data, m.fsdp, m.tensor, devices=devices, dcn=dcn)
     except ValueError as e:
         raise UserError(f"mesh: {e}") from None
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -117,15 +120,19 @@ def _load_init(run: RunConfig, path: str, mesh) -> Any:
     return params
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+def prepare_run_dir(run_dir: Path, overwrite: bool, *, create: bool = True) -> None:
+    """Refuse an unusable run directory; with `create`, empty (--overwrite) and create it.  Every
+    process checks (so all refuse alike on a shared filesystem); only process 0 creates."""
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise UserError(f"{run_dir}: run directory exists and is not empty (pass --overwrite to start "
                             "over; resuming is not implemented yet)")
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"{run_dir}: not a neox-jax run directory (no config.yaml); refusing to delete it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        if create:
+            shutil.rmtree(run_dir)
+    if create:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
 
 class _StopFlag:
@@ -160,6 +167,8 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
     train_ds, valid_ds = build_datasets(run)
     mesh = _mesh(run)
     lead = jax.process_index() == 0
+    prepare_run_dir(run_dir, overwrite, create=False)
+    barrier("neox_jax.train.run_dir_checked")  # every process checked before process 0 changes anything
     if lead:
         prepare_run_dir(run_dir, overwrite)
         run.save(run_dir / "config.yaml")

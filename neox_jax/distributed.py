@@ -1,0 +1,173 @@
+"""Multi-process start-up: when to call `jax.distributed.initialize`, with what, and process-0 guards.
+
+JAX's multi-controller runtime runs one Python process per host (or per GPU); every process runs the
+same program, feeds its own rows of the global batch, and XLA's collectives join them.  This module
+decides, before anything touches a JAX backend, whether this process is one of several and how to
+reach the others.  The first source that applies wins:
+
+  1. explicit: `--coordinator HOST:PORT --num-processes N --process-id I` on the command line, or
+     the same keys in the run config's `mesh:` section (`mesh.coordinator`, `mesh.num_processes`,
+     `mesh.process_id`); command-line values override the config's
+  2. environment: NEOX_JAX_COORDINATOR, NEOX_JAX_NUM_PROCESSES, NEOX_JAX_PROCESS_ID (what
+     `launch/local.sh` and the Kubernetes manifest set)
+  3. SLURM: `srun` with more than one task (SLURM_NTASKS > 1, SLURM_PROCID, SLURM_STEP_NODELIST); the
+     coordinator is the first node of the step, port from the job id (JAX's own SLURM detection)
+  4. NEOX_JAX_DISTRIBUTED=auto: `jax.distributed.initialize()` with no arguments, letting JAX detect the
+     cluster (Cloud TPU pods and multislice, GKE, Open MPI); what `launch/tpu_pod.sh` sets
+
+NEOX_JAX_INIT_TIMEOUT (seconds, default 300) bounds the wait for all processes to reach the coordinator;
+past it JAX aborts the process with its own message (a C++ abort, not an exception we could report).
+
+With none of these the process runs alone and nothing is initialised.  On CPU the cross-process
+collectives are gloo (set explicitly, so the choice is logged and does not depend on JAX's default).
+
+After start-up only process 0 logs at INFO (the other processes log warnings and errors only, each
+line prefixed with its process id), shows progress bars and writes metrics and config files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Mapping
+
+from .errors import UserError
+
+log = logging.getLogger("neox_jax")
+
+ENV_COORDINATOR = "NEOX_JAX_COORDINATOR"
+ENV_NUM_PROCESSES = "NEOX_JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "NEOX_JAX_PROCESS_ID"
+ENV_AUTO = "NEOX_JAX_DISTRIBUTED"
+ENV_TIMEOUT = "NEOX_JAX_INIT_TIMEOUT"
+
+
+class DistributedError(UserError):
+    """Inconsistent or incomplete multi-process settings."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How this process joins the others.  `coordinator` is None when JAX detects the cluster itself
+    (`source` 'slurm' or 'auto'); then the process count and id are known only after start-up."""
+
+    source: str  # explicit | environment | slurm | auto
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def describe(self) -> str:
+        if self.coordinator is None:
+            return f"{self.source} (cluster detected by jax.distributed)"
+        return (f"{self.source}: process {self.process_id} of {self.num_processes}, "
+                f"coordinator {self.coordinator}")
+
+
+def _int(value, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DistributedError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _check_coordinator(addr: str, name: str) -> str:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DistributedError(f"{name} must be HOST:PORT, got {addr!r}")
+    return addr
+
+
+def _explicit(coordinator: str | None, num_processes: int | None, process_id: int | None,
+              names: tuple[str, str, str], source: str) -> Plan | None:
+    given = [v not in (None, "") for v in (coordinator, num_processes, process_id)]
+    if not any(given):
+        return None
+    if not all(given):
+        missing = [n for n, g in zip(names, given) if not g]
+        raise DistributedError(f"multi-process settings incomplete: {', '.join(missing)} not given "
+                               f"(give all of {', '.join(names)})")
+    n, i = _int(num_processes, names[1]), _int(process_id, names[2])
+    if n < 1:
+        raise DistributedError(f"{names[1]} must be >= 1, got {n}")
+    if not 0 <= i < n:
+        raise DistributedError(f"{names[2]} {i} outside [0, {n}) ({names[1]} is {n})")
+    return Plan(source, _check_coordinator(str(coordinator), names[0]), n, i)
+
+
+def resolve(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+            env: Mapping[str, str] | None = None) -> Plan | None:
+    """The plan for this process (None: run alone).  Pure: reads only its arguments and `env`."""
+    env = os.environ if env is None else env
+    plan = _explicit(coordinator, num_processes, process_id,
+                     ("--coordinator / mesh.coordinator", "--num-processes / mesh.num_processes",
+                      "--process-id / mesh.process_id"), "explicit")
+    if plan is None:
+        plan = _explicit(env.get(ENV_COORDINATOR), env.get(ENV_NUM_PROCESSES), env.get(ENV_PROCESS_ID),
+                         (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID), "environment")
+    if plan is not None:
+        return plan if plan.num_processes > 1 else None
+    tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
+    if tasks is not None and "SLURM_PROCID" in env:
+        if _int(tasks, "SLURM_NTASKS") > 1:
+            return Plan("slurm")
+        return None
+    auto = env.get(ENV_AUTO, "")
+    if auto:
+        if auto != "auto":
+            raise DistributedError(f"{ENV_AUTO} must be 'auto' (or unset), got {auto!r}")
+        return Plan("auto")
+    return None
+
+
+_started: Plan | None = None
+
+
+def initialize(plan: Plan | None) -> None:
+    """Start JAX's distributed runtime for `plan` (must run before any JAX backend is used);
+    then quiet the INFO log of every process but 0.  No-op for None or when already started."""
+    global _started
+    if plan is None or _started is not None:
+        return
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # seconds to wait for every process to reach the coordinator (JAX's default: 300)
+    timeout = _int(os.environ.get(ENV_TIMEOUT, "300"), ENV_TIMEOUT)
+    log.log(logging.INFO if plan.process_id in (None, 0) else logging.DEBUG,
+            "jax.distributed: joining (%s); waiting up to %d s for every process", plan.describe(), timeout)
+    try:
+        if plan.coordinator is None:
+            jax.distributed.initialize(initialization_timeout=timeout)
+        else:
+            jax.distributed.initialize(coordinator_address=plan.coordinator, num_processes=plan.num_processes,
+                                       process_id=plan.process_id, initialization_timeout=timeout)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise DistributedError(f"jax.distributed.initialize ({plan.describe()}) failed: {first}") from None
+    _started = plan
+    pid, n = jax.process_index(), jax.process_count()
+    if pid != 0:
+        logging.getLogger("neox_jax").setLevel(logging.WARNING)
+        for h in logging.getLogger().handlers:
+            h.setFormatter(logging.Formatter(f"[process {pid}] %(asctime)s %(levelname)s %(message)s",
+                                             datefmt="%H:%M:%S"))
+    log.info("jax.distributed: %s; %d processes, %d local / %d global devices", plan.describe(), n,
+             jax.local_device_count(), jax.device_count())
+
+
+def is_lead() -> bool:
+    """True in process 0 (the one that logs, shows progress and writes run files)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches `name` (no-op in a single process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

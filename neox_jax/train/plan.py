@@ -1,0 +1,332 @@
+"""`neox-jax plan`: size a pod before paying for it, by compiling the real train step for it.
+
+    neox-jax plan configs/train/neox-20b.yaml --devices 64 --mesh 1,16,4 --device-memory 80GiB
+
+The run's train step (`step.make_train_step`, the same function `neox-jax train` runs) is lowered
+and compiled ahead of time (`jit(...).lower(...).compile()`) for N simulated CPU devices with the
+model's real shapes: the state and batch are `jax.ShapeDtypeStruct`s carrying their shardings, so
+nothing is allocated.  From the compiled SPMD program (one program = one device) it reports:
+
+  parameters, optimizer state, batch   bytes per device from each leaf's shard shape (float32 master
+                                       parameters, two float32 AdamW moments each)
+  arguments, temporaries, outputs      XLA's `memory_analysis()`: temporaries are activations, saved
+                                       residuals, gradients, gathered FSDP shards and scratch; the
+                                       state is donated, so outputs alias arguments
+  peak estimate                        arguments + outputs - aliased + temporaries, compared with
+                                       `--device-memory`
+  FLOPs per device per step            matmul FLOPs of every dot in the compiled HLO times the trip
+                                       counts of its loops (counts rematerialised work), the project's
+                                       model-FLOPs formula (`neox_jax.flops`) / N, and XLA's own
+                                       `cost_analysis()` (which counts a loop body once: low for scans)
+  collectives                          every all-reduce / all-gather / reduce-scatter / all-to-all /
+                                       collective-permute in the HLO, times the trip count of the
+                                       loops around it (layer scan, micro-batch scan), with result bytes
+
+Caveats: the program is compiled by XLA's CPU backend, whose fusion and buffer assignment differ from
+the GPU and TPU backends (the cuDNN attention kernel becomes plain XLA attention here), so temporaries
+are an estimate, usually within tens of percent; parameter, optimizer and collective numbers follow
+from the shardings and are exact.  Collective bytes are the result size per device per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8\w*)\[([\d,]*)\]")
+_OP = re.compile(r"^\s*(?:ROOT )?%\S+ = (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_COMP = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
+_CALLEES = re.compile(r"(?:body|calls|to_apply)=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def parse_size(text: str) -> int:
+    """'80GiB' / '80 GB' / '16e9' -> bytes (GiB = 2^30, GB = 10^9)."""
+    m = re.fullmatch(r"\s*([\d.]+(?:e\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.I)
+    if not m:
+        raise UserError(f"--device-memory {text!r}: expected a size such as 80GiB, 96GB or 16e9")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def _shape_bytes(text: str, async_start: bool = False) -> int:
+    """Bytes of an HLO result type (a tuple sums its parts; an async start's tuple holds the operands
+    and then the results: only the results count)."""
+    shapes = _SHAPE.findall(text)
+    if async_start:
+        shapes = shapes[len(shapes) // 2:]
+    total = 0
+    for dtype, dims in shapes:
+        n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+        total += n * _DTYPE_BYTES.get(dtype, 1)
+    return total
+
+
+_DEF = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{[\d,]*\})? ")
+_DOT = re.compile(r" dot\(%([\w.\-]+), %[\w.\-]+\).*?lhs_contracting_dims=\{([\d,]*)\}")
+
+
+def _dims(shape: str) -> list[int]:
+    m = _SHAPE.search(shape)
+    return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def analyse_hlo(hlo: str) -> tuple[dict[str, dict[str, int]], float]:
+    """(collectives, dot FLOPs) of an optimized HLO module's text, per device per step.
+
+    collectives: {kind: {"count": executions, "bytes": result bytes}}.  dot FLOPs: 2 x result
+    elements x contracted size of every `dot`.  An instruction inside a while loop counts once per
+    iteration (the loop's known_trip_count; 1 when XLA does not know it) and nested loops multiply,
+    which XLA's own `cost_analysis()` does not do (it counts a loop body once)."""
+    comps: dict[str, list[str]] = {}
+    entry = None
+    current = None
+    for line in hlo.splitlines():
+        m = _COMP.match(line)
+        if m and not line.startswith(" "):
+            current = m.group(1)
+            comps[current] = []
+            if line.startswith("ENTRY"):
+                entry = current
+        elif current is not None and line.startswith(" "):
+            comps[current].append(line)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+
+    memo: dict[str, dict[str, list[float]]] = {}
+
+    def visit(name: str, stack: tuple = ()) -> dict[str, list[float]]:
+        if name in memo:
+            return memo[name]
+        acc = {k: [0, 0] for k in (*COLLECTIVES, "dot")}
+        shapes = {}
+        for line in comps.get(name, ()):
+            d = _DEF.match(line)
+            if d:
+                shapes[d.group(1)] = d.group(2)
+        for line in comps.get(name, ()):
+            op = _OP.match(line)
+            if op:
+                acc[op.group(2)][0] += 1
+                acc[op.group(2)][1] += _shape_bytes(op.group(1), async_start=bool(op.group(3)))
+            dot = _DOT.search(line)
+            d = _DEF.match(line)
+            if dot and d:
+                lhs = _dims(shapes.get(dot.group(1), ""))
+                contracted = int(np.prod([lhs[int(i)] for i in dot.group(2).split(",") if i])) if lhs else 0
+                acc["dot"][0] += 1
+                acc["dot"][1] += 2 * int(np.prod(_dims(d.group(2)))) * contracted
+            trip = _TRIP.search(line)
+            times = int(trip.group(1)) if (trip and " while(" in line) else 1
+            for single, multi in _CALLEES.findall(line):
+                for callee in ([single] if single else re.findall(r"%([\w.\-]+)", multi)):
+                    if callee in comps and callee not in stack and callee != name:
+                        sub = visit(callee, stack + (name,))
+                        for k in acc:
+                            acc[k][0] += times * sub[k][0]
+                            acc[k][1] += times * sub[k][1]
+        memo[name] = acc
+        return acc
+
+    total = visit(entry)
+    return {k: {"count": int(total[k][0]), "bytes": int(total[k][1])} for k in COLLECTIVES}, float(total["dot"][1])
+
+
+@dataclasses.dataclass
+class Plan:
+    mesh: dict[str, int]
+    devices: int
+    global_batch: int
+    micro_batch: int
+    seq_length: int
+    compute_dtype: str
+    remat: str
+    param_bytes: int
+    optimizer_bytes: int
+    batch_bytes: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    peak_bytes: int
+    flops_hlo: float
+    flops_xla: float
+    flops_model: float
+    collectives: dict[str, dict[str, int]]
+    compile_s: float
+    device_memory: int | None = None
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_memory is None else self.peak_bytes <= self.device_memory
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "fits": self.fits}
+
+
+def _leaf_bytes(abstract: Any, shardings: Any) -> int:
+    import jax
+
+    return int(sum(int(np.prod(s.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
+                   for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))))
+
+
+def total_mesh_shape(m) -> tuple[int, int, int]:
+    """A MeshConfig's total axis sizes: per-node sizes x across-node factors (dcn_data 0 counts as one
+    node: plan for a multi-node run by giving mesh.dcn_data or --mesh); -1 stays -1 (the rest)."""
+    return tuple(s if s == -1 else s * f for s, f in
+                 zip((m.data, m.fsdp, m.tensor), (max(m.dcn_data, 1), m.dcn_fsdp, m.dcn_tensor)))
+
+
+def plan(run, mesh_shape: tuple[int, int, int] | None = None, devices: list | None = None,
+         device_memory: int | None = None) -> Plan:
+    """Compile `run`'s train step for `devices` (default: all) on `mesh_shape` (default: run.mesh)."""
+    import jax
+
+    from .. import flops
+    from ..sharding import make_mesh
+    from . import state as S
+    from . import step as T
+
+    devices = list(devices if devices is not None else jax.devices())
+    data, fsdp, tensor = mesh_shape or total_mesh_shape(run.mesh)
+    try:
+        mesh = make_mesh(data, fsdp, tensor, devices=devices)
+    except ValueError as e:
+        raise UserError(f"mesh: {e}") from None
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if run.micro_batch % dp:
+        raise UserError(f"micro-batch {run.micro_batch} (train.batch_size {run.train.batch_size} / grad_accum "
+                        f"{run.train.grad_accum}) is not divisible by the {dp} data-parallel devices (mesh "
+                        f"data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); set train.batch_size")
+    B, S_len = run.train.batch_size, run.data.seq_length
+    opt = S.make_optimizer(run)
+    sh = S.state_shardings(run, mesh, opt)
+    abstract = S.abstract_state(run, opt)
+    with jax.set_mesh(mesh):
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
+        batch = {"tokens": jax.ShapeDtypeStruct((B, S_len + 1), np.int32, sharding=T.batch_sharding(mesh))}
+        if run.data.segment_ids:
+            batch["segment_ids"] = batch["tokens"]
+        t0 = time.perf_counter()
+        compiled = T.make_train_step(run, mesh, opt, sh).lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    n = mesh.size
+    collectives, dot_flops = analyse_hlo(compiled.as_text())
+    batch_sh = jax.tree.map(lambda _: T.batch_sharding(mesh), batch)
+    return Plan(
+        mesh=dict(mesh.shape), devices=n, global_batch=B, micro_batch=run.micro_batch, seq_length=S_len,
+        compute_dtype=run.model.compute_dtype, remat=run.model.remat,
+        param_bytes=_leaf_bytes(abstract.params, sh.params),
+        optimizer_bytes=_leaf_bytes(abstract.opt_state, sh.opt_state),
+        batch_bytes=_leaf_bytes(batch, batch_sh),
+        argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+        alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
+        peak_bytes=mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes,
+        flops_hlo=dot_flops, flops_xla=float(cost.get("flops", float("nan"))),
+        flops_model=flops.train_flops_per_token(run.model, S_len) * B * S_len / n,
+        collectives=collectives, compile_s=compile_s, device_memory=device_memory)
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
+def format_plan(p: Plan) -> str:
+    mesh = " x ".join(f"{k} {v}" for k, v in p.mesh.items())
+    lines = [
+        f"mesh {mesh} = {p.devices} devices; batch {p.global_batch} x {p.seq_length} "
+        f"(micro-batch {p.micro_batch}); compute {p.compute_dtype}, remat {p.remat}; compiled in {p.compile_s:.1f} s",
+        "per device:",
+        f"  parameters (float32)     {_gib(p.param_bytes)}",
+        f"  optimizer state          {_gib(p.optimizer_bytes)}",
+        f"  batch                    {_gib(p.batch_bytes)}",
+        f"  arguments (XLA)          {_gib(p.argument_bytes)}",
+        f"  temporaries (XLA)        {_gib(p.temp_bytes)}   activations, gradients, gathered shards",
+        f"  peak estimate            {_gib(p.peak_bytes)}"
+        + ("" if p.device_memory is None else
+           f"   {'fits' if p.fits else 'DOES NOT FIT'} in {_gib(p.device_memory)}"),
+        f"  FLOPs per step           {p.flops_hlo:.3e} matmul FLOPs in the HLO (loops x trip count, with "
+        f"recomputation); {p.flops_model:.3e} model formula; [XLA cost_analysis {p.flops_xla:.3e}: "
+        "loop bodies counted once]",
+        "  collectives per step     " + ("none" if not any(c["count"] for c in p.collectives.values()) else ""),
+    ]
+    for k, c in p.collectives.items():
+        if c["count"]:
+            lines.append(f"    {k:<20} {c['count']:>6} x, {_gib(c['bytes'])}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="memory, FLOPs and collectives per device of a run on N devices (AOT compile, no hardware)",
+        description="Compile the run's real train step for N simulated CPU devices with the model's real "
+                    "shapes (nothing is allocated) and print, per device: parameter, optimizer, batch, argument "
+                    "and temporary bytes (XLA's memory analysis), a peak estimate and whether it fits "
+                    "--device-memory, FLOPs per step (XLA's count and the model formula), and the collectives "
+                    "in the compiled program by kind with their bytes (loops counted per iteration). The CPU "
+                    "backend's buffer assignment differs from GPU/TPU: treat temporaries as an estimate.")
+    p.add_argument("config", nargs="+", help="run YAML, or GPT-NeoX YAML file(s)")
+    p.add_argument("--devices", type=int, required=True, metavar="N", help="devices to plan for")
+    p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+                   help="total mesh sizes (one may be -1); default: the config's sizes x its mesh.dcn_* factors")
+    p.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 80GiB, 96GB")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a key, e.g. --set model.remat=full --set train.batch_size=64 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.set_defaults(run=_run_plan)
+
+
+def _mesh_arg(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or any(s == 0 or s < -1 for s in sizes):
+        raise UserError(f"--mesh {text!r}: expected DATA,FSDP,TENSOR sizes (>= 1, or one -1), e.g. 1,16,4")
+    return sizes  # type: ignore[return-value]
+
+
+def _run_plan(args) -> None:
+    import json
+    import os
+
+    from .config import load_run_config
+
+    if args.devices < 1:
+        raise UserError(f"--devices must be >= 1, got {args.devices}")
+    mesh = _mesh_arg(args.mesh)
+    memory = parse_size(args.device_memory) if args.device_memory else None
+    run = load_run_config(args.config, args.set, num_devices=args.devices)
+    if run.model.attention == "cudnn":
+        run = dataclasses.replace(run, model=run.model.replace(attention="xla"))
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    cpus = jax.devices("cpu")
+    if len(cpus) < args.devices:
+        raise UserError(f"JAX already started with {len(cpus)} CPU devices; run `neox-jax plan` in a fresh process")
+    result = plan(run, mesh, cpus[:args.devices], memory)
+    print(json.dumps(result.to_dict()) if args.json else format_plan(result))

@@ -1,0 +1,102 @@
+"""The launchers offline: every script parses, each runs the same `neox-jax train` line, the JobSet
+manifest has JobSet's required fields and a coordinator address that matches its pod names, and
+the SLURM and TPU scripts, run against stand-ins for srun/scontrol and gcloud, hand every process
+the coordinator, process count and rank (and pass extra options through)."""
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+LINE = '$NEOX_JAX train "$CONFIG" --run-dir "$RUN_DIR"'
+SCRIPTS = ["local.sh", "slurm.sbatch", "tpu_pod.sh", "xla_gpu_flags.sh"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_parse(name):
+    r = subprocess.run(["bash", "-n", str(LAUNCH / name)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("name", ["local.sh", "slurm.sbatch", "tpu_pod.sh", "k8s-jobset.yaml"])
+def test_every_launcher_runs_the_same_train_line(name):
+    text = (LAUNCH / name).read_text()
+    assert text.count(LINE) == 1, name
+    assert "Knobs" in text  # the comment block listing them
+
+
+def test_jobset_manifest():
+    doc = yaml.safe_load((LAUNCH / "k8s-jobset.yaml").read_text())
+    assert doc["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and doc["kind"] == "JobSet"
+    name, spec = doc["metadata"]["name"], doc["spec"]
+    assert spec["network"]["enableDNSHostnames"] is True
+    (rj,) = spec["replicatedJobs"]
+    job = rj["template"]["spec"]
+    assert job["completionMode"] == "Indexed" and job["parallelism"] == job["completions"]
+    (c,) = job["template"]["spec"]["containers"]
+    assert c["name"] and c["image"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert int(env["NEOX_JAX_NUM_PROCESSES"]) == job["completions"]
+    # JobSet names pods <jobset>-<replicatedJob>-<jobIndex>-<podIndex> under the subdomain
+    host, port = env["NEOX_JAX_COORDINATOR"].rsplit(":", 1)
+    assert host == f"{name}-{rj['name']}-0-0.{spec['network']['subdomain']}"
+    assert {"containerPort": int(port)} in c["ports"]
+    script = c["args"][0]
+    assert "NEOX_JAX_PROCESS_ID=$JOB_COMPLETION_INDEX" in script and "source launch/xla_gpu_flags.sh" in script
+
+
+def _exe(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def _fake_neox(tmp_path: Path) -> Path:
+    """Stands in for neox-jax: records its environment's NEOX_JAX_* variables and arguments."""
+    _exe(tmp_path / "bin" / "fake-neox",
+         '#!/usr/bin/env bash\necho "$NEOX_JAX_PROCESS_ID|$NEOX_JAX_NUM_PROCESSES|$NEOX_JAX_COORDINATOR|'
+         '${NEOX_JAX_DISTRIBUTED:-}|$*" >> "$OUT"\n')
+    return tmp_path / "bin" / "fake-neox"
+
+
+def test_slurm_script_with_fake_srun(tmp_path):
+    (tmp_path / "bin").mkdir()
+    fake = _fake_neox(tmp_path)
+    _exe(tmp_path / "bin" / "scontrol", '#!/usr/bin/env bash\nprintf "gpu-a07\\ngpu-a08\\n"\n')
+    # srun: run the step once per task with SLURM_PROCID / SLURM_LOCALID, as srun does
+    _exe(tmp_path / "bin" / "srun", '#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n'
+         'for i in $(seq 0 $((SLURM_NTASKS - 1))); do SLURM_PROCID=$i SLURM_LOCALID=$i "$@"; done\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEOX_JAX"))}
+    env.update(PATH=f"{tmp_path / 'bin'}:{env['PATH']}", OUT=str(tmp_path / "out"), NEOX_JAX=str(fake),
+               CONFIG="cfg.yaml", SLURM_JOB_ID="123", SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="2",
+               SLURM_JOB_NODELIST="gpu-a[07-08]", SLURM_SUBMIT_DIR=str(ROOT), PLATFORM="cpu")
+    r = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), "--set", "train.steps=5"], capture_output=True,
+                       text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "out").read_text().splitlines()
+    assert lines == [f"{i}|2|gpu-a07:40123||train cfg.yaml --run-dir runs/slurm-123 --set train.steps=5"
+                     for i in range(2)]
+
+
+def test_tpu_script_with_fake_gcloud(tmp_path):
+    """gcloud's --command, run here by bash, is what each TPU host runs."""
+    (tmp_path / "bin").mkdir()
+    fake = _fake_neox(tmp_path)
+    _exe(tmp_path / "bin" / "gcloud", '#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$OUT.args"\n'
+         'for a in "$@"; do case $a in --command=*) cmd=${a#--command=};; esac; done\n'
+         'prev=""; for a in "$@"; do [[ $prev == --command ]] && cmd=$a; prev=$a; done\nbash -c "$cmd"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEOX_JAX"))}
+    env.update(PATH=f"{tmp_path / 'bin'}:{env['PATH']}", OUT=str(tmp_path / "out"), NEOX_JAX=str(fake),
+               TPU_NAME="v5p-256", ZONE="us-east5-a", CONFIG="configs/x y.yaml", RUN_DIR="/mnt/runs/a",
+               REPO_DIR=str(tmp_path))
+    r = subprocess.run(["bash", str(LAUNCH / "tpu_pod.sh"), "--set", "train.steps=5"], capture_output=True,
+                       text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    args = (tmp_path / "out.args").read_text().splitlines()
+    assert args[:6] == ["compute", "tpus", "tpu-vm", "ssh", "v5p-256", "--zone"] and "--worker=all" in args
+    assert (tmp_path / "out").read_text() == \
+        "|||auto|train configs/x y.yaml --run-dir /mnt/runs/a --set train.steps=5\n"

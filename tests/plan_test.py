@@ -1,0 +1,145 @@
+"""`neox-jax plan`: the AOT-compiled train step's per-device numbers against independent arithmetic
+and measurement: replicated parameters are 4 x count bytes, sharded ones equal what a real sharded
+state occupies on one device, matmul FLOPs match the model formula exactly, pure data parallelism
+all-reduces exactly the gradients once, FSDP all-gathers the parameters, and the HLO reader counts
+loop bodies per iteration."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from neox_jax import flops
+from neox_jax.train import state as S
+from neox_jax.train.config import from_sections
+from neox_jax.sharding import make_mesh
+from neox_jax.train.config import MeshConfig
+from neox_jax.train.plan import analyse_hlo, parse_size, plan, total_mesh_shape
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(**train):
+    return from_sections({"model": {"preset": "tiny", "max_position_embeddings": 64, "vocab_size": 4096,
+                                    "tokenizer_vocab_size": 4096},
+                          "data": {"path": "unused", "seq_length": 64},
+                          "train": {"batch_size": 16, **train}})
+
+
+def test_data_parallel_plan_against_arithmetic():
+    run = _run()
+    n = run.model.num_params()
+    p = plan(run, (8, 1, 1), jax.devices()[:8], device_memory=parse_size("1GiB"))
+    assert p.param_bytes == 4 * n  # replicated float32
+    assert p.optimizer_bytes == 2 * 4 * n + 4  # mu, nu; Adam's int32 count
+    assert p.batch_bytes == 2 * 65 * 4  # 16 rows / 8 devices, S + 1 int32 tokens
+    # XLA's arguments: the whole state (plus step, updates, loss scale) and the batch
+    assert p.param_bytes + p.optimizer_bytes + p.batch_bytes <= p.argument_bytes <= \
+        p.param_bytes + p.optimizer_bytes + p.batch_bytes + 64
+    assert p.fits and p.peak_bytes >= p.argument_bytes + p.temp_bytes - p.alias_bytes
+    # every gradient all-reduced once (float32), plus a few scalars; nothing gathered
+    c = p.collectives
+    assert 4 * n <= c["all-reduce"]["bytes"] <= 4 * n + 64, c
+    assert c["all-gather"]["count"] == 0 and c["reduce-scatter"]["count"] == 0
+    # matmul FLOPs in the HLO = the hand-derived model formula (neox_jax/flops.py), which counts causal
+    # attention once, plus the masked half that XLA's dense attention computes anyway (3 passes)
+    tokens_per_device = 16 * 64 / 8
+    assert p.flops_model == flops.train_flops_per_token(run.model, 64) * tokens_per_device
+    assert p.flops_hlo == p.flops_model + 3 * flops.attention_flops_per_token(run.model, 64) * tokens_per_device
+    small = plan(run, (8, 1, 1), jax.devices()[:8], device_memory=p.peak_bytes - 1)
+    assert small.fits is False
+
+
+def test_sharded_plan_equals_a_real_sharded_state_on_one_device():
+    run = _run(grad_accum=2)
+    p = plan(run, (1, 4, 2), jax.devices()[:8])
+    mesh = make_mesh(1, 4, 2, devices=jax.devices()[:8])
+    opt = S.make_optimizer(run)
+    with jax.set_mesh(mesh):
+        state = S.init_state(run, mesh, opt)
+    dev = jax.devices()[0]
+
+    def on_dev0(tree):
+        return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == dev)
+
+    assert p.param_bytes == on_dev0(state.params)
+    assert p.optimizer_bytes == on_dev0(state.opt_state)
+    assert p.param_bytes < 4 * run.model.num_params() / 4  # mostly split 8 ways
+    # FSDP: each device gathers its tensor shard (1/2) of every fsdp-split weight at least once and at
+    # most once per micro-batch (XLA may hoist the gathers out of the micro-batch loop); the step's
+    # matmuls still match the formula
+    n = run.model.num_params()
+    assert 0.95 * 4 * n / 2 <= p.collectives["all-gather"]["bytes"] <= 2 * 4 * n / 2, p.collectives
+    assert p.flops_hlo == p.flops_model + 3 * flops.attention_flops_per_token(run.model, 64) * 16 * 64 / 8
+
+
+def test_hlo_reader_multiplies_loop_bodies():
+    hlo = """HloModule m
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %a = f32[] add(%x, %y)
+}
+
+%body (p: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
+  %w = f32[4,4]{1,0} parameter(1)
+  %h = f32[8,4]{1,0} parameter(2)
+  %g = f32[16,4]{1,0} all-gather(%w), dimensions={0}
+  %d = f32[8,4]{1,0} dot(%h, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %r = f32[8,4]{1,0} all-reduce(%d), to_apply=%add
+}
+
+%cond (p: (s32[], f32[8,4])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[8,4]) -> f32[8,4] {
+  %a = f32[8,4]{1,0} parameter(0)
+  %l = (s32[], f32[8,4]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"44"}}
+  ROOT %s = bf16[2,3]{1,0} all-reduce(%a), to_apply=%add
+}
+"""
+    c, dot_flops = analyse_hlo(hlo)
+    assert c["all-gather"] == {"count": 44, "bytes": 44 * 16 * 4 * 4}
+    assert c["all-reduce"] == {"count": 45, "bytes": 44 * 8 * 4 * 4 + 2 * 3 * 2}
+    assert dot_flops == 44 * 2 * 8 * 4 * 4
+
+
+@pytest.mark.parametrize("text, want", [("80GiB", 80 * 2**30), ("96 GB", 96e9), ("16e9", 16e9), ("512MiB", 2**29)])
+def test_parse_size(text, want):
+    assert parse_size(text) == want
+
+
+def _cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "neox_jax", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=env)
+
+
+def test_cli_plans_for_more_devices_than_the_machine_has(tmp_path):
+    """16 simulated devices in a fresh process (the test process has 8); one-line errors."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: {preset: tiny, max_position_embeddings: 64}\ndata: {path: x, seq_length: 64}\n"
+                   "train: {batch_size: 16}\n")
+    r = _cli("plan", cfg, "--devices", 16, "--mesh", "1,8,2", "--device-memory", "1GiB", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["devices"] == 16 and out["mesh"] == {"data": 1, "fsdp": 8, "tensor": 2} and out["fits"] is True
+    r = _cli("plan", cfg, "--devices", 16, "--mesh", "1,32,1")
+    assert r.returncode == 2 and r.stderr.startswith("neox-jax: error: mesh: ") and r.stderr.count("\n") == 1
+    r = _cli("plan", cfg, "--devices", 12, "--mesh", "1,12,1")
+    assert r.returncode == 2 and "micro-batch 16" in r.stderr and "train.batch_size" in r.stderr, r.stderr
+    r = _cli("plan", cfg, "--devices", 8, "--device-memory", "lots")
+    assert r.returncode == 2 and "--device-memory 'lots'" in r.stderr, r.stderr
+
+
+def test_total_mesh_shape_multiplies_across_node_factors():
+    assert total_mesh_shape(MeshConfig(data=1, fsdp=8, tensor=1, dcn_data=12)) == (12, 8, 1)
+    assert total_mesh_shape(MeshConfig(data=1, fsdp=-1, tensor=4, dcn_fsdp=2)) == (1, -1, 4)
+    assert total_mesh_shape(MeshConfig(fsdp=4, tensor=2)) == (1, 4, 2)  # dcn_data 0: one node
