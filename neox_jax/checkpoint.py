@@ -50,12 +50,20 @@ def _ocp():
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / MARKER).exists()
+    """A params checkpoint, or a training step directory (`neox_jax.train.checkpoints`), whose
+    marker and config are Orbax JSON items: `neox_jax/neox_jax.json`, `config/config.json`."""
+    return (Path(path) / MARKER).exists() or (Path(path) / "neox_jax" / MARKER).exists()
+
+
+def _config_file(p: Path) -> Path:
+    return p / "config.json" if (p / "config.json").exists() or not (p / "config").is_dir() \
+        else p / "config" / "config.json"
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a directory whose newest numbered step is one (a training run
-    directory keeps its steps under `checkpoints/`)."""
+    """A checkpoint directory (params or training step), or a directory whose newest complete
+    numbered step is one (a training run directory keeps its steps under `checkpoints/`; an
+    unfinished save is only a temporary `STEP.orbax-checkpoint-tmp-*` there)."""
     p = Path(path)
     if is_checkpoint(p):
         return p
@@ -69,11 +77,12 @@ def resolve(path: str | os.PathLike) -> Path:
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
     p = resolve(path)
+    f = _config_file(p)
     try:
-        raw = json.loads((p / "config.json").read_text())
+        raw = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{p / 'config.json'}: unreadable ({e.__class__.__name__})") from None
-    return from_dict(raw, where=str(p / "config.json"))
+        raise CheckpointError(f"{f}: unreadable ({e.__class__.__name__})") from None
+    return from_dict(raw, where=str(f))
 
 
 def prepare_destination(dst: str | os.PathLike, overwrite: bool = False) -> Path:
