@@ -123,7 +123,7 @@ class TrainCheckpoints:
             policy = cm.AnyPreservationPolicy(parts) if len(parts) > 1 else parts[0]
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=bool(c is None or c.async_save), preservation_policy=policy,
-            create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
+            create=not read_only, read_only=read_only, save_interval_steps=0 if read_only else 1, cleanup_tmp_directories=not read_only,
             save_root_metadata=False)
         json_item = ocp.handlers.JsonCheckpointHandler
         handlers = {"params": ocp.handlers.StandardCheckpointHandler(),

@@ -196,7 +196,7 @@ PYTHIA_STEPS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # then every 1000 (Py
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every_steps: int = 0  # a checkpoint every N steps (0: off)
+    every_steps: int = 0  # a checkpoint after steps N, 2N, ... (0: off)
     every_minutes: float = 0.0  # a checkpoint when T minutes have passed since the last one (0: off)
     steps: tuple[int, ...] = ()  # checkpoints after exactly these steps
     preset: str = ""  # "pythia": after steps 0, 1, 2, 4, ..., 512 and then every 1000
@@ -215,7 +215,7 @@ class CheckpointConfig:
 
     def due(self, step: int) -> bool:
         """A checkpoint of the state after `step` steps is scheduled (the step-based rules)."""
-        if self.every_steps and step % self.every_steps == 0:
+        if self.every_steps and step > 0 and step % self.every_steps == 0:
             return True
         if self.preset == "pythia" and (step in PYTHIA_STEPS or step % 1000 == 0):
             return True
