@@ -329,3 +329,23 @@ def test_schedule_rules():
     assert {s for s in range(143001) if pythia.due(s)} == want and len(want) == 154  # Pythia's 154
     c = CheckpointConfig(every_steps=10, steps=(3, 7))
     assert [s for s in range(25) if c.due(s)] == [3, 7, 10, 20]
+
+
+def test_retention_keeps_the_last_k_plus_every_mth(tmp_path):
+    """keep_last 2, keep_every 4 over saves after steps 1..9: 4, 8 (multiples) and 8, 9 (newest)
+    remain; a step that exists is not written again."""
+    import jax.numpy as jnp
+
+    from neox_jax.train.optimizer import LossScale
+    from neox_jax.train.state import TrainState
+
+    run = from_sections(raw_config("unused", keep_last=2, keep_every=4, async_save=False))
+    ckpts = tc.TrainCheckpoints(tmp_path / "c", run)
+    for s in range(1, 10):
+        state = TrainState(step=jnp.int32(s), updates=jnp.int32(s), params={"w": jnp.full((2, 3), s, jnp.float32)},
+                           opt_state=(), loss_scale=LossScale(jnp.float32(1), jnp.int32(0), jnp.int32(-1), jnp.int32(2)))
+        assert ckpts.save(s, state, {"step": s, "global_batch": 8, "dataset_len": 100})
+    assert not ckpts.save(9, state, {"step": 9, "global_batch": 8, "dataset_len": 100})
+    ckpts.close()
+    assert tc.TrainCheckpoints(tmp_path / "c", read_only=True).steps() == [4, 8, 9]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["4", "8", "9"]
