@@ -192,7 +192,7 @@ def test_truncated_array_file_then_fallback_on_another_mesh(reference, tmp_path)
         train(from_sections(raw), r)
     msg = str(e.value)
     assert "checkpoint of step 8 cannot be restored" in msg and "--resume-fallback" in msg, msg
-    assert str(r / "checkpoints" / "8" / "params") in msg, msg
+    assert msg.startswith(f"{victim}: ") and "unreadable (OUT_OF_RANGE" in msg, msg  # the truncated file
     assert (r / "metrics.jsonl").read_text() == before
     raw["mesh"] = {"data": 8, "fsdp": 1, "tensor": 1}
     out = train(from_sections(raw), r, resume_fallback=True)

@@ -618,6 +618,9 @@ def test_pythia_70m_neox_yaml_resolves_to_our_recipe(p70m):
     assert theirs.model.compute_dtype == "float16" and theirs.optimizer.loss_scale == "dynamic"
     assert theirs.optimizer.initial_scale_power == 12 and theirs.model.remat == "full"
     assert theirs.data.train_paths == (PILE,) and theirs.data.valid_paths == (PILE,)
+    # checkpoint-factor 1000 + extra-save-iters: Pythia's 154 checkpoints
+    assert theirs.checkpoint.every_steps == 1000
+    assert theirs.checkpoint.steps == (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 def test_neox_20b_yaml_resolves_to_our_recipe(tmp_path):

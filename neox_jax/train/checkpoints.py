@@ -27,7 +27,7 @@ are kept: the newest `keep_last` plus every multiple of `keep_every`.
 
 Reading (`TrainCheckpoints.restore`): every array is read straight into the sharding of the mesh
 asking for it, which may differ from the mesh that saved it (Orbax reads only the slices each
-device owns).  A damaged step (a truncated or corrupted array file) is a CheckpointError naming
+device owns).  A damaged step (a truncated or unreadable array file) is a CheckpointError naming
 the file; with `--resume-fallback` the resume takes the newest older step that restores.
 """
 
@@ -206,12 +206,10 @@ class TrainCheckpoints:
         items = {"params": ocp.args.StandardRestore(abstract.params)}
         if not params_only:
             items["train_state"] = ocp.args.StandardRestore(to_nested(_train_part(abstract)))
-        d = self.step_dir(step)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # tensorstore / orbax raise many types for damaged files
-            raise CheckpointError(f"{_damaged(d, e)}: checkpoint of step {step} cannot be restored "
-                                  f"({_first_line(e)})") from None
+            raise CheckpointError(_restore_error(self.step_dir(step), step, e)) from None
         if params_only:
             return out["params"], {}
         part = from_nested(out["train_state"], _train_part(abstract))
@@ -220,27 +218,31 @@ class TrainCheckpoints:
         return state, self.read_json(step, "loader")
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{e.__class__.__name__}: {text[0][:300]}" if text else e.__class__.__name__
+_TS_ERROR = re.compile(r"([A-Z_]{5,}): Error reading \"([^\"]+)\" in OCDBT database at local file \"([^\"]+)\": ([^|\n]*)")
 
 
-def _damaged(step_dir: Path, e: BaseException) -> Path:
-    """The file an Orbax / tensorstore error names, if it names one inside the step directory."""
-    for m in re.finditer(r"[\"'](/[^\"']+)[\"']|(/\S+)", str(e)):
-        p = m.group(1) or m.group(2)
-        p = p.rstrip(".,:;)]")
-        if p.startswith(str(step_dir)) and Path(p).exists():
-            return Path(p)
-    return step_dir
-
-
-def at_step(state: TrainState, step: int, shardings: TrainState) -> TrainState:
-    """`state` moved to `step` (`--start-step`): the data position and the LR schedule's count
-    (`updates`) of that step; the optimizer moments and the loss scale stay as given (fresh)."""
-    put = lambda s: jax.device_put(np.int32(step), s)  # noqa: E731
-    return TrainState(step=put(shardings.step), updates=put(shardings.updates), params=state.params,
-                      opt_state=state.opt_state, loss_scale=state.loss_scale)
+def _restore_error(step_dir: Path, step: int, e: BaseException) -> str:
+    """One line naming what is damaged.  Tensorstore names the tensor and its OCDBT database (in the
+    exception chain); when it reports a short read ("value of size N"), the data file of that size
+    in the database is the truncated one, and it is named instead."""
+    chain, x = [], e
+    while x is not None and len(chain) < 10:
+        chain.append(str(x))
+        x = x.__cause__ or x.__context__
+    for text in chain:
+        m = _TS_ERROR.search(text)
+        if m:
+            code, tensor, db, detail = m.groups()
+            where = Path(db)
+            size = re.search(r"value of size (\d+)", detail)
+            if size:
+                hits = [f for f in where.rglob("*") if f.is_file() and f.stat().st_size == int(size.group(1))]
+                if len(hits) == 1:
+                    where = hits[0]
+            return (f"{where}: checkpoint of step {step} cannot be restored: tensor {tensor.split('/')[0]} "
+                    f"unreadable ({code}: {detail.strip()[:200]})")
+    first = next((ln for ln in chain[-1].strip().splitlines() if ln.strip()), e.__class__.__name__)
+    return f"{step_dir}: checkpoint of step {step} cannot be restored ({first[:300]})"
 
 
 # ----------------------------------------------------------------------------- schedules

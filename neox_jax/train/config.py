@@ -199,7 +199,7 @@ class CheckpointConfig:
     every_steps: int = 0  # a checkpoint after steps N, 2N, ... (0: off)
     every_minutes: float = 0.0  # a checkpoint when T minutes have passed since the last one (0: off)
     steps: tuple[int, ...] = ()  # checkpoints after exactly these steps
-    preset: str = ""  # "pythia": after steps 0, 1, 2, 4, ..., 512 and then every 1000
+    preset: str = ""  # "pythia": every_steps 1000 and steps 0, 1, 2, 4, ..., 512 (expanded into them)
     keep_last: int = 0  # keep the newest K checkpoints ... (0: keep all)
     keep_every: int = 0  # ... plus every one whose step is a multiple of M (0: none extra)
     at_end: bool = True  # a checkpoint after the last step (and when SIGINT/SIGTERM stop the run)
@@ -212,12 +212,16 @@ class CheckpointConfig:
         _need(all(s >= 0 for s in self.steps), f"checkpoint.steps must be >= 0, got {list(self.steps)}")
         _need(self.preset in ("", "pythia"), f"checkpoint.preset must be '' or 'pythia', got {self.preset!r}")
         _need(self.keep_last >= 0 and self.keep_every >= 0, "checkpoint.keep_last and keep_every must be >= 0")
+        if self.preset == "pythia":  # resolved into the keys it means, so config.yaml shows them
+            _need(self.every_steps in (0, 1000), f"checkpoint.preset pythia saves every 1000 steps, "
+                                                 f"checkpoint.every_steps says {self.every_steps}")
+            object.__setattr__(self, "every_steps", 1000)
+            object.__setattr__(self, "steps", tuple(sorted(set(self.steps) | set(PYTHIA_STEPS))))
+            object.__setattr__(self, "preset", "")
 
     def due(self, step: int) -> bool:
         """A checkpoint of the state after `step` steps is scheduled (the step-based rules)."""
         if self.every_steps and step > 0 and step % self.every_steps == 0:
-            return True
-        if self.preset == "pythia" and (step in PYTHIA_STEPS or step % 1000 == 0):
             return True
         return step in self.steps
 
