@@ -332,6 +332,9 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
                     valid_loss = evaluate(step + 1)
             if pending is not None:
                 finish(*pending)
+    except TrainingError:
+        ckpts.close()  # a save in flight still commits
+        raise
     finally:
         loader.close()
         if bar is not None:
@@ -340,7 +343,7 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
     if eval_fn is not None:
         valid_loss = evaluate(done)
     path = None
-    if run.checkpoint.at_end or stopped:
+    if run.checkpoint.at_end or stopped or schedule.due(done):
         save(done)
         path = ckpts.step_dir(done)
     t0 = time.perf_counter()
