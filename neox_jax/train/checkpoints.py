@@ -245,6 +245,14 @@ def _restore_error(step_dir: Path, step: int, e: BaseException) -> str:
     return f"{step_dir}: checkpoint of step {step} cannot be restored ({first[:300]})"
 
 
+def at_step(state: TrainState, step: int, shardings: TrainState) -> TrainState:
+    """`state` moved to `step` (`--start-step`): the data position and the LR schedule's count
+    (`updates`) of that step; the optimizer moments and the loss scale stay as given (fresh)."""
+    put = lambda s: jax.device_put(np.int32(step), s)  # noqa: E731
+    return TrainState(step=put(shardings.step), updates=put(shardings.updates), params=state.params,
+                      opt_state=state.opt_state, loss_scale=state.loss_scale)
+
+
 # ----------------------------------------------------------------------------- schedules
 
 
@@ -341,5 +349,5 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     f.write_text("".join(x + "\n" for x in keep))
 
 
-__all__ = ["TrainCheckpoints", "Schedule", "restore_latest", "check_resumable", "has_checkpoints",
+__all__ = ["TrainCheckpoints", "Schedule", "restore_latest", "at_step", "check_resumable", "has_checkpoints",
            "truncate_metrics", "to_nested", "from_nested", "KIND"]
