@@ -119,11 +119,14 @@ class TrainCheckpoints:
         if c is not None and c.keep_last:
             from orbax.checkpoint import checkpoint_managers as cm
 
-            parts = [cm.LatestN(n=c.keep_last)] + ([cm.EveryNSteps(interval_steps=c.keep_every)] if c.keep_every else [])
+            parts = [cm.LatestN(n=c.keep_last)]
+            if c.keep_every:
+                parts.append(cm.EveryNSteps(interval_steps=c.keep_every))
             policy = cm.AnyPreservationPolicy(parts) if len(parts) > 1 else parts[0]
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=bool(c is None or c.async_save), preservation_policy=policy,
-            create=not read_only, read_only=read_only, save_interval_steps=0 if read_only else 1, cleanup_tmp_directories=not read_only,
+            create=not read_only, read_only=read_only, save_interval_steps=0 if read_only else 1,
+            cleanup_tmp_directories=not read_only,
             save_root_metadata=False)
         json_item = ocp.handlers.JsonCheckpointHandler
         handlers = {"params": ocp.handlers.StandardCheckpointHandler(),
@@ -180,7 +183,8 @@ class TrainCheckpoints:
         try:
             self.manager.wait_until_finished()
         except OSError as e:
-            raise CheckpointError(f"{self.directory}: writing a checkpoint failed ({e.strerror or e})") from None
+            raise CheckpointError(f"{self.directory}: writing a checkpoint failed "
+                                  f"({e.strerror or e})") from None
 
     def close(self) -> None:
         self.wait()
@@ -218,7 +222,8 @@ class TrainCheckpoints:
         return state, self.read_json(step, "loader")
 
 
-_TS_ERROR = re.compile(r"([A-Z_]{5,}): Error reading \"([^\"]+)\" in OCDBT database at local file \"([^\"]+)\": ([^|\n]*)")
+_TS_ERROR = re.compile(r"([A-Z_]{5,}): Error reading \"([^\"]+)\" in OCDBT database at local file "
+                       r"\"([^\"]+)\": ([^|\n]*)")
 
 
 def _restore_error(step_dir: Path, step: int, e: BaseException) -> str:
