@@ -349,3 +349,4 @@ def test_retention_keeps_the_last_k_plus_every_mth(tmp_path):
     ckpts.close()
     assert tc.TrainCheckpoints(tmp_path / "c", read_only=True).steps() == [4, 8, 9]
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["4", "8", "9"]
+

@@ -172,9 +172,9 @@ class TrainCheckpoints:
         t0 = time.perf_counter()
         try:
             self.manager.save(step, args=args, force=True)
-        except OSError as e:
+        except Exception as e:  # the previous save's failure surfaces here too (full disk, permissions)
             raise CheckpointError(f"{self.directory}: writing the checkpoint of step {step} failed "
-                                  f"({e.strerror or e})") from None
+                                  f"({_first(e)}); the older checkpoints are intact") from None
         self.save_s.append(time.perf_counter() - t0)
         return True
 
@@ -182,9 +182,9 @@ class TrainCheckpoints:
         """Block until the save in flight has committed (raises if it failed)."""
         try:
             self.manager.wait_until_finished()
-        except OSError as e:
-            raise CheckpointError(f"{self.directory}: writing a checkpoint failed "
-                                  f"({e.strerror or e})") from None
+        except Exception as e:
+            raise CheckpointError(f"{self.directory}: writing a checkpoint failed ({_first(e)}); the "
+                                  "older checkpoints are intact") from None
 
     def close(self) -> None:
         self.wait()
@@ -220,6 +220,13 @@ class TrainCheckpoints:
         state = TrainState(step=part["step"], updates=part["updates"], params=out["params"],
                            opt_state=part["opt_state"], loss_scale=part["loss_scale"])
         return state, self.read_json(step, "loader")
+
+
+def _first(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return f"{e.__class__.__name__}: {lines[0][:200]}" if lines else e.__class__.__name__
 
 
 _TS_ERROR = re.compile(r"([A-Z_]{5,}): Error reading \"([^\"]+)\" in OCDBT database at local file "
