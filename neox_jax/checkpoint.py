@@ -51,12 +51,20 @@ def _ocp():
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / MARKER).exists()
+    """A params checkpoint, or a training step directory (`neox_jax.train.checkpoints`), whose
+    marker and config are Orbax JSON items: `neox_jax/neox_jax.json`, `config/config.json`."""
+    return (Path(path) / MARKER).exists() or (Path(path) / "neox_jax" / MARKER).exists()
+
+
+def _config_file(p: Path) -> Path:
+    return p / "config.json" if (p / "config.json").exists() or not (p / "config").is_dir() \
+        else p / "config" / "config.json"
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a directory whose newest numbered step is one (a training run
-    directory keeps its steps under `checkpoints/`)."""
+    """A checkpoint directory (params or training step), or a directory whose newest complete
+    numbered step is one (a training run directory keeps its steps under `checkpoints/`; an
+    unfinished save is only a temporary `STEP.orbax-checkpoint-tmp-*` there)."""
     p = Path(path)
     if is_checkpoint(p):
         return p
@@ -72,8 +80,11 @@ def resolve(path: str | os.PathLike) -> Path:
 
 
 def read_marker(path: str | os.PathLike) -> dict:
-    """The checkpoint's `neox_jax.json`, checked: format "neox-jax", a version this code reads."""
+    """The checkpoint's `neox_jax.json` (a training step keeps it as the Orbax JSON item
+    `neox_jax/neox_jax.json`), checked: format "neox-jax", a version this code reads."""
     f = Path(path) / MARKER
+    if not f.exists() and (Path(path) / "neox_jax" / MARKER).exists():
+        f = Path(path) / "neox_jax" / MARKER
     try:
         meta = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -91,13 +102,14 @@ def read_marker(path: str | os.PathLike) -> dict:
 def read_config(path: str | os.PathLike) -> ModelConfig:
     p = resolve(path)
     read_marker(p)
+    f = _config_file(p)
     try:
-        raw = json.loads((p / "config.json").read_text())
+        raw = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{p / 'config.json'}: unreadable ({e.__class__.__name__})") from None
+        raise CheckpointError(f"{f}: unreadable ({e.__class__.__name__})") from None
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{p / 'config.json'}: expected a JSON object")
-    return from_dict(raw, where=str(p / "config.json"))
+        raise CheckpointError(f"{f}: expected a JSON object")
+    return from_dict(raw, where=str(f))
 
 
 def check_params_dir(path: str | os.PathLike) -> Path:

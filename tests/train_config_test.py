@@ -55,7 +55,7 @@ def test_unknown_section_is_refused_by_name(section):
 
 @pytest.mark.parametrize("section,key", [
     ("mesh", "pipeline"), ("data", "data_path"), ("optimizer", "learning_rate"), ("optimizer", "beta1"),
-    ("train", "iters"), ("train", "micro_batch_size"),
+    ("train", "iters"), ("train", "micro_batch_size"), ("checkpoint", "save_interval"),
 ])
 def test_unknown_key_is_refused_naming_section_and_key(section, key):
     sec = {"path": "x"} if section == "data" else {}
@@ -117,6 +117,10 @@ def test_ints_are_accepted_for_floats_and_lists_for_tuples():
     ({"data": {}}, ["data.train_paths", "data.path"]),
     ({"data": {"path": "x", "train_paths": ["y"]}}, ["data.train_paths", "data.path"]),
     ({"data": {"train_paths": ["a", "b"], "train_weights": [1.0]}}, ["data.train_weights"]),
+    ({"train": {"steps": 10, "start_step": 10}}, ["train.start_step"]),
+    ({"checkpoint": {"preset": "gpt3"}}, ["checkpoint.preset", "gpt3"]),
+    ({"checkpoint": {"steps": [4, -1]}}, ["checkpoint.steps"]),
+    ({"checkpoint": {"keep_last": -2}}, ["checkpoint.keep_last"]),
 ])
 def test_values_are_validated(sections, names):
     _refused(_base(**sections), *names)
@@ -273,7 +277,9 @@ def _roundtrip_configs() -> list[RunConfig]:
                        "schedule": "neox_2023", "decay_style": "linear", "z_loss": 1e-4},
             train={"steps": 7, "batch_size": 12, "grad_accum": 3, "init_from": "ckpt/step 5",
                    "peak_tflops": 989.5},
-            mesh={"data": 2, "fsdp": 2, "tensor": -1})),
+            mesh={"data": 2, "fsdp": 2, "tensor": -1},
+            checkpoint={"every_minutes": 30, "steps": [3, 5], "preset": "pythia", "keep_last": 2,
+                        "keep_every": 1000, "async_save": False})),
     ]
 
 
@@ -286,7 +292,7 @@ def test_resolved_config_round_trip(tmp_path, index):
     assert load_run_config(path) == cfg
     # every key explicit: each section lists all of its fields
     saved = yaml.safe_load(path.read_text())
-    assert list(saved) == ["model", "mesh", "data", "optimizer", "train"]
+    assert list(saved) == ["model", "mesh", "data", "optimizer", "train", "checkpoint"]
     for name in saved:
         assert set(saved[name]) == {f.name for f in dataclasses.fields(getattr(cfg, name))}, name
 
@@ -612,6 +618,9 @@ def test_pythia_70m_neox_yaml_resolves_to_our_recipe(p70m):
     assert theirs.model.compute_dtype == "float16" and theirs.optimizer.loss_scale == "dynamic"
     assert theirs.optimizer.initial_scale_power == 12 and theirs.model.remat == "full"
     assert theirs.data.train_paths == (PILE,) and theirs.data.valid_paths == (PILE,)
+    # checkpoint-factor 1000 + extra-save-iters: Pythia's 154 checkpoints
+    assert theirs.checkpoint.every_steps == 1000
+    assert theirs.checkpoint.steps == (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 def test_neox_20b_yaml_resolves_to_our_recipe(tmp_path):

@@ -126,7 +126,9 @@ def test_sigterm_stops_cleanly(corpus, tmp_path):
     summary = json.loads(out.splitlines()[-1])
     assert summary["stopped_by"] == "SIGTERM" and 2 <= summary["steps"] < 3000
     assert len(losses(tmp_path / "r")) == summary["steps"]
-    assert (tmp_path / "r" / "checkpoints" / str(summary["steps"]) / "neox_jax.json").exists()
+    from neox_jax.checkpoint import is_checkpoint
+
+    assert is_checkpoint(tmp_path / "r" / "checkpoints" / str(summary["steps"]))
 
 
 def test_non_finite_loss_stops_naming_the_step(corpus, tmp_path):
@@ -160,7 +162,7 @@ def test_errors_are_one_line(case, corpus, tmp_path):
     if case == "exists":
         (tmp_path / "r").mkdir()
         (tmp_path / "r" / "config.yaml").write_text("x: 1\n")
-        expect = "run directory exists"
+        expect = "run directory exists and is not empty"
     elif case == "cudnn":
         raw["model"]["attention"] = "cudnn"
         expect = "cudnn, which needs an NVIDIA GPU"

@@ -13,14 +13,26 @@ def register(sub) -> None:
         description="Train from a neox-jax run YAML (sections model, mesh, data, optimizer, train; see "
                     "configs/train/tinyshakespeare.yaml) or from GPT-NeoX's own YAML file(s) (e.g. "
                     "configs/pythia/1-4B.yml; several files are merged in order, as GPT-NeoX does). The run "
-                    "directory receives the resolved config.yaml, metrics.jsonl, TensorBoard events and the "
-                    "final parameters under checkpoints/STEP.")
+                    "directory receives the resolved config.yaml, metrics.jsonl, TensorBoard events and "
+                    "training checkpoints under checkpoints/STEP (section `checkpoint`: when); a run "
+                    "directory with checkpoints is resumed from the newest complete one.")
     p.add_argument("config", nargs="+", help="run YAML, or GPT-NeoX YAML file(s)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a key, e.g. --set optimizer.lr=3e-4 --set model.remat=full (repeatable)")
     p.add_argument("--run-dir", help="run directory (default: runs/<config file name>)")
     p.add_argument("--init-from", metavar="CKPT", help="start from a neox-jax checkpoint's parameters "
                                                        "(same architecture) instead of random init")
+    p.add_argument("--start-step", type=int, metavar="N",
+                   help="begin at step N: its data position and learning rate, fresh optimizer moments "
+                        "(e.g. with --init-from a converted Pythia checkpoint of step N)")
+    r = p.add_mutually_exclusive_group()
+    r.add_argument("--resume", dest="resume", action="store_const", const="require", default="auto",
+                   help="continue from the run directory's newest complete checkpoint (the default when "
+                        "it has one; with --resume, its absence is an error)")
+    r.add_argument("--no-resume", dest="resume", action="store_const", const="never",
+                   help="refuse to continue a run directory that has checkpoints")
+    p.add_argument("--resume-fallback", action="store_true",
+                   help="if the newest checkpoint cannot be restored, resume from the previous one")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     g = p.add_argument_group("several processes", "one process per host or GPU (docs/scaling.md); without "
@@ -55,6 +67,8 @@ def _run_train(args) -> None:
     overrides = list(args.set)
     if args.init_from:
         overrides.append(f"train.init_from={json.dumps(args.init_from)}")
+    if args.start_step is not None:
+        overrides.append(f"train.start_step={args.start_step}")
     plan = None if args.print_config else _distributed_plan(args, overrides)
     from .. import distributed
 
@@ -71,6 +85,7 @@ def _run_train(args) -> None:
     from .loop import train
 
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config[0]).stem)
-    summary = train(run, run_dir, overwrite=args.overwrite, progress=sys.stderr.isatty())
+    summary = train(run, run_dir, overwrite=args.overwrite, progress=sys.stderr.isatty(), resume=args.resume,
+                    resume_fallback=args.resume_fallback)
     if jax.process_index() == 0:
         print(json.dumps(summary))

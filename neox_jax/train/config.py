@@ -6,6 +6,7 @@
     data:       DataConfig        NeoX indexed datasets, split or blend, sequence length, loss mask
     optimizer:  OptimizerConfig   AdamW, LR schedule, clipping, loss scaling, z-loss
     train:      TrainConfig       steps, batch, accumulation, seed, logging and validation cadence
+    checkpoint: CheckpointConfig  when training checkpoints are written and which are kept
 
 `load_run_config(paths, overrides)` reads our YAML or GPT-NeoX's own YAML (detected by its keys;
 see `neox_yaml.py`), applies `--set section.key=value` overrides, and validates across sections.
@@ -187,6 +188,7 @@ class TrainConfig:
     eval_every: int = 0  # validation loss every N steps (0: only at the end); needs a valid split
     eval_steps: int = 10  # validation batches per evaluation (the same first N batches every time)
     init_from: str = ""  # a neox-jax checkpoint to start from instead of random init
+    start_step: int = 0  # begin at this step: its data position and LR, fresh Adam moments
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = from the device kind (none on CPU)
     tensorboard: bool = True  # TensorBoard event files in the run directory
 
@@ -199,10 +201,48 @@ class TrainConfig:
         _need(self.log_every >= 1 and self.eval_every >= 0 and self.eval_steps >= 0,
               "train.log_every must be >= 1, eval_every and eval_steps >= 0")
         _need(self.peak_tflops >= 0, "train.peak_tflops must be >= 0")
+        _need(0 <= self.start_step < self.steps,
+              f"train.start_step must be in [0, train.steps = {self.steps}), got {self.start_step}")
+
+
+PYTHIA_STEPS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # then every 1000 (Pythia's 154 checkpoints)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 0  # a checkpoint after steps N, 2N, ... (0: off)
+    every_minutes: float = 0.0  # a checkpoint when T minutes have passed since the last one (0: off)
+    steps: tuple[int, ...] = ()  # checkpoints after exactly these steps
+    preset: str = ""  # "pythia": every_steps 1000 and steps 0, 1, 2, 4, ..., 512 (expanded into them)
+    keep_last: int = 0  # keep the newest K checkpoints ... (0: keep all)
+    keep_every: int = 0  # ... plus every one whose step is a multiple of M (0: none extra)
+    at_end: bool = True  # a checkpoint after the last step (and when SIGINT/SIGTERM stop the run)
+    async_save: bool = True  # write in the background while training continues
+
+    def __post_init__(self):
+        _check_fields(self)
+        _need(self.every_steps >= 0 and self.every_minutes >= 0,
+              "checkpoint.every_steps and checkpoint.every_minutes must be >= 0")
+        _need(all(s >= 0 for s in self.steps), f"checkpoint.steps must be >= 0, got {list(self.steps)}")
+        _need(self.preset in ("", "pythia"), f"checkpoint.preset must be '' or 'pythia', got {self.preset!r}")
+        _need(self.keep_last >= 0 and self.keep_every >= 0, "checkpoint.keep_last and keep_every must be >= 0")
+        if self.preset == "pythia":  # resolved into the keys it means, so config.yaml shows them
+            _need(self.every_steps in (0, 1000), f"checkpoint.preset pythia saves every 1000 steps, "
+                                                 f"checkpoint.every_steps says {self.every_steps}")
+            object.__setattr__(self, "every_steps", 1000)
+            object.__setattr__(self, "steps", tuple(sorted(set(self.steps) | set(PYTHIA_STEPS))))
+            object.__setattr__(self, "preset", "")
+
+    def due(self, step: int) -> bool:
+        """A checkpoint of the state after `step` steps is scheduled (the step-based rules)."""
+        if self.every_steps and step > 0 and step % self.every_steps == 0:
+            return True
+        return step in self.steps
 
 
 SECTIONS: dict[str, type] = {
     "mesh": MeshConfig, "data": DataConfig, "optimizer": OptimizerConfig, "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
 }
 _SECTION_OF = {cls: name for name, cls in SECTIONS.items()}
 
@@ -214,6 +254,7 @@ class RunConfig:
     data: DataConfig
     optimizer: OptimizerConfig
     train: TrainConfig
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     def __post_init__(self):
         m, d, o = self.model, self.data, self.optimizer
@@ -360,6 +401,6 @@ def load_resolved(path: str | Path) -> RunConfig:
 
 
 __all__ = [
-    "MeshConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "RunConfig", "load_run_config",
+    "MeshConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "CheckpointConfig", "RunConfig", "load_run_config",
     "load_resolved", "from_sections", "apply_overrides", "SECTIONS",
 ]

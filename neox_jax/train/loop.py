@@ -8,8 +8,10 @@ function of the step, `neox_jax.data.loader`), `global_batch_arrays` assembles t
 batch, the compiled step (state donated) returns the next state and the step's metrics.  Metrics
 are read one step late, so the host never waits for the device between steps; a non-finite loss
 without loss scaling stops the run naming its step.  SIGINT / SIGTERM finish the current step and
-stop cleanly.  At the end the parameters are written as a neox-jax checkpoint under
-`RUN_DIR/checkpoints/STEP` (what `score`, `convert`, `inspect` and `generate` read).
+stop cleanly after writing a checkpoint.  Checkpoints (`checkpoints.py`) are written on the
+schedule of `RunConfig.checkpoint` and at the end under `RUN_DIR/checkpoints/STEP` (what `score`,
+`convert`, `inspect` and `generate` read); a run directory with checkpoints is resumed from the
+newest complete one, data position included.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from ..data.loader import Loader, global_batch_arrays
 from ..distributed import barrier
 from ..errors import TrainingError, UserError
 from ..sharding import make_mesh, node_count
+from . import checkpoints as tc
 from .config import RunConfig
 from .metrics import Metrics, peak_flops
-from .state import init_state, make_optimizer, param_shardings, state_shardings
+from .state import abstract_state, init_state, make_optimizer, param_shardings, state_shardings
 from .step import batch_sharding, make_eval_step, make_train_step, use_vocab_parallel
 
 log = logging.getLogger(__name__)
@@ -120,19 +123,35 @@ def _load_init(run: RunConfig, path: str, mesh) -> Any:
     return params
 
 
+def will_resume(run_dir: Path, overwrite: bool, resume: str) -> bool:
+    """Whether the run continues from `run_dir`'s checkpoints.  resume: "auto" (when there are
+    checkpoints), "require" (--resume) or "never" (--no-resume)."""
+    found = tc.has_checkpoints(run_dir)
+    if resume == "require" and (overwrite or not found):
+        raise UserError(f"{run_dir}: --resume needs a complete checkpoint under {run_dir / 'checkpoints'}"
+                        + (" (and no --overwrite)" if overwrite else ""))
+    if found and not overwrite and resume == "never":
+        raise UserError(f"{run_dir}: has checkpoints and --no-resume refuses to continue it "
+                        "(pass --overwrite to start over, or another --run-dir)")
+    return found and not overwrite
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool, *, create: bool = True) -> None:
     """Refuse an unusable run directory; with `create`, empty (--overwrite) and create it.  Every
     process checks (so all refuse alike on a shared filesystem); only process 0 creates."""
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
-            raise UserError(f"{run_dir}: run directory exists and is not empty (pass --overwrite to start "
-                            "over; resuming is not implemented yet)")
+            raise UserError(f"{run_dir}: run directory exists and is not empty and has no complete "
+                            "checkpoint to resume from (pass --overwrite to start over)")
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"{run_dir}: not a neox-jax run directory (no config.yaml); refusing to delete it")
         if create:
             shutil.rmtree(run_dir)
     if create:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{run_dir}: cannot create the run directory ({e.strerror or e})") from None
 
 
 class _StopFlag:
@@ -158,20 +177,28 @@ class _StopFlag:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progress: bool = False) -> dict:
-    """Train `run`, writing into `run_dir`; returns a summary dict (also the last metrics line)."""
+def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progress: bool = False,
+          resume: str = "auto", resume_fallback: bool = False) -> dict:
+    """Train `run`, writing into `run_dir`; returns a summary dict (also the last metrics line).
+    A run directory with checkpoints is continued (`will_resume`)."""
     run_dir = Path(run_dir)
     _check_backend(run)
-    if run.train.init_from:
+    resuming = will_resume(run_dir, overwrite, resume)
+    if resuming and run.train.start_step:
+        raise UserError(f"{run_dir}: train.start_step {run.train.start_step} with a run directory to resume; "
+                        "a resume starts at its newest checkpoint's step")
+    if run.train.init_from and not resuming:
         _check_init(run, run.train.init_from)
     train_ds, valid_ds = build_datasets(run)
     mesh = _mesh(run)
     lead = jax.process_index() == 0
-    prepare_run_dir(run_dir, overwrite, create=False)
+    if not resuming:
+        prepare_run_dir(run_dir, overwrite, create=False)
     barrier("neox_jax.train.run_dir_checked")  # every process checked before process 0 changes anything
-    if lead:
+    if lead and not resuming:
         prepare_run_dir(run_dir, overwrite)
         run.save(run_dir / "config.yaml")
+    barrier("neox_jax.train.run_dir_ready")  # no process opens the checkpoints before the directory exists
     cfg, t = run.model, run.train
     S, B = run.data.seq_length, t.batch_size
     log.info("mesh %s over %d %s device(s) (%s); %d process(es)", dict(mesh.shape), mesh.size,
@@ -186,9 +213,27 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
 
     opt = make_optimizer(run)
     shardings = state_shardings(run, mesh, opt)
+    ckpts = tc.TrainCheckpoints(run_dir / "checkpoints", run)
+    start = 0
     with jax.set_mesh(mesh):
-        params = _load_init(run, t.init_from, mesh) if t.init_from else None
-        state = init_state(run, mesh, opt, params=params, shardings=shardings)
+        if resuming:
+            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract_state(run, opt), shardings)
+            t0 = time.perf_counter()
+            start, state, _ = tc.restore_latest(ckpts, run, abstract, fallback=resume_fallback)
+            log.info("resumed from %s: step %d, data position %d (%.1f s)", ckpts.step_dir(start), start,
+                     start, time.perf_counter() - t0)
+            if lead:
+                tc.truncate_metrics(run_dir, start)
+                run.save(run_dir / "config.yaml")  # the mesh or the schedule may have changed
+        else:
+            params = _load_init(run, t.init_from, mesh) if t.init_from else None
+            state = init_state(run, mesh, opt, params=params, shardings=shardings)
+            if t.start_step:
+                start = t.start_step
+                state = tc.at_step(state, start, shardings)
+                log.info("starting at step %d: data position and learning-rate schedule of step %d, fresh "
+                         "optimizer moments (Adam's bias correction restarts), fresh loss scale", start, start)
         step_fn = make_train_step(run, mesh, opt, shardings)
         eval_fn = make_eval_step(run, mesh, shardings.params) if valid_ds is not None else None
         bsh = batch_sharding(mesh)
@@ -203,13 +248,13 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
     flops_per_token = flops.train_flops_per_token(cfg, S)
     peak = peak_flops(jax.devices()[0].device_kind, t.peak_tflops)
     metrics = Metrics(run_dir, enabled=lead, tensorboard=t.tensorboard)
-    loader = Loader(train_ds, B, num_steps=t.steps, segment_ids=run.data.segment_ids, eod_id=run.data.eod_id,
-                    prefetch=run.data.prefetch)
+    loader = Loader(train_ds, B, start_step=start, num_steps=t.steps, segment_ids=run.data.segment_ids,
+                    eod_id=run.data.eod_id, prefetch=run.data.prefetch)
     bar = None
     if progress and lead:
         from tqdm import tqdm
 
-        bar = tqdm(total=t.steps, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
     def evaluate(step: int) -> float:
         with Loader(valid_ds, B, num_steps=t.eval_steps, segment_ids=run.data.segment_ids,
@@ -265,14 +310,26 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
 
     pending = None
     stopped = None
+    schedule = tc.Schedule(run)
+
+    def save(done: int) -> None:
+        if ckpts.save(done, state, loader.state()):
+            schedule.saved()
+            log.info("checkpoint of step %d: saving to %s (training blocked %.2f s)", done, ckpts.step_dir(done),
+                     ckpts.save_s[-1])
+
     try:
         with _StopFlag() as stop, jax.set_mesh(mesh):
-            for step in range(t.steps):
+            if not resuming and schedule.due(start):
+                save(start)
+            for step in range(start, t.steps):
                 if stop.signal:
                     stopped = stop.signal
                     break
                 batch = global_batch_arrays(next(loader), bsh, B)
                 state, m = compiled(state, batch)
+                if step + 1 < t.steps and schedule.due(step + 1):
+                    save(step + 1)
                 if pending is not None:
                     finish(*pending)
                 pending = (step, m)
@@ -282,6 +339,9 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
                     valid_loss = evaluate(step + 1)
             if pending is not None:
                 finish(*pending)
+    except TrainingError:
+        ckpts.close()  # a save in flight still commits
+        raise
     finally:
         loader.close()
         if bar is not None:
@@ -289,12 +349,18 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
     done = int(jax.device_get(state.step))
     if eval_fn is not None:
         valid_loss = evaluate(done)
-    path = run_dir / "checkpoints" / str(done)
-    ckpt.save_params(path, cfg, state.params, step=done, run_dir=str(run_dir))
-    log.info("wrote parameters of step %d to %s", done, path)
+    path = None
+    if run.checkpoint.at_end or stopped or schedule.due(done):
+        save(done)
+        path = ckpts.step_dir(done)
+    t0 = time.perf_counter()
+    ckpts.close()  # waits for the last save to commit
+    if path is not None:
+        log.info("checkpoint of step %d committed (waited %.2f s for the write)", done, time.perf_counter() - t0)
     metrics.close()
     summary = {"steps": done, "loss": last.get("loss"), "valid_loss": valid_loss, "skipped_steps": skipped,
-               "compile_s": compile_s, "tokens_per_s": last.get("tokens_per_s"), "checkpoint": str(path),
+               "compile_s": compile_s, "tokens_per_s": last.get("tokens_per_s"),
+               "checkpoint": str(path) if path else None, "started_at": start,
                "stopped_by": stopped}
     if stopped:
         log.warning("stopped by %s after step %d", stopped, done)

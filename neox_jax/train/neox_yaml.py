@@ -5,8 +5,9 @@ Every top-level key of a GPT-NeoX config falls in exactly one class (after `-` -
 * model keys: read by `neox_jax.config.from_neox_yaml` (it refuses values we do not implement);
 * training keys we map (`_MAPPED`): batch, iterations, schedule, optimizer, precision, seed, data,
   logging and validation cadence, activation checkpointing, tensor-parallel size;
-* checkpoint keys (`_CHECKPOINT`): recorded and listed in the log; the save schedule is the
-  training-checkpoint work, they do not change the trained weights;
+* checkpoint keys (`_CHECKPOINT`): the save schedule (`checkpoint_factor` / `save_interval` with
+  `checkpoint_scale`, `extra_save_iters`, `keep_last_n_checkpoints`) becomes the `checkpoint`
+  section; the others (paths, what to save or load) are listed in the log and have no effect;
 * GPT-NeoX / DeepSpeed machinery (`_NOT_APPLICABLE`): kernel fusions, ZeRO, pipeline stages,
   launchers, logging backends; accepted and listed once in the log as not applicable;
 * anything else is refused by name: we do not guess whether an unknown key changes training.
@@ -226,11 +227,39 @@ def run_config_from_neox(raw: Mapping[str, Any], *, where: str = "neox config",
     na = sorted(k for k in d if k in _NOT_APPLICABLE)
     if na:
         log.info("%s: GPT-NeoX keys not applicable to neox-jax (accepted, no effect): %s", where, ", ".join(na))
-    ck = sorted(k for k in d if k in _CHECKPOINT)
+    checkpoint = _checkpoint_section(d, int(d["train_iters"]), where)
+    ck = sorted(k for k in d if k in _CHECKPOINT and k not in _SCHEDULE_KEYS)
     if ck:
-        log.info("%s: checkpoint keys recorded, not yet acted on (training checkpoints are a later "
-                 "step): %s", where, ", ".join(f"{k}={d[k]!r}" for k in ck))
+        log.info("%s: checkpoint keys without effect in neox-jax (checkpoints go to RUN_DIR/checkpoints): "
+                 "%s", where, ", ".join(f"{k}={d[k]!r}" for k in ck))
     log.info("%s: lr_decay_style %s with the Pythia-era AnnealingLR formula (optimizer.schedule=neox_2022; "
              "--set optimizer.schedule=neox_2023 for GPT-NeoX's current one)", where, style)
     model_dict = model.to_dict()
-    return {"model": model_dict, "mesh": mesh, "data": data, "optimizer": optimizer, "train": train}
+    return {"model": model_dict, "mesh": mesh, "data": data, "optimizer": optimizer, "train": train,
+            "checkpoint": checkpoint}
+
+
+_SCHEDULE_KEYS = {"checkpoint_factor", "save_interval", "checkpoint_scale", "extra_save_iters", "save_iters",
+                  "keep_last_n_checkpoints"}
+
+
+def _checkpoint_section(d: dict, train_iters: int, where: str) -> dict:
+    """GPT-NeoX's save schedule: every `checkpoint_factor` (formerly `save_interval`) steps, or with
+    `checkpoint_scale: log` at its powers; plus `extra_save_iters`; `keep_last_n_checkpoints`."""
+    out: dict = {}
+    factor = d.get("checkpoint_factor", d.get("save_interval"))
+    steps = set(int(s) for s in (d.get("extra_save_iters") or []) + (d.get("save_iters") or []))
+    scale = d.get("checkpoint_scale", "linear")
+    if factor:
+        if scale == "linear":
+            out["every_steps"] = int(factor)
+        elif scale == "log" and factor > 1:
+            steps |= {int(factor ** i) for i in range(64) if factor ** i <= train_iters}
+        else:
+            raise ConfigError(f"{_where(where, 'checkpoint_scale')}: {scale!r} with checkpoint_factor {factor} "
+                              "is not a schedule we know (linear, or log with a factor > 1)")
+    if steps:
+        out["steps"] = sorted(steps)
+    if d.get("keep_last_n_checkpoints"):
+        out["keep_last"] = int(d["keep_last_n_checkpoints"])
+    return out

@@ -1,0 +1,365 @@
+"""Training checkpoints: Orbax `CheckpointManager` step directories under `RUN_DIR/checkpoints/`.
+
+    RUN_DIR/checkpoints/STEP/         one directory per save, STEP = steps run (the data position)
+      params/                         Orbax PyTree of the float32 parameters, chunked as a params
+                                      checkpoint's (`neox_jax.checkpoint`), so `score`, `generate`,
+                                      `convert` and `inspect` read a step directory as it is
+      train_state/                    Orbax PyTree: step, updates, opt_state (Adam count, mu, nu),
+                                      loss_scale (DeepSpeed's scaler state)
+      loader/loader.json              {"step", "global_batch", "dataset_len"} (`Loader.state()`)
+      run/run.json                    the resolved run config (`RunConfig.to_dict()`)
+      config/config.json              the ModelConfig (what a params checkpoint's config.json holds)
+      neox_jax/neox_jax.json          the marker: format, version, kind "train", step
+      _CHECKPOINT_METADATA            Orbax's: item handlers, commit time
+
+There is no RNG item: training has no dropout or other randomness after initialisation (the
+parameters come from `train.seed`, the data order from `data.seed`), so the state above is all of it.
+
+Writing (`TrainCheckpoints.save`): Orbax copies the state to host memory, then writes in a
+background thread while training continues (`checkpoint.async_save`); each process writes only the
+shards it owns, and the step appears under its final name only after every item (and every
+process) has finished: Orbax writes `STEP.orbax-checkpoint-tmp-*` and renames it on commit (on
+object stores, where renames are not atomic, it writes a commit file instead).  A process killed
+mid-save therefore leaves only a temporary directory, which the next run reports and removes.  An
+existing step is never written again.  Which steps are written: `RunConfig.checkpoint` (every N
+steps, every T minutes, listed steps, the Pythia preset, at the end and on SIGINT/SIGTERM); which
+are kept: the newest `keep_last` plus every multiple of `keep_every`.
+
+Reading (`TrainCheckpoints.restore`): every array is read straight into the sharding of the mesh
+asking for it, which may differ from the mesh that saved it (Orbax reads only the slices each
+device owns).  A damaged step (a truncated or unreadable array file) is a CheckpointError naming
+the file; with `--resume-fallback` the resume takes the newest older step that restores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from .. import checkpoint as ckpt
+from ..checkpoint import CheckpointError
+from ..errors import UserError
+from .config import RunConfig, from_sections
+from .state import TrainState
+
+log = logging.getLogger("neox_jax")
+
+KIND = "train"
+_TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+# run-config keys a resume may change: where and how the run executes, not what it computes
+_MAY_DIFFER = {"mesh", "checkpoint", "train.grad_accum", "train.log_every", "train.eval_every",
+               "train.eval_steps", "train.init_from", "train.peak_tflops", "train.tensorboard",
+               "data.prefetch", "data.save_index_maps", "model.attention", "model.remat"}
+
+
+def _ocp():
+    import orbax.checkpoint as ocp  # lazily: slow to import
+
+    return ocp
+
+
+# ----------------------------------------------------------------------------- state <-> nested dicts
+
+
+def _key(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    raise TypeError(f"unexpected pytree key {k!r}")
+
+
+def to_nested(tree: Any) -> dict:
+    """A pytree (dataclasses, optax named tuples) as nested dicts of its leaves, keyed by path
+    (e.g. opt_state/0/mu/layers/...): a plain structure every Orbax version stores the same way."""
+    out: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(_key(k), {})
+        d[_key(path[-1])] = leaf
+    return out
+
+
+def from_nested(nested: dict, like: Any) -> Any:
+    """The inverse of `to_nested`, with the structure of `like`."""
+    leaves = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(like)[0]:
+        d = nested
+        for k in path:
+            d = d[_key(k)]
+        leaves.append(d)
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def _train_part(state: TrainState) -> dict:
+    """The state but the params, as a pytree (dataclasses and optax tuples kept)."""
+    return {"step": state.step, "updates": state.updates, "opt_state": state.opt_state,
+            "loss_scale": state.loss_scale}
+
+
+# ----------------------------------------------------------------------------- the manager
+
+
+class TrainCheckpoints:
+    """The step directories of one run (`RUN_DIR/checkpoints`), written and read with Orbax."""
+
+    def __init__(self, directory: str | Path, run: RunConfig | None = None, *, read_only: bool = False):
+        ocp = _ocp()
+        self.directory = Path(directory).absolute()
+        self.run = run
+        c = run.checkpoint if run is not None else None
+        policy = None
+        if c is not None and c.keep_last:
+            from orbax.checkpoint import checkpoint_managers as cm
+
+            parts = [cm.LatestN(n=c.keep_last)]
+            if c.keep_every:
+                parts.append(cm.EveryNSteps(interval_steps=c.keep_every))
+            policy = cm.AnyPreservationPolicy(parts) if len(parts) > 1 else parts[0]
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=bool(c is None or c.async_save), preservation_policy=policy,
+            create=not read_only, read_only=read_only, save_interval_steps=0 if read_only else 1,
+            cleanup_tmp_directories=not read_only,
+            save_root_metadata=False)
+        json_item = ocp.handlers.JsonCheckpointHandler
+        handlers = {"params": ocp.handlers.StandardCheckpointHandler(),
+                    "train_state": ocp.handlers.StandardCheckpointHandler(),
+                    "loader": json_item(filename="loader.json"), "run": json_item(filename="run.json"),
+                    "config": json_item(filename="config.json"), "neox_jax": json_item(filename=ckpt.MARKER)}
+        self.incomplete = sorted(p.name for p in self.directory.iterdir() if _TMP.match(p.name)) \
+            if self.directory.is_dir() else []
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        except OSError as e:
+            raise CheckpointError(f"{self.directory}: cannot create the checkpoint directory "
+                                  f"({e.strerror or e})") from None
+        self.save_s: list[float] = []  # time each save() blocked the training loop
+
+    # -- listing
+
+    def steps(self) -> list[int]:
+        """Steps with a complete (committed) checkpoint, oldest first."""
+        self.manager.reload()
+        return sorted(int(s) for s in self.manager.all_steps())
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    # -- writing
+
+    def save(self, step: int, state: TrainState, loader_state: dict) -> bool:
+        """Start writing the state after `step` steps (returns once the arrays are on the host;
+        the files are written in the background).  A step that exists is left alone."""
+        ocp = _ocp()
+        if step in self.manager.all_steps():
+            log.info("checkpoint of step %d exists; not written again", step)
+            return False
+        run = self.run
+        marker = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "kind": KIND, "step": step,
+                  "num_params": run.model.num_params()}
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params, save_args=ckpt.save_args(state.params)),
+            train_state=ocp.args.StandardSave(to_nested(_train_part(state))),
+            loader=ocp.args.JsonSave(dict(loader_state)), run=ocp.args.JsonSave(run.to_dict()),
+            config=ocp.args.JsonSave(run.model.to_dict()), neox_jax=ocp.args.JsonSave(marker))
+        t0 = time.perf_counter()
+        try:
+            self.manager.save(step, args=args, force=True)
+        except Exception as e:  # the previous save's failure surfaces here too (full disk, permissions)
+            raise CheckpointError(f"{self.directory}: writing the checkpoint of step {step} failed "
+                                  f"({_first(e)}); the older checkpoints are intact") from None
+        self.save_s.append(time.perf_counter() - t0)
+        return True
+
+    def wait(self) -> None:
+        """Block until the save in flight has committed (raises if it failed)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(f"{self.directory}: writing a checkpoint failed ({_first(e)}); the "
+                                  "older checkpoints are intact") from None
+
+    def close(self) -> None:
+        self.wait()
+        self.manager.close()
+
+    # -- reading
+
+    def read_json(self, step: int, item: str) -> dict:
+        names = {"loader": "loader.json", "run": "run.json", "config": "config.json", "neox_jax": ckpt.MARKER}
+        f = self.step_dir(step) / item / names[item]
+        try:
+            return json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{f}: unreadable ({e.__class__.__name__})") from None
+
+    def saved_run(self, step: int) -> RunConfig:
+        return from_sections(self.read_json(step, "run"), where=str(self.step_dir(step) / "run" / "run.json"))
+
+    def restore(self, step: int, abstract: TrainState, *, params_only: bool = False) -> tuple[Any, dict]:
+        """(state placed as `abstract`'s shardings say, loader state) of `step`; with params_only
+        the params alone (the state's other leaves are not read)."""
+        ocp = _ocp()
+        items = {"params": ocp.args.StandardRestore(abstract.params)}
+        if not params_only:
+            items["train_state"] = ocp.args.StandardRestore(to_nested(_train_part(abstract)))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # tensorstore / orbax raise many types for damaged files
+            raise CheckpointError(_restore_error(self.step_dir(step), step, e)) from None
+        if params_only:
+            return out["params"], {}
+        part = from_nested(out["train_state"], _train_part(abstract))
+        state = TrainState(step=part["step"], updates=part["updates"], params=out["params"],
+                           opt_state=part["opt_state"], loss_scale=part["loss_scale"])
+        return state, self.read_json(step, "loader")
+
+
+def _first(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return f"{e.__class__.__name__}: {lines[0][:200]}" if lines else e.__class__.__name__
+
+
+_TS_ERROR = re.compile(r"([A-Z_]{5,}): Error reading \"([^\"]+)\" in OCDBT database at local file "
+                       r"\"([^\"]+)\": ([^|\n]*)")
+
+
+def _restore_error(step_dir: Path, step: int, e: BaseException) -> str:
+    """One line naming what is damaged.  Tensorstore names the tensor and its OCDBT database (in the
+    exception chain); when it reports a short read ("value of size N"), the data file of that size
+    in the database is the truncated one, and it is named instead."""
+    chain, x = [], e
+    while x is not None and len(chain) < 10:
+        chain.append(str(x))
+        x = x.__cause__ or x.__context__
+    for text in chain:
+        m = _TS_ERROR.search(text)
+        if m:
+            code, tensor, db, detail = m.groups()
+            where = Path(db)
+            size = re.search(r"value of size (\d+)", detail)
+            if size:
+                hits = [f for f in where.rglob("*") if f.is_file() and f.stat().st_size == int(size.group(1))]
+                if len(hits) == 1:
+                    where = hits[0]
+            return (f"{where}: checkpoint of step {step} cannot be restored: tensor {tensor.split('/')[0]} "
+                    f"unreadable ({code}: {detail.strip()[:200]})")
+    first = next((ln for ln in chain[-1].strip().splitlines() if ln.strip()), e.__class__.__name__)
+    return f"{step_dir}: checkpoint of step {step} cannot be restored ({first[:300]})"
+
+
+def at_step(state: TrainState, step: int, shardings: TrainState) -> TrainState:
+    """`state` moved to `step` (`--start-step`): the data position and the LR schedule's count
+    (`updates`) of that step; the optimizer moments and the loss scale stay as given (fresh)."""
+    put = lambda s: jax.device_put(np.int32(step), s)  # noqa: E731
+    return TrainState(step=put(shardings.step), updates=put(shardings.updates), params=state.params,
+                      opt_state=state.opt_state, loss_scale=state.loss_scale)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+class Schedule:
+    """Decides after which steps the loop saves (`RunConfig.checkpoint`); the minutes rule is
+    decided by process 0 and broadcast, so every process saves the same steps."""
+
+    def __init__(self, run: RunConfig):
+        self.cfg = run.checkpoint
+        self.last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if self.cfg.due(step):
+            return True
+        if not self.cfg.every_minutes:
+            return False
+        late = time.monotonic() - self.last >= 60.0 * self.cfg.every_minutes
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            late = bool(multihost_utils.broadcast_one_to_all(np.int32(late)))
+        return late
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+def check_resumable(saved: RunConfig, run: RunConfig, where: str) -> None:
+    """Refuse a resume whose config would compute something else (naming the first differing key);
+    mesh, checkpoint schedule, logging cadence and the like may change."""
+    a, b = saved.to_dict(), run.to_dict()
+    for section in b:
+        for key in sorted(set(a.get(section, {})) | set(b[section])):
+            if section in _MAY_DIFFER or f"{section}.{key}" in _MAY_DIFFER:
+                continue
+            va, vb = a.get(section, {}).get(key), b[section].get(key)
+            if va != vb:
+                raise UserError(f"{where}: the run's {section}.{key} is {va!r}, the config now says {vb!r}; "
+                                "a resume continues the same run (start another run directory, or pass "
+                                "--overwrite to start over)")
+
+
+def restore_latest(ckpts: TrainCheckpoints, run: RunConfig, abstract: TrainState, *,
+                   fallback: bool = False) -> tuple[int, TrainState, dict]:
+    """(step, state, loader state) of the newest complete checkpoint that restores; a damaged
+    newest one is an error unless `fallback`, which then takes the next older one (logged)."""
+    if ckpts.incomplete:
+        log.warning("%s: ignoring incomplete checkpoint(s) %s (a save was interrupted); removed",
+                    ckpts.directory, ", ".join(ckpts.incomplete))
+    steps = ckpts.steps()
+    if not steps:
+        raise UserError(f"{ckpts.directory}: no complete checkpoint to resume from")
+    for i, step in enumerate(reversed(steps)):
+        where = str(ckpts.step_dir(step))
+        check_resumable(ckpts.saved_run(step), run, where)
+        try:
+            state, loader_state = ckpts.restore(step, abstract)
+        except CheckpointError as e:
+            if not fallback or i == len(steps) - 1:
+                hint = " (pass --resume-fallback to resume from the previous step)" if not fallback and \
+                    len(steps) > 1 else ""
+                raise CheckpointError(f"{e}{hint}") from None
+            log.warning("%s; falling back to the previous checkpoint", e)
+            continue
+        if int(loader_state.get("step", -1)) != step or int(jax.device_get(state.step)) != step:
+            raise CheckpointError(f"{where}: data position {loader_state.get('step')} and state step "
+                                  f"{int(jax.device_get(state.step))} do not match the step directory")
+        return step, state, loader_state
+    raise AssertionError("unreachable")
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    d = Path(run_dir) / "checkpoints"
+    return d.is_dir() and any(c.name.isdigit() and ckpt.is_checkpoint(c) for c in d.iterdir())
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl lines the resumed run will write again (train steps >= step, validations
+    after step), so the file reads as one uninterrupted run."""
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.exists():
+        return
+    keep = []
+    for line in f.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if ("valid_loss" in rec and rec["step"] <= step) or ("valid_loss" not in rec and rec["step"] < step):
+            keep.append(line)
+    f.write_text("".join(x + "\n" for x in keep))
+
+
+__all__ = ["TrainCheckpoints", "Schedule", "restore_latest", "at_step", "check_resumable", "has_checkpoints",
+           "truncate_metrics", "to_nested", "from_nested", "KIND"]

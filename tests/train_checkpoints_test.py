@@ -1,0 +1,352 @@
+"""Training checkpoints (neox_jax/train/checkpoints.py) with real files and real subprocesses:
+resume equality (bit-for-bit, data position included) after a SIGTERM, restore onto other meshes,
+SIGKILL in the middle of a save, a truncated array file (error naming it, then --resume-fallback),
+--start-step against `neox-jax data order` (an independent path to the data), the readers of a
+step directory, and the one-line refusals."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from neox_jax import checkpoint as ckpt
+from neox_jax.cli import main
+from neox_jax.train import checkpoints as tc
+from neox_jax.train.config import from_sections
+from train_loop_test import corpus, losses  # noqa: F401  (corpus is a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 8
+
+
+def raw_config(prefix, mesh=(2, 2, 2), **checkpoint):
+    return {
+        "model": {"preset": "tiny", "hidden_size": 32, "num_heads": 2, "intermediate_size": 64,
+                  "max_position_embeddings": 32},
+        "mesh": dict(zip(("data", "fsdp", "tensor"), mesh)),
+        "data": {"path": prefix, "split": "949,50,1", "seq_length": 32, "prefetch": 1},
+        "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup": 0.2},
+        "train": {"steps": STEPS, "batch_size": 8, "log_every": 4, "eval_every": 0, "eval_steps": 0,
+                  "tensorboard": False},
+        "checkpoint": {"every_steps": 4, **checkpoint},
+    }
+
+
+_CACHE = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+ENV = {"PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """JAX's persistent compilation cache for this module: the runs on mesh (2, 2, 2), in this
+    process and in the subprocesses, compile the same step once (about 3x faster on 2 cores)."""
+    d = tmp_path_factory.mktemp("jax-cache")
+    old = {name: getattr(jax.config, name) for name in _CACHE}
+    for name, value in zip(_CACHE, (str(d), 0, 0)):
+        jax.config.update(name, value)
+        ENV[name.upper()] = str(value)
+    yield d
+    for name, value in old.items():
+        jax.config.update(name, value)
+        ENV.pop(name.upper())
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory, compile_cache):  # noqa: F811
+    """An uninterrupted 8-step run on mesh (2, 2, 2) with checkpoints after steps 4 and 8."""
+    from neox_jax.train.loop import train
+
+    d = tmp_path_factory.mktemp("reference")
+    raw = raw_config(corpus)
+    (d / "run.yaml").write_text(yaml.safe_dump(raw))
+    train(from_sections(raw), d / "run")
+    return d / "run", d / "run.yaml"
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, **ENV}
+    return subprocess.run([sys.executable, "-m", "neox_jax", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, **kw)
+
+
+def _copy_run(src, dst, keep_steps):
+    shutil.copytree(src, dst)
+    for c in (dst / "checkpoints").iterdir():
+        if int(c.name) not in keep_steps:
+            shutil.rmtree(c)
+    return dst
+
+
+def test_layout_and_readers(reference, capsys):
+    """A step directory is read by the params readers (`resolve` of the run directory = its newest
+    complete step), the loader item holds the data position, the run item the resolved config."""
+    run_dir, _ = reference
+    steps = tc.TrainCheckpoints(run_dir / "checkpoints", read_only=True).steps()
+    assert steps == [4, 8]
+    assert ckpt.resolve(run_dir) == run_dir / "checkpoints" / "8"
+    cfg, params = ckpt.load_params(run_dir / "checkpoints" / "4")
+    assert cfg.hidden_size == 32 and params["embed_in"]["embedding"].shape == (cfg.vocab_size, 32)
+    s4 = run_dir / "checkpoints" / "4"
+    assert json.loads((s4 / "loader" / "loader.json").read_text())["step"] == 4
+    assert json.loads((s4 / "run" / "run.json").read_text())["train"]["steps"] == STEPS
+    assert json.loads((s4 / "neox_jax" / "neox_jax.json").read_text())["kind"] == "train"
+    # `inspect` (the converters' reader) takes the run directory: its newest step, every tensor
+    capsys.readouterr()
+    assert main(["inspect", str(run_dir), "--json", "--no-hash"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["path"] == str(run_dir / "checkpoints" / "8")
+    _, p8 = ckpt.load_params(run_dir)
+    flat = {"/".join(str(k.key) for k in path): np.asarray(x)
+            for path, x in jax.tree_util.tree_flatten_with_path(p8)[0]}
+    assert len(info["tensors"]) >= len(flat)
+    emb = next(t for t in info["tensors"] if "embed_in" in t["name"])
+    assert emb["norm"] == pytest.approx(float(np.linalg.norm(flat["embed_in/embedding"].astype(np.float64))),
+                                        rel=1e-6)
+
+
+def test_sigterm_then_resume_is_bit_identical(reference, tmp_path):
+    """SIGTERM a training subprocess: it finishes the step, writes a checkpoint, waits for the
+    commit and exits 0; `--resume` then gives losses bit-identical to the uninterrupted run."""
+    run_dir, cfg = reference
+    raw = yaml.safe_load(cfg.read_text())
+    raw["checkpoint"] = {"every_steps": 0}
+    raw["train"]["steps"] = STEPS
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([sys.executable, "-m", "neox_jax", "train", str(tmp_path / "run.yaml"), "--run-dir",
+                             str(tmp_path / "r")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env={**os.environ, **ENV})
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    summary = json.loads(out.splitlines()[-1])
+    stop = summary["steps"]
+    assert summary["stopped_by"] == "SIGTERM" and 2 <= stop < STEPS, summary
+    assert tc.TrainCheckpoints(tmp_path / "r" / "checkpoints", read_only=True).steps() == [stop]
+    r = _cli("train", tmp_path / "run.yaml", "--run-dir", tmp_path / "r", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {tmp_path / 'r' / 'checkpoints' / str(stop)}: step {stop}" in r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["started_at"] == stop
+    assert losses(tmp_path / "r") == losses(run_dir)  # bit-identical, all 8 steps
+
+
+def test_restore_onto_other_meshes(reference):
+    """Saved on (2, 2, 2), restored on (8, 1, 1) and on one device: identical values, every leaf
+    (params, Adam count/mu/nu, loss scale, step counters) placed with the new mesh's shardings."""
+    from neox_jax.sharding import make_mesh
+    from neox_jax.train.state import abstract_state, make_optimizer, state_shardings
+
+    run_dir, cfg = reference
+    raw = yaml.safe_load(cfg.read_text())
+    ckpts = tc.TrainCheckpoints(run_dir / "checkpoints", read_only=True)
+    values = {}
+    for shape in ((2, 2, 2), (8, 1, 1), (1, 1, 1)):
+        run = from_sections({**raw, "mesh": dict(zip(("data", "fsdp", "tensor"), shape))})
+        mesh = make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
+        opt = make_optimizer(run)
+        sh = state_shardings(run, mesh, opt)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_state(run, opt), sh)
+        state, loader = ckpts.restore(8, abstract)
+        assert loader["step"] == 8
+        for leaf, s in zip(jax.tree.leaves(state), jax.tree.leaves(sh)):
+            assert leaf.sharding == s
+        values[shape] = jax.device_get(state)
+    ref = jax.tree.leaves(values[(2, 2, 2)])
+    assert int(values[(2, 2, 2)].step) == 8 and int(values[(2, 2, 2)].opt_state[0].count) == 8
+    for shape in ((8, 1, 1), (1, 1, 1)):
+        for a, b in zip(ref, jax.tree.leaves(values[shape])):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_truncated_array_file_then_fallback_on_another_mesh(reference, tmp_path):
+    """A truncated array file in the newest step: one line naming it, exit 2, nothing changed;
+    --resume-fallback takes step 4 and training continues, here on mesh (8, 1, 1)."""
+    run_dir, cfg = reference
+    r = _copy_run(run_dir, tmp_path / "r", keep_steps={4, 8})
+    files = sorted((r / "checkpoints" / "8" / "params").rglob("d/*"), key=lambda p: -p.stat().st_size)
+    victim = files[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    before = (r / "metrics.jsonl").read_text()
+    assert main(["train", str(cfg), "--run-dir", str(r)]) == 2
+    # (main prints the one line; the message is checked through the exception text below)
+    from neox_jax.train.loop import train
+
+    raw = yaml.safe_load(cfg.read_text())
+    with pytest.raises(ckpt.CheckpointError) as e:
+        train(from_sections(raw), r)
+    msg = str(e.value)
+    assert "checkpoint of step 8 cannot be restored" in msg and "--resume-fallback" in msg, msg
+    assert msg.startswith(f"{victim}: ") and "unreadable (OUT_OF_RANGE" in msg, msg  # the truncated file
+    assert (r / "metrics.jsonl").read_text() == before
+    raw["mesh"] = {"data": 8, "fsdp": 1, "tensor": 1}
+    out = train(from_sections(raw), r, resume_fallback=True)
+    assert out["started_at"] == 4 and out["steps"] == STEPS
+    # another mesh reduces in another order: equal to float32 rounding, not bit-for-bit
+    np.testing.assert_allclose(losses(r), losses(run_dir), rtol=2e-5)
+    assert losses(r)[:4] == losses(run_dir)[:4]
+
+
+def test_sigkill_during_a_save(reference, tmp_path, caplog):
+    """The save of step 8 is slowed by a patched JSON writer (its commit future sleeps after the
+    tmp directory is written); SIGKILL then: step 4 stays complete, the half-written step is no
+    checkpoint to any reader, and the next resume reports and removes it and restores step 4."""
+    run_dir, cfg = reference
+    r = _copy_run(run_dir, tmp_path / "r", keep_steps={4})
+    sentinel = tmp_path / "saving"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        import orbax.checkpoint as ocp
+
+        class Slow:
+            def result(self, timeout=None):
+                Path({str(sentinel)!r}).write_text("saving")
+                time.sleep(3600)
+
+        json_save = ocp.handlers.JsonCheckpointHandler.async_save
+
+        async def slow_loader_write(self, directory, item=None, args=None):
+            futures = await json_save(self, directory, item=item, args=args)
+            if "global_batch" in args.item and args.item["step"] == {STEPS}:
+                futures = list(futures) + [Slow()]
+            return futures
+
+        ocp.handlers.JsonCheckpointHandler.async_save = slow_loader_write
+        from neox_jax.cli import main
+        sys.exit(main(["train", {str(cfg)!r}, "--run-dir", {str(r)!r}]))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env={**os.environ, **ENV})
+    deadline = time.time() + 300
+    while time.time() < deadline and not sentinel.exists():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    names = sorted(p.name for p in (r / "checkpoints").iterdir())
+    assert names[0] == "4" and len(names) == 2 and names[1].startswith("8.orbax-checkpoint-tmp"), names
+    assert ckpt.resolve(r) == r / "checkpoints" / "4"
+    ckpts = tc.TrainCheckpoints(r / "checkpoints", read_only=True)
+    assert ckpts.steps() == [4] and ckpts.incomplete == [names[1]]
+    # the next run reports the half-written step, removes it and resumes from 4
+    from neox_jax.sharding import make_mesh
+    from neox_jax.train.state import abstract_state, make_optimizer, state_shardings
+
+    run = from_sections(yaml.safe_load(cfg.read_text()))
+    opt = make_optimizer(run)
+    sh = state_shardings(run, make_mesh(2, 2, 2), opt)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract_state(run, opt), sh)
+    with caplog.at_level("WARNING", logger="neox_jax"):
+        step, state, loader = tc.restore_latest(tc.TrainCheckpoints(r / "checkpoints", run), run, abstract)
+    assert step == 4 and loader["step"] == 4 and int(state.step) == 4
+    assert f"ignoring incomplete checkpoint(s) {names[1]}" in caplog.text
+    assert sorted(p.name for p in (r / "checkpoints").iterdir()) == ["4"]
+
+
+def test_start_step_continues_with_the_data_of_step_n(reference, tmp_path, monkeypatch, capsys, corpus):  # noqa: F811
+    """--init-from a step directory --start-step 5: the batches trained on are exactly what
+    `neox-jax data order` lists for steps 5, 6, 7; the learning rate is the schedule's at step 5;
+    Adam starts fresh (count 0 at the start, 3 at the end)."""
+    from neox_jax.train import loop
+    from neox_jax.train.optimizer import lr_at
+
+    run_dir, cfg = reference
+    seen = []
+    real = loop.global_batch_arrays
+
+    def record(local, sharding, global_batch):
+        seen.append(local["tokens"].copy())
+        return real(local, sharding, global_batch)
+
+    monkeypatch.setattr(loop, "global_batch_arrays", record)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["train"].update(init_from=str(run_dir / "checkpoints" / "4"), start_step=5)
+    out = loop.train(from_sections(raw), tmp_path / "r")
+    assert out["started_at"] == 5 and out["steps"] == STEPS and len(seen) == STEPS - 5
+    order = tmp_path / "order.jsonl"
+    assert main(["data", "order", "--data-prefix", corpus, "--seq-length", "32", "--split", "949,50,1",
+                 "--train-iters", str(STEPS), "--batch", "8", "--steps", f"5:{STEPS}", "--output", str(order)]) == 0
+    rows = [json.loads(x)["tokens"] for x in order.read_text().splitlines()]
+    np.testing.assert_array_equal(np.concatenate(seen), np.array(rows, dtype=np.int32))
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    run = from_sections(raw)
+    assert [x["step"] for x in recs] == [5, 6, 7]
+    assert recs[0]["lr"] == pytest.approx(float(lr_at(5, run.optimizer, STEPS)), rel=1e-6)
+    st = tc.TrainCheckpoints(tmp_path / "r" / "checkpoints", read_only=True)
+    assert st.steps() == [STEPS]
+    ts = json.loads((tmp_path / "r" / "checkpoints" / str(STEPS) / "loader" / "loader.json").read_text())
+    assert ts["step"] == STEPS
+
+
+@pytest.mark.parametrize("case", ["no-resume", "resume-nothing", "changed", "unwritable", "start-and-resume"])
+def test_refusals_are_one_line(case, reference, tmp_path, capsys):
+    run_dir, cfg = reference
+    r = _copy_run(run_dir, tmp_path / "r", keep_steps={4, 8})
+    args, expect = [], ""
+    if case == "no-resume":
+        args, expect = ["--no-resume"], "--no-resume refuses"
+    elif case == "resume-nothing":
+        r = tmp_path / "empty"
+        args, expect = ["--resume"], "--resume needs a complete checkpoint"
+    elif case == "changed":
+        args, expect = ["--set", "optimizer.lr=1e-3"], "optimizer.lr is 0.003, the config now says 0.001"
+    elif case == "unwritable":
+        (tmp_path / "file").write_text("x")
+        r = tmp_path / "file" / "run"
+        expect = "cannot create the run directory"
+    elif case == "start-and-resume":
+        args, expect = ["--start-step", "2"], "train.start_step 2 with a run directory to resume"
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert main(["train", str(cfg), "--run-dir", str(r), *args]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("neox-jax: error:")]
+    assert len(err) == 1 and expect in err[0], err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_schedule_rules():
+    """every N steps, listed steps, the Pythia preset (0, 1, 2, 4, ..., 512, then every 1000)."""
+    from neox_jax.train.config import CheckpointConfig
+
+    pythia = CheckpointConfig(preset="pythia")
+    want = {0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512} | set(range(1000, 143001, 1000))
+    assert {s for s in range(143001) if pythia.due(s)} == want and len(want) == 154  # Pythia's 154
+    c = CheckpointConfig(every_steps=10, steps=(3, 7))
+    assert [s for s in range(25) if c.due(s)] == [3, 7, 10, 20]
+
+
+def test_retention_keeps_the_last_k_plus_every_mth(tmp_path):
+    """keep_last 2, keep_every 4 over saves after steps 1..9: 4, 8 (multiples) and 8, 9 (newest)
+    remain; a step that exists is not written again."""
+    import jax.numpy as jnp
+
+    from neox_jax.train.optimizer import LossScale
+    from neox_jax.train.state import TrainState
+
+    run = from_sections(raw_config("unused", keep_last=2, keep_every=4, async_save=False))
+    ckpts = tc.TrainCheckpoints(tmp_path / "c", run)
+    for s in range(1, 10):
+        state = TrainState(step=jnp.int32(s), updates=jnp.int32(s), params={"w": jnp.full((2, 3), s, jnp.float32)},
+                           opt_state=(), loss_scale=LossScale(jnp.float32(1), jnp.int32(0), jnp.int32(-1), jnp.int32(2)))
+        assert ckpts.save(s, state, {"step": s, "global_batch": 8, "dataset_len": 100})
+    assert not ckpts.save(9, state, {"step": 9, "global_batch": 8, "dataset_len": 100})
+    ckpts.close()
+    assert tc.TrainCheckpoints(tmp_path / "c", read_only=True).steps() == [4, 8, 9]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["4", "8", "9"]
+
