@@ -44,9 +44,21 @@ VERSION = 1
 MARKER = "neox_jax.json"
 
 
+class _ItemMetadataNote(logging.Filter):
+    """Drop Orbax's warning that an item directory has no `_CHECKPOINT_METADATA`: a training step
+    keeps that file one level up (`STEP/`), and restoring its `params/` item alone is what we mean."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Metadata file does not exist") and msg.endswith("/_CHECKPOINT_METADATA"))
+
+
 def _ocp():
     import orbax.checkpoint as ocp  # imported lazily: orbax is slow to import
 
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _ItemMetadataNote) for f in absl.filters):
+        absl.addFilter(_ItemMetadataNote())
     return ocp
 
 

@@ -88,14 +88,17 @@ def _copy_run(src, dst, keep_steps):
     return dst
 
 
-def test_layout_and_readers(reference, capsys):
+def test_layout_and_readers(reference, capsys, caplog):
     """A step directory is read by the params readers (`resolve` of the run directory = its newest
-    complete step), the loader item holds the data position, the run item the resolved config."""
+    complete step), the loader item holds the data position, the run item the resolved config.
+    Reading the params item alone logs no Orbax warning about the step-level metadata file."""
     run_dir, _ = reference
     steps = tc.TrainCheckpoints(run_dir / "checkpoints", read_only=True).steps()
     assert steps == [4, 8]
     assert ckpt.resolve(run_dir) == run_dir / "checkpoints" / "8"
-    cfg, params = ckpt.load_params(run_dir / "checkpoints" / "4")
+    with caplog.at_level("WARNING"):
+        cfg, params = ckpt.load_params(run_dir / "checkpoints" / "4")
+    assert not [r for r in caplog.records if "_CHECKPOINT_METADATA" in r.getMessage()]
     assert cfg.hidden_size == 32 and params["embed_in"]["embedding"].shape == (cfg.vocab_size, 32)
     s4 = run_dir / "checkpoints" / "4"
     assert json.loads((s4 / "loader" / "loader.json").read_text())["step"] == 4
