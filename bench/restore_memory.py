@@ -128,7 +128,8 @@ def role_restore(args) -> None:
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEOX_JAX_"))}
     flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f)
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+    env.update(JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
                PYTHONPATH=f"{ROOT}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(ROOT),
                **extra)
     return env
@@ -169,8 +170,9 @@ def main() -> None:
     print(json.dumps(rows[-1]), flush=True)
     rows = _collect([_child(args, "restore", _env(8))], args.timeout)
     port = 12000 + os.getpid() % 20000
-    procs = [_child(args, "restore", _env(4, NEOX_JAX_COORDINATOR=f"127.0.0.1:{port}", NEOX_JAX_NUM_PROCESSES="2",
-                                          NEOX_JAX_PROCESS_ID=str(i), NEOX_JAX_INIT_TIMEOUT="120"))
+    procs = [_child(args, "restore", _env(4, NEOX_JAX_COORDINATOR=f"127.0.0.1:{port}",
+                                          NEOX_JAX_NUM_PROCESSES="2", NEOX_JAX_PROCESS_ID=str(i),
+                                          NEOX_JAX_INIT_TIMEOUT="120"))
              for i in range(2)]
     rows += _collect(procs, args.timeout)
     for r in rows:
@@ -181,7 +183,8 @@ def main() -> None:
     for r in rows:
         growth = (r["peak_kb"] - r["rss_before_kb"]) * 1024
         print(f"{'%dx%d' % (r['processes'], r['local_devices']):<8}{r['process']:>8}"
-              f"{r['state_bytes'] * mib:>11.0f}{r['held_bytes'] * mib:>10.0f}{r['rss_before_kb'] / 1024:>12.0f}"
+              f"{r['state_bytes'] * mib:>11.0f}{r['held_bytes'] * mib:>10.0f}"
+              f"{r['rss_before_kb'] / 1024:>12.0f}"
               f"{growth * mib:>13.0f}{growth / r['held_bytes']:>13.2f}")
     print(f"(MiB; peak from {rows[0]['peak_from']}; growth = peak RSS during restore - RSS before)")
 
