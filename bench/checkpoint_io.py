@@ -101,12 +101,10 @@ def main() -> None:
         out["size_bytes"] = int(sum(f.stat().st_size for f in step_dir.rglob("*") if f.is_file()))
         ckpts.close()
 
-    abstract = lambda sh_: jax.tree.map(lambda a, x: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=x),  # noqa: E731
-                                        abstract_state(run, opt), sh_)
     reader = tc.TrainCheckpoints(d, read_only=True)
     for name, m in (("restore_s", mesh), ("restore_one_device_s", make_mesh(1, 1, 1, devices=jax.devices()[:1]))):
         t0 = time.perf_counter()
-        restored, _ = reader.restore(s, abstract(state_shardings(run, m, opt)))
+        restored, _ = reader.restore(s, abstract_state(run, opt, state_shardings(run, m, opt)))
         jax.block_until_ready(restored)
         out[name] = time.perf_counter() - t0
         assert np.array_equal(jax.device_get(restored.params["embed_in"]["embedding"]), expect)

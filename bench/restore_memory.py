@@ -71,8 +71,7 @@ def _setup(args):
     mesh = make_mesh(1, -1, 1)
     opt = make_optimizer(run)
     sh = state_shardings(run, mesh, opt)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract_state(run, opt), sh)
+    abstract = abstract_state(run, opt, sh)
     return run, mesh, opt, sh, abstract
 
 

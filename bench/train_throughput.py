@@ -488,8 +488,7 @@ def job_collectives(args) -> dict[str, Any]:
         opt = S.make_optimizer(run)
         sh = S.state_shardings(run, mesh, opt)
         with jax.set_mesh(mesh):
-            abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                    S.abstract_state(run, opt), sh)
+            abstract = S.abstract_state(run, opt, sh)
             batch = {"tokens": jax.ShapeDtypeStruct((run.train.batch_size, args.seq + 1), np.int32,
                                                     sharding=T.batch_sharding(mesh))}
             t0 = time.perf_counter()

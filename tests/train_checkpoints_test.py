@@ -163,8 +163,7 @@ def test_restore_onto_other_meshes(reference):
         mesh = make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
         opt = make_optimizer(run)
         sh = state_shardings(run, mesh, opt)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract_state(run, opt), sh)
+        abstract = abstract_state(run, opt, sh)
         state, loader = ckpts.restore(8, abstract)
         assert loader["step"] == 8
         for leaf, s in zip(jax.tree.leaves(state), jax.tree.leaves(sh)):
@@ -254,8 +253,7 @@ def test_sigkill_during_a_save(reference, tmp_path, caplog):
     run = from_sections(yaml.safe_load(cfg.read_text()))
     opt = make_optimizer(run)
     sh = state_shardings(run, make_mesh(2, 2, 2), opt)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract_state(run, opt), sh)
+    abstract = abstract_state(run, opt, sh)
     with caplog.at_level("WARNING", logger="neox_jax"):
         step, state, loader = tc.restore_latest(tc.TrainCheckpoints(r / "checkpoints", run), run, abstract)
     assert step == 4 and loader["step"] == 4 and int(state.step) == 4

@@ -118,15 +118,18 @@ def _collectives(hlo: str) -> list[tuple[str, str]]:
     return [(m.group(2), m.group(1)) for m in map(pat.search, hlo.splitlines()) if m]
 
 
-def _compiled_step(run, shape):
+def _lowered_step(run, shape):
+    """The train step lowered (not compiled) for abstract state and batch on a mesh."""
     mesh = mesh_of(shape)
     opt = S.make_optimizer(run)
     sh = S.state_shardings(run, mesh, opt)
     with jax.set_mesh(mesh):
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                S.abstract_state(run, opt), sh)
         batch = {"tokens": jax.ShapeDtypeStruct((B, SEQ + 1), np.int32, sharding=T.batch_sharding(mesh))}
-        return T.make_train_step(run, mesh, opt, sh).lower(abstract, batch).compile().as_text()
+        return T.make_train_step(run, mesh, opt, sh).lower(S.abstract_state(run, opt, sh), batch)
+
+
+def _compiled_step(run, shape):
+    return _lowered_step(run, shape).compile().as_text()
 
 
 def test_single_device_step_has_no_collectives():
@@ -305,15 +308,7 @@ def test_bf16_step_has_no_float32_matmuls(attention):
     program is a float32/TF32 GEMM on a GPU: the H200 profile found two per step (the vocab head's
     backward), 7% of the step, before `einsum_f32_out`.  `none` = the tied-embedding head."""
     model = {"compute_dtype": "bfloat16"} | ({"tie_word_embeddings": True} if attention == "none" else {})
-    run = run_config(**model)
-    mesh = mesh_of((1, 1, 1))
-    opt = S.make_optimizer(run)
-    sh = S.state_shardings(run, mesh, opt)
-    with jax.set_mesh(mesh):
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                S.abstract_state(run, opt), sh)
-        batch = {"tokens": jax.ShapeDtypeStruct((B, SEQ + 1), np.int32, sharding=T.batch_sharding(mesh))}
-        text = T.make_train_step(run, mesh, opt, sh).lower(abstract, batch).as_text()
+    text = _lowered_step(run_config(**model), (1, 1, 1)).as_text()
     dots = [ln for ln in text.splitlines() if "dot_general" in ln]
     sig = re.compile(r":\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)")
     typed = [sig.search(ln) for ln in dots]

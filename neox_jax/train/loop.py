@@ -98,12 +98,17 @@ def _mesh(run: RunConfig):
         mesh = make_mesh(m.data, m.fsdp, m.tensor, devices=devices, dcn=dcn)
     except ValueError as e:
         raise UserError(f"mesh: {e}") from None
+    check_micro_batch(run, mesh)
+    return mesh
+
+
+def check_micro_batch(run: RunConfig, mesh) -> None:
+    """Each micro-batch splits evenly over the data-parallel devices (mesh data x fsdp)."""
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     if run.micro_batch % dp:
         raise UserError(f"micro-batch {run.micro_batch} (train.batch_size {run.train.batch_size} / grad_accum "
-                        f"{run.train.grad_accum}) is not divisible by the {dp} data-parallel devices "
-                        f"(mesh data x fsdp)")
-    return mesh
+                        f"{run.train.grad_accum}) is not divisible by the {dp} data-parallel devices (mesh "
+                        f"data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); set train.batch_size")
 
 
 def _check_init(run: RunConfig, path: str) -> None:
@@ -217,8 +222,7 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
     start = 0
     with jax.set_mesh(mesh):
         if resuming:
-            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    abstract_state(run, opt), shardings)
+            abstract = abstract_state(run, opt, shardings)
             t0 = time.perf_counter()
             start, state, _ = tc.restore_latest(ckpts, run, abstract, fallback=resume_fallback)
             log.info("resumed from %s: step %d, data position %d (%.1f s)", ckpts.step_dir(start), start,

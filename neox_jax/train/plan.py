@@ -198,6 +198,7 @@ def plan(run, mesh_shape: tuple[int, int, int] | None = None, devices: list | No
     from ..sharding import make_mesh
     from . import state as S
     from . import step as T
+    from .loop import check_micro_batch
 
     devices = list(devices if devices is not None else jax.devices())
     data, fsdp, tensor = mesh_shape or total_mesh_shape(run.mesh)
@@ -205,17 +206,12 @@ def plan(run, mesh_shape: tuple[int, int, int] | None = None, devices: list | No
         mesh = make_mesh(data, fsdp, tensor, devices=devices)
     except ValueError as e:
         raise UserError(f"mesh: {e}") from None
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if run.micro_batch % dp:
-        raise UserError(f"micro-batch {run.micro_batch} (train.batch_size {run.train.batch_size} / grad_accum "
-                        f"{run.train.grad_accum}) is not divisible by the {dp} data-parallel devices (mesh "
-                        f"data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); set train.batch_size")
+    check_micro_batch(run, mesh)
     B, S_len = run.train.batch_size, run.data.seq_length
     opt = S.make_optimizer(run)
     sh = S.state_shardings(run, mesh, opt)
-    abstract = S.abstract_state(run, opt)
+    state = S.abstract_state(run, opt, sh)
     with jax.set_mesh(mesh):
-        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
         batch = {"tokens": jax.ShapeDtypeStruct((B, S_len + 1), np.int32, sharding=T.batch_sharding(mesh))}
         if run.data.segment_ids:
             batch["segment_ids"] = batch["tokens"]
@@ -231,8 +227,8 @@ def plan(run, mesh_shape: tuple[int, int, int] | None = None, devices: list | No
     return Plan(
         mesh=dict(mesh.shape), devices=n, global_batch=B, micro_batch=run.micro_batch, seq_length=S_len,
         compute_dtype=run.model.compute_dtype, remat=run.model.remat,
-        param_bytes=_leaf_bytes(abstract.params, sh.params),
-        optimizer_bytes=_leaf_bytes(abstract.opt_state, sh.opt_state),
+        param_bytes=_leaf_bytes(state.params, sh.params),
+        optimizer_bytes=_leaf_bytes(state.opt_state, sh.opt_state),
         batch_bytes=_leaf_bytes(batch, batch_sh),
         argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
         alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,

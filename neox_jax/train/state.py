@@ -46,9 +46,14 @@ def param_shardings(run: RunConfig, mesh: Mesh) -> Any:
     return tree_shardings(M.param_axes(run.model), mesh, M.abstract_params(run.model))
 
 
-def abstract_state(run: RunConfig, opt: optax.GradientTransformation) -> TrainState:
+def abstract_state(run: RunConfig, opt: optax.GradientTransformation, shardings: Any = None) -> TrainState:
+    """The state's shapes and dtypes (`jax.ShapeDtypeStruct`s, nothing allocated); with `shardings`
+    (a `state_shardings` tree) each leaf carries its sharding, as AOT lowering and restores need."""
     params = M.abstract_params(run.model)
-    return jax.eval_shape(lambda p: _fresh(run, opt, p), params)
+    abstract = jax.eval_shape(lambda p: _fresh(run, opt, p), params)
+    if shardings is None:
+        return abstract
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def state_shardings(run: RunConfig, mesh: Mesh, opt: optax.GradientTransformation) -> TrainState:
