@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                     help="our attention backend; auto = cudnn on an NVIDIA GPU, xla elsewhere. An explicit "
                          "cudnn on a non-GPU backend is an error (never a fallback)")
-    ap.add_argument("--remat", choices=("preset", "none", "full", "dots", "save_proj"), default="preset",
+    ap.add_argument("--remat", choices=("preset", "none", "full", "dots", "dots_attn", "save_proj"), default="preset",
                     help="our remat policy (default: the preset's, dots for pythia-1.4b)")
     ap.add_argument("--sides", default="ours,hf,hf-compile",
                     help=f"comma-separated subset of {','.join(SIDES)} (default all)")

@@ -36,7 +36,7 @@ HIDDEN_ACTS = ("gelu", "gelu_tanh")  # exact erf GELU (HF Pythia configs) / tanh
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # the one list of dtype names (model.DTYPES, convert --dtype)
 RUN_DTYPES = ("float32", "bfloat16")  # what score / generate / eval compute in
 ATTENTION_IMPLS = ("xla", "cudnn")
-REMAT_POLICIES = ("none", "full", "dots", "save_proj")
+REMAT_POLICIES = ("none", "full", "dots", "dots_attn", "save_proj")
 INIT_SCHEMES = ("small_wang", "normal")
 
 # HF `hidden_act` spellings -> ours.
@@ -78,7 +78,7 @@ class ModelConfig:
     rotary_dtype: str = "float32"  # float16/bfloat16 reproduce NeoX-era low-precision rotary tables
     attention: str = "xla"  # "xla" everywhere, "cudnn" on NVIDIA GPUs
     scan_layers: bool = True  # lax.scan over stacked layers (compile time independent of depth)
-    remat: str = "none"  # none | full | dots (save matmul outputs) | save_proj (save named projections)
+    remat: str = "none"  # none | full | dots (save matmul outputs) | dots_attn (dots + cuDNN attention) | save_proj
     init: str = "small_wang"  # small_wang (Pythia <= 2.8B, 20B) | normal (Pythia 6.9B/12B)
     init_std: float = 0.02  # std of the "normal" scheme
 
@@ -122,6 +122,9 @@ class ModelConfig:
         need(self.rotary_dtype in FLOAT_DTYPES, f"rotary_dtype must be one of {FLOAT_DTYPES}")
         need(self.attention in ATTENTION_IMPLS, f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         need(self.remat in REMAT_POLICIES, f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        need(self.remat != "dots_attn" or self.attention == "cudnn",
+             "remat dots_attn saves cuDNN attention's forward outputs: it needs attention cudnn "
+             f"(with attention {self.attention!r} use remat dots)")
         need(self.init in INIT_SCHEMES, f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
         for f in ("use_parallel_residual", "tie_word_embeddings", "scan_layers"):
             need(isinstance(getattr(self, f), bool), f"{f} must be true or false")

@@ -230,3 +230,100 @@ def test_low_precision_rotary_in_a_full_forward_pass(rotary_dtype, record_proper
     # the tables matter at this length (measured: fp16 2.6e-3, bf16 2.6e-2 of max |logit|)
     assert float(np.max(np.abs(fp32_ref - ref))) > 10 * REL_TOL * scale
     _check(record_property, f"rotary {rotary_dtype} forward vs torch NeoX-era tables", ours, ref)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 5e-6), ("bfloat16", 1e-2)])
+def test_layer_norm_and_gelu_gradients_match_torch(dtype, tol, record_property):
+    """The written-out backward of LayerNorm and both GELUs against PyTorch autograd in float64."""
+    rs = np.random.RandomState(0)
+    x = (3.0 * rs.randn(4, 5, 64) + 1.0).astype(np.float32)
+    g = rs.randn(4, 5, 64).astype(np.float32)
+    scale, bias = (1 + 0.3 * rs.randn(64)).astype(np.float32), (0.2 * rs.randn(64)).astype(np.float32)
+    dt = M.DTYPES[dtype]
+    xq, gq = (np.asarray(jnp.asarray(a, dt).astype(jnp.float32)) for a in (x, g))  # what both sides see
+
+    def ours(fn, *args):
+        _, vjp = jax.vjp(fn, jnp.asarray(xq, dt), *args)
+        return jax.tree.map(lambda a: np.asarray(a, np.float64), vjp(jnp.asarray(gq, dt)))
+
+    def theirs(fn, *args):
+        ts = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (xq, *args)]
+        fn(*ts).backward(torch.tensor(gq, dtype=torch.float64))
+        return [t.grad.numpy() for t in ts]
+
+    worst = 0.0
+    p = {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}
+    (dx, dp), ref = ours(lambda a, q: M.layer_norm(a, q, 1e-5, dt), p), theirs(
+        lambda a, s, b: torch.nn.functional.layer_norm(a, (64,), s, b, 1e-5), scale, bias)
+    for got, want in [(dx, ref[0]), (np.asarray(dp["scale"]), ref[1]), (np.asarray(dp["bias"]), ref[2])]:
+        err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+        worst = max(worst, err)
+        assert err <= tol, err
+    for kind, approx in [("gelu", "none"), ("gelu_tanh", "tanh")]:
+        (dx,), (want,) = ours(lambda a: M.gelu(a, kind)), theirs(lambda a: torch.nn.functional.gelu(a, approximate=approx))
+        err = float(np.max(np.abs(dx - want)) / np.max(np.abs(want)))
+        worst = max(worst, err)
+        assert err <= tol, (kind, err)
+    record_property("measured", f"{dtype}: worst relative gradient error {worst:.2e} (tolerance {tol})")
+
+
+def _saved(fn, *args, capsys):
+    from jax.ad_checkpoint import print_saved_residuals
+    capsys.readouterr()
+    print_saved_residuals(fn, *args)
+    return capsys.readouterr().out.splitlines()
+
+
+def test_no_remat_saves_no_float32_activations_per_layer(capsys):
+    """Without remat, autodiff keeps per layer only bf16 [B, S, *] tensors plus float32 [B, S, 1]
+    LayerNorm statistics (xla attention's float32 scores aside): before the written-out LayerNorm
+    and GELU backward it kept six float32 [B, S, D] tensors and five bf16 [B, S, F] ones."""
+    cfg = load_config("configs/tiny.yaml").replace(remat="none", compute_dtype="bfloat16", num_layers=2)
+    params = jax.eval_shape(lambda: M.init_params(cfg))
+    B, S, D, F = 2, 16, cfg.hidden_size, cfg.intermediate_size
+    lines = _saved(lambda p: M.hidden_states(cfg, p, jnp.zeros((B, S), jnp.int32)).astype(jnp.float32).sum(),
+                   params, capsys=capsys)
+    stacked = [ln for ln in lines if "output of scan" in ln]
+    f32_acts = [ln for ln in stacked if ln.startswith("f32") and f",{S},{D}]" in ln]
+    assert stacked and not f32_acts, f32_acts
+    wide = [ln for ln in stacked if ln.startswith("bf16") and ln.split()[0].endswith(f",{S},{F}]")]
+    assert len(wide) == 2, wide  # the MLP input of GELU and its output (fc_out's input)
+
+
+@pytest.fixture
+def fake_cudnn(monkeypatch):
+    """Let JAX *trace* cuDNN attention on a CPU (version checks answered; nothing is compiled)."""
+    import jax._src.cudnn.fused_attention_stablehlo as fa
+    monkeypatch.setattr(fa, "check_cudnn_version", lambda *a, **k: 91000)
+    monkeypatch.setattr(fa, "check_is_flash_attention", lambda *a, **k: None)
+    monkeypatch.setattr(fa, "check_compute_capability", lambda *a, **k: True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    M.check_attention_policy.cache_clear()
+    yield
+    M.check_attention_policy.cache_clear()
+
+
+@pytest.mark.parametrize("remat,saved", [("dots", False), ("dots_attn", True)])
+def test_dots_attn_saves_the_cudnn_attention_forward(fake_cudnn, remat, saved, capsys):
+    cfg = load_config("configs/tiny.yaml").replace(remat=remat, attention="cudnn", compute_dtype="bfloat16",
+                                                   num_layers=2)
+    params = jax.eval_shape(lambda: M.init_params(cfg))
+    lines = _saved(lambda p: M.hidden_states(cfg, p, jnp.zeros((2, 128), jnp.int32)).astype(jnp.float32).sum(),
+                   params, capsys=capsys)
+    L, B, S, N, H = cfg.num_layers, 2, 128, cfg.num_heads, cfg.head_dim
+    # inside the layer scan JAX reports the residuals as scan outputs: recognise them by shape
+    stats, out = f"f32[{L},{B},{N},{S}] output of scan", f"bf16[{L},{B},{S},{N},{H}] output of scan"
+    hits = [ln for ln in lines if ln.startswith((stats, out))]
+    assert len(hits) == (2 if saved else 0), lines
+
+
+def test_dots_attn_fails_loudly_when_jax_renames_the_primitive(fake_cudnn, monkeypatch):
+    monkeypatch.setattr(M, "_CUDNN_ATTENTION_FWD", frozenset({"some_other_name"}))
+    with pytest.raises(UserError, match="dots_attn: jax .* does not name cuDNN attention"):
+        M.check_attention_policy()
+
+
+def test_dots_attn_needs_cudnn_attention():
+    from neox_jax.errors import ConfigError
+    with pytest.raises(ConfigError, match="dots_attn .* needs attention cudnn"):
+        load_config("configs/tiny.yaml").replace(remat="dots_attn")
