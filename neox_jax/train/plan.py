@@ -25,14 +25,20 @@ nothing is allocated.  From the compiled SPMD program (one program = one device)
 Caveats: the program is compiled by XLA's CPU backend, whose fusion and buffer assignment differ from
 the GPU and TPU backends (the cuDNN attention kernel becomes plain XLA attention here), so temporaries
 are an estimate, usually within tens of percent; parameter, optimizer and collective numbers follow
-from the shardings and are exact.  Collective bytes are the result size per device per step.
+from the shardings and are exact.  Collective bytes are the result size per device per step.  The CPU
+backend widens every bfloat16/float16 collective to float32 (it has none of its own), which made a
+bf16 run's FSDP all-gathers look float32 (twice their bytes) in this tool's first version.  So the
+module right after SPMD partitioning is dumped during the same compile, and each kind's bytes are
+also given as GPU/TPU would move them: scaled by that module's ratio of real to widened bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +53,20 @@ _OP = re.compile(r"^\s*(?:ROOT )?%\S+ = (.*?) (" + "|".join(COLLECTIVES) + r")(-
 _COMP = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 _CALLEES = re.compile(r"(?:body|calls|to_apply)=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def unwidened_ratio(partitioned_hlo: str) -> dict[str, float]:
+    """Per collective kind: bytes of the partitioned module's collectives as written, divided by the
+    same with every 2-byte float widened to float32 (what the CPU backend compiles).  1.0 when a kind
+    moves only 4-byte types or does not occur."""
+    real = {k: 0 for k in COLLECTIVES}
+    wide = dict(real)
+    for line in partitioned_hlo.splitlines():
+        op = _OP.match(line)
+        if op:
+            real[op.group(2)] += _shape_bytes(op.group(1))
+            wide[op.group(2)] += _shape_bytes(re.sub(r"\b(bf16|f16)\[", "f32[", op.group(1)))
+    return {k: (real[k] / wide[k] if wide[k] else 1.0) for k in COLLECTIVES}
 
 
 def parse_size(text: str) -> int:
@@ -215,14 +235,24 @@ def plan(run, mesh_shape: tuple[int, int, int] | None = None, devices: list | No
         batch = {"tokens": jax.ShapeDtypeStruct((B, S_len + 1), np.int32, sharding=T.batch_sharding(mesh))}
         if run.data.segment_ids:
             batch["segment_ids"] = batch["tokens"]
-        t0 = time.perf_counter()
-        compiled = T.make_train_step(run, mesh, opt, sh).lower(state, batch).compile()
-        compile_s = time.perf_counter() - t0
+        lowered = T.make_train_step(run, mesh, opt, sh).lower(state, batch)
+        with tempfile.TemporaryDirectory(prefix="neox-jax-plan-") as dump:
+            t0 = time.perf_counter()
+            compiled = lowered.compile(compiler_options={"xla_dump_to": dump, "xla_dump_hlo_module_re": "jit_step",
+                                                         "xla_dump_hlo_pass_re": "spmd-partitioning"})
+            compile_s = time.perf_counter() - t0
+            partitioned = sorted(Path(dump).glob("*jit_step*after_spmd-partitioning*.txt"))
+            if not partitioned:
+                raise UserError("plan: XLA wrote no module after SPMD partitioning "
+                                f"({len(list(Path(dump).iterdir()))} dump files); cannot tell collective dtypes")
+            ratio = unwidened_ratio(partitioned[0].read_text())
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     n = mesh.size
     collectives, dot_flops = analyse_hlo(compiled.as_text())
+    for k, c in collectives.items():
+        c["bytes_accelerator"] = int(round(c["bytes"] * ratio[k]))
     batch_sh = jax.tree.map(lambda _: T.batch_sharding(mesh), batch)
     return Plan(
         mesh=dict(mesh.shape), devices=n, global_batch=B, micro_batch=run.micro_batch, seq_length=S_len,
@@ -264,7 +294,8 @@ def format_plan(p: Plan) -> str:
     ]
     for k, c in p.collectives.items():
         if c["count"]:
-            lines.append(f"    {k:<20} {c['count']:>6} x, {_gib(c['bytes'])}")
+            lines.append(f"    {k:<20} {c['count']:>6} x, {_gib(c['bytes'])} as compiled for CPU, "
+                         f"{_gib(c['bytes_accelerator'])} on GPU/TPU (bf16 not widened)")
     return "\n".join(lines)
 
 
@@ -314,8 +345,9 @@ def _run_plan(args) -> None:
     mesh = _mesh_arg(args.mesh)
     memory = parse_size(args.device_memory) if args.device_memory else None
     run = load_run_config(args.config, args.set, num_devices=args.devices)
-    if run.model.attention == "cudnn":
-        run = dataclasses.replace(run, model=run.model.replace(attention="xla"))
+    if run.model.attention == "cudnn":  # planned with XLA attention (see the caveats above)
+        remat = "dots" if run.model.remat == "dots_attn" else run.model.remat
+        run = dataclasses.replace(run, model=run.model.replace(attention="xla", remat=remat))
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
     import jax

@@ -87,6 +87,7 @@ def token_scores(run: RunConfig, params, inputs: Int[Array, "B S"], targets: Int
                  chunk: int = 256) -> tuple[Float[Array, "B S"], Float[Array, "B S"]]:
     """(target logit, logsumexp) per position, float32."""
     cfg = run.model
+    params = M.compute_params(cfg, params)
     h = M.hidden_states(cfg, params, inputs, segment_ids=segment_ids)
     if use_vocab_parallel(run, mesh):
         return _vocab_parallel_logits_lse(cfg, params, h, targets, mesh, chunk)
