@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="pythia-1.4b", help="a preset in configs/ (default pythia-1.4b)")
     ap.add_argument("--seq", type=int, default=2048, help="sequence length (default 2048)")
     ap.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch (default 8)")
+    ap.add_argument("--loss-chunk", type=int, default=256,
+                    help="positions per cross-entropy chunk (train.loss_chunk; 0 = the whole sequence)")
     ap.add_argument("--grad-accum", type=int, default=1,
                     help="micro-batches per step; global batch = micro-batch x grad-accum (default 1)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per side (default 10)")
@@ -182,7 +184,7 @@ def run_config(args, cfg, batch: int | None = None):
         "optimizer": {"lr": args.lr, "warmup": 0.0, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
                       "clip": 1.0},
         "train": {"steps": args.warmup + args.steps + 10, "batch_size": batch, "grad_accum": args.grad_accum,
-                  "seed": args.seed, "tensorboard": False},
+                  "seed": args.seed, "tensorboard": False, "loss_chunk": args.loss_chunk},
     }, where="bench/train_throughput.py")
 
 
@@ -298,8 +300,8 @@ def job_ours(args, parallel: bool | None) -> dict[str, Any]:
     dev = jax_device_info()
     out = {"side": "ours", "use_parallel_residual": cfg.use_parallel_residual, "attention": cfg.attention,
            "remat": cfg.remat, "dtype": cfg.compute_dtype, "global_batch": B, "micro_batch": run.micro_batch,
-           "grad_accum": run.train.grad_accum, "seq": args.seq, "tokens_per_step": B * args.seq,
-           "step_ms": step_s * 1e3, "step_ms_all": [t * 1e3 for t in times],
+           "grad_accum": run.train.grad_accum, "loss_chunk": run.train.loss_chunk, "seq": args.seq,
+           "tokens_per_step": B * args.seq, "step_ms": step_s * 1e3, "step_ms_all": [t * 1e3 for t in times],
            "first_step_s": warm[0] if warm else None, "compile_s": compile_s,
            "compile_how": "AOT .lower().compile()", "init_s": init_s,
            "peak_memory_bytes": mem, "peak_memory_how": mem_how, "xla_cost_flops_per_step": cost,
@@ -573,8 +575,8 @@ def worker_main(args) -> int:
 # ============================================================================ orchestration
 
 
-JOB_ARGS = ("model", "seq", "micro_batch", "grad_accum", "steps", "warmup", "dtype", "remat", "lr", "seed",
-            "attention_resolved", "parallel_default")
+JOB_ARGS = ("model", "seq", "micro_batch", "grad_accum", "loss_chunk", "steps", "warmup", "dtype", "remat", "lr",
+            "seed", "attention_resolved", "parallel_default")
 
 
 def job_env(job: dict[str, Any], xla_extra: list[str]) -> dict[str, str]:

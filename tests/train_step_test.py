@@ -4,6 +4,7 @@ one large batch, the vocabulary-parallel cross-entropy equals the plain one, and
 fp16 step changes nothing but the counters and the loss scale."""
 
 import collections
+import dataclasses
 import re
 
 import jax
@@ -237,20 +238,39 @@ def test_overflowing_fp16_step_is_skipped():
         np.testing.assert_array_equal(a, b)
 
 
-def test_training_never_holds_the_whole_logits(record_property):
+@pytest.mark.parametrize("loss_chunk", [256, 0])
+def test_training_never_holds_the_whole_logits(loss_chunk, record_property):
     """Gradient of the loss at S 2048, V 50304: the compiled temporary memory stays below the size of
-    the float32 [B, S, V] logits, because each 256-position chunk is recomputed in the backward pass
-    (without the rematerialisation it measured 1.2 GB against 786 MB of logits)."""
+    the float32 [B, S, V] logits, because each 256-position chunk (train.loss_chunk) is recomputed in
+    the backward pass (without the rematerialisation it measured 1.2 GB against 786 MB of logits);
+    `loss_chunk: 0` (the whole sequence at once, a throughput lever) does hold them."""
     run = from_sections({"model": {"preset": "tiny", "max_position_embeddings": 2048, "num_heads": 1},
-                         "data": {"path": "unused", "seq_length": 2048}, "train": {"steps": 1, "batch_size": 2}})
+                         "data": {"path": "unused", "seq_length": 2048},
+                         "train": {"steps": 1, "batch_size": 2, "loss_chunk": loss_chunk}})
     mesh = mesh_of((1, 1, 1))
     f = T.loss_and_grads(run, mesh, S.param_shardings(run, mesh))
     with jax.set_mesh(mesh):
         ab = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), M.abstract_params(run.model))
         mem = f.lower(ab, {"tokens": jax.ShapeDtypeStruct((2, 2049), np.int32)}).compile().memory_analysis()
     logits = 2 * 2048 * run.model.vocab_size * 4
-    record_property("measured", f"S 2048 B 2: temp {mem.temp_size_in_bytes / 2**20:.0f} MiB vs logits {logits / 2**20:.0f} MiB")
-    assert mem.temp_size_in_bytes < 0.75 * logits
+    record_property("measured", f"S 2048 B 2 loss_chunk {loss_chunk}: temp {mem.temp_size_in_bytes / 2**20:.0f} MiB "
+                    f"vs logits {logits / 2**20:.0f} MiB")
+    if loss_chunk:
+        assert mem.temp_size_in_bytes < 0.75 * logits
+    else:
+        assert mem.temp_size_in_bytes > logits
+
+
+def test_loss_chunk_does_not_change_the_loss():
+    rs = np.random.RandomState(3)
+    toks = {"tokens": jnp.asarray(rs.randint(0, V, (B, SEQ + 1)).astype(np.int32))}
+    out = []
+    for chunk in (0, 8, 16):  # whole, 4 chunks, 2 chunks
+        run = run_config()
+        run = dataclasses.replace(run, train=dataclasses.replace(run.train, loss_chunk=chunk))
+        params = M.init_params(run.model, 0)
+        out.append(float(jax.jit(lambda p, b: T.loss_sums(run, p, b)[0])(params, toks)))
+    assert out[0] == pytest.approx(out[1], rel=1e-6) and out[0] == pytest.approx(out[2], rel=1e-6), out
 
 
 def test_per_document_attention_in_the_loss():

@@ -183,6 +183,7 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps (train_iters)
     batch_size: int = 32  # global batch in sequences per step (all devices, all micro-batches)
     grad_accum: int = 1  # micro-batches per step, accumulated inside the jitted step
+    loss_chunk: int = 256  # positions per cross-entropy chunk (float32 logits of one chunk at a time; 0: whole)
     seed: int = 1234  # parameter init
     log_every: int = 10  # log line (and TensorBoard scalars) every N steps; metrics.jsonl gets every step
     eval_every: int = 0  # validation loss every N steps (0: only at the end); needs a valid split
@@ -201,6 +202,7 @@ class TrainConfig:
         _need(self.log_every >= 1 and self.eval_every >= 0 and self.eval_steps >= 0,
               "train.log_every must be >= 1, eval_every and eval_steps >= 0")
         _need(self.peak_tflops >= 0, "train.peak_tflops must be >= 0")
+        _need(self.loss_chunk >= 0, f"train.loss_chunk must be >= 0 (0: the whole sequence), got {self.loss_chunk}")
         _need(0 <= self.start_step < self.steps,
               f"train.start_step must be in [0, train.steps = {self.steps}), got {self.start_step}")
 

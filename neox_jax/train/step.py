@@ -84,9 +84,12 @@ def _vocab_parallel_logits_lse(cfg, params, h, targets, mesh: Mesh, chunk: int):
 
 def token_scores(run: RunConfig, params, inputs: Int[Array, "B S"], targets: Int[Array, "B S"],
                  segment_ids: Int[Array, "B S"] | None = None, mesh: Mesh | None = None,
-                 chunk: int = 256) -> tuple[Float[Array, "B S"], Float[Array, "B S"]]:
-    """(target logit, logsumexp) per position, float32."""
+                 chunk: int | None = None) -> tuple[Float[Array, "B S"], Float[Array, "B S"]]:
+    """(target logit, logsumexp) per position, float32; `chunk` positions at a time (default
+    `train.loss_chunk`; 0 = the whole sequence at once)."""
     cfg = run.model
+    chunk = run.train.loss_chunk if chunk is None else chunk
+    chunk = chunk or inputs.shape[1]
     params = M.compute_params(cfg, params)
     h = M.hidden_states(cfg, params, inputs, segment_ids=segment_ids)
     if use_vocab_parallel(run, mesh):
