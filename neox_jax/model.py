@@ -460,23 +460,24 @@ _cast_in_place.defvjp(_cast_in_place_fwd, _cast_in_place_bwd)
 
 
 def compute_params(cfg: ModelConfig, params: Params) -> Params:
-    """The parameters as the matmuls read them: kernels, biases and embeddings cast to the compute
-    dtype *on their own shards* (a sharding constraint with their logical axes), LayerNorm scales
-    and biases as they are (LayerNorm works in float32).
+    """The embedding table and the output head cast to the compute dtype *on their own shards* (a
+    sharding constraint with their logical axes), before anything gathers them.
 
-    The model casts each weight where it is used; under FSDP, XLA's partitioner then gathers the
-    float32 shards and casts after the gather, so every all-gather moved float32: for neox-20b on
-    64 devices 169 GiB per device per step (`neox-jax plan`).  Casting first halves those bytes and
-    changes no value (a cast commutes with a gather).  The gradient is cast back to the parameter
-    dtype and constrained to the same shards, as before.  A no-op when the dtypes agree."""
+    The model casts each weight where it is used.  For the layer weights, XLA's SPMD partitioner
+    then gathers the already-cast bf16 shards inside the layer loop; for the embedding table (and an
+    untied head), used outside the loop, it gathered the float32 shards and cast afterwards: the one
+    float32 all-gather of a bf16 step (seen in the module right after SPMD partitioning; the CPU
+    backend later widens every bf16 collective to float32 anyway).  Casting the layer weights here
+    too would be wrong: XLA then computes all the casts before the loop, a bf16 copy of every
+    layer's shard (5 GB per device for neox-20b on fsdp 8).  The gradient is cast back to the
+    parameter dtype and constrained to the same shards.  A no-op when the dtypes agree."""
     dtype = DTYPES[cfg.compute_dtype]
     axes = flatten(param_axes(cfg))
     out = {}
     for name, leaf in flatten(params).items():
-        if leaf.dtype == dtype or "ln_" in name or name.startswith("final_ln/"):
-            out[name] = leaf
-        else:
-            out[name] = _cast_in_place(leaf, jnp.dtype(leaf.dtype), dtype, tuple(axes[name]))
+        if leaf.dtype != dtype and name in ("embed_in/embedding", "embed_out/kernel"):
+            leaf = _cast_in_place(leaf, jnp.dtype(leaf.dtype), dtype, tuple(axes[name]))
+        out[name] = leaf
     return unflatten(out)
 
 
