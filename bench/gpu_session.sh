@@ -15,7 +15,7 @@
 #       the bf16 head backward and the written-out LayerNorm/GELU backward
 #   s2  remat dots_attn (cuDNN attention's forward outputs saved), micro-batch 8
 #   s3  remat none, micro-batch 8 (no float32 LayerNorm residuals any more)
-#   s4  remat none, micro-batch 16
+#   s4  remat none, micro-batch 16, then 24 (s4b)
 #   s5  remat dots_attn, micro-batch 24
 #   s6  remat dots_attn, micro-batch 8, the cross-entropy over the whole sequence (train.loss_chunk 0)
 #   s7  the collectives of the 1.4b step on (1,1,1) (this GPU) and (8,1,1) (8 CPU devices)
@@ -68,6 +68,7 @@ stage s1_issue 300 $tt "$@" --job-timeout 200
 stage s2_dots_attn 90 $tt "$@" "${ours[@]}" --remat dots_attn --job-timeout 80
 stage s3_remat_none 90 $tt "$@" "${ours[@]}" --remat none --job-timeout 80
 stage s4_remat_none_mb16 90 $tt "$@" "${ours[@]}" --remat none --micro-batch 16 --job-timeout 80
+stage s4b_remat_none_mb24 100 $tt "$@" "${ours[@]}" --remat none --micro-batch 24 --job-timeout 90
 stage s5_dots_attn_mb24 100 $tt "$@" "${ours[@]}" --remat dots_attn --micro-batch 24 --job-timeout 90
 stage s6_loss_chunk_whole 90 $tt "$@" "${ours[@]}" --remat dots_attn --loss-chunk 0 --job-timeout 80
 stage s7_collectives 120 $tt "$@" "${ours[@]}" --collectives --steps 3 --warmup 1 --job-timeout 110
