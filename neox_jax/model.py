@@ -443,42 +443,60 @@ def block(cfg: ModelConfig, p: Params, x: Float[Array, "B S D"], cos, sin, mask,
     return x if past is None else (x, kv)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _cast_in_place(x, src, dtype, axes):
-    return constrain(x.astype(dtype), axes)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def cast_on_shards(w, dtype, axes: tuple):
+    """`w.astype(dtype)` computed on w's own shards (constrained to its logical `axes`), so whatever
+    gathers it afterwards (FSDP) moves `dtype` bytes.  The gradient comes back in w's dtype on the
+    same shards.
+
+    The model casts each weight where it is used.  For the layer weights XLA's SPMD partitioner
+    already gathers the cast bf16 shards inside the layer loop; for the weights used outside the
+    loop (the vocab head, the embedding table) it gathered float32 shards and cast afterwards: the
+    only float32 all-gathers of a bf16 step (read in the module right after SPMD partitioning; the
+    CPU backend then widens every bf16 collective to float32 anyway, which `neox-jax plan` undoes).
+    Casting the layer weights this way too would be wrong: XLA then computes all the casts before
+    the loop, a bf16 copy of every layer's shard (+3.5 GiB per device for neox-20b on 8 x 8 x 1)."""
+    return constrain(w.astype(dtype), axes)
 
 
-def _cast_in_place_fwd(x, src, dtype, axes):
-    return _cast_in_place(x, src, dtype, axes), None
+def _cast_on_shards_fwd(w, dtype, axes):
+    return cast_on_shards(w, dtype, axes), jnp.zeros((), w.dtype)
 
 
-def _cast_in_place_bwd(src, dtype, axes, _, g):
-    return (constrain(g.astype(src), axes),)
+def _cast_on_shards_bwd(dtype, axes, like, g):
+    return (constrain(g.astype(like.dtype), axes),)
 
 
-_cast_in_place.defvjp(_cast_in_place_fwd, _cast_in_place_bwd)
+cast_on_shards.defvjp(_cast_on_shards_fwd, _cast_on_shards_bwd)
 
 
-def compute_params(cfg: ModelConfig, params: Params) -> Params:
-    """The embedding table and the output head cast to the compute dtype *on their own shards* (a
-    sharding constraint with their logical axes), before anything gathers them.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def embed_lookup(table: Float[Array, "V D"], tokens: Int[Array, "B S"], dtype) -> Float[Array, "B S D"]:
+    """Rows of the embedding table in the compute dtype.  Forward: the table is cast on its own
+    shards, its `embed` (fsdp) shards gathered in that dtype, then rows taken.  Backward: the rows'
+    gradients are summed into a zero table of the table's dtype (float32 for training): a token that
+    occurs thousands of times in a batch would otherwise have its gradient summed in bf16."""
+    return _embed_lookup_fwd(table, tokens, dtype)[0]
 
-    The model casts each weight where it is used.  For the layer weights, XLA's SPMD partitioner
-    then gathers the already-cast bf16 shards inside the layer loop; for the embedding table (and an
-    untied head), used outside the loop, it gathered the float32 shards and cast afterwards: the one
-    float32 all-gather of a bf16 step (seen in the module right after SPMD partitioning; the CPU
-    backend later widens every bf16 collective to float32 anyway).  Casting the layer weights here
-    too would be wrong: XLA then computes all the casts before the loop, a bf16 copy of every
-    layer's shard (5 GB per device for neox-20b on fsdp 8).  The gradient is cast back to the
-    parameter dtype and constrained to the same shards.  A no-op when the dtypes agree."""
-    dtype = DTYPES[cfg.compute_dtype]
-    axes = flatten(param_axes(cfg))
-    out = {}
-    for name, leaf in flatten(params).items():
-        if leaf.dtype != dtype and name in ("embed_in/embedding", "embed_out/kernel"):
-            leaf = _cast_in_place(leaf, jnp.dtype(leaf.dtype), dtype, tuple(axes[name]))
-        out[name] = leaf
-    return unflatten(out)
+
+def _embed_lookup_fwd(table, tokens, dtype):
+    rows = cast_on_shards(table, dtype, ("vocab", "embed"))
+    # Gather the `embed` (fsdp) shards first, so the lookup is a gather from a table split only by
+    # vocabulary rows; XLA then partitions it as a masked local lookup plus one reduction over
+    # `tensor` (without this, some meshes replicate the [B, S, D] result: "involuntary full
+    # rematerialization", e.g. mesh (2, 2, 2) at B 8, S 32).
+    rows = constrain(rows, ("vocab", None))
+    return jnp.take(rows, tokens, axis=0), (tokens, jnp.zeros((0,) + table.shape, table.dtype))
+
+
+def _embed_lookup_bwd(dtype, res, g):
+    tokens, like = res
+    V, D = like.shape[1:]
+    grad = jnp.zeros((V, D), like.dtype).at[tokens].add(g.astype(like.dtype))
+    return constrain(grad, ("vocab", "embed")), None
+
+
+embed_lookup.defvjp(_embed_lookup_fwd, _embed_lookup_bwd)
 
 
 def _numerics(cfg: ModelConfig):
@@ -559,12 +577,7 @@ def hidden_states(
     mask = attention_mask(S, S, padding_mask=padding_mask, segment_ids=segment_ids)
     cos, sin = rotary_tables(positions, cfg)
 
-    # Gather the table's `embed` (fsdp) shards first, so the lookup is a gather from a table split
-    # only by vocabulary rows; XLA then partitions it as a masked local lookup plus one reduction
-    # over `tensor` (without this, some meshes replicate the [B, S, D] result: "involuntary full
-    # rematerialization", e.g. mesh (2, 2, 2) at B 8, S 32).
-    table = constrain(params["embed_in"]["embedding"], ("vocab", None))
-    x = jnp.take(table, tokens, axis=0).astype(dtype)
+    x = embed_lookup(params["embed_in"]["embedding"], tokens, dtype)
     x = constrain(x, ("batch", "seq", "act_embed"))
 
     def body(carry, layer_params):
@@ -583,10 +596,10 @@ def hidden_states(
 def logits_from_hidden(cfg: ModelConfig, params: Params, h: Float[Array, "B S D"]) -> Float[Array, "B S V"]:
     dtype, precision = _numerics(cfg)
     if cfg.tie_word_embeddings:
-        w = params["embed_in"]["embedding"].astype(dtype)
+        w = cast_on_shards(params["embed_in"]["embedding"], dtype, ("vocab", "embed"))
         out = einsum_f32_out("bsd,vd->bsv", h, w, precision)
     else:
-        w = params["embed_out"]["kernel"].astype(dtype)
+        w = cast_on_shards(params["embed_out"]["kernel"], dtype, ("embed", "vocab"))
         out = einsum_f32_out("bsd,dv->bsv", h, w, precision)
     return constrain(out, ("batch", "seq", "act_vocab"))
 

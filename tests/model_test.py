@@ -327,3 +327,21 @@ def test_dots_attn_needs_cudnn_attention():
     from neox_jax.errors import ConfigError
     with pytest.raises(ConfigError, match="dots_attn .* needs attention cudnn"):
         load_config("configs/tiny.yaml").replace(remat="dots_attn")
+
+
+def test_embedding_gradient_of_repeated_tokens_is_summed_in_float32():
+    """bf16 compute: the embedding rows are looked up in bf16, but a token's gradient over its 4096
+    occurrences is summed in float32 (NumPy float64 re-derivation of the same bf16 cotangents); a bf16
+    sum would be off by ~1e-2 relative."""
+    rs = np.random.RandomState(0)
+    table = jnp.asarray(rs.randn(16, 8).astype(np.float32))
+    tokens = jnp.asarray(np.where(rs.rand(4, 1024) < 0.9, 3, rs.randint(0, 16, (4, 1024))).astype(np.int32))
+    g = jnp.asarray(rs.randn(4, 1024, 8).astype(np.float32) + 1.0).astype(jnp.bfloat16)
+    rows, vjp = jax.vjp(lambda t: M.embed_lookup(t, tokens, jnp.bfloat16), table)
+    assert rows.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(rows, np.float32), np.asarray(table.astype(jnp.bfloat16), np.float32)[np.asarray(tokens)])
+    (dt,) = vjp(g)
+    assert dt.dtype == jnp.float32
+    want = np.zeros((16, 8))
+    np.add.at(want, np.asarray(tokens), np.asarray(g, np.float64))
+    np.testing.assert_allclose(np.asarray(dt, np.float64), want, rtol=1e-5, atol=1e-3)

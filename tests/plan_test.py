@@ -79,7 +79,7 @@ def test_sharded_plan_equals_a_real_sharded_state_on_one_device():
 
 def test_bf16_fsdp_gathers_are_counted_in_bf16():
     """bf16 compute on (1, 8, 1): every weight is cast on its own shard before FSDP gathers it
-    (`model.compute_params`), so the partitioned program gathers bfloat16: 2 bytes per gathered
+    (`model.cast_on_shards`), so the partitioned program gathers bfloat16: 2 bytes per gathered
     parameter, half of what the CPU backend (which widens bf16 collectives to float32) compiles."""
     raw = {"model": {"preset": "tiny", "max_position_embeddings": 64, "vocab_size": 4096,
                      "tokenizer_vocab_size": 4096, "compute_dtype": "bfloat16"},
@@ -88,7 +88,9 @@ def test_bf16_fsdp_gathers_are_counted_in_bf16():
     p = plan(run, (1, 8, 1), jax.devices()[:8])
     g = p.collectives["all-gather"]
     n = run.model.num_params()
-    assert g["count"] > 0 and g["bytes_accelerator"] * 2 == g["bytes"], g
+    # all of it bf16 but a few KiB of int32 token ids (the embedding gradient's scatter); before the
+    # embedding table and head were cast on their shards, 30% of the bytes were float32
+    assert g["count"] > 0 and abs(g["bytes_accelerator"] * 2 - g["bytes"]) <= 0.01 * g["bytes"], g
     # LayerNorm's float32 vectors are replicated, never gathered: all gathered bytes are bf16 weights,
     # each gathered at least once (forward) and at most twice (backward again) per step
     assert 0.95 * 2 * n <= g["bytes_accelerator"] <= 2 * 2 * n, (g, n)

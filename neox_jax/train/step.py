@@ -57,7 +57,8 @@ def use_vocab_parallel(run: RunConfig, mesh: Mesh | None) -> bool:
 def _vocab_parallel_logits_lse(cfg, params, h, targets, mesh: Mesh, chunk: int):
     tied = cfg.tie_word_embeddings
     dtype, precision = M._numerics(cfg)
-    w = (params["embed_in"]["embedding"] if tied else params["embed_out"]["kernel"]).astype(dtype)
+    w = (M.cast_on_shards(params["embed_in"]["embedding"], dtype, ("vocab", "embed")) if tied
+         else M.cast_on_shards(params["embed_out"]["kernel"], dtype, ("embed", "vocab")))
     rows = logical_to_spec(("batch",))[0]
 
     def local(h, w, t):
@@ -90,7 +91,6 @@ def token_scores(run: RunConfig, params, inputs: Int[Array, "B S"], targets: Int
     cfg = run.model
     chunk = run.train.loss_chunk if chunk is None else chunk
     chunk = chunk or inputs.shape[1]
-    params = M.compute_params(cfg, params)
     h = M.hidden_states(cfg, params, inputs, segment_ids=segment_ids)
     if use_vocab_parallel(run, mesh):
         return _vocab_parallel_logits_lse(cfg, params, h, targets, mesh, chunk)
