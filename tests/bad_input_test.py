@@ -396,6 +396,13 @@ def symlinked_dst(fx, d) -> Path:
     return d / "link"
 
 
+def symlinked_file(d: Path, name: str) -> Path:
+    """name -> real.txt: an output that is a symbolic link (never replaced, even with --overwrite)."""
+    existing(d, "real.txt")
+    (d / name).symlink_to(d / "real.txt")
+    return d / name
+
+
 def file_parent(d: Path, name: str) -> Path:
     (d / "afile").write_text("not a directory")
     return d / "afile" / name
@@ -662,6 +669,14 @@ CASES = [
                                                   S(write(d, "tok.json", b"not json"))], ["tok.json"]),
     ("generate-ck-array-deleted", lambda fx, d: ["generate", S(damaged_ck(fx, d, "deleted")), "--input",
                                                  S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]}))], ["params"]),
+    ("generate-output-symlink", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                               S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]})), "--max-new-tokens",
+                                               "2", "--output", S(symlinked_file(d, "o.jsonl")), "--overwrite"],
+     ["o.jsonl", "symbolic link"]),
+    ("generate-output-unwritable", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                                  S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]})),
+                                                  "--max-new-tokens", "2", "--output", S(file_parent(d, "o.jsonl"))],
+     ["afile"]),
     # ---- eval
     ("eval-batch-size-zero", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(fx["docs"]), "--batch-size", "0",
                                             "--output", S(d / "r.json")], ["--batch-size"]),
@@ -684,6 +699,10 @@ CASES = [
                                           S(existing(d, "r.json"))], ["r.json", "--overwrite"]),
     ("eval-ck-array-truncated", lambda fx, d: ["eval", S(damaged_ck(fx, d, "truncated")), "--perplexity",
                                                S(fx["docs"]), "--output", S(d / "r.json")], ["params"]),
+    ("eval-output-symlink", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(fx["docs"]), "--output",
+                                           S(symlinked_file(d, "r.json")), "--overwrite"], ["r.json", "symbolic link"]),
+    ("eval-output-unwritable", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(fx["docs"]), "--output",
+                                              S(file_parent(d, "r.json"))], ["afile"]),
     # ---- init
     ("init-bool-as-string", lambda fx, d: ["init", S(REPO / "configs" / "tiny.yaml"), S(d / "ck"), "--set",
                                            "model.scan_layers=maybe"], ["scan_layers"]),
