@@ -409,6 +409,39 @@ def test_overwrite_replaces_the_run(reference, tmp_path, caplog):
     assert _leftovers(tmp_path) == []
 
 
+def test_save_log_line_splits_what_held_the_loop(reference, tmp_path, caplog, monkeypatch):
+    """The save's log line says what it measured: the wait for the steps in flight (here made
+    0.3 s longer by a patched jax.block_until_ready) is reported apart and not counted as held; the
+    wait for the previous save (a patched wait_until_finished sleeping 0.5 s) and the copy are."""
+    import re
+
+    import orbax.checkpoint as ocp
+
+    from neox_jax.train.loop import train
+
+    real_ready, real_wait = jax.block_until_ready, ocp.CheckpointManager.wait_until_finished
+
+    def slow_ready(x):
+        time.sleep(0.3)
+        return real_ready(x)
+
+    def slow_wait(self):
+        time.sleep(0.5)
+        return real_wait(self)
+
+    monkeypatch.setattr(tc.jax, "block_until_ready", slow_ready)
+    monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", slow_wait)
+    caplog.set_level("INFO", logger="neox_jax")
+    train(from_sections(yaml.safe_load(reference[1].read_text())), tmp_path / "r")
+    lines = re.findall(r"checkpoint of step (\d+): saving to \S+ \(training held ([\d.]+) s: ([\d.]+) s "
+                       r"waiting for the previous save, ([\d.]+) s copying the state to host memory; before that "
+                       r"([\d.]+) s waiting for the steps in flight to finish computing\)", caplog.text)
+    assert [int(x[0]) for x in lines] == [4, 8], caplog.text
+    for _, held, previous, copy, in_flight in (tuple(map(float, x)) for x in lines):
+        assert previous >= 0.5 and in_flight >= 0.3
+        assert held == pytest.approx(previous + copy, abs=0.02)  # the steps in flight are not in it
+
+
 def test_schedule_rules():
     """every N steps, listed steps, the Pythia preset (0, 1, 2, 4, ..., 512, then every 1000)."""
     from neox_jax.train.config import CheckpointConfig

@@ -392,8 +392,11 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
     def save(done: int) -> None:
         if ckpts.save(done, state, loader.state()):
             schedule.saved()
-            log.info("checkpoint of step %d: saving to %s (training blocked %.2f s)", done, ckpts.step_dir(done),
-                     ckpts.save_s[-1])
+            w = ckpts.last_save
+            log.info("checkpoint of step %d: saving to %s (training held %.2f s: %.2f s waiting for the "
+                     "previous save, %.2f s copying the state to host memory; before that %.2f s waiting for "
+                     "the steps in flight to finish computing)", done, ckpts.step_dir(done), ckpts.save_s[-1],
+                     w["previous_save_s"], w["copy_s"], w["steps_in_flight_s"])
 
     try:
         with _StopFlag() as stop, jax.set_mesh(mesh):
