@@ -147,6 +147,7 @@ class TrainCheckpoints:
         # in flight before it, which is computing time the loop waits for anyway (one step later)
         self.save_s: list[float] = []
         self.last_save: dict[str, float] = {}
+        self.closed = False
 
     # -- listing
 
@@ -199,8 +200,11 @@ class TrainCheckpoints:
                                   "older checkpoints are intact") from None
 
     def close(self) -> None:
+        if self.closed:  # a second close (an --overwrite undone after an error) would upset Orbax's threads
+            return
         self.wait()
         self.manager.close()
+        self.closed = True
 
     # -- reading
 

@@ -11,7 +11,8 @@ without loss scaling stops the run naming its step.  SIGINT / SIGTERM finish the
 stop cleanly after writing a checkpoint.  Checkpoints (`checkpoints.py`) are written on the
 schedule of `RunConfig.checkpoint` and at the end under `RUN_DIR/checkpoints/STEP` (what `score`,
 `convert`, `inspect` and `generate` read); a run directory with checkpoints is resumed from the
-newest complete one, data position included.
+newest complete one, data position included.  `--overwrite` moves an existing run directory aside
+until the new run has a complete checkpoint (`Overwrite`), so a run that fails early loses nothing.
 """
 
 from __future__ import annotations
@@ -181,12 +182,12 @@ class Overwrite:
     def pending(self) -> bool:
         return self.aside is not None
 
-    def confirm(self) -> None:
+    def confirm(self, why: str = "has a complete checkpoint") -> None:
         """The new run stands: delete the old directory."""
         if self.aside is not None:
             self.aside.commit()
             self.aside = None
-            log.info("%s: the new run has a complete checkpoint; deleted the previous run", self.run_dir)
+            log.info("%s: the new run %s; deleted the previous run", self.run_dir, why)
 
     def poll(self) -> None:
         if self.aside is not None and tc.has_checkpoints(self.run_dir):
@@ -440,7 +441,7 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
     ckpts.close()  # waits for the last save to commit
     if path is not None:
         log.info("checkpoint of step %d committed (waited %.2f s for the write)", done, time.perf_counter() - t0)
-    ow.confirm()  # the run finished
+    ow.confirm("finished")
     metrics.close()
     summary = {"steps": done, "loss": last.get("loss"), "valid_loss": valid_loss, "skipped_steps": skipped,
                "compile_s": compile_s, "tokens_per_s": last.get("tokens_per_s"),
