@@ -403,6 +403,14 @@ def symlinked_file(d: Path, name: str) -> Path:
     return d / name
 
 
+def symlinked_run_dir(d: Path) -> Path:
+    """r -> real, a run directory (config.yaml) reached through a symbolic link."""
+    (d / "real").mkdir()
+    (d / "real" / "config.yaml").write_text("model: {}\n")
+    (d / "r").symlink_to(d / "real")
+    return d / "r"
+
+
 def file_parent(d: Path, name: str) -> Path:
     (d / "afile").write_text("not a directory")
     return d / "afile" / name
@@ -629,6 +637,12 @@ CASES = [
                                           S(d / "r")], ["nodata"]),
     ("train-init-from-missing", lambda fx, d: ["train", S(fx["run"]), "--run-dir", S(d / "r"), "--init-from",
                                                S(d / "nockpt")], ["nockpt"]),
+    ("train-overwrite-symlinked-run-dir", lambda fx, d: ["train", S(fx["run"]), "--set", "train.batch_size=8",
+                                                        "--run-dir", S(symlinked_run_dir(d)), "--overwrite"],
+     ["r", "symbolic link"]),
+    ("train-overwrite-not-a-run-dir", lambda fx, d: ["train", S(fx["run"]), "--set", "train.batch_size=8",
+                                                     "--run-dir", S(non_empty_dir(d, "r")), "--overwrite"],
+     ["r", "not a neox-jax run directory"]),
     ("train-config-missing", lambda fx, d: ["train", S(d / "none.yaml"), "--run-dir", S(d / "r")], ["none.yaml"]),
     ("train-neox-yaml-bool", lambda fx, d: ["train", S(neox_train_cfg(fx, d, gpt_j_residual="no")), "--run-dir",
                                             S(d / "r")], ["neox.yml", "gpt_j_residual"]),
