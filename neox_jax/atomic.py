@@ -1,7 +1,7 @@
 """Replacing outputs so that a crash, a kill or a full disk never leaves a missing or mixed output.
 
-Every writer (checkpoint save, `init`, `convert`, `data preprocess`, `data train-tokenizer`) goes
-through one `Replacement`:
+Every writer (checkpoint save, `init`, `convert`, `data preprocess`, `data train-tokenizer`, the
+`--output` of `score`, `generate`, `eval`, `data order`) goes through one `Replacement`:
 
     with Replacement([dst], overwrite=..., directory=True) as rep:
         write into rep.tmp(dst)        # a hidden sibling: .NAME.neox-jax-<op>.tmp
@@ -32,11 +32,19 @@ whether an output is already in place, so a journal in state "committing" is fin
 as a mixed pair by our readers: `pending()` reports an unfinished journal and `IndexedDataset`
 refuses the pair until it is finished.
 
+A directory that is rebuilt in place (`train --overwrite`: the run directory is written for hours
+under its own name) uses `SetAside` instead: the old directory is renamed to
+`.NAME.neox-jax-<op>.old` under a journal in state "aside", the new one is written at NAME, and
+`commit()` (fsync the new one, journal "committing", then the same publishing as above, which
+deletes the aside copy) or `restore()` (the new one is swapped out and deleted, the old one renamed
+back, by the (device, inode) recorded in the journal: idempotent too) ends it.
+
 Leftovers: when a `Replacement` starts, it looks at the journals in its directory.  One whose
 creating process is gone (same host and boot, pid not running or running a different process) is
 provably ours and abandoned: in state "writing" its temporaries are deleted, in state
-"committing" it is finished; either is logged.  Journals of live processes or of other hosts are
-reported and left alone, as are temporaries without a journal.
+"committing" it is finished, in state "aside" the old directory is put back; each is logged.
+Journals of live processes or of other hosts are reported and left alone, as are temporaries
+without a journal.
 """
 
 from __future__ import annotations
@@ -76,18 +84,21 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def sync_tree(root: Path) -> None:
-    """fsync every file and directory under root (root itself included)."""
+def sync_tree(root: Path, *, missing_ok: bool = False) -> None:
+    """fsync every file and directory under root (root itself included); with missing_ok, skip
+    what disappears meanwhile (a directory still being written by someone else)."""
     root = Path(root)
     if not root.is_dir():
         fsync_path(root)
         return
     for dirpath, _, files in os.walk(root):
-        for name in files:
-            p = os.path.join(dirpath, name)
-            if not os.path.islink(p):
-                fsync_path(Path(p))
-        fsync_path(Path(dirpath))
+        for p in [os.path.join(dirpath, name) for name in files] + [dirpath]:
+            try:
+                if not os.path.islink(p):
+                    fsync_path(Path(p))
+            except FileNotFoundError:
+                if not missing_ok:
+                    raise
 
 
 def remove(path: Path) -> None:
@@ -234,9 +245,17 @@ def pending(final: str | os.PathLike) -> str | None:
     final = Path(final)
     for path, _ in _journals(final.parent):
         j = _read_journal(path)
-        if j and j.get("state") == "committing" and any(t.get("final") == final.name for t in j["targets"]):
+        if not j or not any(t.get("final") == final.name for t in j["targets"]):
+            continue
+        if j.get("state") == "committing":
             return (f"{final}: an interrupted replacement is pending (journal {path}; pid {j.get('pid')} on "
                     f"{j.get('host')}); the next neox-jax write into {final.parent} finishes it")
+        if j.get("state") == "aside":
+            old = final.parent / next(t["old"] for t in j["targets"] if t.get("final") == final.name)
+            return (f"{final}: is being rebuilt; its previous content was moved aside to {old} (journal "
+                    f"{path}; pid {j.get('pid')} on {j.get('host')}); if that run was interrupted, the next "
+                    f"neox-jax write into {final.parent} (e.g. `neox-jax train --run-dir {final}`) "
+                    "puts it back")
     return None
 
 
@@ -279,6 +298,31 @@ def _discard(path: Path, j: dict) -> None:
     path.with_name(path.name + ".new").unlink(missing_ok=True)
 
 
+def _restore(path: Path, j: dict) -> None:
+    """Undo a `SetAside`: the directory recorded as the old one (by its identity) back at its name,
+    whatever stands there in its stead deleted.  Idempotent, so a restore cut short can be redone."""
+    parent = path.parent
+    for t in j["targets"]:
+        final, tmp, old, old_id = parent / t["final"], parent / t["tmp"], parent / t["old"], t["old_id"]
+        if _identity(final) != old_id:
+            if _identity(old) != old_id:
+                raise UserError(f"{final}: cannot put back the directory moved aside to {old}: it is missing "
+                                f"(journal {path})")
+            if not os.path.lexists(final):
+                os.rename(old, final)
+            elif not exchange(old, final):  # the new directory ends up at `old` (exchange) or `tmp`
+                if not os.path.lexists(tmp):
+                    os.rename(final, tmp)
+                os.rename(old, final)
+        fsync_path(parent)
+        for p in (old, tmp):
+            if os.path.lexists(p) and _identity(p) != old_id:
+                remove(p)
+    fsync_path(parent)
+    path.unlink(missing_ok=True)
+    fsync_path(parent)
+
+
 def recover(parent: str | os.PathLike, *, skip_op: str | None = None) -> list[str]:
     """Deal with what interrupted operations left in `parent` (see the module docstring); returns
     one line per leftover found (also logged)."""
@@ -300,6 +344,10 @@ def recover(parent: str | os.PathLike, *, skip_op: str | None = None) -> list[st
         elif j.get("state") == "committing":
             _finish(path, j)
             notes.append(f"{finals}: finished a replacement that an interrupted run ({who}) had started")
+        elif j.get("state") == "aside":
+            _restore(path, j)
+            notes.append(f"{finals}: put back the previous content, which an interrupted run ({who}) had "
+                         "moved aside to rebuild it (the interrupted run's partial output is deleted)")
         else:
             _discard(path, j)
             notes.append(f"{finals}: removed the temporaries of an interrupted run ({who})")
@@ -436,6 +484,79 @@ class Replacement:
         after = ("the old output is untouched" if self.state == "aborted" else
                  "the new output is complete and the next neox-jax write here finishes publishing it")
         raise UserError(f"{self.finals[0]}: {what} while writing {where}; {after}") from None
+
+
+class SetAside:
+    """Rebuild a directory in place (module docstring): the existing `final` is moved aside under a
+    journal; the caller writes the new one at `final`, then calls `commit()` (the old one is deleted)
+    or `restore()` (the new one is deleted, the old one put back).  Leaving a `with` block by an
+    exception restores."""
+
+    def __init__(self, final: str | os.PathLike, *, error: type[UserError] = UserError,
+                 op: str | None = None):
+        self.final = final = Path(final)
+        if final.is_symlink():
+            raise error(f"{final}: is a symbolic link; give the real path (a link is never replaced)")
+        self.parent = final.parent
+        self.op = op or secrets.token_hex(6)
+        recover(self.parent, skip_op=self.op)
+        for path, _ in _journals(self.parent):  # left there: a live run (or another host's) is at work
+            j = _read_journal(path)
+            if j and any(t.get("final") == final.name for t in j["targets"]):
+                raise error(f"{final}: another neox-jax run (pid {j.get('pid')} on {j.get('host')}) is "
+                            f"replacing it (journal {path}); wait for it, or delete the journal if that run "
+                            "is gone")
+        self.journal = self.parent / f".{final.name}.{TAG}-{self.op}.journal"
+        self.old = self.parent / f".{final.name}.{TAG}-{self.op}.old"
+        self._target = {"final": final.name, "tmp": tmp_path(final, self.op).name, "old": self.old.name,
+                        "dir": True, "id": None, "old_id": _identity(final)}
+        self.state = "aside"
+        try:
+            self._write_journal("aside")
+            with _HeldSignals():
+                os.rename(final, self.old)
+                fsync_path(self.parent)
+        except OSError as e:
+            self.journal.with_name(self.journal.name + ".new").unlink(missing_ok=True)
+            if self.journal.exists():
+                _restore(self.journal, _read_journal(self.journal))  # the rename may have happened
+            raise error(f"{final}: cannot move it aside ({e.strerror})") from None
+        log.info("%s: moved aside to %s until its replacement is complete", final, self.old)
+
+    def _write_journal(self, state: str) -> None:
+        _write_json_atomic(self.journal, {"tool": TAG, "op": self.op, "state": state,
+                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                          "targets": [self._target], **_owner()})
+
+    def commit(self) -> None:
+        """The new `final` is complete: fsync it, then delete the old one."""
+        if self.state != "aside":
+            raise RuntimeError(f"commit in state {self.state}")
+        if not self.final.is_dir() or self.final.is_symlink():
+            raise UserError(f"{self.final}: the new directory is missing; the previous one is at {self.old}")
+        sync_tree(self.final, missing_ok=True)  # a later save may be writing (and renaming) beside it
+        fsync_path(self.parent)
+        self._target["id"] = _identity(self.final)
+        self._write_journal("committing")
+        self.state = "committing"
+        with _HeldSignals():
+            _finish(self.journal, _read_journal(self.journal))
+            self.state = "done"
+
+    def restore(self) -> None:
+        """Delete what was written at `final` and put the old directory back."""
+        if self.state != "aside":
+            return
+        with _HeldSignals():
+            _restore(self.journal, _read_journal(self.journal))
+            self.state = "restored"
+
+    def __enter__(self) -> "SetAside":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.restore()
 
 
 def write_file(final: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -125,12 +124,14 @@ def _run_generate(args):
     results = gen.generate(prompts, batch_size=args.batch_size, progress=sys.stderr.isatty(), **kw)
     records = [_record(t, c) for t, c in zip(texts, results)]
     if args.output:
+        from .atomic import Replacement
+
         out = Path(args.output)
-        tmp = out.with_name(f".{out.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
+        with Replacement([out], overwrite=args.overwrite) as rep:
+            with open(rep.tmp(), "w", encoding="utf-8") as f:
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            rep.commit()
         n = sum(len(r["completion_tokens"]) for r in records)
         print(f"wrote {out} ({len(records)} prompts, {n} generated tokens)", file=sys.stderr)
     elif args.prompt is not None:

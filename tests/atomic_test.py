@@ -132,6 +132,58 @@ def test_stale_temporaries_removed_only_when_provably_abandoned(tmp_path, caplog
     assert any("without a journal" in n for n in notes)
 
 
+@pytest.mark.parametrize("swap", ["exchange", "aside"])
+def test_set_aside_restore_commit_and_recover(tmp_path, monkeypatch, swap):
+    """SetAside (train --overwrite): restore puts the old directory back and deletes the new one;
+    commit deletes the old one; a journal left by a dead process is undone by `recover` whether the
+    restore had not begun or was cut between its renames; a live one makes a second SetAside refuse."""
+    if swap == "aside":
+        monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
+    dst = tmp_path / "run"
+
+    def old_run():
+        atomic.remove(dst)
+        (dst / "sub").mkdir(parents=True)
+        (dst / "sub" / "old.txt").write_text("old")
+        return tree_bytes(dst)
+
+    def new_run():
+        dst.mkdir()
+        (dst / "new.txt").write_text("new")
+
+    before = old_run()
+    rep = atomic.SetAside(dst)
+    assert not dst.exists() and json.loads(rep.journal.read_text())["state"] == "aside"
+    new_run()
+    with pytest.raises(UserError, match="another neox-jax run"):
+        atomic.SetAside(dst)  # this process is alive: its journal is not abandoned
+    assert "is being rebuilt; its previous content was moved aside" in atomic.pending(dst)
+    rep.restore()
+    assert tree_bytes(dst) == before and leftovers(tmp_path) == []
+    rep = atomic.SetAside(dst)
+    new_run()
+    rep.commit()
+    assert tree_bytes(dst) == {"new.txt": b"new"} and leftovers(tmp_path) == []
+    for cut in ("before-restore", "between-renames", "committing"):
+        before = old_run()
+        rep = atomic.SetAside(dst)
+        new_run()
+        if cut == "committing":  # killed after the journal said so, before the old copy was deleted
+            rep._target["id"] = atomic._identity(dst)
+            rep._write_journal("committing")
+        j = json.loads(rep.journal.read_text())
+        rep.journal.write_text(json.dumps({**j, "pid": dead_pid(), "pid_start": None}))
+        if cut == "between-renames":  # the fallback's first rename done, the second not
+            os.rename(dst, tmp_path / j["targets"][0]["tmp"])
+        notes = atomic.recover(tmp_path)
+        if cut == "committing":
+            assert any("finished a replacement" in n for n in notes), notes
+            assert tree_bytes(dst) == {"new.txt": b"new"} and leftovers(tmp_path) == []
+            continue
+        assert any("put back the previous content" in n for n in notes), notes
+        assert tree_bytes(dst) == before and leftovers(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------- full disk
 
 

@@ -396,6 +396,21 @@ def symlinked_dst(fx, d) -> Path:
     return d / "link"
 
 
+def symlinked_file(d: Path, name: str) -> Path:
+    """name -> real.txt: an output that is a symbolic link (never replaced, even with --overwrite)."""
+    existing(d, "real.txt")
+    (d / name).symlink_to(d / "real.txt")
+    return d / name
+
+
+def symlinked_run_dir(d: Path) -> Path:
+    """r -> real, a run directory (config.yaml) reached through a symbolic link."""
+    (d / "real").mkdir()
+    (d / "real" / "config.yaml").write_text("model: {}\n")
+    (d / "r").symlink_to(d / "real")
+    return d / "r"
+
+
 def file_parent(d: Path, name: str) -> Path:
     (d / "afile").write_text("not a directory")
     return d / "afile" / name
@@ -622,6 +637,12 @@ CASES = [
                                           S(d / "r")], ["nodata"]),
     ("train-init-from-missing", lambda fx, d: ["train", S(fx["run"]), "--run-dir", S(d / "r"), "--init-from",
                                                S(d / "nockpt")], ["nockpt"]),
+    ("train-overwrite-symlinked-run-dir", lambda fx, d: ["train", S(fx["run"]), "--set", "train.batch_size=8",
+                                                        "--run-dir", S(symlinked_run_dir(d)), "--overwrite"],
+     ["r", "symbolic link"]),
+    ("train-overwrite-not-a-run-dir", lambda fx, d: ["train", S(fx["run"]), "--set", "train.batch_size=8",
+                                                     "--run-dir", S(non_empty_dir(d, "r")), "--overwrite"],
+     ["r", "not a neox-jax run directory"]),
     ("train-config-missing", lambda fx, d: ["train", S(d / "none.yaml"), "--run-dir", S(d / "r")], ["none.yaml"]),
     ("train-neox-yaml-bool", lambda fx, d: ["train", S(neox_train_cfg(fx, d, gpt_j_residual="no")), "--run-dir",
                                             S(d / "r")], ["neox.yml", "gpt_j_residual"]),
@@ -662,6 +683,14 @@ CASES = [
                                                   S(write(d, "tok.json", b"not json"))], ["tok.json"]),
     ("generate-ck-array-deleted", lambda fx, d: ["generate", S(damaged_ck(fx, d, "deleted")), "--input",
                                                  S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]}))], ["params"]),
+    ("generate-output-symlink", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                               S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]})), "--max-new-tokens",
+                                               "2", "--output", S(symlinked_file(d, "o.jsonl")), "--overwrite"],
+     ["o.jsonl", "symbolic link"]),
+    ("generate-output-unwritable", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                                  S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]})),
+                                                  "--max-new-tokens", "2", "--output", S(file_parent(d, "o.jsonl"))],
+     ["afile"]),
     # ---- eval
     ("eval-batch-size-zero", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(fx["docs"]), "--batch-size", "0",
                                             "--output", S(d / "r.json")], ["--batch-size"]),
@@ -684,6 +713,10 @@ CASES = [
                                           S(existing(d, "r.json"))], ["r.json", "--overwrite"]),
     ("eval-ck-array-truncated", lambda fx, d: ["eval", S(damaged_ck(fx, d, "truncated")), "--perplexity",
                                                S(fx["docs"]), "--output", S(d / "r.json")], ["params"]),
+    ("eval-output-symlink", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(fx["docs"]), "--output",
+                                           S(symlinked_file(d, "r.json")), "--overwrite"], ["r.json", "symbolic link"]),
+    ("eval-output-unwritable", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(fx["docs"]), "--output",
+                                              S(file_parent(d, "r.json"))], ["afile"]),
     # ---- init
     ("init-bool-as-string", lambda fx, d: ["init", S(REPO / "configs" / "tiny.yaml"), S(d / "ck"), "--set",
                                            "model.scan_layers=maybe"], ["scan_layers"]),

@@ -95,3 +95,41 @@ def test_errors_are_one_line(ckpt, tmp_path, neox_tokenizer_path, capsys):
     r = subprocess.run([sys.executable, "-m", "neox_jax", "generate", str(tmp_path), "--prompt", "x"],
                        capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 2 and "not a neox-jax checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_output_is_replaced_atomically(command, ckpt, tmp_path, neox_tokenizer_path, capsys, monkeypatch):
+    """--output goes through the atomic helper: the new file is fsynced under a per-operation hidden
+    name before it replaces the old one; a failure while writing it (here ENOSPC from the fsync)
+    leaves the existing output byte-identical and no temporary behind."""
+    import errno
+
+    from neox_jax import atomic
+
+    inp = tmp_path / "in.jsonl"
+    key = {"generate": "prompt_tokens", "eval": "tokens"}[command]
+    inp.write_text(json.dumps({key: [510, 3158, 8516, 12, 77]}) + "\n")
+    out = tmp_path / "out.json"
+    out.write_text("precious\n")
+    args = {"generate": ["generate", str(ckpt), "--input", str(inp), "--max-new-tokens", "3"],
+            "eval": ["eval", str(ckpt), "--perplexity", str(inp)]}[command]
+    args = ["-q", *args, "--tokenizer", str(neox_tokenizer_path), "--output", str(out), "--overwrite"]
+    real, synced = atomic.sync_tree, []
+
+    def full(path):
+        synced.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "sync_tree", full)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("neox-jax: error:")]
+    assert len(err) == 1 and "No space left on device" in err[0] and "old output is untouched" in err[0], err
+    assert out.read_bytes() == b"precious\n" and sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.json"]
+    assert [p.parent for p in synced] == [tmp_path] and atomic._NAME.match(synced[0].name), synced
+    monkeypatch.setattr(atomic, "sync_tree", lambda path: (synced.append(path), real(path)))
+    assert main(args) == 0
+    assert out.read_bytes() != b"precious\n" and sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.json"]
+    assert synced[1].name.endswith(".tmp") and synced[1] != synced[0]  # a new name per operation
+    first = json.loads(out.read_text()) if command == "eval" else json.loads(out.read_text().splitlines()[0])
+    assert ("results" if command == "eval" else "completion") in first

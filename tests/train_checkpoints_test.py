@@ -321,6 +321,127 @@ def test_refusals_are_one_line(case, reference, tmp_path, capsys):
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
+# ----------------------------------------------------------------------------- --overwrite
+
+
+def _tree(path):
+    """Every file, directory and link under path -> its bytes (or a tag): byte-identical means equal."""
+    out = {}
+    for p in sorted(path.rglob("*")):
+        rel = str(p.relative_to(path))
+        out[rel] = "link:" + os.readlink(p) if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes()
+    return out
+
+
+def _leftovers(parent):
+    from neox_jax import atomic
+
+    return sorted(n for n in os.listdir(parent) if atomic._NAME.match(n))
+
+
+def _old_run(reference, tmp_path):
+    r = _copy_run(reference[0], tmp_path / "r", keep_steps={4, 8})
+    (r / "notes.txt").write_text("the old run's own file\n")
+    return r, _tree(r)
+
+
+def test_overwrite_that_fails_keeps_the_old_run(reference, tmp_path, capsys, caplog):
+    """--overwrite, then an input error found after the run directory was prepared (the --init-from
+    checkpoint's array file is truncated: only restoring it tells): exit 2, one line naming the
+    file, the old run directory byte-identical, nothing left beside it."""
+    run_dir, cfg = reference
+    r, before = _old_run(reference, tmp_path)
+    init = _copy_run(run_dir, tmp_path / "init", keep_steps={4}) / "checkpoints" / "4"
+    victim = max((init / "params").rglob("d/*"), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    caplog.set_level("INFO", logger="neox_jax")
+    assert main(["train", str(cfg), "--run-dir", str(r), "--overwrite", "--init-from", str(init)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("neox-jax: error:")]
+    assert len(err) == 1 and str(init) in err[0], err
+    assert _tree(r) == before and _leftovers(tmp_path) == []
+    assert "moved aside" in caplog.text  # the old directory was out of the way when the error came
+    assert "previous run directory is back" in caplog.text
+
+
+def test_overwrite_killed_before_its_first_checkpoint(reference, tmp_path, caplog):
+    """SIGKILL an --overwrite run (paused after its first step, before its first checkpoint): the old
+    run waits aside under the journal and readers of the run directory are told so; the next
+    `train` with that run directory puts it back, byte-identical, before doing anything else (here:
+    refusing --no-resume, which looks at the restored checkpoints)."""
+    _, cfg = reference
+    r, before = _old_run(reference, tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "neox_jax", "train", str(cfg), "--run-dir", str(r),
+                             "--overwrite"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env={**os.environ, **ENV, "NEOX_JAX_TEST_PAUSE": "train-step:120"})
+    deadline = time.time() + 300
+    journals = []
+    while time.time() < deadline and not (journals and (r / "config.yaml").exists()):
+        assert proc.poll() is None, proc.communicate()
+        journals = list(tmp_path.glob(".r.neox-jax-*.journal"))
+        time.sleep(0.05)
+    assert json.loads(journals[0].read_text())["state"] == "aside"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    (old,) = tmp_path.glob(".r.neox-jax-*.old")
+    assert _tree(old) == before and not tc.has_checkpoints(r)
+    with pytest.raises(ckpt.CheckpointError, match="moved aside to .*neox-jax train --run-dir"):
+        ckpt.resolve(r)
+    caplog.set_level("WARNING", logger="neox_jax")
+    assert main(["train", str(cfg), "--run-dir", str(r), "--no-resume"]) == 2
+    assert "put back the previous content, which an interrupted run" in caplog.text
+    assert _tree(r) == before and _leftovers(tmp_path) == []
+
+
+def test_overwrite_replaces_the_run(reference, tmp_path, caplog):
+    """A successful --overwrite: the new run alone (its losses those of the reference run, 8 of
+    them, not 16), the old run's files gone, no aside copy, journal or temporary left."""
+    run_dir, cfg = reference
+    r, _ = _old_run(reference, tmp_path)
+    from neox_jax.train.loop import train
+
+    caplog.set_level("INFO", logger="neox_jax")
+    out = train(from_sections(yaml.safe_load(cfg.read_text())), r, overwrite=True)
+    assert out["steps"] == STEPS and losses(r) == losses(run_dir)
+    assert not (r / "notes.txt").exists()
+    assert tc.TrainCheckpoints(r / "checkpoints", read_only=True).steps() == [4, 8]
+    assert "complete checkpoint; deleted the previous run" in caplog.text
+    assert _leftovers(tmp_path) == []
+
+
+def test_save_log_line_splits_what_held_the_loop(reference, tmp_path, caplog, monkeypatch):
+    """The save's log line says what it measured: the wait for the steps in flight (here made
+    0.3 s longer by a patched jax.block_until_ready) is reported apart and not counted as held; the
+    wait for the previous save (a patched wait_until_finished sleeping 0.5 s) and the copy are."""
+    import re
+
+    import orbax.checkpoint as ocp
+
+    from neox_jax.train.loop import train
+
+    real_ready, real_wait = jax.block_until_ready, ocp.CheckpointManager.wait_until_finished
+
+    def slow_ready(x):
+        time.sleep(0.3)
+        return real_ready(x)
+
+    def slow_wait(self):
+        time.sleep(0.5)
+        return real_wait(self)
+
+    monkeypatch.setattr(tc.jax, "block_until_ready", slow_ready)
+    monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", slow_wait)
+    caplog.set_level("INFO", logger="neox_jax")
+    train(from_sections(yaml.safe_load(reference[1].read_text())), tmp_path / "r")
+    lines = re.findall(r"checkpoint of step (\d+): saving to \S+ \(training held ([\d.]+) s: ([\d.]+) s "
+                       r"waiting for the previous save, ([\d.]+) s copying the state to host memory; before that "
+                       r"([\d.]+) s waiting for the steps in flight to finish computing\)", caplog.text)
+    assert [int(x[0]) for x in lines] == [4, 8], caplog.text
+    for _, held, previous, copy, in_flight in (tuple(map(float, x)) for x in lines):
+        assert previous >= 0.5 and in_flight >= 0.3
+        assert held == pytest.approx(previous + copy, abs=0.02)  # the steps in flight are not in it
+
+
 def test_schedule_rules():
     """every N steps, listed steps, the Pythia preset (0, 1, 2, 4, ..., 512, then every 1000)."""
     from neox_jax.train.config import CheckpointConfig

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -126,9 +125,11 @@ def _run_eval(args):
         },
     }
     record["config"]["versions"] = _versions()
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, out)
+    from ..atomic import Replacement
+
+    with Replacement([out], overwrite=args.overwrite) as rep:
+        rep.tmp().write_text(json.dumps(record, indent=2, default=str) + "\n")
+        rep.commit()
     for name, r in results.items():
         if name == "lm_eval":
             for task, metrics in r["results"].items():

@@ -15,11 +15,13 @@
 There is no RNG item: training has no dropout or other randomness after initialisation (the
 parameters come from `train.seed`, the data order from `data.seed`), so the state above is all of it.
 
-Writing (`TrainCheckpoints.save`): Orbax copies the state to host memory, then writes in a
-background thread while training continues (`checkpoint.async_save`); each process writes only the
-shards it owns, and the step appears under its final name only after every item (and every
-process) has finished: Orbax writes `STEP.orbax-checkpoint-tmp-*` and renames it on commit (on
-object stores, where renames are not atomic, it writes a commit file instead).  A process killed
+Writing (`TrainCheckpoints.save`): the steps dispatched so far finish (the state is their result),
+the previous save finishes, Orbax copies the state to host memory, then writes in a background
+thread while training continues (`checkpoint.async_save`); each wait is timed apart
+(`last_save`).  Each process writes only the shards it owns, and the step appears under its final
+name only after every item (and every process) has finished: Orbax writes
+`STEP.orbax-checkpoint-tmp-*` and renames it on commit (on object stores, where renames are not
+atomic, it writes a commit file instead).  A process killed
 mid-save therefore leaves only a temporary directory, which the next run reports and removes.  An
 existing step is never written again.  Which steps are written: `RunConfig.checkpoint` (every N
 steps, every T minutes, listed steps, the Pythia preset, at the end and on SIGINT/SIGTERM); which
@@ -140,7 +142,12 @@ class TrainCheckpoints:
         except OSError as e:
             raise CheckpointError(f"{self.directory}: cannot create the checkpoint directory "
                                   f"({e.strerror or e})") from None
-        self.save_s: list[float] = []  # time each save() blocked the training loop
+        # time each save() held the training loop (waiting for the previous save, then Orbax's copy
+        # of the state to host memory); `last_save` splits the latest, with the wait for the steps
+        # in flight before it, which is computing time the loop waits for anyway (one step later)
+        self.save_s: list[float] = []
+        self.last_save: dict[str, float] = {}
+        self.closed = False
 
     # -- listing
 
@@ -170,12 +177,18 @@ class TrainCheckpoints:
             loader=ocp.args.JsonSave(dict(loader_state)), run=ocp.args.JsonSave(run.to_dict()),
             config=ocp.args.JsonSave(run.model.to_dict()), neox_jax=ocp.args.JsonSave(marker))
         t0 = time.perf_counter()
+        jax.block_until_ready(state)  # the steps dispatched so far: Orbax would wait for them too
+        t1 = time.perf_counter()
         try:
+            self.manager.wait_until_finished()  # the previous save, if it is still writing
+            t2 = time.perf_counter()
             self.manager.save(step, args=args, force=True)
         except Exception as e:  # the previous save's failure surfaces here too (full disk, permissions)
             raise CheckpointError(f"{self.directory}: writing the checkpoint of step {step} failed "
                                   f"({_first(e)}); the older checkpoints are intact") from None
-        self.save_s.append(time.perf_counter() - t0)
+        t3 = time.perf_counter()
+        self.save_s.append(t3 - t1)
+        self.last_save = {"steps_in_flight_s": t1 - t0, "previous_save_s": t2 - t1, "copy_s": t3 - t2}
         return True
 
     def wait(self) -> None:
@@ -187,8 +200,11 @@ class TrainCheckpoints:
                                   "older checkpoints are intact") from None
 
     def close(self) -> None:
+        if self.closed:  # a second close (an --overwrite undone after an error) would upset Orbax's threads
+            return
         self.wait()
         self.manager.close()
+        self.closed = True
 
     # -- reading
 

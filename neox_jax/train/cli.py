@@ -33,7 +33,10 @@ def register(sub) -> None:
                    help="refuse to continue a run directory that has checkpoints")
     p.add_argument("--resume-fallback", action="store_true",
                    help="if the newest checkpoint cannot be restored, resume from the previous one")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run directory that has a run: the old one is moved aside and "
+                        "deleted once the new run has a complete checkpoint; an error before then puts it "
+                        "back")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     g = p.add_argument_group("several processes", "one process per host or GPU (docs/scaling.md); without "
                              "these, SLURM's srun and the NEOX_JAX_* variables of launch/*.sh are detected")

@@ -11,13 +11,14 @@ without loss scaling stops the run naming its step.  SIGINT / SIGTERM finish the
 stop cleanly after writing a checkpoint.  Checkpoints (`checkpoints.py`) are written on the
 schedule of `RunConfig.checkpoint` and at the end under `RUN_DIR/checkpoints/STEP` (what `score`,
 `convert`, `inspect` and `generate` read); a run directory with checkpoints is resumed from the
-newest complete one, data position included.
+newest complete one, data position included.  `--overwrite` moves an existing run directory aside
+until the new run has a complete checkpoint (`Overwrite`), so a run that fails early loses nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from .. import atomic
 from .. import checkpoint as ckpt
 from .. import flops
 from ..data.loader import Loader, global_batch_arrays
@@ -141,22 +143,71 @@ def will_resume(run_dir: Path, overwrite: bool, resume: str) -> bool:
     return found and not overwrite
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool, *, create: bool = True) -> None:
-    """Refuse an unusable run directory; with `create`, empty (--overwrite) and create it.  Every
-    process checks (so all refuse alike on a shared filesystem); only process 0 creates."""
+def prepare_run_dir(run_dir: Path, overwrite: bool, *, create: bool = True) -> "Overwrite":
+    """Refuse an unusable run directory; with `create`, create it, after moving an existing one
+    aside (--overwrite: `Overwrite`).  Every process checks (so all refuse alike on a shared
+    filesystem); only process 0 creates."""
+    aside = None
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise UserError(f"{run_dir}: run directory exists and is not empty and has no complete "
                             "checkpoint to resume from (pass --overwrite to start over)")
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"{run_dir}: not a neox-jax run directory (no config.yaml); refusing to delete it")
+        if run_dir.is_symlink():
+            raise UserError(f"{run_dir}: is a symbolic link; --overwrite needs the run directory's real path")
         if create:
-            shutil.rmtree(run_dir)
+            aside = atomic.SetAside(run_dir)
     if create:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
+            if aside is not None:
+                aside.restore()
             raise UserError(f"{run_dir}: cannot create the run directory ({e.strerror or e})") from None
+    return Overwrite(run_dir, aside)
+
+
+class Overwrite:
+    """--overwrite of an existing run directory: the old one waits aside (`atomic.SetAside`) until
+    the new run has a complete checkpoint, or has finished; it is deleted then.  A run that fails or
+    is interrupted before that gets the old directory back (`undo`), and one that is killed leaves
+    it to the next `train` (or any neox-jax write beside it), which puts it back."""
+
+    def __init__(self, run_dir: Path, aside: atomic.SetAside | None):
+        self.run_dir, self.aside = run_dir, aside
+        self.ckpts: tc.TrainCheckpoints | None = None  # to wait for a save in flight before undoing
+
+    @property
+    def pending(self) -> bool:
+        return self.aside is not None
+
+    def confirm(self, why: str = "has a complete checkpoint") -> None:
+        """The new run stands: delete the old directory."""
+        if self.aside is not None:
+            self.aside.commit()
+            self.aside = None
+            log.info("%s: the new run %s; deleted the previous run", self.run_dir, why)
+
+    def poll(self) -> None:
+        if self.aside is not None and tc.has_checkpoints(self.run_dir):
+            self.confirm()
+
+    def undo(self) -> None:
+        """The new run failed: keep it if a checkpoint of it committed after all, else put the old back."""
+        if self.aside is None:
+            return
+        if self.ckpts is not None:
+            try:
+                self.ckpts.close()  # nothing may still be writing into the directory that is moved
+            except Exception:  # noqa: BLE001 - the run's own error is the one reported
+                pass
+        if tc.has_checkpoints(self.run_dir):
+            return self.confirm()
+        self.aside.restore()
+        self.aside = None
+        log.warning("%s: the new run stopped before its first checkpoint; the previous run directory is back "
+                    "as it was", self.run_dir)
 
 
 class _StopFlag:
@@ -188,6 +239,10 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
     A run directory with checkpoints is continued (`will_resume`)."""
     run_dir = Path(run_dir)
     _check_backend(run)
+    lead = jax.process_index() == 0
+    if lead:  # an --overwrite of this run directory that was killed is undone first (logged)
+        atomic.recover(run_dir.parent)
+    barrier("neox_jax.train.recovered")
     resuming = will_resume(run_dir, overwrite, resume)
     if resuming and run.train.start_step:
         raise UserError(f"{run_dir}: train.start_step {run.train.start_step} with a run directory to resume; "
@@ -196,14 +251,33 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
         _check_init(run, run.train.init_from)
     train_ds, valid_ds = build_datasets(run)
     mesh = _mesh(run)
-    lead = jax.process_index() == 0
     if not resuming:
         prepare_run_dir(run_dir, overwrite, create=False)
     barrier("neox_jax.train.run_dir_checked")  # every process checked before process 0 changes anything
+    ow = Overwrite(run_dir, None)
     if lead and not resuming:
-        prepare_run_dir(run_dir, overwrite)
-        run.save(run_dir / "config.yaml")
+        ow = prepare_run_dir(run_dir, overwrite)
+        with _undo_on_error(ow):
+            run.save(run_dir / "config.yaml")
     barrier("neox_jax.train.run_dir_ready")  # no process opens the checkpoints before the directory exists
+    with _undo_on_error(ow):
+        return _train(run, run_dir, ow, progress=progress, resuming=resuming, resume_fallback=resume_fallback,
+                      mesh=mesh, datasets=(train_ds, valid_ds))
+
+
+@contextlib.contextmanager
+def _undo_on_error(ow: Overwrite):
+    try:
+        yield
+    except BaseException:
+        ow.undo()
+        raise
+
+
+def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resuming: bool,
+           resume_fallback: bool, mesh, datasets) -> dict:
+    train_ds, valid_ds = datasets
+    lead = jax.process_index() == 0
     cfg, t = run.model, run.train
     S, B = run.data.seq_length, t.batch_size
     log.info("mesh %s over %d %s device(s) (%s); %d process(es)", dict(mesh.shape), mesh.size,
@@ -218,7 +292,7 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
 
     opt = make_optimizer(run)
     shardings = state_shardings(run, mesh, opt)
-    ckpts = tc.TrainCheckpoints(run_dir / "checkpoints", run)
+    ckpts = ow.ckpts = tc.TrainCheckpoints(run_dir / "checkpoints", run)
     start = 0
     with jax.set_mesh(mesh):
         if resuming:
@@ -319,8 +393,11 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
     def save(done: int) -> None:
         if ckpts.save(done, state, loader.state()):
             schedule.saved()
-            log.info("checkpoint of step %d: saving to %s (training blocked %.2f s)", done, ckpts.step_dir(done),
-                     ckpts.save_s[-1])
+            w = ckpts.last_save
+            log.info("checkpoint of step %d: saving to %s (training held %.2f s: %.2f s waiting for the "
+                     "previous save, %.2f s copying the state to host memory; before that %.2f s waiting for "
+                     "the steps in flight to finish computing)", done, ckpts.step_dir(done), ckpts.save_s[-1],
+                     w["previous_save_s"], w["copy_s"], w["steps_in_flight_s"])
 
     try:
         with _StopFlag() as stop, jax.set_mesh(mesh):
@@ -334,6 +411,9 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
                 state, m = compiled(state, batch)
                 if step + 1 < t.steps and schedule.due(step + 1):
                     save(step + 1)
+                if ow.pending and ckpts.save_s:
+                    ow.poll()  # the old run directory is deleted once a checkpoint of the new run commits
+                atomic.test_pause("train-step")
                 if pending is not None:
                     finish(*pending)
                 pending = (step, m)
@@ -361,6 +441,7 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
     ckpts.close()  # waits for the last save to commit
     if path is not None:
         log.info("checkpoint of step %d committed (waited %.2f s for the write)", done, time.perf_counter() - t0)
+    ow.confirm("finished")
     metrics.close()
     summary = {"steps": done, "loss": last.get("loss"), "valid_loss": valid_loss, "skipped_steps": skipped,
                "compile_s": compile_s, "tokens_per_s": last.get("tokens_per_s"),
