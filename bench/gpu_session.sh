@@ -18,6 +18,7 @@
 #   s4  remat none, micro-batch 16, then 24 (s4b)
 #   s5  remat dots_attn, micro-batch 24
 #   s6  remat dots_attn, micro-batch 8, the cross-entropy over the whole sequence (train.loss_chunk 0)
+#   s6b remat dots_attn, micro-batch 8, model.fp32_allreduce (its cost on one GPU)
 #   s7  the collectives of the 1.4b step on (1,1,1) (this GPU) and (8,1,1) (8 CPU devices)
 #   s8  a profile of remat dots_attn, micro-batch 8 (bench/profile_step.py)
 #   s9-s12  each flag of launch/xla_gpu_flags.sh alone (together they cost 7.9% in session one)
@@ -71,6 +72,7 @@ stage s4_remat_none_mb16 90 $tt "$@" "${ours[@]}" --remat none --micro-batch 16 
 stage s4b_remat_none_mb24 100 $tt "$@" "${ours[@]}" --remat none --micro-batch 24 --job-timeout 90
 stage s5_dots_attn_mb24 100 $tt "$@" "${ours[@]}" --remat dots_attn --micro-batch 24 --job-timeout 90
 stage s6_loss_chunk_whole 90 $tt "$@" "${ours[@]}" --remat dots_attn --loss-chunk 0 --job-timeout 80
+stage s6b_fp32_allreduce 90 $tt "$@" "${ours[@]}" --remat dots_attn --fp32-allreduce --job-timeout 80
 stage s7_collectives 120 $tt "$@" "${ours[@]}" --collectives --steps 3 --warmup 1 --job-timeout 110
 stage s8_profile 90 profile_step.py "$@" --remat dots_attn --steps 3
 for flag in --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false \

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="pythia-1.4b", help="a preset in configs/ (default pythia-1.4b)")
     ap.add_argument("--seq", type=int, default=2048, help="sequence length (default 2048)")
     ap.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch (default 8)")
+    ap.add_argument("--fp32-allreduce", action="store_true",
+                    help="model.fp32_allreduce: weight/bias gradients float32 out of their matmuls")
     ap.add_argument("--loss-chunk", type=int, default=256,
                     help="positions per cross-entropy chunk (train.loss_chunk; 0 = the whole sequence)")
     ap.add_argument("--grad-accum", type=int, default=1,
@@ -162,7 +164,7 @@ def model_config(args, parallel: bool | None = None, attention: str | None = Non
 
     cfg = load_config(args.model)
     changes: dict[str, Any] = {"compute_dtype": args.dtype, "attention": attention or args.attention_resolved,
-                               "param_dtype": "float32"}
+                               "param_dtype": "float32", "fp32_allreduce": args.fp32_allreduce}
     if args.remat != "preset":
         changes["remat"] = args.remat
     if parallel is None:
@@ -300,7 +302,8 @@ def job_ours(args, parallel: bool | None) -> dict[str, Any]:
     dev = jax_device_info()
     out = {"side": "ours", "use_parallel_residual": cfg.use_parallel_residual, "attention": cfg.attention,
            "remat": cfg.remat, "dtype": cfg.compute_dtype, "global_batch": B, "micro_batch": run.micro_batch,
-           "grad_accum": run.train.grad_accum, "loss_chunk": run.train.loss_chunk, "seq": args.seq,
+           "grad_accum": run.train.grad_accum, "loss_chunk": run.train.loss_chunk,
+           "fp32_allreduce": cfg.fp32_allreduce, "seq": args.seq,
            "tokens_per_step": B * args.seq, "step_ms": step_s * 1e3, "step_ms_all": [t * 1e3 for t in times],
            "first_step_s": warm[0] if warm else None, "compile_s": compile_s,
            "compile_how": "AOT .lower().compile()", "init_s": init_s,
@@ -575,8 +578,8 @@ def worker_main(args) -> int:
 # ============================================================================ orchestration
 
 
-JOB_ARGS = ("model", "seq", "micro_batch", "grad_accum", "loss_chunk", "steps", "warmup", "dtype", "remat", "lr",
-            "seed", "attention_resolved", "parallel_default")
+JOB_ARGS = ("model", "seq", "micro_batch", "grad_accum", "loss_chunk", "fp32_allreduce", "steps", "warmup", "dtype",
+            "remat", "lr", "seed", "attention_resolved", "parallel_default")
 
 
 def job_env(job: dict[str, Any], xla_extra: list[str]) -> dict[str, str]:

@@ -79,6 +79,8 @@ class ModelConfig:
     attention: str = "xla"  # "xla" everywhere, "cudnn" on NVIDIA GPUs
     scan_layers: bool = True  # lax.scan over stacked layers (compile time independent of depth)
     remat: str = "none"  # none | full | dots (save matmul outputs) | dots_attn (dots + cuDNN attention) | save_proj
+    fp32_allreduce: bool = False  # weight/bias gradients leave their matmuls in float32, so data-parallel
+    #                               reduction and accumulation run in float32 (GPT-NeoX fp32_allreduce)
     init: str = "small_wang"  # small_wang (Pythia <= 2.8B, 20B) | normal (Pythia 6.9B/12B)
     init_std: float = 0.02  # std of the "normal" scheme
 

@@ -338,6 +338,93 @@ def _einsum_f32_out_bwd(spec, precision, res, g):
 einsum_f32_out.defvjp(_einsum_f32_out_fwd, _einsum_f32_out_bwd)
 
 
+def dense(cfg: ModelConfig, spec: str, x: Array, p: Params) -> Array:
+    """`einsum(spec, x, kernel) + bias` in the compute dtype (the bias over the output's trailing dims).
+
+    With `fp32_allreduce` and a 16-bit compute dtype the backward pass keeps the kernel's and the
+    bias's gradients in float32 (`_dense_wide_grads`): the weight-gradient GEMM writes its float32
+    accumulator instead of rounding it to bf16, and the bias gradient is summed in float32.  Under
+    data parallelism those per-device partial sums are what XLA's partitioner all-reduces, so this
+    is GPT-NeoX's `fp32_allreduce` (Pythia-1B trained with it); it also keeps gradient accumulation
+    over micro-batches free of bf16 rounding.  Without it the partial sums are reduced in bf16."""
+    dtype, precision = _numerics(cfg)
+    if cfg.fp32_allreduce and dtype != jnp.float32:
+        return _dense_wide_grads(spec, dtype, precision, x, p["kernel"], p["bias"])
+    return jnp.einsum(spec, x, p["kernel"].astype(dtype), precision=precision) + p["bias"].astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _dense_wide_grads(spec, dtype, precision, x, w, b):
+    return _dense_wide_grads_fwd(spec, dtype, precision, x, w, b)[0]
+
+
+def _dense_wide_grads_fwd(spec, dtype, precision, x, w, b):
+    wc = w.astype(dtype)
+    out = jnp.einsum(spec, x, wc, precision=precision) + b.astype(dtype)
+    return out, (x, wc, jnp.zeros((), w.dtype), jnp.zeros((), b.dtype))
+
+
+def _wide_backward(spec: str, precision, x, wc, g):
+    """(dx in the compute dtype, dw in float32) of `einsum(spec, x, wc)` for a compute-dtype cotangent."""
+    inputs, out_spec = spec.split("->")
+    x_spec, w_spec = inputs.split(",")
+    dx = jnp.einsum(f"{out_spec},{w_spec}->{x_spec}", g, wc, precision=precision)
+    dw = jnp.einsum(f"{x_spec},{out_spec}->{w_spec}", x, g, precision=precision, preferred_element_type=jnp.float32)
+    return dx, dw
+
+
+def _dense_wide_grads_bwd(spec, dtype, precision, res, g):
+    x, wc, w_like, b_like = res
+    dx, dw = _wide_backward(spec, precision, x, wc, g)
+    out_spec = spec.split("->")[1]
+    lead = len(out_spec) - len(_bias_dims(spec))
+    db = jnp.sum(g.astype(jnp.float32), axis=tuple(range(lead)))
+    return dx.astype(x.dtype), dw.astype(w_like.dtype), db.astype(b_like.dtype)
+
+
+def _bias_dims(spec: str) -> str:
+    """The output dims that come from the kernel (the bias's dims): 'bsd,dknh->bsknh' -> 'knh'."""
+    inputs, out_spec = spec.split("->")
+    x_spec, w_spec = inputs.split(",")
+    return "".join(c for c in out_spec if c in w_spec and c not in x_spec)
+
+
+_dense_wide_grads.defvjp(_dense_wide_grads_fwd, _dense_wide_grads_bwd)
+
+
+def head_logits(cfg: ModelConfig, spec: str, h: Array, w: Array, axes: tuple | None) -> Float[Array, "..."]:
+    """Float32 logits of the vocab head `einsum(spec, h, w)`: w cast to the compute dtype on its
+    shards (`axes`; None inside a shard_map, where w is already the local block), the backward in the
+    compute dtype (`einsum_f32_out`); with `fp32_allreduce` the weight's gradient stays float32
+    (`_head_wide`), as in `dense`."""
+    dtype, precision = _numerics(cfg)
+    if cfg.fp32_allreduce and dtype != jnp.float32:
+        return _head_wide(spec, dtype, precision, axes, h, w)
+    wc = w.astype(dtype) if axes is None else cast_on_shards(w, dtype, axes)
+    return einsum_f32_out(spec, h, wc, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _head_wide(spec, dtype, precision, axes, h, w):
+    return _head_wide_fwd(spec, dtype, precision, axes, h, w)[0]
+
+
+def _head_wide_fwd(spec, dtype, precision, axes, h, w):
+    wc = w.astype(dtype) if axes is None else cast_on_shards(w, dtype, axes)
+    out = jnp.einsum(spec, h, wc, precision=precision, preferred_element_type=jnp.float32)
+    return out, (h, wc, jnp.zeros((), w.dtype))
+
+
+def _head_wide_bwd(spec, dtype, precision, axes, res, g):
+    h, wc, w_like = res
+    dh, dw = _wide_backward(spec, precision, h, wc, g.astype(dtype))
+    dw = dw.astype(w_like.dtype)
+    return dh.astype(h.dtype), (dw if axes is None else constrain(dw, axes))
+
+
+_head_wide.defvjp(_head_wide_fwd, _head_wide_bwd)
+
+
 def _dot_attention_xla(q, k, v, mask, precision):
     """Reference attention: scores and softmax in float32."""
     H = q.shape[-1]
@@ -377,9 +464,8 @@ def attention(
     slots) the queries also attend to those cached keys, `mask` [B, 1, S, S] covers the new
     positions among themselves, and the result is `(out, (k, v))` with the new positions' rotated
     keys and values [B, S, N, H] for the caller to store (generate.py's KV cache)."""
-    dtype, precision = _numerics(cfg)
-    qkv = jnp.einsum("bsd,dknh->bsknh", x, p["qkv"]["kernel"].astype(dtype), precision=precision)
-    qkv = qkv + p["qkv"]["bias"].astype(dtype)
+    _, precision = _numerics(cfg)
+    qkv = dense(cfg, "bsd,dknh->bsknh", x, p["qkv"])
     qkv = checkpoint_name(qkv, "qkv")
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = constrain(apply_rotary(q, cos, sin), ("batch", "seq", "act_heads", None))
@@ -390,8 +476,7 @@ def attention(
         ctx = _dot_attention_cudnn(q, k, v, mask, causal_only)
     else:
         ctx = _dot_attention_xla(q, k, v, mask, precision)
-    out = jnp.einsum("bsnh,nhd->bsd", ctx, p["out"]["kernel"].astype(dtype), precision=precision)
-    out = out + p["out"]["bias"].astype(dtype)
+    out = dense(cfg, "bsnh,nhd->bsd", ctx, p["out"])
     out = checkpoint_name(out, "attn_out")
     return out if past is None else (out, (k, v))
 
@@ -413,13 +498,10 @@ def _dot_attention_with_past(q, k, v, mask, past, precision):
 
 
 def mlp(cfg: ModelConfig, p: Params, x: Float[Array, "B S D"]) -> Float[Array, "B S D"]:
-    dtype, precision = _numerics(cfg)
-    h = jnp.einsum("bsd,df->bsf", x, p["fc_in"]["kernel"].astype(dtype), precision=precision)
-    h = h + p["fc_in"]["bias"].astype(dtype)
+    h = dense(cfg, "bsd,df->bsf", x, p["fc_in"])
     h = constrain(checkpoint_name(h, "mlp_in"), ("batch", "seq", "act_mlp"))
     h = gelu(h, cfg.hidden_act)
-    out = jnp.einsum("bsf,fd->bsd", h, p["fc_out"]["kernel"].astype(dtype), precision=precision)
-    out = out + p["fc_out"]["bias"].astype(dtype)
+    out = dense(cfg, "bsf,fd->bsd", h, p["fc_out"])
     return checkpoint_name(out, "mlp_out")
 
 
@@ -594,13 +676,10 @@ def hidden_states(
 
 
 def logits_from_hidden(cfg: ModelConfig, params: Params, h: Float[Array, "B S D"]) -> Float[Array, "B S V"]:
-    dtype, precision = _numerics(cfg)
     if cfg.tie_word_embeddings:
-        w = cast_on_shards(params["embed_in"]["embedding"], dtype, ("vocab", "embed"))
-        out = einsum_f32_out("bsd,vd->bsv", h, w, precision)
+        out = head_logits(cfg, "bsd,vd->bsv", h, params["embed_in"]["embedding"], ("vocab", "embed"))
     else:
-        w = cast_on_shards(params["embed_out"]["kernel"], dtype, ("embed", "vocab"))
-        out = einsum_f32_out("bsd,dv->bsv", h, w, precision)
+        out = head_logits(cfg, "bsd,dv->bsv", h, params["embed_out"]["kernel"], ("embed", "vocab"))
     return constrain(out, ("batch", "seq", "act_vocab"))
 
 

@@ -345,3 +345,31 @@ def test_embedding_gradient_of_repeated_tokens_is_summed_in_float32():
     want = np.zeros((16, 8))
     np.add.at(want, np.asarray(tokens), np.asarray(g, np.float64))
     np.testing.assert_allclose(np.asarray(dt, np.float64), want, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_fp32_allreduce_keeps_weight_and_bias_gradients_in_float32(wide):
+    """bf16 compute: the input gradient is rounded to bf16 either way; with `fp32_allreduce` the kernel
+    and bias gradients are the float32 sums of the bf16 products (NumPy float64 re-derivation),
+    without it they are those sums rounded to bf16 (what the partitioner then reduces across devices)."""
+    cfg = load_config("configs/tiny.yaml").replace(compute_dtype="bfloat16", fp32_allreduce=wide)
+    rs = np.random.RandomState(1)
+    x = jnp.asarray(rs.randn(4, 64, 8), jnp.bfloat16)
+    p = {"kernel": jnp.asarray(rs.randn(8, 3, 2, 4).astype(np.float32)),
+         "bias": jnp.asarray(rs.randn(3, 2, 4).astype(np.float32))}
+    g = jnp.asarray(rs.randn(4, 64, 3, 2, 4), jnp.bfloat16)
+    out, vjp = jax.vjp(lambda a, q: M.dense(cfg, "bsd,dknh->bsknh", a, q), x, p)
+    dx, dp = vjp(g)
+    assert out.dtype == jnp.bfloat16 and dx.dtype == jnp.bfloat16 and dp["kernel"].dtype == jnp.float32
+    xf, gf = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    wf = np.asarray(p["kernel"].astype(jnp.bfloat16), np.float64)
+    dw_ref, db_ref = np.einsum("bsd,bsknh->dknh", xf, gf), gf.sum(axis=(0, 1))
+    rnd = lambda a: np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16), np.float64)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(dx, np.float64), rnd(np.einsum("bsknh,dknh->bsd", gf, wf)), rtol=1e-2, atol=1e-2)
+    dw, db = np.asarray(dp["kernel"], np.float64), np.asarray(dp["bias"], np.float64)
+    if wide:
+        np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(db, db_ref, rtol=1e-5, atol=1e-4)
+    else:  # rounded to bf16: visibly off the float32 sums
+        np.testing.assert_allclose(dw, rnd(dw_ref), rtol=1e-2, atol=1e-1)
+        assert np.max(np.abs(dw - dw_ref)) > 1e-3

@@ -336,3 +336,19 @@ def test_bf16_step_has_no_float32_matmuls(attention):
     f32 = [ln.strip()[:160] for ln, m in zip(dots, typed) if m.group(1).endswith("xf32>") and m.group(2).endswith("xf32>")]
     assert not f32, f32
     assert any(m.group(1).endswith("xbf16>") for m in typed)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_fp32_allreduce_reduces_gradients_in_float32(wide, record_property):
+    """Data parallelism (8, 1, 1), bf16 compute: in the program as XLA's partitioner writes it (before
+    the CPU backend widens bf16 collectives), the gradients' all-reduces are bf16 by default and all
+    float32 with `model.fp32_allreduce` (GPT-NeoX's fp32_allreduce)."""
+    from neox_jax.train.plan import compile_with_partitioned_module
+
+    run = run_config(compute_dtype="bfloat16", fp32_allreduce=wide)
+    _, text = compile_with_partitioned_module(_lowered_step(run, (8, 1, 1)), "jit_step")
+    reduced = collections.Counter(t for kind, types in _collectives(text) if kind == "all-reduce"
+                                  for t in re.findall(r"\b(bf16|f32)\[", types))
+    record_property("measured", f"fp32_allreduce={wide}: all-reduce operands by type {dict(reduced)}")
+    assert reduced["f32"] > 0
+    assert (reduced["bf16"] == 0) if wide else (reduced["bf16"] >= 4), reduced

@@ -58,7 +58,7 @@ _TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 # run-config keys a resume may change: where and how the run executes, not what it computes
 _MAY_DIFFER = {"mesh", "checkpoint", "train.grad_accum", "train.log_every", "train.eval_every",
                "train.eval_steps", "train.init_from", "train.peak_tflops", "train.tensorboard",
-               "data.prefetch", "data.save_index_maps", "model.attention", "model.remat"}
+               "train.loss_chunk", "data.prefetch", "data.save_index_maps", "model.attention", "model.remat"}
 
 
 def _ocp():

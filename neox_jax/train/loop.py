@@ -283,8 +283,9 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
     log.info("mesh %s over %d %s device(s) (%s); %d process(es)", dict(mesh.shape), mesh.size,
              jax.default_backend(), jax.devices()[0].device_kind, jax.process_count())
     log.info("model %s parameters; compute %s, params/moments float32, attention %s, remat %s, "
-             "vocab-parallel cross-entropy %s", f"{cfg.num_params():,}", cfg.compute_dtype, cfg.attention,
-             cfg.remat, "on" if use_vocab_parallel(run, mesh) else "off")
+             "vocab-parallel cross-entropy %s, weight gradients reduced in %s", f"{cfg.num_params():,}",
+             cfg.compute_dtype, cfg.attention, cfg.remat, "on" if use_vocab_parallel(run, mesh) else "off",
+             "float32" if cfg.fp32_allreduce or cfg.compute_dtype == "float32" else cfg.compute_dtype)
     log.info("batch %d x %d tokens = %d per step (%d micro-batch(es) of %d), %d steps; lr %g -> %g "
              "(%s %s, warmup %g), loss scaling %s", B, S, B * S, t.grad_accum, run.micro_batch, t.steps,
              run.optimizer.lr, run.optimizer.min_lr, run.optimizer.schedule, run.optimizer.decay_style,

@@ -4,7 +4,7 @@ Every top-level key of a GPT-NeoX config falls in exactly one class (after `-` -
 
 * model keys: read by `neox_jax.config.from_neox_yaml` (it refuses values we do not implement);
 * training keys we map (`_MAPPED`): batch, iterations, schedule, optimizer, precision, seed, data,
-  logging and validation cadence, activation checkpointing, tensor-parallel size;
+  logging and validation cadence, activation checkpointing, tensor-parallel size, `fp32_allreduce`;
 * checkpoint keys (`_CHECKPOINT`): the save schedule (`checkpoint_factor` / `save_interval` with
   `checkpoint_scale`, `extra_save_iters`, `keep_last_n_checkpoints`) becomes the `checkpoint`
   section; the others (paths, what to save or load) are listed in the log and have no effect;
@@ -34,7 +34,7 @@ _MAPPED = {
     "train_data_paths", "valid_data_paths", "test_data_paths", "train_data_weights",
     "valid_data_weights", "test_data_weights", "split", "seq_length", "checkpoint_activations",
     "log_interval", "eval_interval", "eval_iters", "model_parallel_size", "eod_mask_loss",
-    "hidden_dropout", "attention_dropout", "finetune", "init_method_std",
+    "hidden_dropout", "attention_dropout", "finetune", "init_method_std", "fp32_allreduce",
 }
 _CHECKPOINT = {
     "save", "load", "checkpoint_factor", "save_interval", "extra_save_iters", "keep_last_n_checkpoints",
@@ -45,7 +45,7 @@ _NOT_APPLICABLE = {
     # kernel fusions and numerics switches with no effect on the math here
     "scaled_upper_triang_masked_softmax_fusion", "scaled_masked_softmax_fusion", "bias_dropout_fusion",
     "rope_fusion", "layernorm_fusion", "fp16_lm_cross_entropy", "attention_softmax_in_fp32",
-    "apply_query_key_layer_scaling", "fp32_allreduce", "use_cpu_initialization",
+    "apply_query_key_layer_scaling", "use_cpu_initialization",
     # parallelism / memory machinery (our mesh and remat cover these)
     "zero_optimization", "zero_stage", "zero_reduce_scatter", "zero_contiguous_gradients",
     "zero_reduce_bucket_size", "zero_allgather_bucket_size", "zero_allow_untested_optimizer",
@@ -140,6 +140,7 @@ def run_config_from_neox(raw: Mapping[str, Any], *, where: str = "neox config",
     compute, loss_scale = _precision(d, where)
     remat = "full" if f.bool("checkpoint_activations", False) else "none"
     model = from_neox_yaml(d, where=where, compute_dtype=compute, param_dtype="float32", remat=remat,
+                           fp32_allreduce=f.bool("fp32_allreduce", False),
                            **({"init_std": f.float("init_method_std")} if "init_method_std" in d else {}))
 
     opt = f.sub("optimizer")

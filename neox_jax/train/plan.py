@@ -55,6 +55,20 @@ _CALLEES = re.compile(r"(?:body|calls|to_apply)=%([\w.\-]+)|branch_computations=
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
+def compile_with_partitioned_module(lowered, module: str) -> tuple[Any, str]:
+    """(compiled, HLO text of the module right after SPMD partitioning), from one compile: the
+    per-device program with the collectives' element types as the partitioner chose them, before
+    backend passes (the CPU backend widens bf16 collectives to float32 later)."""
+    with tempfile.TemporaryDirectory(prefix="neox-jax-plan-") as dump:
+        compiled = lowered.compile(compiler_options={"xla_dump_to": dump, "xla_dump_hlo_module_re": module,
+                                                     "xla_dump_hlo_pass_re": "spmd-partitioning"})
+        partitioned = sorted(Path(dump).glob(f"*{module}*after_spmd-partitioning*.txt"))
+        if not partitioned:
+            raise UserError("plan: XLA wrote no module after SPMD partitioning "
+                            f"({len(list(Path(dump).iterdir()))} dump files); cannot tell collective dtypes")
+        return compiled, partitioned[0].read_text()
+
+
 def unwidened_ratio(partitioned_hlo: str) -> dict[str, float]:
     """Per collective kind: bytes of the partitioned module's collectives as written, divided by the
     same with every 2-byte float widened to float32 (what the CPU backend compiles).  1.0 when a kind
@@ -236,16 +250,10 @@ def plan(run, mesh_shape: tuple[int, int, int] | None = None, devices: list | No
         if run.data.segment_ids:
             batch["segment_ids"] = batch["tokens"]
         lowered = T.make_train_step(run, mesh, opt, sh).lower(state, batch)
-        with tempfile.TemporaryDirectory(prefix="neox-jax-plan-") as dump:
-            t0 = time.perf_counter()
-            compiled = lowered.compile(compiler_options={"xla_dump_to": dump, "xla_dump_hlo_module_re": "jit_step",
-                                                         "xla_dump_hlo_pass_re": "spmd-partitioning"})
-            compile_s = time.perf_counter() - t0
-            partitioned = sorted(Path(dump).glob("*jit_step*after_spmd-partitioning*.txt"))
-            if not partitioned:
-                raise UserError("plan: XLA wrote no module after SPMD partitioning "
-                                f"({len(list(Path(dump).iterdir()))} dump files); cannot tell collective dtypes")
-            ratio = unwidened_ratio(partitioned[0].read_text())
+        t0 = time.perf_counter()
+        compiled, partitioned = compile_with_partitioned_module(lowered, "jit_step")
+        compile_s = time.perf_counter() - t0
+        ratio = unwidened_ratio(partitioned)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -56,9 +56,15 @@ def use_vocab_parallel(run: RunConfig, mesh: Mesh | None) -> bool:
 
 def _vocab_parallel_logits_lse(cfg, params, h, targets, mesh: Mesh, chunk: int):
     tied = cfg.tie_word_embeddings
-    dtype, precision = M._numerics(cfg)
-    w = (M.cast_on_shards(params["embed_in"]["embedding"], dtype, ("vocab", "embed")) if tied
-         else M.cast_on_shards(params["embed_out"]["kernel"], dtype, ("embed", "vocab")))
+    dtype, _ = M._numerics(cfg)
+    w = params["embed_in"]["embedding"] if tied else params["embed_out"]["kernel"]
+    axes = ("vocab", "embed") if tied else ("embed", "vocab")
+    if not (cfg.fp32_allreduce and dtype != jnp.float32):
+        # cast on the shards, so the fsdp gather into the shard_map moves compute-dtype bytes; with
+        # fp32_allreduce the float32 weight goes in and `head_logits` casts the local block (its
+        # gradient then leaves the shard_map, and is reduced over the batch axes, in float32)
+        w = M.cast_on_shards(w, dtype, axes)
+    eq = "bsd,vd->bsv" if tied else "bsd,dv->bsv"
     rows = logical_to_spec(("batch",))[0]
 
     def local(h, w, t):
@@ -66,8 +72,7 @@ def _vocab_parallel_logits_lse(cfg, params, h, targets, mesh: Mesh, chunk: int):
         lo = jax.lax.axis_index("tensor") * V_local
 
         def one(hh, tt):
-            eq = "bsd,vd->bsv" if tied else "bsd,dv->bsv"
-            logits = jnp.einsum(eq, hh, w, preferred_element_type=jnp.float32, precision=precision)
+            logits = M.head_logits(cfg, eq, hh, w, None)
             m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), "tensor")
             sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1), "tensor")
             idx = tt - lo
