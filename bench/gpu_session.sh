@@ -26,7 +26,7 @@
 # GPU (what the lent machine runs; nothing to install):
 #   PYTHONPATH=. bash bench/gpu_session.sh 600          (PYTHON=... to use another interpreter than python3)
 # CPU smoke run of the same stages (tiny shapes; cudnn and the attention check need a GPU, so the
-# dots_attn stages fail fast there, which the smoke run shows as "exit 2"):
+# dots_attn stages fail fast there with a ConfigError, which the smoke run shows as "exit 1"):
 #   JAX_PLATFORMS=cpu PYTHONPATH=. bash bench/gpu_session.sh 900 --model tiny --seq 64 --micro-batch 2 \
 #       --steps 2 --warmup 1 --attention xla --dtype float32
 set -uo pipefail
