@@ -15,8 +15,12 @@ reach the others.  The first source that applies wins:
   4. NEOX_JAX_DISTRIBUTED=auto: `jax.distributed.initialize()` with no arguments, letting JAX detect the
      cluster (Cloud TPU pods and multislice, GKE, Open MPI); what `launch/tpu_pod.sh` sets
 
-NEOX_JAX_INIT_TIMEOUT (seconds, default 300) bounds the wait for all processes to reach the coordinator;
-past it JAX aborts the process with its own message (a C++ abort, not an exception we could report).
+NEOX_JAX_INIT_TIMEOUT (seconds, default 300) bounds the wait for all processes to reach the coordinator.
+JAX reports an unreachable coordinator or a taken port by aborting inside its C++ runtime, so with an
+explicit coordinator both are checked first, in Python, and reported as one line: process 0 checks
+that it can listen on the coordinator's port, every other process waits (up to that timeout) until
+the port accepts connections.  Past that point (a process that never arrives) JAX still aborts the
+process with its own message.
 
 With none of these the process runs alone and nothing is initialised.  On CPU the cross-process
 collectives are gloo (set explicitly, so the choice is logged and does not depend on JAX's default).
@@ -120,6 +124,51 @@ def resolve(coordinator: str | None = None, num_processes: int | None = None, pr
     return None
 
 
+def _host_port(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def check_coordinator(plan: Plan, timeout: float, *, poll: float = 1.0) -> None:
+    """Before JAX's runtime starts: process 0 must be able to listen on the coordinator's port; every
+    other process waits until that port accepts a TCP connection.  Raises DistributedError naming the
+    address (JAX itself would abort in C++ after its own timeout)."""
+    import socket
+    import time
+
+    host, port = _host_port(plan.coordinator)
+    if plan.process_id == 0:
+        for family, addr in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):
+            try:
+                with socket.socket(family, socket.SOCK_STREAM) as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind((addr, port))
+                return
+            except OSError as e:
+                if e.errno == 98 or "in use" in str(e).lower():  # EADDRINUSE
+                    raise DistributedError(f"coordinator {plan.coordinator}: port {port} is already in use on this "
+                                           "host (another run?); choose another --coordinator port") from None
+                if family == socket.AF_INET6:
+                    continue  # no IPv6 here: try IPv4
+                raise DistributedError(f"coordinator {plan.coordinator}: process 0 cannot listen on port {port} "
+                                       f"({e.strerror or e})") from None
+        return
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(poll, 5.0)):
+                return
+        except OSError as e:
+            last = e
+        if time.monotonic() >= deadline:
+            why = last.strerror if isinstance(last, OSError) and last.strerror else last
+            raise DistributedError(f"coordinator {plan.coordinator} unreachable for {timeout:g} s from process "
+                                   f"{plan.process_id} of {plan.num_processes} ({why}): is process 0 running, "
+                                   f"and is the port open? ({ENV_TIMEOUT} sets the wait)")
+        time.sleep(poll)
+
+
 _started: Plan | None = None
 
 
@@ -136,6 +185,8 @@ def initialize(plan: Plan | None) -> None:
     timeout = _int(os.environ.get(ENV_TIMEOUT, "300"), ENV_TIMEOUT)
     log.log(logging.INFO if plan.process_id in (None, 0) else logging.DEBUG,
             "jax.distributed: joining (%s); waiting up to %d s for every process", plan.describe(), timeout)
+    if plan.coordinator is not None:
+        check_coordinator(plan, timeout)
     try:
         if plan.coordinator is None:
             jax.distributed.initialize(initialization_timeout=timeout)

@@ -70,3 +70,37 @@ def test_cli_errors_name_the_flag_or_key_before_jax_starts(tmp_path):
     assert r.returncode == 2 and "5 outside [0, 2)" in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
 
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_coordinator_is_one_line_not_a_jax_abort(tmp_path):
+    """Process 1 of 2 with nobody listening on the coordinator's port: after NEOX_JAX_INIT_TIMEOUT it
+    exits 2 with one line naming the address (JAX alone aborts in C++ with a stack dump)."""
+    port = _free_port()
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"model": "tiny", "data": {"path": "x"}}))
+    r = _cli("train", cfg, "--run-dir", tmp_path / "run", "--coordinator", f"127.0.0.1:{port}",
+             "--num-processes", 2, "--process-id", 1, env={"NEOX_JAX_INIT_TIMEOUT": "2"})
+    assert r.returncode == 2 and r.stderr.count("neox-jax: error:") == 1, r.stderr
+    assert f"coordinator 127.0.0.1:{port} unreachable for 2 s from process 1 of 2" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_coordinator_port_in_use_is_one_line(tmp_path):
+    import socket
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"model": "tiny", "data": {"path": "x"}}))
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = _cli("train", cfg, "--run-dir", tmp_path / "run", "--coordinator", f"127.0.0.1:{port}",
+                 "--num-processes", 2, "--process-id", 0, env={"NEOX_JAX_INIT_TIMEOUT": "2"})
+    assert r.returncode == 2 and r.stderr.count("neox-jax: error:") == 1, r.stderr
+    assert f"port {port} is already in use" in r.stderr and "Traceback" not in r.stderr
