@@ -184,6 +184,12 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     fsync_path(path.parent)
 
 
+def _write_journal(path: Path, op: str, state: str, targets: list[dict]) -> None:
+    """The journal of operation `op` (Replacement or SetAside) in `state`, with its owner."""
+    _write_json_atomic(path, {"tool": TAG, "op": op, "state": state,
+                              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "targets": targets, **_owner()})
+
+
 class _HeldSignals:
     """Hold SIGINT/SIGTERM while publishing (main thread only); deliver them afterwards."""
 
@@ -436,9 +442,7 @@ class Replacement:
     def _write_journal(self, state: str, ids: dict | None = None) -> None:
         targets = [{"final": f.name, "tmp": self._tmp[f].name, "old": self._old[f].name,
                     "dir": self.directory, "id": (ids or {}).get(f)} for f in self.finals]
-        _write_json_atomic(self.journal, {"tool": TAG, "op": self.op, "state": state,
-                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                          "targets": targets, **_owner()})
+        _write_journal(self.journal, self.op, state, targets)
 
     def commit(self) -> list[Path]:
         """fsync the new outputs, then publish them all (module docstring)."""
@@ -524,9 +528,7 @@ class SetAside:
         log.info("%s: moved aside to %s until its replacement is complete", final, self.old)
 
     def _write_journal(self, state: str) -> None:
-        _write_json_atomic(self.journal, {"tool": TAG, "op": self.op, "state": state,
-                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                          "targets": [self._target], **_owner()})
+        _write_journal(self.journal, self.op, state, [self._target])
 
     def commit(self) -> None:
         """The new `final` is complete: fsync it, then delete the old one."""

@@ -133,6 +133,7 @@ def check_coordinator(plan: Plan, timeout: float, *, poll: float = 1.0) -> None:
     """Before JAX's runtime starts: process 0 must be able to listen on the coordinator's port; every
     other process waits until that port accepts a TCP connection.  Raises DistributedError naming the
     address (JAX itself would abort in C++ after its own timeout)."""
+    import errno
     import socket
     import time
 
@@ -145,7 +146,7 @@ def check_coordinator(plan: Plan, timeout: float, *, poll: float = 1.0) -> None:
                     s.bind((addr, port))
                 return
             except OSError as e:
-                if e.errno == 98 or "in use" in str(e).lower():  # EADDRINUSE
+                if e.errno == errno.EADDRINUSE:
                     raise DistributedError(f"coordinator {plan.coordinator}: port {port} is already in use on this "
                                            "host (another run?); choose another --coordinator port") from None
                 if family == socket.AF_INET6:

@@ -348,7 +348,7 @@ def dense(cfg: ModelConfig, spec: str, x: Array, p: Params) -> Array:
     is GPT-NeoX's `fp32_allreduce` (Pythia-1B trained with it); it also keeps gradient accumulation
     over micro-batches free of bf16 rounding.  Without it the partial sums are reduced in bf16."""
     dtype, precision = _numerics(cfg)
-    if cfg.fp32_allreduce and dtype != jnp.float32:
+    if wide_grads(cfg):
         return _dense_wide_grads(spec, dtype, precision, x, p["kernel"], p["bias"])
     return jnp.einsum(spec, x, p["kernel"].astype(dtype), precision=precision) + p["bias"].astype(dtype)
 
@@ -376,17 +376,10 @@ def _wide_backward(spec: str, precision, x, wc, g):
 def _dense_wide_grads_bwd(spec, dtype, precision, res, g):
     x, wc, w_like, b_like = res
     dx, dw = _wide_backward(spec, precision, x, wc, g)
-    out_spec = spec.split("->")[1]
-    lead = len(out_spec) - len(_bias_dims(spec))
+    inputs, out_spec = spec.split("->")
+    lead = sum(c in inputs.split(",")[0] for c in out_spec)  # output dims from x; the bias covers the rest
     db = jnp.sum(g.astype(jnp.float32), axis=tuple(range(lead)))
     return dx.astype(x.dtype), dw.astype(w_like.dtype), db.astype(b_like.dtype)
-
-
-def _bias_dims(spec: str) -> str:
-    """The output dims that come from the kernel (the bias's dims): 'bsd,dknh->bsknh' -> 'knh'."""
-    inputs, out_spec = spec.split("->")
-    x_spec, w_spec = inputs.split(",")
-    return "".join(c for c in out_spec if c in w_spec and c not in x_spec)
 
 
 _dense_wide_grads.defvjp(_dense_wide_grads_fwd, _dense_wide_grads_bwd)
@@ -398,10 +391,9 @@ def head_logits(cfg: ModelConfig, spec: str, h: Array, w: Array, axes: tuple | N
     compute dtype (`einsum_f32_out`); with `fp32_allreduce` the weight's gradient stays float32
     (`_head_wide`), as in `dense`."""
     dtype, precision = _numerics(cfg)
-    if cfg.fp32_allreduce and dtype != jnp.float32:
+    if wide_grads(cfg):
         return _head_wide(spec, dtype, precision, axes, h, w)
-    wc = w.astype(dtype) if axes is None else cast_on_shards(w, dtype, axes)
-    return einsum_f32_out(spec, h, wc, precision)
+    return einsum_f32_out(spec, h, cast_on_shards(w, dtype, axes), precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -410,7 +402,7 @@ def _head_wide(spec, dtype, precision, axes, h, w):
 
 
 def _head_wide_fwd(spec, dtype, precision, axes, h, w):
-    wc = w.astype(dtype) if axes is None else cast_on_shards(w, dtype, axes)
+    wc = cast_on_shards(w, dtype, axes)
     out = jnp.einsum(spec, h, wc, precision=precision, preferred_element_type=jnp.float32)
     return out, (h, wc, jnp.zeros((), w.dtype))
 
@@ -418,8 +410,7 @@ def _head_wide_fwd(spec, dtype, precision, axes, h, w):
 def _head_wide_bwd(spec, dtype, precision, axes, res, g):
     h, wc, w_like = res
     dh, dw = _wide_backward(spec, precision, h, wc, g.astype(dtype))
-    dw = dw.astype(w_like.dtype)
-    return dh.astype(h.dtype), (dw if axes is None else constrain(dw, axes))
+    return dh.astype(h.dtype), _on_shards(dw.astype(w_like.dtype), axes)
 
 
 _head_wide.defvjp(_head_wide_fwd, _head_wide_bwd)
@@ -525,8 +516,12 @@ def block(cfg: ModelConfig, p: Params, x: Float[Array, "B S D"], cos, sin, mask,
     return x if past is None else (x, kv)
 
 
+def _on_shards(x, axes: tuple | None):
+    return x if axes is None else constrain(x, axes)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def cast_on_shards(w, dtype, axes: tuple):
+def cast_on_shards(w, dtype, axes: tuple | None):
     """`w.astype(dtype)` computed on w's own shards (constrained to its logical `axes`), so whatever
     gathers it afterwards (FSDP) moves `dtype` bytes.  The gradient comes back in w's dtype on the
     same shards.
@@ -537,8 +532,9 @@ def cast_on_shards(w, dtype, axes: tuple):
     only float32 all-gathers of a bf16 step (read in the module right after SPMD partitioning; the
     CPU backend then widens every bf16 collective to float32 anyway, which `neox-jax plan` undoes).
     Casting the layer weights this way too would be wrong: XLA then computes all the casts before
-    the loop, a bf16 copy of every layer's shard (+3.5 GiB per device for neox-20b on 8 x 8 x 1)."""
-    return constrain(w.astype(dtype), axes)
+    the loop, a bf16 copy of every layer's shard (+3.5 GiB per device for neox-20b on 8 x 8 x 1).
+    `axes` None (inside a shard_map, on a local block): a plain cast."""
+    return _on_shards(w.astype(dtype), axes)
 
 
 def _cast_on_shards_fwd(w, dtype, axes):
@@ -546,7 +542,7 @@ def _cast_on_shards_fwd(w, dtype, axes):
 
 
 def _cast_on_shards_bwd(dtype, axes, like, g):
-    return (constrain(g.astype(like.dtype), axes),)
+    return (_on_shards(g.astype(like.dtype), axes),)
 
 
 cast_on_shards.defvjp(_cast_on_shards_fwd, _cast_on_shards_bwd)
@@ -579,6 +575,12 @@ def _embed_lookup_bwd(dtype, res, g):
 
 
 embed_lookup.defvjp(_embed_lookup_fwd, _embed_lookup_bwd)
+
+
+def wide_grads(cfg: ModelConfig) -> bool:
+    """Whether weight gradients leave their matmuls in float32 although the compute dtype is 16-bit
+    (`fp32_allreduce`; with float32 compute they are float32 anyway)."""
+    return cfg.fp32_allreduce and DTYPES[cfg.compute_dtype] != jnp.float32
 
 
 def _numerics(cfg: ModelConfig):

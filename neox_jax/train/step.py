@@ -59,7 +59,7 @@ def _vocab_parallel_logits_lse(cfg, params, h, targets, mesh: Mesh, chunk: int):
     dtype, _ = M._numerics(cfg)
     w = params["embed_in"]["embedding"] if tied else params["embed_out"]["kernel"]
     axes = ("vocab", "embed") if tied else ("embed", "vocab")
-    if not (cfg.fp32_allreduce and dtype != jnp.float32):
+    if not M.wide_grads(cfg):
         # cast on the shards, so the fsdp gather into the shard_map moves compute-dtype bytes; with
         # fp32_allreduce the float32 weight goes in and `head_logits` casts the local block (its
         # gradient then leaves the shard_map, and is reduced over the batch axes, in float32)
