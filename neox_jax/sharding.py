@@ -98,16 +98,33 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Iterable 
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
+def slice_indices(devices: Sequence[Any]) -> list[int] | None:
+    """Each device's `slice_index` when every device has one, else None.  TPUs number their slices;
+    GPUs under jax.distributed number their hosts (XLA groups processes by the host's boot id, so one
+    process per GPU and one per node both give one index per node; newer JAX also calls it
+    `partition_index`).  A single-process CPU backend has none; CPU processes under jax.distributed
+    all report 0, so there a node count is given explicitly (mesh.dcn_*)."""
+    idx = [getattr(d, "slice_index", getattr(d, "partition_index", None)) for d in devices]
+    return None if any(i is None for i in idx) else [int(i) for i in idx]
+
+
+def by_slice_index(devices: Sequence[Any], count: int) -> bool:
+    """Whether `granules` groups these devices by their slice_index (else by process blocks)."""
+    slices = slice_indices(devices)
+    return slices is not None and len(set(slices)) == count
+
+
 def granules(devices: Sequence[Any], count: int) -> list[int]:
     """Which of `count` granules (units joined by the slow network: TPU slices, or nodes) each device
-    belongs to.  TPU devices carry `slice_index`; elsewhere a granule is a block of consecutive
-    processes (srun and launch/*.sh number a node's processes consecutively), so one process per node
-    and one process per GPU both work."""
+    belongs to: its slice_index when the devices carry `count` distinct ones; otherwise (CPU, or
+    factors that split a node) a granule is a block of consecutive processes (srun and launch/*.sh
+    number a node's processes consecutively)."""
     if count == 1:
         return [0] * len(devices)
-    slices = sorted({getattr(d, "slice_index", None) for d in devices} - {None})
-    if len(slices) == count:
-        return [slices.index(d.slice_index) for d in devices]
+    if by_slice_index(devices, count):
+        slices = slice_indices(devices)
+        order = sorted(set(slices))
+        return [order.index(i) for i in slices]
     procs = sorted({d.process_index for d in devices})
     if len(procs) % count:
         raise ValueError(f"{len(procs)} processes do not divide into {count} nodes/slices (the product of the "
@@ -128,12 +145,12 @@ class _InGranule:
 
 
 def node_count(devices: Sequence[Any]) -> int:
-    """Nodes/slices the devices span, for the default across-node factor: TPU slices, or the processes
-    when each holds several devices (one process per node); 1 for one process per device (say
-    mesh.dcn_* explicitly then) or a single process."""
-    slices = {getattr(d, "slice_index", None) for d in devices} - {None}
-    if len(slices) > 1:
-        return len(slices)
+    """Nodes/slices the devices span, the default across-node factor: the distinct slice indices
+    where devices carry them (TPU slices; GPU hosts), else (CPU) the processes when each holds several
+    devices, else 1 (one device per process on CPU: say mesh.dcn_* explicitly)."""
+    slices = slice_indices(devices)
+    if slices is not None:
+        return len(set(slices))
     procs = {d.process_index for d in devices}
     return len(procs) if len(devices) > len(procs) else 1
 

@@ -10,20 +10,26 @@ from neox_jax.sharding import hybrid_device_array, make_mesh, node_count
 from neox_jax.train.config import ConfigError, MeshConfig
 
 
-def gpus(nodes: int, procs_per_node: int, gpus_per_proc: int):
+def gpus(nodes: int, procs_per_node: int, gpus_per_proc: int, slice_index: bool = True):
     """Devices as jax.devices() lists them: process-major; ids numbered per process (shuffled within
-    a node to check that ids, not list order, order a node's devices, as mesh_utils does for GPUs)."""
+    a node to check that ids, not list order, order a node's devices, as mesh_utils does for GPUs).
+    `slice_index`: the host number, which XLA gives GPUs under jax.distributed (processes grouped by
+    the host's boot id, xla/pjrt/distributed/topology_util.cc); False: no attribute, as on CPU."""
     out = []
     for p in range(nodes * procs_per_node):
         for g in range(gpus_per_proc):
-            out.append(SimpleNamespace(id=p * gpus_per_proc + (gpus_per_proc - 1 - g), process_index=p,
-                                       platform="gpu", device_kind="fake gpu"))
+            d = SimpleNamespace(id=p * gpus_per_proc + (gpus_per_proc - 1 - g), process_index=p,
+                                platform="gpu", device_kind="fake gpu")
+            if slice_index:
+                d.slice_index = p // procs_per_node
+            out.append(d)
     return out
 
 
+@pytest.mark.parametrize("slice_index", [True, False])
 @pytest.mark.parametrize("procs_per_node, gpus_per_proc", [(1, 8), (8, 1), (2, 4)])
-def test_data_across_nodes_fsdp_and_tensor_within(procs_per_node, gpus_per_proc):
-    devs = gpus(3, procs_per_node, gpus_per_proc)
+def test_data_across_nodes_fsdp_and_tensor_within(procs_per_node, gpus_per_proc, slice_index):
+    devs = gpus(3, procs_per_node, gpus_per_proc, slice_index)
     node = {id(d): d.process_index // procs_per_node for d in devs}
     arr = hybrid_device_array((1, 4, 2), (3, 1, 1), devs)
     assert arr.shape == (3, 4, 2)
@@ -52,9 +58,26 @@ def test_tpu_slices_use_slice_index():
 
 
 def test_node_count_defaults():
-    assert node_count(gpus(3, 1, 8)) == 3  # one process per node
-    assert node_count(gpus(3, 8, 1)) == 1  # one process per GPU: nodes unknown, say mesh.dcn_* explicitly
+    # GPUs under jax.distributed: the hosts, whatever the processes per host
+    assert node_count(gpus(3, 1, 8)) == 3
+    assert node_count(gpus(3, 8, 1)) == 3
+    assert node_count(gpus(1, 2, 4)) == 1  # two processes on one host share its NVLink: one node
+    # no slice_index (CPU): processes holding several devices each are nodes; one device each, unknown
+    assert node_count(gpus(3, 1, 8, slice_index=False)) == 3
+    assert node_count(gpus(3, 8, 1, slice_index=False)) == 1
+    # one TPU slice over 4 hosts is one granule (ICI joins the hosts), not 4
+    one_slice = [SimpleNamespace(id=i, process_index=i // 4, slice_index=0) for i in range(16)]
+    assert node_count(one_slice) == 1
     assert node_count(jax.devices()) == 1
+
+
+def test_hosts_not_numbered_in_process_order():
+    """Processes placed round-robin over two hosts (ranks 0, 2 on host 0; 1, 3 on host 1): the node
+    blocks follow slice_index, not rank order."""
+    devs = [SimpleNamespace(id=p * 2 + g, process_index=p, slice_index=p % 2, platform="gpu", device_kind="fake")
+            for p in range(4) for g in range(2)]
+    arr = hybrid_device_array((1, 4, 1), (2, 1, 1), devs)
+    assert [{d.process_index for d in arr[n].ravel()} for n in range(2)] == [{0, 2}, {1, 3}]
 
 
 @pytest.mark.parametrize("ici, dcn, words", [

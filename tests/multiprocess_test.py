@@ -40,7 +40,9 @@ def test_two_processes_train_as_one(tmp_path, shared, neox_tokenizer_path, recor
     prefix = preprocess([tmp_path / "shakes.txt"], str(tmp_path / "shakes"), neox_tokenizer_path,
                         append_eod=True, txt_mode="blank-lines").prefix
     raw = _config(prefix)
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    # the two processes play two nodes: CPU devices all report slice_index 0 (one host), so the node
+    # count is given (nodes = blocks of consecutive processes); data across them, fsdp within
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**raw, "mesh": {"dcn_data": 2}}))
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEOX_JAX_"))}
     env.update(NPROC="2", DEVICES_PER_PROCESS="4", PLATFORM="cpu", PYTHONPATH=str(ROOT),
@@ -51,7 +53,7 @@ def test_two_processes_train_as_one(tmp_path, shared, neox_tokenizer_path, recor
     logs = "".join(p.read_text() for p in sorted((tmp_path / "two.logs").glob("*.log")))
     assert r.returncode == 0, r.stderr[-3000:] + logs[-3000:]
     assert "2 processes, 4 local / 8 global devices" in r.stderr, r.stderr[-2000:]
-    # two processes of 4 devices are two nodes: data across them by default, fsdp within (hybrid mesh)
+    assert "hybrid mesh: 2 nodes/slices (blocks of consecutive processes)" in r.stderr, r.stderr[-2000:]
     assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1} over 8 cpu device(s)" in r.stderr
     # only process 0 logs at INFO and prints the summary
     assert "step 1/3" not in logs and "INFO" not in logs, logs

@@ -33,7 +33,7 @@ from .. import flops
 from ..data.loader import Loader, global_batch_arrays
 from ..distributed import barrier
 from ..errors import TrainingError, UserError
-from ..sharding import make_mesh, node_count
+from ..sharding import by_slice_index, make_mesh, node_count
 from . import checkpoints as tc
 from .config import RunConfig
 from .metrics import Metrics, peak_flops
@@ -98,6 +98,10 @@ def _mesh(run: RunConfig):
         devices = jax.devices()
         dcn = (m.dcn_data or node_count(devices), m.dcn_fsdp, m.dcn_tensor)
         mesh = make_mesh(m.data, m.fsdp, m.tensor, devices=devices, dcn=dcn)
+        if int(np.prod(dcn)) > 1:
+            by = "slice_index" if by_slice_index(devices, int(np.prod(dcn))) else "blocks of consecutive processes"
+            log.info("hybrid mesh: %d nodes/slices (%s), across-node factors %s%s", int(np.prod(dcn)), by,
+                     dict(zip(("data", "fsdp", "tensor"), dcn)), "" if m.dcn_data else " (dcn_data 0: one per node)")
     except ValueError as e:
         raise UserError(f"mesh: {e}") from None
     check_micro_batch(run, mesh)
