@@ -76,14 +76,15 @@ def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, Any] = RULES
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Iterable | None = None,
-              dcn: Sequence[int] = (1, 1, 1)) -> Mesh:
+              dcn: Sequence[int] = (1, 1, 1), nodes: Sequence[int] | None = None) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh with Auto axis types; one size may be -1 (the rest).
 
     With `dcn` factors (data, fsdp, tensor) whose product is > 1, the sizes are per node/slice and
-    axis i spans dcn[i] x size[i] devices (`hybrid_device_array`)."""
+    axis i spans dcn[i] x size[i] devices (`hybrid_device_array`; `nodes`: each device's node, given
+    instead of found, as `neox-jax plan` does for simulated devices)."""
     devices = list(devices if devices is not None else jax.devices())
     if int(np.prod(dcn)) > 1:
-        arr = hybrid_device_array((data, fsdp, tensor), dcn, devices)
+        arr = hybrid_device_array((data, fsdp, tensor), dcn, devices, nodes)
         return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     shape = [data, fsdp, tensor]
     if shape.count(-1) > 1:
@@ -155,11 +156,24 @@ def node_count(devices: Sequence[Any]) -> int:
     return len(procs) if len(devices) > len(procs) else 1
 
 
-def hybrid_device_array(ici: Sequence[int], dcn: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+def dcn_factors(dcn_data: int, dcn_fsdp: int, dcn_tensor: int, nodes: int) -> tuple[int, int, int]:
+    """The (data, fsdp, tensor) across-node factors of a run on `nodes` nodes: mesh.dcn_* as given,
+    with dcn_data 0 meaning what the other two leave (nodes / (dcn_fsdp x dcn_tensor), at least 1)."""
+    if dcn_data:
+        return dcn_data, dcn_fsdp, dcn_tensor
+    if nodes % (dcn_fsdp * dcn_tensor) and nodes > 1:
+        raise ValueError(f"{nodes} nodes do not divide by dcn_fsdp x dcn_tensor = {dcn_fsdp * dcn_tensor} "
+                         "(set mesh.dcn_data)")
+    return max(nodes // (dcn_fsdp * dcn_tensor), 1), dcn_fsdp, dcn_tensor
+
+
+def hybrid_device_array(ici: Sequence[int], dcn: Sequence[int], devices: Sequence[Any],
+                        nodes: Sequence[int] | None = None) -> np.ndarray:
     """Devices as an array of shape ici * dcn (elementwise) for the axes ('data', 'fsdp', 'tensor'):
     axis i is dcn[i] granules of ici[i] devices, built by `mesh_utils.create_hybrid_device_mesh`, so
     each granule holds a contiguous [ici] block and only the dcn part of an axis crosses the slow
-    network.  One ici size may be -1 (the rest of a granule's devices)."""
+    network.  One ici size may be -1 (the rest of a granule's devices).  `nodes`: each device's
+    granule (0 .. count-1), overriding `granules`."""
     from jax.experimental import mesh_utils
 
     count = int(np.prod(dcn))
@@ -179,7 +193,9 @@ def hybrid_device_array(ici: Sequence[int], dcn: Sequence[int], devices: Sequenc
     if int(np.prod(ici)) != per:
         raise ValueError(f"mesh {dict(zip(MESH_AXES, ici))} within a node/slice needs {int(np.prod(ici))} devices, "
                          f"each of the {count} nodes/slices has {per}")
-    tagged = [_InGranule(d, g) for d, g in zip(devices, granules(devices, count))]
+    if nodes is not None and (len(nodes) != len(devices) or set(nodes) != set(range(count))):
+        raise ValueError(f"nodes {list(nodes)[:16]}... must number {len(devices)} devices' nodes 0..{count - 1}")
+    tagged = [_InGranule(d, g) for d, g in zip(devices, granules(devices, count) if nodes is None else nodes)]
     sizes = np.bincount([t.slice_index for t in tagged], minlength=count)
     if (sizes != per).any():
         raise ValueError(f"devices per node/slice are {sizes.tolist()}, not {per} each")

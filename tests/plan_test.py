@@ -18,16 +18,21 @@ from neox_jax.train import state as S
 from neox_jax.train.config import from_sections
 from neox_jax.sharding import make_mesh
 from neox_jax.train.config import MeshConfig
-from neox_jax.train.plan import analyse_hlo, parse_size, plan, total_mesh_shape
+from neox_jax.sharding import dcn_factors
+from neox_jax.train.plan import analyse_hlo, collective_groups, parse_size, per_node_sizes, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _raw(**train):
+    return {"model": {"preset": "tiny", "max_position_embeddings": 64, "vocab_size": 4096,
+                      "tokenizer_vocab_size": 4096},
+            "data": {"path": "unused", "seq_length": 64},
+            "train": {"batch_size": 16, **train}}
+
+
 def _run(**train):
-    return from_sections({"model": {"preset": "tiny", "max_position_embeddings": 64, "vocab_size": 4096,
-                                    "tokenizer_vocab_size": 4096},
-                          "data": {"path": "unused", "seq_length": 64},
-                          "train": {"batch_size": 16, **train}})
+    return from_sections(_raw(**train))
 
 
 def test_data_parallel_plan_against_arithmetic():
@@ -154,11 +159,66 @@ def test_cli_plans_for_more_devices_than_the_machine_has(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("neox-jax: error: mesh: ") and r.stderr.count("\n") == 1
     r = _cli("plan", cfg, "--devices", 12, "--mesh", "1,12,1")
     assert r.returncode == 2 and "micro-batch 16" in r.stderr and "train.batch_size" in r.stderr, r.stderr
+    r = _cli("plan", cfg, "--devices", 8, "--nodes", 3)
+    assert r.returncode == 2 and r.stderr == "neox-jax: error: mesh: 8 devices do not split into 3 nodes\n", r.stderr
     r = _cli("plan", cfg, "--devices", 8, "--device-memory", "lots")
     assert r.returncode == 2 and "--device-memory 'lots'" in r.stderr, r.stderr
 
 
-def test_total_mesh_shape_multiplies_across_node_factors():
-    assert total_mesh_shape(MeshConfig(data=1, fsdp=8, tensor=1, dcn_data=12)) == (12, 8, 1)
-    assert total_mesh_shape(MeshConfig(data=1, fsdp=-1, tensor=4, dcn_fsdp=2)) == (1, -1, 4)
-    assert total_mesh_shape(MeshConfig(fsdp=4, tensor=2)) == (1, 4, 2)  # dcn_data 0: one node
+def test_across_node_factors_and_sizes_within_a_node():
+    assert dcn_factors(0, 1, 1, 12) == (12, 1, 1)  # dcn_data 0: one per node
+    assert dcn_factors(0, 2, 1, 8) == (4, 2, 1)  # what fsdp leaves
+    assert dcn_factors(0, 2, 1, 1) == (1, 2, 1)
+    assert dcn_factors(3, 1, 1, 12) == (3, 1, 1)  # given: kept (CPU reports one node)
+    with pytest.raises(ValueError, match="do not divide by dcn_fsdp x dcn_tensor = 4"):
+        dcn_factors(0, 2, 2, 6)
+    assert per_node_sizes((12, 8, 1), (12, 1, 1)) == (1, 8, 1)
+    assert per_node_sizes((1, -1, 4), (1, 2, 1)) == (1, -1, 4)
+    with pytest.raises(ValueError, match="fsdp 6 is not a multiple of its across-node factor 4"):
+        per_node_sizes((1, 6, 1), (1, 4, 1))
+
+
+@pytest.mark.parametrize("line, want", [
+    # explicit groups; {} is every device
+    ("%ar = f32[4] all-reduce(%x), channel_id=1, replica_groups={{0,2},{1,3}}, use_global_device_ids=true",
+     [[0, 2], [1, 3]]),
+    ("%ar = f32[4] all-reduce(%x), channel_id=1, replica_groups={}, to_apply=%add", [[0, 1, 2, 3]]),
+    # iota: 0..7 as [2,4], transposed to [4,2], read as 4 groups of 2
+    ("%ag = f32[8] all-gather(%x), channel_id=2, replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}",
+     [[0, 4], [1, 5], [2, 6], [3, 7]]),
+    ("%ag = f32[8] all-gather-start(%x), channel_id=2, replica_groups=[2,4]<=[8], dimensions={0}",
+     [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    # mesh axes: devices [0,4,1,5,2,6,3,7] laid out as axis_0=4 x axis_1=2; groups along axis_0
+    ("%ag = f32[8] all-gather(%x), channel_id=3, replica_groups=mesh['axis_0'=4,'axis_1'=2], "
+     "device_ids=([2,4]T(1,0)) {'axis_0'}, dimensions={0}, use_global_device_ids=true",
+     [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    ("%ar = f32[8] all-reduce(%x), channel_id=4, replica_groups=mesh['axis_0'=2,'axis_1'=2,'axis_2'=2] "
+     "{'axis_0','axis_2'}, use_global_device_ids=true", [[0, 1, 4, 5], [2, 3, 6, 7]]),
+    ("%cp = f32[8] collective-permute(%x), channel_id=5, source_target_pairs={{0,1},{1,0},{2,3}}",
+     [[0, 1], [1, 0], [2, 3]]),
+    ("%ar = f32[8] all-reduce(%x), replica_groups=something_new", None),
+])
+def test_collective_groups_in_every_printed_form(line, want):
+    assert collective_groups(line, 4 if "{}" in line else 8) == want
+
+
+def test_plan_on_nodes_reports_what_crosses_them():
+    """Device groups against mesh geometry: pure data parallelism across 2 nodes all-reduces every
+    gradient over all 8 devices (so across nodes); FSDP within the nodes keeps its weight gathers off
+    the network; FSDP across the nodes sends every gather over it."""
+    run = _run()
+    n = run.model.num_params()
+    dp = plan(run, (8, 1, 1), jax.devices()[:8], nodes=2)
+    assert dp.nodes == 2 and dp.mesh == {"data": 8, "fsdp": 1, "tensor": 1}
+    ar = dp.collectives["all-reduce"]
+    assert 4 * n <= ar["across_nodes_bytes"] <= ar["bytes"] <= 4 * n + 64 and ar["groups_unread"] == 0
+    within = plan(run, (2, 4, 1), jax.devices()[:8], nodes=2)  # data across, fsdp 4 within each node
+    ag = within.collectives["all-gather"]
+    assert ag["count"] > 0 and ag["groups_unread"] == 0
+    assert ag["across_nodes_bytes"] < 0.1 * ag["bytes"], ag  # the batch's token ids, not the weights
+    across = plan(from_sections({**_raw(), "mesh": {"dcn_fsdp": 2}}), (1, 8, 1), jax.devices()[:8],
+                  nodes=2)  # fsdp 8 = 2 nodes x 4
+    ag = across.collectives["all-gather"]
+    assert ag["across_nodes_count"] == ag["count"] > 0 and ag["groups_unread"] == 0
+    with pytest.raises(Exception, match="make 1 nodes, planning for 2"):
+        plan(from_sections({**_raw(), "mesh": {"dcn_data": 1}}), (8, 1, 1), jax.devices()[:8], nodes=2)

@@ -33,7 +33,7 @@ from .. import flops
 from ..data.loader import Loader, global_batch_arrays
 from ..distributed import barrier
 from ..errors import TrainingError, UserError
-from ..sharding import by_slice_index, make_mesh, node_count
+from ..sharding import by_slice_index, dcn_factors, make_mesh, node_count
 from . import checkpoints as tc
 from .config import RunConfig
 from .metrics import Metrics, peak_flops
@@ -96,7 +96,7 @@ def _mesh(run: RunConfig):
     m = run.mesh
     try:
         devices = jax.devices()
-        dcn = (m.dcn_data or node_count(devices), m.dcn_fsdp, m.dcn_tensor)
+        dcn = dcn_factors(m.dcn_data, m.dcn_fsdp, m.dcn_tensor, node_count(devices))
         mesh = make_mesh(m.data, m.fsdp, m.tensor, devices=devices, dcn=dcn)
         if int(np.prod(dcn)) > 1:
             by = "slice_index" if by_slice_index(devices, int(np.prod(dcn))) else "blocks of consecutive processes"

@@ -20,7 +20,11 @@ nothing is allocated.  From the compiled SPMD program (one program = one device)
                                        `cost_analysis()` (which counts a loop body once: low for scans)
   collectives                          every all-reduce / all-gather / reduce-scatter / all-to-all /
                                        collective-permute in the HLO, times the trip count of the
-                                       loops around it (layer scan, micro-batch scan), with result bytes
+                                       loops around it (layer scan, micro-batch scan), with result bytes;
+                                       on several nodes (`--nodes`, or the config's mesh.dcn_* factors)
+                                       also those whose device groups span two nodes: the devices are
+                                       split into consecutive node blocks and the mesh is the hybrid
+                                       mesh training builds, so this is what crosses the slow network
 
 Caveats: the program is compiled by XLA's CPU backend, whose fusion and buffer assignment differ from
 the GPU and TPU backends (the cuDNN attention kernel becomes plain XLA attention here), so temporaries
@@ -39,7 +43,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -83,6 +87,60 @@ def unwidened_ratio(partitioned_hlo: str) -> dict[str, float]:
     return {k: (real[k] / wide[k] if wide[k] else 1.0) for k in COLLECTIVES}
 
 
+_PAIRS = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\((.*?)\))? \{([^}]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=(\[[\d,]+\](?:T\([\d,]+\))?)")
+_LIST_GROUPS = re.compile(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}")
+
+
+def _iota(spec: str) -> np.ndarray:
+    """'[2,4]T(1,0)' -> iota(8) reshaped [2,4], transposed (1,0), flattened; '0,4,1,5' -> that list."""
+    m = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", spec.strip())
+    if not m:
+        return np.array([int(x) for x in spec.split(",")])
+    dims = [int(x) for x in m.group(1).split(",")]
+    arr = np.arange(int(np.prod(dims))).reshape(dims)
+    if m.group(2):
+        arr = arr.transpose([int(x) for x in m.group(2).split(",")])
+    return arr.ravel()
+
+
+def collective_groups(line: str, n: int) -> list[list[int]] | None:
+    """The device groups (partition ids 0..n-1) of one collective's HLO instruction, in any of the forms
+    XLA prints: explicit `{{0,1},{2,3}}` (`{}`: all n devices), iota `[G,S]<=[dims]T(perm)`, mesh axes
+    `mesh['axis_0'=4,...], device_ids=(...) {'axis_0'}`, and a collective-permute's source-target
+    pairs (each pair a group).  None when the line has a form not known here."""
+    m = _PAIRS.search(line)
+    if m:
+        return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", m.group(1))]
+    m = _MESH_GROUPS.search(line)
+    if m:
+        axes = re.findall(r"'([^']+)'=(\d+)", m.group(1))
+        sizes = [int(k) for _, k in axes]
+        ids = _iota(m.group(2)) if m.group(2) else np.arange(int(np.prod(sizes)))
+        over = [i for i, (name, _) in enumerate(axes) if f"'{name}'" in m.group(3)]
+        rest = [i for i in range(len(axes)) if i not in over]
+        arr = ids.reshape(sizes).transpose(rest + over)
+        return arr.reshape(-1, int(np.prod([sizes[i] for i in over]))).tolist()
+    m = _IOTA_GROUPS.search(line)
+    if m:
+        return _iota(m.group(3)).reshape(int(m.group(1)), int(m.group(2))).tolist()
+    m = _LIST_GROUPS.search(line)
+    if m:
+        groups = [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+        return groups or [list(range(n))]
+    return None
+
+
+def crosses_nodes(line: str, node_of: Sequence[int]) -> bool | None:
+    """Whether any group of the collective on `line` holds devices of two nodes (`node_of[k]`: the
+    node of partition k); None when its groups cannot be read."""
+    groups = collective_groups(line, len(node_of))
+    if groups is None:
+        return None
+    return any(len({node_of[k] for k in g}) > 1 for g in groups)
+
+
 def parse_size(text: str) -> int:
     """'80GiB' / '80 GB' / '16e9' -> bytes (GiB = 2^30, GB = 10^9)."""
     m = re.fullmatch(r"\s*([\d.]+(?:e\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.I)
@@ -116,10 +174,13 @@ def _dims(shape: str) -> list[int]:
     return [int(d) for d in m.group(2).split(",") if d] if m else []
 
 
-def analyse_hlo(hlo: str) -> tuple[dict[str, dict[str, int]], float]:
+def analyse_hlo(hlo: str, node_of: Sequence[int] | None = None) -> tuple[dict[str, dict[str, int]], float]:
     """(collectives, dot FLOPs) of an optimized HLO module's text, per device per step.
 
-    collectives: {kind: {"count": executions, "bytes": result bytes}}.  dot FLOPs: 2 x result
+    collectives: {kind: {"count": executions, "bytes": result bytes}}; with `node_of` (the node of
+    each partition id) also "across_nodes_count"/"across_nodes_bytes" for the collectives with a group
+    spanning two nodes, and "groups_unread" (executions whose groups are in a form not known here:
+    their crossing is unknown, not counted as within).  dot FLOPs: 2 x result
     elements x contracted size of every `dot`.  An instruction inside a while loop counts once per
     iteration (the loop's known_trip_count; 1 when XLA does not know it) and nested loops multiply,
     which XLA's own `cost_analysis()` does not do (it counts a loop body once)."""
@@ -143,7 +204,7 @@ def analyse_hlo(hlo: str) -> tuple[dict[str, dict[str, int]], float]:
     def visit(name: str, stack: tuple = ()) -> dict[str, list[float]]:
         if name in memo:
             return memo[name]
-        acc = {k: [0, 0] for k in (*COLLECTIVES, "dot")}
+        acc = {k: [0, 0, 0, 0, 0] for k in (*COLLECTIVES, "dot")}
         shapes = {}
         for line in comps.get(name, ()):
             d = _DEF.match(line)
@@ -152,8 +213,14 @@ def analyse_hlo(hlo: str) -> tuple[dict[str, dict[str, int]], float]:
         for line in comps.get(name, ()):
             op = _OP.match(line)
             if op:
-                acc[op.group(2)][0] += 1
-                acc[op.group(2)][1] += _shape_bytes(op.group(1), async_start=bool(op.group(3)))
+                a, nbytes = acc[op.group(2)], _shape_bytes(op.group(1), async_start=bool(op.group(3)))
+                a[0] += 1
+                a[1] += nbytes
+                if node_of is not None:
+                    cross = crosses_nodes(line, node_of)
+                    a[2] += bool(cross)
+                    a[3] += nbytes if cross else 0
+                    a[4] += cross is None
             dot = _DOT.search(line)
             d = _DEF.match(line)
             if dot and d:
@@ -168,19 +235,22 @@ def analyse_hlo(hlo: str) -> tuple[dict[str, dict[str, int]], float]:
                     if callee in comps and callee not in stack and callee != name:
                         sub = visit(callee, stack + (name,))
                         for k in acc:
-                            acc[k][0] += times * sub[k][0]
-                            acc[k][1] += times * sub[k][1]
+                            for i in range(5):
+                                acc[k][i] += times * sub[k][i]
         memo[name] = acc
         return acc
 
     total = visit(entry)
-    return {k: {"count": int(total[k][0]), "bytes": int(total[k][1])} for k in COLLECTIVES}, float(total["dot"][1])
+    names = ("count", "bytes") + (("across_nodes_count", "across_nodes_bytes", "groups_unread")
+                                  if node_of is not None else ())
+    return ({k: {n: int(v) for n, v in zip(names, total[k])} for k in COLLECTIVES}, float(total["dot"][1]))
 
 
 @dataclasses.dataclass
 class Plan:
     mesh: dict[str, int]
     devices: int
+    nodes: int
     global_batch: int
     micro_batch: int
     seq_length: int
@@ -216,30 +286,46 @@ def _leaf_bytes(abstract: Any, shardings: Any) -> int:
                    for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))))
 
 
-def total_mesh_shape(m) -> tuple[int, int, int]:
-    """A MeshConfig's total axis sizes: per-node sizes x across-node factors (dcn_data 0 counts as one
-    node: plan for a multi-node run by giving mesh.dcn_data or --mesh); -1 stays -1 (the rest)."""
-    return tuple(s if s == -1 else s * f for s, f in
-                 zip((m.data, m.fsdp, m.tensor), (max(m.dcn_data, 1), m.dcn_fsdp, m.dcn_tensor)))
+def per_node_sizes(total: tuple[int, int, int], dcn: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Total mesh sizes (one may be -1) -> the sizes within a node, given the across-node factors."""
+    out = []
+    for name, t, f in zip(("data", "fsdp", "tensor"), total, dcn):
+        if t != -1 and t % f:
+            raise ValueError(f"{name} {t} is not a multiple of its across-node factor {f} (mesh.dcn_{name})")
+        out.append(t if t == -1 else t // f)
+    return tuple(out)  # type: ignore[return-value]
 
 
 def plan(run, mesh_shape: tuple[int, int, int] | None = None, devices: list | None = None,
-         device_memory: int | None = None) -> Plan:
-    """Compile `run`'s train step for `devices` (default: all) on `mesh_shape` (default: run.mesh)."""
+         device_memory: int | None = None, nodes: int | None = None) -> Plan:
+    """Compile `run`'s train step for `devices` (default: all) on `mesh_shape` (total sizes; default:
+    run.mesh's per-node sizes), the devices split into `nodes` consecutive blocks (default: what the
+    config's mesh.dcn_* factors make, dcn_data 0 counting one) joined by a hybrid mesh as in training."""
     import jax
 
     from .. import flops
-    from ..sharding import make_mesh
+    from ..sharding import dcn_factors, make_mesh
     from . import state as S
     from . import step as T
     from .loop import check_micro_batch
 
     devices = list(devices if devices is not None else jax.devices())
-    data, fsdp, tensor = mesh_shape or total_mesh_shape(run.mesh)
+    m = run.mesh
+    nodes = nodes or max(m.dcn_data, 1) * m.dcn_fsdp * m.dcn_tensor
     try:
-        mesh = make_mesh(data, fsdp, tensor, devices=devices)
+        if nodes < 1 or len(devices) % nodes:
+            raise ValueError(f"{len(devices)} devices do not split into {nodes} nodes")
+        dcn = dcn_factors(m.dcn_data, m.dcn_fsdp, m.dcn_tensor, nodes)
+        if int(np.prod(dcn)) != nodes:
+            raise ValueError(f"the across-node factors {dict(zip(('data', 'fsdp', 'tensor'), dcn))} (mesh.dcn_*) "
+                             f"make {int(np.prod(dcn))} nodes, planning for {nodes}")
+        ici = (m.data, m.fsdp, m.tensor) if mesh_shape is None else per_node_sizes(mesh_shape, dcn)
+        node_ids = [i * nodes // len(devices) for i in range(len(devices))]
+        mesh = make_mesh(*ici, devices=devices, dcn=dcn, nodes=node_ids)
     except ValueError as e:
         raise UserError(f"mesh: {e}") from None
+    node_of = {d.id: k for d, k in zip(devices, node_ids)}
+    partition_nodes = [node_of[d.id] for d in mesh.devices.flat] if nodes > 1 else None
     check_micro_batch(run, mesh)
     B, S_len = run.train.batch_size, run.data.seq_length
     opt = S.make_optimizer(run)
@@ -258,12 +344,14 @@ def plan(run, mesh_shape: tuple[int, int, int] | None = None, devices: list | No
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     n = mesh.size
-    collectives, dot_flops = analyse_hlo(compiled.as_text())
+    collectives, dot_flops = analyse_hlo(compiled.as_text(), partition_nodes)
     for k, c in collectives.items():
         c["bytes_accelerator"] = int(round(c["bytes"] * ratio[k]))
+        if partition_nodes is not None:
+            c["across_nodes_bytes_accelerator"] = int(round(c["across_nodes_bytes"] * ratio[k]))
     batch_sh = jax.tree.map(lambda _: T.batch_sharding(mesh), batch)
     return Plan(
-        mesh=dict(mesh.shape), devices=n, global_batch=B, micro_batch=run.micro_batch, seq_length=S_len,
+        mesh=dict(mesh.shape), devices=n, nodes=nodes, global_batch=B, micro_batch=run.micro_batch, seq_length=S_len,
         compute_dtype=run.model.compute_dtype, remat=run.model.remat,
         param_bytes=_leaf_bytes(state.params, sh.params),
         optimizer_bytes=_leaf_bytes(state.opt_state, sh.opt_state),
@@ -284,7 +372,9 @@ def _gib(b: float) -> str:
 def format_plan(p: Plan) -> str:
     mesh = " x ".join(f"{k} {v}" for k, v in p.mesh.items())
     lines = [
-        f"mesh {mesh} = {p.devices} devices; batch {p.global_batch} x {p.seq_length} "
+        f"mesh {mesh} = {p.devices} devices"
+        + (f" on {p.nodes} nodes of {p.devices // p.nodes}" if p.nodes > 1 else "")
+        + f"; batch {p.global_batch} x {p.seq_length} "
         f"(micro-batch {p.micro_batch}); compute {p.compute_dtype}, remat {p.remat}; compiled in {p.compile_s:.1f} s",
         "per device:",
         f"  parameters (float32)     {_gib(p.param_bytes)}",
@@ -304,6 +394,11 @@ def format_plan(p: Plan) -> str:
         if c["count"]:
             lines.append(f"    {k:<20} {c['count']:>6} x, {_gib(c['bytes'])} as compiled for CPU, "
                          f"{_gib(c['bytes_accelerator'])} on GPU/TPU (bf16 not widened)")
+            if p.nodes > 1:
+                lines.append(f"      {'across nodes':<18} {c['across_nodes_count']:>6} x, "
+                             f"{_gib(c['across_nodes_bytes_accelerator'])} on GPU/TPU"
+                             + (f"; {c['groups_unread']} x with device groups not read (crossing unknown)"
+                                if c["groups_unread"] else ""))
     return "\n".join(lines)
 
 
@@ -322,7 +417,12 @@ def register(sub) -> None:
     p.add_argument("config", nargs="+", help="run YAML, or GPT-NeoX YAML file(s)")
     p.add_argument("--devices", type=int, required=True, metavar="N", help="devices to plan for")
     p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
-                   help="total mesh sizes (one may be -1); default: the config's sizes x its mesh.dcn_* factors")
+                   help="total mesh sizes (one may be -1), each a multiple of its mesh.dcn_* factor; default: "
+                        "the config's sizes within a node x its across-node factors")
+    p.add_argument("--nodes", type=int, metavar="K",
+                   help="the devices are K nodes of N/K (default: what mesh.dcn_* make, dcn_data 0 counting "
+                        "one); the mesh is the hybrid mesh training builds, and each collective kind also "
+                        "reports what crosses nodes")
     p.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 80GiB, 96GB")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a key, e.g. --set model.remat=full --set train.batch_size=64 (repeatable)")
@@ -350,6 +450,8 @@ def _run_plan(args) -> None:
 
     if args.devices < 1:
         raise UserError(f"--devices must be >= 1, got {args.devices}")
+    if args.nodes is not None and args.nodes < 1:
+        raise UserError(f"--nodes must be >= 1, got {args.nodes}")
     mesh = _mesh_arg(args.mesh)
     memory = parse_size(args.device_memory) if args.device_memory else None
     run = load_run_config(args.config, args.set, num_devices=args.devices)
@@ -364,5 +466,5 @@ def _run_plan(args) -> None:
     cpus = jax.devices("cpu")
     if len(cpus) < args.devices:
         raise UserError(f"JAX already started with {len(cpus)} CPU devices; run `neox-jax plan` in a fresh process")
-    result = plan(run, mesh, cpus[:args.devices], memory)
+    result = plan(run, mesh, cpus[:args.devices], memory, nodes=args.nodes)
     print(json.dumps(result.to_dict()) if args.json else format_plan(result))
