@@ -132,8 +132,9 @@ def _numpy_safe_globals() -> list:
     return out
 
 
-def torch_load(path: Path, *, mmap: bool = True) -> Any:
-    """`torch.load(..., weights_only=True)`, memory-mapped where the file allows it.
+def torch_load(path: Path, *, mmap: bool = True, extra_globals: list | None = None) -> Any:
+    """`torch.load(..., weights_only=True)`, memory-mapped where the file allows it.  `extra_globals`:
+    more (object, "module.Name") pairs to allow (stand-ins for a caller's known classes).
 
     A file that needs arbitrary unpickling (classes or functions outside torch's weights-only set
     and numpy arrays) is refused with a CheckpointError naming the file and the global."""
@@ -145,7 +146,7 @@ def torch_load(path: Path, *, mmap: bool = True) -> Any:
         with torch.serialization.safe_globals(globals_list):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
 
-    globals_list = _numpy_safe_globals()
+    globals_list = _numpy_safe_globals() + list(extra_globals or [])
     try:
         try:
             return load(globals_list, mmap)
@@ -162,7 +163,7 @@ def torch_load(path: Path, *, mmap: bool = True) -> Any:
     except RuntimeError as e:
         if mmap and "mmap" in str(e):  # legacy (non-zip) torch.save format cannot be memory-mapped
             log.warning("%s: legacy torch format, reading it whole (no mmap)", path)
-            return torch_load(path, mmap=False)
+            return torch_load(path, mmap=False, extra_globals=extra_globals)
         raise CheckpointError(f"{path}: unreadable torch file ({str(e).strip().splitlines()[0][:200]})") from None
     except Exception as e:  # text or random bytes: the unpickler fails in many ways (KeyError, EOFError, ...)
         raise CheckpointError(f"{path}: not a readable PyTorch file ({one_line(e)})") from None

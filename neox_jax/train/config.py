@@ -190,6 +190,7 @@ class TrainConfig:
     eval_steps: int = 10  # validation batches per evaluation (the same first N batches every time)
     init_from: str = ""  # a neox-jax checkpoint to start from instead of random init
     start_step: int = 0  # begin at this step: its data position and LR, fresh Adam moments
+    init_from_neox: str = ""  # continue a GPT-NeoX run: its checkpoint's fp32 weights, Adam moments, step
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = from the device kind (none on CPU)
     tensorboard: bool = True  # TensorBoard event files in the run directory
 
@@ -205,6 +206,9 @@ class TrainConfig:
         _need(self.loss_chunk >= 0, f"train.loss_chunk must be >= 0 (0: the whole sequence), got {self.loss_chunk}")
         _need(0 <= self.start_step < self.steps,
               f"train.start_step must be in [0, train.steps = {self.steps}), got {self.start_step}")
+        _need(not (self.init_from_neox and (self.init_from or self.start_step)),
+              "train.init_from_neox starts at the GPT-NeoX checkpoint's weights and iteration: it excludes "
+              "train.init_from and train.start_step")
 
 
 PYTHIA_STEPS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # then every 1000 (Pythia's 154 checkpoints)

@@ -35,6 +35,7 @@ from ..distributed import barrier
 from ..errors import TrainingError, UserError
 from ..sharding import by_slice_index, dcn_factors, make_mesh, node_count
 from . import checkpoints as tc
+from . import neox_state
 from .config import RunConfig
 from .metrics import Metrics, peak_flops
 from .state import abstract_state, init_state, make_optimizer, param_shardings, state_shardings
@@ -253,6 +254,8 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
                         "a resume starts at its newest checkpoint's step")
     if run.train.init_from and not resuming:
         _check_init(run, run.train.init_from)
+    if run.train.init_from_neox and not resuming:
+        neox_state.check_arch(run, run.train.init_from_neox)
     train_ds, valid_ds = build_datasets(run)
     mesh = _mesh(run)
     if not resuming:
@@ -309,6 +312,9 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
             if lead:
                 tc.truncate_metrics(run_dir, start)
                 run.save(run_dir / "config.yaml")  # the mesh or the schedule may have changed
+        elif t.init_from_neox:
+            state = neox_state.load(run, t.init_from_neox, opt, shardings)
+            start = int(jax.device_get(state.step))
         else:
             params = _load_init(run, t.init_from, mesh) if t.init_from else None
             state = init_state(run, mesh, opt, params=params, shardings=shardings)

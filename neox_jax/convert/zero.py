@@ -1,0 +1,209 @@
+"""GPT-NeoX training state from DeepSpeed ZeRO-1 optimizer files: float32 master weights, Adam
+moments and counters, to continue a GPT-NeoX run (Pythia, 20B) where it stopped.
+
+Format (DeeperSpeed 0.3.15, which GPT-NeoX v1.0 pins and which trained Pythia and 20B; ZeRO stage 1,
+`elastic_checkpoint` on by default), in SAVE/global_stepN/ next to the weights (convert/neox.py):
+
+    zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt   one per data-parallel rank dp and model rank
+                                                         mp = pipeline stage x TP + tensor-parallel rank
+      ["param_shapes"]          OrderedDict name -> shape of the stage's parameters, in
+                                `named_parameters` order ("2.attention.dense.weight"; "sequential.2...."
+                                without pipeline parallelism); TP-sliced shapes
+      ["optimizer_state_dict"]
+        zero_stage 1, partition_count (= dp ranks), num_comm_intervals_per_group [C_g]
+        local_sub_partitions_of_fp32_groups[g][c]   1-D float32, this rank's piece of interval c
+        base_optimizer_state[g][c]                  {"exp_avg", "exp_avg_sq"}, the same pieces
+        loss_scaler             DeepSpeed's DynamicLossScaler (cur_scale, cur_iter, last_overflow_iter,
+                                cur_hysteresis, ...)
+    mp_rank_{mp:02d}_model_states.pt   iteration, global_steps, skipped_steps, lr_scheduler{num_iters}
+
+Parameter groups (GPT-NeoX `get_params_for_weight_decay_optimization`): group 0 every weight of a
+non-norm module (embedding, QKV, dense, MLP, output layer); group 1 the LayerNorms and every bias; one
+group holding everything when weight decay is 0.  A group's parameters, in `param_shapes` order, are
+flattened into one buffer, zero-padded at its tail and cut into sub-partitions handed out round robin
+(piece i to rank i mod dp, interval i div dp); the saved pieces have the padding removed, so the
+group's buffer is the pieces concatenated interval-major, rank-minor, and its length must equal the
+sum of its parameters' sizes (checked: a wrong group rule or order fails loudly, never mis-assigns).
+
+Tensor-parallel pieces merge by convert/neox.py's rules (masters: row-parallel biases summed under
+the parallel residual, as for the weights; their moments are identical copies and are averaged).
+The Adam step count is not in these files (it lives in the optimizer's param group): it is taken as
+the applied updates, global_steps - skipped_steps; DeepSpeed's own count differs by the warm-up step
+it takes at start-up and restarts at every resume, which changes Adam's bias correction by less than
+1e-4 relative once 180 updates have run (0.95^180), i.e. for any real checkpoint.
+
+The loss scaler is a pickled DeepSpeed class: it is read through a stand-in class allow-listed
+under DeepSpeed's name, with torch's weights-only unpickler (no DeepSpeed code runs or is needed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .formats import Entry, torch_load, torch_to_numpy
+from .mapping import to_ours
+from .neox import NEW_NAMES, NeoxReader, merge
+
+_OPTIM_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_NAME = re.compile(r"^(?:sequential\.)?(\d+)\.(.+)$")
+_NORM_MODULES = ("input_layernorm.", "post_attention_layernorm.", "norm.")
+
+
+class _DeepSpeedScaler:
+    """Stand-in for DeepSpeed's loss-scaler classes: holds the pickled attributes, runs nothing."""
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+_SCALER_GLOBALS = [(_DeepSpeedScaler, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
+                   (_DeepSpeedScaler, "deepspeed.runtime.fp16.loss_scaler.LossScaler")]
+
+
+def optim_file(dp: int, mp: int) -> str:
+    return f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt"
+
+
+def no_decay(name: str) -> bool:
+    """GPT-NeoX's second parameter group (no weight decay): LayerNorm parameters and biases."""
+    return name.endswith("bias") or name.split(".", 1)[-1].startswith(_NORM_MODULES)
+
+
+@dataclasses.dataclass
+class ZeroState:
+    """A GPT-NeoX run's training state at one checkpoint, in our parameter layout."""
+
+    iteration: int  # batches consumed (the data position)
+    updates: int  # optimizer updates applied (the LR schedule's count; Adam's count, see above)
+    loss_scale: dict[str, float] | None  # cur_scale, cur_iter, last_overflow_iter, cur_hysteresis
+    reader: NeoxReader
+    tp: int
+    dp: int
+    pp: int
+    _tensors: dict = dataclasses.field(repr=False, default_factory=dict)  # (ll, param) -> [tp][3]
+
+    def arrays(self) -> Iterator[tuple[Entry, np.ndarray, np.ndarray, np.ndarray]]:
+        """(entry, float32 master, exp_avg, exp_avg_sq) for each of our (name, layer) slices, ours' layout."""
+        r = self.reader
+        for e in r.entries():
+            ll, param, kind = r._where(e.name, e.layer)
+            parts = self._tensors.get((ll, param))
+            if parts is None or any(p is None for p in parts):
+                raise CheckpointError(f"{r.step_dir}: the optimizer files have no {param} of pipeline index {ll} "
+                                      f"for every tensor-parallel rank")
+            out = []
+            for i in range(3):
+                k = "norm" if (i > 0 and kind == "rowbias") else kind  # moments of bias copies: identical
+                merged = merge(k, [p[i] for p in parts], r.parallel)
+                out.append(to_ours(e.name, merged, r.config).astype(np.float32, copy=False))
+            yield e.with_dtype(np.float32), *out
+
+
+def _fields(sd: Any, path: Path) -> dict:
+    osd = sd.get("optimizer_state_dict") if isinstance(sd, dict) else None
+    if not isinstance(osd, dict):
+        raise CheckpointError(f"{path}: no 'optimizer_state_dict' (not a DeepSpeed ZeRO optimizer file)")
+    if "local_sub_partitions_of_fp32_groups" not in osd:
+        keys = sorted(osd)
+        raise CheckpointError(f"{path}: not the DeepSpeed 0.3 ZeRO-1 format GPT-NeoX v1.0 wrote (Pythia, 20B): "
+                              f"no local_sub_partitions_of_fp32_groups (keys {keys}); newer DeepSpeed layouts "
+                              f"are not supported")
+    if not isinstance(osd.get("base_optimizer_state"), list):
+        raise CheckpointError(f"{path}: base_optimizer_state is not a per-group list (an 'elastic_checkpoint: "
+                              f"false' file, not supported)")
+    if not isinstance(sd.get("param_shapes"), dict):
+        raise CheckpointError(f"{path}: no param_shapes (name -> shape) to cut the flat groups with")
+    return osd
+
+
+def read_zero(path: str | Path, config_files: list[str] | None = None) -> ZeroState:
+    """The training state of the GPT-NeoX checkpoint at `path` (SAVE or SAVE/global_stepN)."""
+    reader = NeoxReader(Path(path), config_files)
+    step_dir, tp = reader.step_dir, reader.tp
+    found = [(int(m.group(1)), int(m.group(2))) for p in step_dir.iterdir() if (m := _OPTIM_FILE.match(p.name))]
+    if not found:
+        raise CheckpointError(f"{step_dir}: no zero_pp_rank_*_mp_rank_*_optim_states.pt files (the checkpoint "
+                              f"has no ZeRO optimizer state)")
+    dp = 1 + max(d for d, _ in found)
+    mp = 1 + max(m for _, m in found)
+    for d in range(dp):
+        for m in range(mp):
+            if (d, m) not in found:
+                raise CheckpointError(f"{step_dir / optim_file(d, m)}: missing (data-parallel rank {d}, model "
+                                      f"rank {m} of {dp} x {mp})")
+    if mp % tp:
+        raise CheckpointError(f"{step_dir}: {mp} model ranks in the optimizer files, not a multiple of the "
+                              f"checkpoint's {tp} tensor-parallel ranks")
+    tensors: dict = {}
+    scaler = None
+    for m in range(mp):
+        files = [step_dir / optim_file(d, m) for d in range(dp)]
+        sds = [torch_load(f, extra_globals=_SCALER_GLOBALS) for f in files]
+        osds = [_fields(sd, f) for sd, f in zip(sds, files)]
+        for f, osd in zip(files, osds):
+            if osd.get("partition_count") != dp:
+                raise CheckpointError(f"{f}: partition_count {osd.get('partition_count')!r}, but {dp} "
+                                      f"data-parallel ranks have files")
+        shapes = {NEW_NAMES.get(n, n): tuple(s) for n, s in sds[0]["param_shapes"].items()}
+        names = list(shapes)
+        if any(n.startswith("tied_modules.") for n in names):
+            raise CheckpointError(f"{files[0]}: tied embeddings (tied_modules.*) are not supported")
+        groups = [[n for n in names if not no_decay(n)], [n for n in names if no_decay(n)]]
+        count = len(osds[0]["local_sub_partitions_of_fp32_groups"])
+        if count == 1:
+            groups = [names]  # weight decay 0: one group
+        elif count != 2:
+            raise CheckpointError(f"{files[0]}: {count} parameter groups; GPT-NeoX has 2 (or 1 without weight decay)")
+        for g, group in enumerate(groups):
+            intervals = osds[0]["num_comm_intervals_per_group"][g]
+            flat = []
+            for c in range(intervals):
+                for f, osd in zip(files, osds):
+                    try:
+                        master = osd["local_sub_partitions_of_fp32_groups"][g][c]
+                        moments = osd["base_optimizer_state"][g][c]
+                        flat.append((master, moments["exp_avg"], moments["exp_avg_sq"]))
+                    except (IndexError, KeyError, TypeError) as e:
+                        raise CheckpointError(f"{f}: group {g} interval {c}: no piece ({e!r})") from None
+            bufs = [np.concatenate([torch_to_numpy(t[i]).reshape(-1) for t in flat]) for i in range(3)]
+            want = sum(int(np.prod(shapes[n])) for n in group)
+            if any(b.size != want for b in bufs):
+                raise CheckpointError(f"{files[0]}: parameter group {g} holds {bufs[0].size} values over {dp} "
+                                      f"rank(s), its {len(group)} parameters in param_shapes have {want}")
+            at = 0
+            for n in group:
+                size = int(np.prod(shapes[n]))
+                mt = _NAME.match(n)
+                if not mt:
+                    raise CheckpointError(f"{files[0]}: parameter {n!r} has no pipeline index")
+                key = (int(mt.group(1)), mt.group(2))
+                slot = tensors.setdefault(key, [None] * tp)
+                slot[m % tp] = tuple(b[at:at + size].reshape(shapes[n]) for b in bufs)
+                at += size
+        if m == 0:
+            scaler = getattr(osds[0].get("loss_scaler"), "__dict__", None)
+        del sds, osds
+    client = torch_load(step_dir / f"mp_rank_{0:02d}_model_states.pt")
+    iteration = client.get("iteration", client.get("total_iters")) if isinstance(client, dict) else None
+    if iteration is None:
+        raise CheckpointError(f"{step_dir / 'mp_rank_00_model_states.pt'}: no 'iteration'")
+    sched = client.get("lr_scheduler") or {}
+    if "num_iters" in sched:
+        updates = int(sched["num_iters"])
+    elif "global_steps" in client:
+        updates = int(client["global_steps"]) - int(client.get("skipped_steps", 0))
+    else:
+        raise CheckpointError(f"{step_dir / 'mp_rank_00_model_states.pt'}: neither lr_scheduler.num_iters nor "
+                              f"global_steps (the applied updates)")
+    loss_scale = None
+    if scaler is not None and "cur_scale" in scaler:
+        loss_scale = {k: float(scaler[k]) for k in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+                      if k in scaler}
+    return ZeroState(iteration=int(iteration), updates=updates, loss_scale=loss_scale, reader=reader, tp=tp,
+                     dp=dp, pp=mp // tp, _tensors=tensors)

@@ -1,0 +1,271 @@
+"""Continuing a GPT-NeoX run from its DeepSpeed ZeRO-1 optimizer files (neox_jax/convert/zero.py,
+neox_jax/train/neox_state.py), against PyTorch: a torch AdamW run (GPT-NeoX's two parameter groups)
+is stopped after K steps and its parameters, moments and update count are written as GPT-NeoX v1.0
+(DeeperSpeed 0.3.15, elastic ZeRO-1) saves them: per data-parallel rank and model rank, each
+parameter group flattened in `param_shapes` order, cut into sub-partitions handed out round robin
+over two communication intervals with the tail padding removed, and the loss scaler as DeepSpeed's
+pickled class.  Our train step continues from those files and must follow torch's own continuation
+step for step; with fresh moments instead it must not (the check has teeth)."""
+
+import collections
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convert_fixtures import hf_state_numpy, neox_rank_tensors, write_neox
+from hf_reference import hf_model, ours_from_hf
+from neox_jax.convert.mapping import params_from_hf
+from neox_jax.convert.formats import torch_load
+from neox_jax.convert.zero import _SCALER_GLOBALS, read_zero
+from neox_jax.errors import CheckpointError
+from neox_jax.sharding import make_mesh
+from neox_jax.train import neox_state
+from neox_jax.train import state as S
+from neox_jax.train import step as T
+from neox_jax.train.config import from_sections
+from train_parity_test import BETAS, CLIP, EPS, LR, MIN_LR, STEPS, WARMUP, WD, annealing_lr
+from train_step_test import assert_params_close
+
+K, M, B, SEQ, DP, TP = 4, 3, 4, 32, 2, 2
+LAYER_ORDER = ("input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight",
+               "post_attention_layernorm.bias", "attention.query_key_value.weight", "attention.query_key_value.bias",
+               "attention.dense.weight", "attention.dense.bias", "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias",
+               "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias")
+SCALER = {"cur_scale": 2048.0, "cur_iter": K, "last_overflow_iter": 1, "scale_factor": 2.0, "scale_window": 1000,
+          "min_scale": 1.0, "delayed_shift": 2, "cur_hysteresis": 1, "consecutive_hysteresis": False}
+
+
+def _torch_steps(model, opt, batches, first):
+    losses = []
+    for n, toks in enumerate(batches, start=first):
+        for g in opt.param_groups:
+            g["lr"] = annealing_lr(n)
+        t = torch.tensor(toks, dtype=torch.long)
+        logits = model(t[:, :-1]).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), t[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _fake_deepspeed_scaler():
+    """A class pickled as deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler (the modules exist only
+    while the files are written)."""
+    names = ["deepspeed", "deepspeed.runtime", "deepspeed.runtime.fp16", "deepspeed.runtime.fp16.loss_scaler"]
+    mods = {n: types.ModuleType(n) for n in names}
+    cls = type("DynamicLossScaler", (), {"__module__": names[-1]})
+    mods[names[-1]].DynamicLossScaler = cls
+    obj = cls()
+    obj.__dict__.update(SCALER)
+    return mods, obj
+
+
+def _write_zero(step_dir, L, master, exp_avg, exp_avg_sq, *, parallel):
+    """GPT-NeoX v1.0's optimizer files for DP data-parallel x TP model ranks (pipe-parallel-size 1)."""
+    ranks = [neox_rank_tensors(master, L, TP, seed=1, parallel=parallel),
+             neox_rank_tensors(exp_avg, L, TP, parallel=False),  # bias copies see identical gradients
+             neox_rank_tensors(exp_avg_sq, L, TP, parallel=False)]
+    order = [(0, "word_embeddings.weight")] + [(ll, p) for ll in range(2, L + 2) for p in LAYER_ORDER] + \
+        [(L + 3, "norm.weight"), (L + 3, "norm.bias"), (L + 4, "final_linear.weight")]
+    mods, scaler = _fake_deepspeed_scaler()
+    sys.modules.update(mods)
+    try:
+        for mp in range(TP):
+            shapes = collections.OrderedDict((f"{ll}.{p}", torch.Size(ranks[0][ll][mp][p].shape)) for ll, p in order)
+            groups = [[(ll, p) for ll, p in order if not (p.endswith("bias") or "norm" in p)],
+                      [(ll, p) for ll, p in order if p.endswith("bias") or "norm" in p]]
+            subs = [[[] for _ in groups] for _ in range(DP)]  # [rank][group] -> pieces per interval
+            moms = [[[] for _ in groups] for _ in range(DP)]
+            intervals = []
+            for g, group in enumerate(groups):
+                flat = [np.concatenate([ranks[i][ll][mp][p].reshape(-1) for ll, p in group]) for i in range(3)]
+                n = flat[0].size
+                size = -(-n // (2 * DP))  # two communication intervals; the tail padding is dropped
+                count = -(-(-(-n // DP)) // size)
+                intervals.append(count)
+                for i in range(count * DP):
+                    lo, hi = min(i * size, n), min((i + 1) * size, n)
+                    piece = [torch.from_numpy(np.ascontiguousarray(f[lo:hi], np.float32)) for f in flat]
+                    subs[i % DP][g].append(piece[0])
+                    moms[i % DP][g].append({"exp_avg": piece[1], "exp_avg_sq": piece[2]})
+            for dp in range(DP):
+                osd = {"loss_scaler": scaler, "dynamic_loss_scale": True, "overflow": False, "zero_stage": 1,
+                       "partition_count": DP, "num_comm_intervals_per_group": intervals,
+                       "local_sub_partitions_of_fp32_groups": subs[dp], "base_optimizer_state": moms[dp]}
+                torch.save({"optimizer_state_dict": osd, "param_shapes": shapes},
+                           step_dir / f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt")
+    finally:
+        for n in mods:
+            sys.modules.pop(n, None)
+    for mp in range(TP):  # the client state GPT-NeoX and DeepSpeed add
+        f = step_dir / f"mp_rank_{mp:02d}_model_states.pt"
+        sd = torch.load(f, weights_only=False)
+        sd.update(iteration=K, global_steps=K, skipped_steps=0,
+                  lr_scheduler={"start_lr": LR, "warmup_iter": WARMUP * STEPS, "num_iters": K,
+                                "decay_style": "cosine", "end_iter": STEPS, "min_lr": MIN_LR})
+        torch.save(sd, f)
+
+
+def _hf_named(model, values):
+    out = {}
+    for name, p in model.named_parameters():
+        out["embed_out.weight" if name == "lm_head.weight" else name] = values(p)
+    return out
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """(model config, torch reference continuation, checkpoint path): torch trained K steps, saved,
+    then M more."""
+    torch.manual_seed(0)
+    model = hf_model(seed=3, vocab=256, hidden=64, layers=2, heads=4, parallel=True, act="gelu")
+    cfg, _ = ours_from_hf(model, compute_dtype="float32")
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith("bias") or "layernorm" in name or "layer_norm" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=LR, betas=BETAS, eps=EPS)
+    rs = np.random.RandomState(0)
+    batches = [rs.randint(0, cfg.vocab_size, (B, SEQ + 1)).astype(np.int32) for _ in range(K + M)]
+    model.train()
+    _torch_steps(model, opt, batches[:K], 0)
+    root = tmp_path_factory.mktemp("neox")
+    write_neox(model, root, tp=TP, step=K)
+    step_dir = root / f"global_step{K}"
+    L = model.config.num_hidden_layers
+    master = hf_state_numpy(model)
+    moments = [_hf_named(model, lambda p, k=k: opt.state[p][k].detach().numpy().copy()) for k in ("exp_avg", "exp_avg_sq")]
+    assert all(int(opt.state[p]["step"]) == K for p in model.parameters())
+    _write_zero(step_dir, L, master, *moments, parallel=True)
+    snapshot = {"params": params_from_hf(cfg, master), "mu": params_from_hf(cfg, moments[0]),
+                "nu": params_from_hf(cfg, moments[1])}
+    losses = _torch_steps(model, opt, batches[K:], K)
+    final = params_from_hf(cfg, hf_state_numpy(model))
+    return cfg, batches, snapshot, losses, final, root
+
+
+def _run(cfg, path):
+    return from_sections({
+        "model": cfg.to_dict(),
+        "data": {"path": "unused", "seq_length": SEQ},
+        "optimizer": {"lr": LR, "min_lr": MIN_LR, "schedule": "neox_2022", "decay_style": "cosine", "warmup": WARMUP,
+                      "b1": BETAS[0], "b2": BETAS[1], "eps": EPS, "weight_decay": WD, "clip": CLIP,
+                      "loss_scale": "dynamic"},
+        "train": {"steps": STEPS, "batch_size": B, "init_from_neox": str(path)},
+    })
+
+
+def test_reader_rebuilds_torch_state(stopped_run):
+    cfg, _, snap, _, _, root = stopped_run
+    zs = read_zero(root)
+    assert (zs.iteration, zs.updates, zs.dp, zs.tp, zs.pp) == (K, K, DP, TP, 1)
+    assert zs.loss_scale == {k: float(SCALER[k]) for k in ("cur_scale", "cur_iter", "last_overflow_iter",
+                                                           "cur_hysteresis")}
+    from neox_jax.tree import flatten
+    want = [flatten(snap[k]) for k in ("params", "mu", "nu")]
+    for e, *got in zs.arrays():
+        for w, g in zip(want, got):
+            ref = w[e.name] if e.layer is None else w[e.name][e.layer]
+            # masters: row-parallel biases were split into random parts that sum back (float64 merge)
+            np.testing.assert_allclose(g, ref, rtol=1e-6, atol=1e-7, err_msg=e.label)
+
+
+def test_continued_run_follows_torch(stopped_run, record_property):
+    cfg, batches, snap, theirs, final, root = stopped_run
+    run = _run(cfg, root)
+    mesh = make_mesh(1, 2, 2, devices=jax.devices()[:4])
+    opt = S.make_optimizer(run)
+    sh = S.state_shardings(run, mesh, opt)
+
+    def continue_from(state):
+        losses = []
+        with jax.set_mesh(mesh):
+            step = T.make_train_step(run, mesh, opt, sh)
+            for b in batches[K:]:
+                state, m = step(state, {"tokens": jax.device_put(b, T.batch_sharding(mesh))})
+                losses.append(float(m["loss"]))
+        return state, losses
+
+    with jax.set_mesh(mesh):
+        state = neox_state.load(run, str(root), opt, sh)
+    assert int(state.step) == K and int(state.updates) == K and int(state.opt_state[0].count) == K
+    assert float(state.loss_scale.scale) == SCALER["cur_scale"] and int(state.loss_scale.hysteresis) == 1
+    state, ours = continue_from(state)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    worst = assert_params_close(jax.device_get(state.params), final, lr=LR, steps=M, rtol=1e-4, atol=2e-5)
+
+    # the same weights with fresh moments and count: a different run (so the check above can fail)
+    with jax.set_mesh(mesh):
+        fresh = S.init_state(run, mesh, opt, params=jax.device_put(snap["params"], sh.params), shardings=sh)
+    fresh, _ = continue_from(fresh)
+    gap = max(float(np.max(np.abs(a - b))) for a, b in
+              zip(jax.tree.leaves(jax.device_get(fresh.params)), jax.tree.leaves(final)))
+    assert gap > 50 * max(worst, 2e-5), (gap, worst)
+    record_property("measured", f"continued {M} steps from ZeRO files (DP {DP} x TP {TP}): losses {ours} vs torch "
+                                f"{theirs}; max |dparam| {worst:.1e}; with fresh moments {gap:.1e}")
+
+
+def test_broken_files_are_named(stopped_run, tmp_path):
+    import shutil
+
+    *_, root = stopped_run
+    bad = tmp_path / "neox"
+    shutil.copytree(root, bad)
+    step_dir = bad / f"global_step{K}"
+    (step_dir / "zero_pp_rank_1_mp_rank_01_optim_states.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"zero_pp_rank_1_mp_rank_01_optim_states\.pt: missing"):
+        read_zero(bad)
+
+    shutil.rmtree(bad)
+    shutil.copytree(root, bad)
+    for dp in range(DP):  # a parameter short in param_shapes: group 1's sizes disagree with its pieces
+        f = step_dir / f"zero_pp_rank_{dp}_mp_rank_00_optim_states.pt"
+        sd = torch_load(f, mmap=False, extra_globals=_SCALER_GLOBALS)
+        del sd["param_shapes"]["2.attention.dense.bias"]
+        sd["optimizer_state_dict"]["loss_scaler"] = None
+        torch.save(sd, f)
+    with pytest.raises(CheckpointError, match=r"zero_pp_rank_0_mp_rank_00_optim_states\.pt: parameter group 1 "
+                                              r"holds \d+ values over 2 rank\(s\), its \d+ parameters"):
+        read_zero(bad)
+
+
+def test_train_command_continues_at_the_checkpoint_iteration(stopped_run, tmp_path, capsys, caplog):
+    """`neox-jax train --set train.init_from_neox=...`: the run starts at the checkpoint's iteration
+    (metrics from step K on); an architecture that differs is one error line before anything is written."""
+    import json
+
+    import yaml
+
+    from neox_jax.cli import main
+    from neox_jax.data.indexed import IndexedDatasetWriter
+
+    cfg, *_, root = stopped_run
+    with IndexedDatasetWriter(tmp_path / "tok", np.uint16) as w:
+        for doc in np.random.RandomState(1).randint(0, cfg.vocab_size, size=(64, 3 * SEQ)):
+            w.add_document(doc)
+    raw = {"model": cfg.to_dict(), "data": {"path": str(tmp_path / "tok"), "seq_length": SEQ, "split": "100,0,0"},
+           "optimizer": {"lr": LR, "min_lr": MIN_LR, "warmup": WARMUP},
+           "train": {"steps": K + 2, "batch_size": 8, "eval_steps": 0, "tensorboard": False, "log_every": 1}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    args = ["train", str(tmp_path / "run.yaml"), "--run-dir", str(tmp_path / "run"), "--set",
+            f"train.init_from_neox={root}"]
+    with caplog.at_level("INFO", logger="neox_jax"):
+        assert main(args) == 0
+    assert f"iteration {K} (data position), {K} updates applied" in caplog.text, caplog.text[-2000:]
+    capsys.readouterr()
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == [K, K + 1]
+    assert main(args[:3] + [str(tmp_path / "other"), "--set", f"train.init_from_neox={root}",
+                            "--set", "model.num_layers=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "num_layers is 2 in the checkpoint, 3 in the config" in err, err
+    assert not (tmp_path / "other").exists()
