@@ -68,8 +68,10 @@ def _fake_deepspeed_scaler():
     return mods, obj
 
 
-def _write_zero(step_dir, L, master, exp_avg, exp_avg_sq, *, parallel):
-    """GPT-NeoX v1.0's optimizer files for DP data-parallel x TP model ranks (pipe-parallel-size 1)."""
+def _write_zero(step_dir, L, master, exp_avg, exp_avg_sq, *, parallel, pp=1):
+    """GPT-NeoX v1.0's optimizer files for DP data-parallel x (pp x TP) model ranks: model rank
+    stage x TP + tensor rank, each stage's files naming only its own parameters (pp 2: the embedding
+    and the first layer, then the rest)."""
     ranks = [neox_rank_tensors(master, L, TP, seed=1, parallel=parallel),
              neox_rank_tensors(exp_avg, L, TP, parallel=False),  # bias copies see identical gradients
              neox_rank_tensors(exp_avg_sq, L, TP, parallel=False)]
@@ -78,15 +80,17 @@ def _write_zero(step_dir, L, master, exp_avg, exp_avg_sq, *, parallel):
     mods, scaler = _fake_deepspeed_scaler()
     sys.modules.update(mods)
     try:
-        for mp in range(TP):
-            shapes = collections.OrderedDict((f"{ll}.{p}", torch.Size(ranks[0][ll][mp][p].shape)) for ll, p in order)
-            groups = [[(ll, p) for ll, p in order if not (p.endswith("bias") or "norm" in p)],
-                      [(ll, p) for ll, p in order if p.endswith("bias") or "norm" in p]]
+        for mp in range(pp * TP):
+            stage, tp = divmod(mp, TP)
+            mine = [(ll, p) for ll, p in order if (ll <= 2) == (stage == 0)] if pp == 2 else order
+            shapes = collections.OrderedDict((f"{ll}.{p}", torch.Size(ranks[0][ll][tp][p].shape)) for ll, p in mine)
+            groups = [[(ll, p) for ll, p in mine if not (p.endswith("bias") or "norm" in p)],
+                      [(ll, p) for ll, p in mine if p.endswith("bias") or "norm" in p]]
             subs = [[[] for _ in groups] for _ in range(DP)]  # [rank][group] -> pieces per interval
             moms = [[[] for _ in groups] for _ in range(DP)]
             intervals = []
             for g, group in enumerate(groups):
-                flat = [np.concatenate([ranks[i][ll][mp][p].reshape(-1) for ll, p in group]) for i in range(3)]
+                flat = [np.concatenate([ranks[i][ll][tp][p].reshape(-1) for ll, p in group]) for i in range(3)]
                 n = flat[0].size
                 size = -(-n // (2 * DP))  # two communication intervals; the tail padding is dropped
                 count = -(-(-(-n // DP)) // size)
@@ -146,7 +150,7 @@ def stopped_run(tmp_path_factory):
     assert all(int(opt.state[p]["step"]) == K for p in model.parameters())
     _write_zero(step_dir, L, master, *moments, parallel=True)
     snapshot = {"params": params_from_hf(cfg, master), "mu": params_from_hf(cfg, moments[0]),
-                "nu": params_from_hf(cfg, moments[1])}
+                "nu": params_from_hf(cfg, moments[1]), "torch": (master, *moments)}
     losses = _torch_steps(model, opt, batches[K:], K)
     final = params_from_hf(cfg, hf_state_numpy(model))
     return cfg, batches, snapshot, losses, final, root
@@ -163,10 +167,19 @@ def _run(cfg, path):
     })
 
 
-def test_reader_rebuilds_torch_state(stopped_run):
+@pytest.mark.parametrize("pp", [1, 2])
+def test_reader_rebuilds_torch_state(stopped_run, tmp_path, pp):
+    import shutil
+
     cfg, _, snap, _, _, root = stopped_run
+    if pp == 2:
+        shutil.copytree(root, tmp_path / "pp2")
+        root = tmp_path / "pp2"
+        for f in root.glob("global_step*/zero_pp_rank_*"):
+            f.unlink()
+        _write_zero(root / f"global_step{K}", cfg.num_layers, *snap["torch"], parallel=True, pp=2)
     zs = read_zero(root)
-    assert (zs.iteration, zs.updates, zs.dp, zs.tp, zs.pp) == (K, K, DP, TP, 1)
+    assert (zs.iteration, zs.updates, zs.dp, zs.tp, zs.pp) == (K, K, DP, TP, pp)
     assert zs.loss_scale == {k: float(SCALER[k]) for k in ("cur_scale", "cur_iter", "last_overflow_iter",
                                                            "cur_hysteresis")}
     from neox_jax.tree import flatten
@@ -269,3 +282,20 @@ def test_train_command_continues_at_the_checkpoint_iteration(stopped_run, tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "num_layers is 2 in the checkpoint, 3 in the config" in err, err
     assert not (tmp_path / "other").exists()
+
+
+def test_a_parameter_this_model_lacks_is_refused(stopped_run, tmp_path):
+    import shutil
+
+    *_, root = stopped_run
+    bad = tmp_path / "neox"
+    shutil.copytree(root, bad)
+    for dp in range(DP):  # same size and group, a name our model has no place for
+        f = bad / f"global_step{K}" / f"zero_pp_rank_{dp}_mp_rank_00_optim_states.pt"
+        sd = torch_load(f, mmap=False, extra_globals=_SCALER_GLOBALS)
+        sd["param_shapes"] = collections.OrderedDict(
+            ("0.position_embeddings.bias" if k == "2.attention.dense.bias" else k, v) for k, v in sd["param_shapes"].items())
+        sd["optimizer_state_dict"]["loss_scaler"] = None  # (read through our stand-in, it would pickle as that)
+        torch.save(sd, f)
+    with pytest.raises(CheckpointError, match=r"hold 0\.position_embeddings\.bias, not a parameter of this model"):
+        read_zero(bad)

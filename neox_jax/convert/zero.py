@@ -189,6 +189,12 @@ def read_zero(path: str | Path, config_files: list[str] | None = None) -> ZeroSt
         if m == 0:
             scaler = getattr(osds[0].get("loss_scaler"), "__dict__", None)
         del sds, osds
+    known = {reader._where(e.name, e.layer)[:2] for e in reader.entries()}
+    unknown = sorted(set(tensors) - known)
+    if unknown:
+        ll, param = unknown[0]
+        raise CheckpointError(f"{step_dir}: the optimizer files hold {ll}.{param}, not a parameter of this model "
+                              f"(learned position embeddings, or another architecture)")
     client = torch_load(step_dir / f"mp_rank_{0:02d}_model_states.pt")
     iteration = client.get("iteration", client.get("total_iters")) if isinstance(client, dict) else None
     if iteration is None:
