@@ -21,7 +21,7 @@ from convert_fixtures import hf_state_numpy, neox_rank_tensors, write_neox
 from hf_reference import hf_model, ours_from_hf
 from neox_jax.convert.mapping import params_from_hf
 from neox_jax.convert.formats import torch_load
-from neox_jax.convert.zero import _SCALER_GLOBALS, read_zero
+from neox_jax.convert.zero import _DS_GLOBALS, read_zero
 from neox_jax.errors import CheckpointError
 from neox_jax.sharding import make_mesh
 from neox_jax.train import neox_state
@@ -118,6 +118,78 @@ def _write_zero(step_dir, L, master, exp_avg, exp_avg_sq, *, parallel, pp=1):
         torch.save(sd, f)
 
 
+def _fake_deepspeed_v06():
+    """Modules with the classes newer DeepSpeed pickles: ZeroStageEnum (an int enum) and
+    fragment_address (a dataclass), under their real names."""
+    import dataclasses
+    import enum
+
+    mods, scaler = _fake_deepspeed_scaler()
+    for n in ["deepspeed.runtime.zero", "deepspeed.runtime.zero.config", "deepspeed.utils",
+              "deepspeed.utils.tensor_fragment"]:
+        mods[n] = types.ModuleType(n)
+    stage = enum.IntEnum("ZeroStageEnum", {"disabled": 0, "optimizer_states": 1, "gradients": 2},
+                         module="deepspeed.runtime.zero.config")
+    mods["deepspeed.runtime.zero.config"].ZeroStageEnum = stage
+    frag = dataclasses.make_dataclass("fragment_address", [("numel", int), ("start", int)])
+    frag.__module__ = "deepspeed.utils.tensor_fragment"
+    mods["deepspeed.utils.tensor_fragment"].fragment_address = frag
+    return mods, scaler, stage, frag
+
+
+def _write_zero_v06(step_dir, L, master, exp_avg, exp_avg_sq, *, parallel, dp, bf16):
+    """DeepSpeed >= 0.6 (`stage_1_and_2.py`) / bf16 optimizer files: each group aligned to 2 x dp
+    elements and cut into dp equal contiguous partitions; the masters without the tail padding (bf16
+    files: with it, and group_paddings), the moments padded, Adam's step in the state dict;
+    param_shapes per group in mp_rank_XX_model_states.pt."""
+    ranks = [neox_rank_tensors(master, L, TP, seed=1, parallel=parallel),
+             neox_rank_tensors(exp_avg, L, TP, parallel=False), neox_rank_tensors(exp_avg_sq, L, TP, parallel=False)]
+    order = [(0, "word_embeddings.weight")] + [(ll, p) for ll in range(2, L + 2) for p in LAYER_ORDER] + \
+        [(L + 3, "norm.weight"), (L + 3, "norm.bias"), (L + 4, "final_linear.weight")]
+    groups = [[(ll, p) for ll, p in order if not (p.endswith("bias") or "norm" in p)],
+              [(ll, p) for ll, p in order if p.endswith("bias") or "norm" in p]]
+    mods, scaler, stage, frag = _fake_deepspeed_v06()
+    sys.modules.update(mods)
+    paddings = []
+    try:
+        for tp in range(TP):
+            per_rank = [{"single": [], "state": {}, "pad": [], "maps": []} for _ in range(dp)]
+            for g, group in enumerate(groups):
+                flat = [np.concatenate([ranks[i][ll][tp][p].reshape(-1) for ll, p in group]) for i in range(3)]
+                n = flat[0].size
+                size = 2 * -(-n // (2 * dp))  # partition: the length aligned to 2 x dp, / dp
+                flat = [np.concatenate([f, np.zeros(size * dp - n, np.float32)]) for f in flat]
+                paddings.append(size * dp - n)
+                for r in range(dp):
+                    part = [torch.from_numpy(np.ascontiguousarray(f[r * size:(r + 1) * size], np.float32)) for f in flat]
+                    real = max(0, min(size, n - r * size))
+                    per_rank[r]["single"].append(part[0] if bf16 else part[0][:real].clone())
+                    per_rank[r]["pad"].append(size - real)
+                    per_rank[r]["state"][g] = {"step": torch.tensor(float(K)), "exp_avg": part[1], "exp_avg_sq": part[2]}
+                    per_rank[r]["maps"].append(collections.OrderedDict([(f"{group[0][0]}.{group[0][1]}", frag(1, 0))]))
+            for r in range(dp):
+                osd = {"dynamic_loss_scale": not bf16, "overflow": False, "clip_grad": CLIP,
+                       "base_optimizer_state": {"state": per_rank[r]["state"],
+                                                "param_groups": [{"lr": LR, "params": [g]} for g in range(2)]},
+                       "single_partition_of_fp32_groups": per_rank[r]["single"], "zero_stage": stage(1),
+                       "group_paddings": per_rank[r]["pad"], "partition_count": [dp, dp], "ds_version": "0.16.5",
+                       "param_slice_mappings": per_rank[r]["maps"]}
+                if not bf16:
+                    osd["loss_scaler"] = scaler
+                torch.save({"optimizer_state_dict": osd, "ds_config": {}, "ds_version": "0.16.5"},
+                           step_dir / f"{'bf16_' if bf16 else ''}zero_pp_rank_{r}_mp_rank_{tp:02d}_optim_states.pt")
+    finally:
+        for n in mods:
+            sys.modules.pop(n, None)
+    for tp in range(TP):
+        f = step_dir / f"mp_rank_{tp:02d}_model_states.pt"
+        sd = torch.load(f, weights_only=False)
+        sd["param_shapes"] = [collections.OrderedDict((f"{ll}.{p}", torch.Size(ranks[0][ll][tp][p].shape))
+                                                      for ll, p in group) for group in groups]
+        torch.save(sd, f)
+    return paddings
+
+
 def _hf_named(model, values):
     out = {}
     for name, p in model.named_parameters():
@@ -167,21 +239,36 @@ def _run(cfg, path):
     })
 
 
-@pytest.mark.parametrize("pp", [1, 2])
-def test_reader_rebuilds_torch_state(stopped_run, tmp_path, pp):
+@pytest.mark.parametrize("layout", ["v03", "v03-pp2", "v06", "v06-bf16"])
+def test_reader_rebuilds_torch_state(stopped_run, tmp_path, layout):
+    """v03: DeeperSpeed 0.3 ZeRO-1 (Pythia, 20B), one or two pipeline stages; v06: DeepSpeed >= 0.6
+    with 3 data-parallel ranks (so groups need tail padding), fp16 or bf16 files."""
     import shutil
 
     cfg, _, snap, _, _, root = stopped_run
-    if pp == 2:
-        shutil.copytree(root, tmp_path / "pp2")
-        root = tmp_path / "pp2"
+    dp, pp = DP, 1
+    if layout != "v03":
+        shutil.copytree(root, tmp_path / "copy")
+        root = tmp_path / "copy"
         for f in root.glob("global_step*/zero_pp_rank_*"):
             f.unlink()
-        _write_zero(root / f"global_step{K}", cfg.num_layers, *snap["torch"], parallel=True, pp=2)
+        step_dir = root / f"global_step{K}"
+        if layout == "v03-pp2":
+            pp = 2
+            _write_zero(step_dir, cfg.num_layers, *snap["torch"], parallel=True, pp=2)
+        else:
+            dp = 3
+            pads = _write_zero_v06(step_dir, cfg.num_layers, *snap["torch"], parallel=True, dp=3,
+                                   bf16=layout == "v06-bf16")
+            assert any(pads), pads  # the tail padding is exercised
     zs = read_zero(root)
-    assert (zs.iteration, zs.updates, zs.dp, zs.tp, zs.pp) == (K, K, DP, TP, pp)
-    assert zs.loss_scale == {k: float(SCALER[k]) for k in ("cur_scale", "cur_iter", "last_overflow_iter",
-                                                           "cur_hysteresis")}
+    assert (zs.iteration, zs.updates, zs.dp, zs.tp, zs.pp) == (K, K, dp, TP, pp)
+    assert zs.adam_step == (None if layout.startswith("v03") else K)
+    if layout == "v06-bf16":
+        assert zs.loss_scale is None  # bf16: no loss scaler
+    else:
+        assert zs.loss_scale == {k: float(SCALER[k]) for k in ("cur_scale", "cur_iter", "last_overflow_iter",
+                                                               "cur_hysteresis")}
     from neox_jax.tree import flatten
     want = [flatten(snap[k]) for k in ("params", "mu", "nu")]
     for e, *got in zs.arrays():
@@ -241,7 +328,7 @@ def test_broken_files_are_named(stopped_run, tmp_path):
     shutil.copytree(root, bad)
     for dp in range(DP):  # a parameter short in param_shapes: group 1's sizes disagree with its pieces
         f = step_dir / f"zero_pp_rank_{dp}_mp_rank_00_optim_states.pt"
-        sd = torch_load(f, mmap=False, extra_globals=_SCALER_GLOBALS)
+        sd = torch_load(f, mmap=False, extra_globals=_DS_GLOBALS)
         del sd["param_shapes"]["2.attention.dense.bias"]
         sd["optimizer_state_dict"]["loss_scaler"] = None
         torch.save(sd, f)
@@ -292,7 +379,7 @@ def test_a_parameter_this_model_lacks_is_refused(stopped_run, tmp_path):
     shutil.copytree(root, bad)
     for dp in range(DP):  # same size and group, a name our model has no place for
         f = bad / f"global_step{K}" / f"zero_pp_rank_{dp}_mp_rank_00_optim_states.pt"
-        sd = torch_load(f, mmap=False, extra_globals=_SCALER_GLOBALS)
+        sd = torch_load(f, mmap=False, extra_globals=_DS_GLOBALS)
         sd["param_shapes"] = collections.OrderedDict(
             ("0.position_embeddings.bias" if k == "2.attention.dense.bias" else k, v) for k, v in sd["param_shapes"].items())
         sd["optimizer_state_dict"]["loss_scaler"] = None  # (read through our stand-in, it would pickle as that)

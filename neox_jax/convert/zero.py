@@ -32,6 +32,15 @@ the applied updates, global_steps - skipped_steps; DeepSpeed's own count differs
 it takes at start-up and restarts at every resume, which changes Adam's bias correction by less than
 1e-4 relative once 180 updates have run (0.95^180), i.e. for any real checkpoint.
 
+Newer runs (DeepSpeed >= 0.6, DeeperSpeed 2 and 3, i.e. GPT-NeoX since 2023; ZeRO-1 or 2, and the
+`bf16_zero_pp_rank_...` files of bf16 runs) keep one contiguous partition per rank and group:
+`single_partition_of_fp32_groups[g]` (tail padding removed; kept in bf16 files, whose
+`group_paddings` say how much), the moments in a torch optimizer state dict
+(`base_optimizer_state["state"][g]`, padded to the partition: cut to the master's length) with
+Adam's own `step`, which is then used as is, and `param_shapes` as a list per group, in buffer
+order, in `mp_rank_XX_model_states.pt`.  The ranks' partitions concatenate to the group's buffer,
+aligned to 2 x dp elements.
+
 The loss scaler is a pickled DeepSpeed class: it is read through a stand-in class allow-listed
 under DeepSpeed's name, with torch's weights-only unpickler (no DeepSpeed code runs or is needed).
 """
@@ -50,7 +59,7 @@ from .formats import Entry, torch_load, torch_to_numpy
 from .mapping import to_ours
 from .neox import NEW_NAMES, NeoxReader, merge
 
-_OPTIM_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _NAME = re.compile(r"^(?:sequential\.)?(\d+)\.(.+)$")
 _NORM_MODULES = ("input_layernorm.", "post_attention_layernorm.", "norm.")
 
@@ -62,8 +71,16 @@ class _DeepSpeedScaler:
         self.__dict__.update(state)
 
 
-_SCALER_GLOBALS = [(_DeepSpeedScaler, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
-                   (_DeepSpeedScaler, "deepspeed.runtime.fp16.loss_scaler.LossScaler")]
+def _zero_stage(value):
+    """Stand-in for DeepSpeed's ZeroStageEnum(value) (an int enum)."""
+    return int(value)
+
+
+# DeepSpeed classes its files pickle: plain attribute holders, read through stand-ins (no DeepSpeed code)
+_DS_GLOBALS = [(_DeepSpeedScaler, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
+               (_DeepSpeedScaler, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+               (_DeepSpeedScaler, "deepspeed.utils.tensor_fragment.fragment_address"),
+               (_zero_stage, "deepspeed.runtime.zero.config.ZeroStageEnum")]
 
 
 def optim_file(dp: int, mp: int) -> str:
@@ -80,7 +97,8 @@ class ZeroState:
     """A GPT-NeoX run's training state at one checkpoint, in our parameter layout."""
 
     iteration: int  # batches consumed (the data position)
-    updates: int  # optimizer updates applied (the LR schedule's count; Adam's count, see above)
+    updates: int  # optimizer updates applied (the LR schedule's count)
+    adam_step: int | None  # Adam's own count where the files keep it (DeepSpeed >= 0.6), else None
     loss_scale: dict[str, float] | None  # cur_scale, cur_iter, last_overflow_iter, cur_hysteresis
     reader: NeoxReader
     tp: int
@@ -105,75 +123,130 @@ class ZeroState:
             yield e.with_dtype(np.float32), *out
 
 
-def _fields(sd: Any, path: Path) -> dict:
+def _osd(sd: Any, path: Path) -> dict:
     osd = sd.get("optimizer_state_dict") if isinstance(sd, dict) else None
     if not isinstance(osd, dict):
         raise CheckpointError(f"{path}: no 'optimizer_state_dict' (not a DeepSpeed ZeRO optimizer file)")
-    if "local_sub_partitions_of_fp32_groups" not in osd:
-        keys = sorted(osd)
-        raise CheckpointError(f"{path}: not the DeepSpeed 0.3 ZeRO-1 format GPT-NeoX v1.0 wrote (Pythia, 20B): "
-                              f"no local_sub_partitions_of_fp32_groups (keys {keys}); newer DeepSpeed layouts "
-                              f"are not supported")
-    if not isinstance(osd.get("base_optimizer_state"), list):
-        raise CheckpointError(f"{path}: base_optimizer_state is not a per-group list (an 'elastic_checkpoint: "
-                              f"false' file, not supported)")
-    if not isinstance(sd.get("param_shapes"), dict):
-        raise CheckpointError(f"{path}: no param_shapes (name -> shape) to cut the flat groups with")
     return osd
+
+
+def _split_groups(names: list[str], count: int, where: Path) -> list[list[str]]:
+    """GPT-NeoX's parameter groups from named_parameters order: weights decayed, then the rest."""
+    if count == 1:
+        return [names]  # weight decay 0: one group
+    if count != 2:
+        raise CheckpointError(f"{where}: {count} parameter groups; GPT-NeoX has 2 (or 1 without weight decay)")
+    return [[n for n in names if not no_decay(n)], [n for n in names if no_decay(n)]]
+
+
+def _pieces_v03(files: list[Path], sds: list, osds: list[dict]) -> tuple[list[list[str]], dict, list, None]:
+    """DeeperSpeed 0.3 ZeRO-1 (elastic): (groups, shapes, per group [(master, exp_avg, exp_avg_sq)]
+    pieces in buffer order, Adam step (not saved: None))."""
+    if not isinstance(osds[0].get("base_optimizer_state"), list):
+        raise CheckpointError(f"{files[0]}: base_optimizer_state is not a per-group list (an "
+                              f"'elastic_checkpoint: false' file, not supported)")
+    if not isinstance(sds[0].get("param_shapes"), dict):
+        raise CheckpointError(f"{files[0]}: no param_shapes (name -> shape) to cut the flat groups with")
+    shapes = {NEW_NAMES.get(n, n): tuple(v) for n, v in sds[0]["param_shapes"].items()}
+    groups = _split_groups(list(shapes), len(osds[0]["local_sub_partitions_of_fp32_groups"]), files[0])
+    pieces = []
+    for g in range(len(groups)):
+        flat = []
+        for c in range(osds[0]["num_comm_intervals_per_group"][g]):
+            for f, osd in zip(files, osds):
+                try:
+                    moments = osd["base_optimizer_state"][g][c]
+                    flat.append((osd["local_sub_partitions_of_fp32_groups"][g][c], moments["exp_avg"],
+                                 moments["exp_avg_sq"]))
+                except (IndexError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{f}: group {g} interval {c}: no piece ({e!r})") from None
+        pieces.append(flat)
+    return groups, shapes, pieces, None
+
+
+def _pieces_v06(files: list[Path], sds: list, osds: list[dict], model_states: Path
+                ) -> tuple[list[list[str]], dict, list, int | None]:
+    """DeepSpeed >= 0.6 / DeeperSpeed 2-3 ZeRO-1/2 (`stage_1_and_2.py`, and `bf16_` files), also
+    DeeperSpeed 0.3's ZeRO-2: one contiguous partition per rank and group; the moments may carry the
+    partition's tail padding (cut to the master's length), bf16 files the master too (group_paddings)."""
+    if isinstance(sds[0].get("param_shapes"), dict):  # DeeperSpeed 0.3 ZeRO-2: flat, named_parameters order
+        shapes = {NEW_NAMES.get(n, n): tuple(v) for n, v in sds[0]["param_shapes"].items()}
+        groups = _split_groups(list(shapes), len(osds[0]["single_partition_of_fp32_groups"]), files[0])
+    else:
+        ms = torch_load(model_states, extra_globals=_DS_GLOBALS) if model_states.exists() else None
+        per_group = ms.get("param_shapes") if isinstance(ms, dict) else None
+        if not isinstance(per_group, list):
+            raise CheckpointError(f"{model_states}: no param_shapes (a list per parameter group) to cut the "
+                                  f"flat groups with")
+        groups = [[NEW_NAMES.get(n, n) for n in grp] for grp in per_group]
+        shapes = {NEW_NAMES.get(n, n): tuple(v) for grp in per_group for n, v in grp.items()}
+    padded = files[0].name.startswith("bf16_")
+    pieces, step = [], None
+    for g in range(len(groups)):
+        flat = []
+        for f, osd in zip(files, osds):
+            try:
+                master = osd["single_partition_of_fp32_groups"][g]
+                if padded and osd.get("group_paddings"):
+                    master = master[:master.numel() - int(osd["group_paddings"][g])]
+                base = osd["base_optimizer_state"]
+                st = base[g] if isinstance(base, list) else base["state"][g]
+                n = master.numel()
+                flat.append((master, st["exp_avg"].reshape(-1)[:n], st["exp_avg_sq"].reshape(-1)[:n]))
+                s = st.get("step")
+                if s is None and isinstance(base, dict):
+                    s = base.get("param_groups", [{}])[g].get("step")
+                step = int(s) if s is not None and int(s) > 0 else step
+            except (IndexError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{f}: group {g}: no partition ({e!r})") from None
+        pieces.append(flat)
+    return groups, shapes, pieces, step
 
 
 def read_zero(path: str | Path, config_files: list[str] | None = None) -> ZeroState:
     """The training state of the GPT-NeoX checkpoint at `path` (SAVE or SAVE/global_stepN)."""
     reader = NeoxReader(Path(path), config_files)
     step_dir, tp = reader.step_dir, reader.tp
-    found = [(int(m.group(1)), int(m.group(2))) for p in step_dir.iterdir() if (m := _OPTIM_FILE.match(p.name))]
+    found = {(int(m.group(2)), int(m.group(3))): p for p in step_dir.iterdir() if (m := _OPTIM_FILE.match(p.name))}
     if not found:
         raise CheckpointError(f"{step_dir}: no zero_pp_rank_*_mp_rank_*_optim_states.pt files (the checkpoint "
                               f"has no ZeRO optimizer state)")
+    prefix = "bf16_" if next(iter(found.values())).name.startswith("bf16_") else ""
     dp = 1 + max(d for d, _ in found)
     mp = 1 + max(m for _, m in found)
     for d in range(dp):
         for m in range(mp):
             if (d, m) not in found:
-                raise CheckpointError(f"{step_dir / optim_file(d, m)}: missing (data-parallel rank {d}, model "
-                                      f"rank {m} of {dp} x {mp})")
+                raise CheckpointError(f"{step_dir / (prefix + optim_file(d, m))}: missing (data-parallel rank {d}, "
+                                      f"model rank {m} of {dp} x {mp})")
     if mp % tp:
         raise CheckpointError(f"{step_dir}: {mp} model ranks in the optimizer files, not a multiple of the "
                               f"checkpoint's {tp} tensor-parallel ranks")
     tensors: dict = {}
-    scaler = None
+    scaler = adam_step = None
     for m in range(mp):
-        files = [step_dir / optim_file(d, m) for d in range(dp)]
-        sds = [torch_load(f, extra_globals=_SCALER_GLOBALS) for f in files]
-        osds = [_fields(sd, f) for sd, f in zip(sds, files)]
+        files = [found[(d, m)] for d in range(dp)]
+        sds = [torch_load(f, extra_globals=_DS_GLOBALS) for f in files]
+        osds = [_osd(sd, f) for sd, f in zip(sds, files)]
         for f, osd in zip(files, osds):
-            if osd.get("partition_count") != dp:
-                raise CheckpointError(f"{f}: partition_count {osd.get('partition_count')!r}, but {dp} "
-                                      f"data-parallel ranks have files")
-        shapes = {NEW_NAMES.get(n, n): tuple(s) for n, s in sds[0]["param_shapes"].items()}
-        names = list(shapes)
-        if any(n.startswith("tied_modules.") for n in names):
+            counts = osd.get("partition_count")
+            if any(c != dp for c in (counts if isinstance(counts, (list, tuple)) else [counts])):
+                raise CheckpointError(f"{f}: partition_count {counts!r}, but {dp} data-parallel ranks have files")
+        if "local_sub_partitions_of_fp32_groups" in osds[0]:
+            groups, shapes, pieces, step = _pieces_v03(files, sds, osds)
+        elif "single_partition_of_fp32_groups" in osds[0]:
+            groups, shapes, pieces, step = _pieces_v06(files, sds, osds, step_dir / f"mp_rank_{m:02d}_model_states.pt")
+        else:
+            raise CheckpointError(f"{files[0]}: neither local_sub_partitions_of_fp32_groups (DeepSpeed 0.3 ZeRO-1) "
+                                  f"nor single_partition_of_fp32_groups (ZeRO-1/2): keys {sorted(osds[0])}")
+        adam_step = step if step is not None else adam_step
+        if any(n.startswith("tied_modules.") for n in shapes):
             raise CheckpointError(f"{files[0]}: tied embeddings (tied_modules.*) are not supported")
-        groups = [[n for n in names if not no_decay(n)], [n for n in names if no_decay(n)]]
-        count = len(osds[0]["local_sub_partitions_of_fp32_groups"])
-        if count == 1:
-            groups = [names]  # weight decay 0: one group
-        elif count != 2:
-            raise CheckpointError(f"{files[0]}: {count} parameter groups; GPT-NeoX has 2 (or 1 without weight decay)")
         for g, group in enumerate(groups):
-            intervals = osds[0]["num_comm_intervals_per_group"][g]
-            flat = []
-            for c in range(intervals):
-                for f, osd in zip(files, osds):
-                    try:
-                        master = osd["local_sub_partitions_of_fp32_groups"][g][c]
-                        moments = osd["base_optimizer_state"][g][c]
-                        flat.append((master, moments["exp_avg"], moments["exp_avg_sq"]))
-                    except (IndexError, KeyError, TypeError) as e:
-                        raise CheckpointError(f"{f}: group {g} interval {c}: no piece ({e!r})") from None
-            bufs = [np.concatenate([torch_to_numpy(t[i]).reshape(-1) for t in flat]) for i in range(3)]
+            bufs = [np.concatenate([torch_to_numpy(t[i]).reshape(-1) for t in pieces[g]]) for i in range(3)]
             want = sum(int(np.prod(shapes[n])) for n in group)
-            if any(b.size != want for b in bufs):
+            # a ZeRO-1/2 group is aligned to 2 x dp elements; a tail of padding under that is dropped
+            if any(not want <= b.size < want + 2 * dp for b in bufs):
                 raise CheckpointError(f"{files[0]}: parameter group {g} holds {bufs[0].size} values over {dp} "
                                       f"rank(s), its {len(group)} parameters in param_shapes have {want}")
             at = 0
@@ -188,7 +261,7 @@ def read_zero(path: str | Path, config_files: list[str] | None = None) -> ZeroSt
                 at += size
         if m == 0:
             scaler = getattr(osds[0].get("loss_scaler"), "__dict__", None)
-        del sds, osds
+        del sds, osds, pieces
     known = {reader._where(e.name, e.layer)[:2] for e in reader.entries()}
     unknown = sorted(set(tensors) - known)
     if unknown:
@@ -211,5 +284,6 @@ def read_zero(path: str | Path, config_files: list[str] | None = None) -> ZeroSt
     if scaler is not None and "cur_scale" in scaler:
         loss_scale = {k: float(scaler[k]) for k in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
                       if k in scaler}
-    return ZeroState(iteration=int(iteration), updates=updates, loss_scale=loss_scale, reader=reader, tp=tp,
+    return ZeroState(iteration=int(iteration), updates=updates, adam_step=adam_step, loss_scale=loss_scale,
+                     reader=reader, tp=tp,
                      dp=dp, pp=mp // tp, _tensors=tensors)

@@ -71,7 +71,8 @@ def load(run: RunConfig, path: str, opt: optax.GradientTransformation, shardings
     nu = jax.tree.map(_put, trees[2], adam.nu)
     updates = _put(np.int32(zs.updates), shardings.updates)
     empty = jax.eval_shape(opt.init, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params))
-    opt_state = (optax.ScaleByAdamState(count=_put(np.int32(zs.updates), adam.count), mu=mu, nu=nu),
+    count = zs.updates if zs.adam_step is None else zs.adam_step
+    opt_state = (optax.ScaleByAdamState(count=_put(np.int32(count), adam.count), mu=mu, nu=nu),
                  *jax.tree.map(lambda a, s: _put(np.zeros(a.shape, a.dtype), s), tuple(empty[1:]), tuple(rest)))
     ls = init_loss_scale(run.optimizer)
     if run.optimizer.loss_scale == "dynamic" and zs.loss_scale:
@@ -87,8 +88,11 @@ def load(run: RunConfig, path: str, opt: optax.GradientTransformation, shardings
              "Adam count), float32 master weights and Adam moments from %d x %d ZeRO file(s) (data x model "
              "ranks; TP %d, %d pipeline stage(s)), %s", zs.reader.step_dir, zs.iteration, zs.updates, zs.dp,
              zs.tp * zs.pp, zs.tp, zs.pp, how)
-    log.info("Adam's step count taken as the %d applied updates (DeepSpeed does not save its own; the bias "
-             "correction differs by < 1e-4 relative after 180 updates)", zs.updates)
+    if zs.adam_step is None:
+        log.info("Adam's step count taken as the %d applied updates (this DeepSpeed version does not save its "
+                 "own; the bias correction differs by < 1e-4 relative after 180 updates)", zs.updates)
+    else:
+        log.info("Adam's step count %d, from the optimizer files", zs.adam_step)
     if zs.tp > 1 and zs.reader.parallel:
         log.warning("TP %d with the parallel residual: GPT-NeoX updated each row-parallel bias as %d copies "
                     "(their sum moved %d x an Adam step); continued here as one bias (one Adam step)",
