@@ -41,8 +41,10 @@ Adam's own `step`, which is then used as is, and `param_shapes` as a list per gr
 order, in `mp_rank_XX_model_states.pt`.  The ranks' partitions concatenate to the group's buffer,
 aligned to 2 x dp elements.
 
-The loss scaler is a pickled DeepSpeed class: it is read through a stand-in class allow-listed
-under DeepSpeed's name, with torch's weights-only unpickler (no DeepSpeed code runs or is needed).
+The loss scaler (and, in newer files, the ZeRO stage enum and the slice mappings) are pickled
+DeepSpeed classes: they are read through stand-ins allow-listed under DeepSpeed's names, with
+torch's weights-only unpickler (no DeepSpeed code runs or is needed).  Memory: the whole state is
+held in float32 (12 bytes per parameter) until it is placed.
 """
 
 from __future__ import annotations
@@ -268,7 +270,7 @@ def read_zero(path: str | Path, config_files: list[str] | None = None) -> ZeroSt
         ll, param = unknown[0]
         raise CheckpointError(f"{step_dir}: the optimizer files hold {ll}.{param}, not a parameter of this model "
                               f"(learned position embeddings, or another architecture)")
-    client = torch_load(step_dir / f"mp_rank_{0:02d}_model_states.pt")
+    client = torch_load(step_dir / "mp_rank_00_model_states.pt", extra_globals=_DS_GLOBALS)
     iteration = client.get("iteration", client.get("total_iters")) if isinstance(client, dict) else None
     if iteration is None:
         raise CheckpointError(f"{step_dir / 'mp_rank_00_model_states.pt'}: no 'iteration'")
@@ -285,5 +287,4 @@ def read_zero(path: str | Path, config_files: list[str] | None = None) -> ZeroSt
         loss_scale = {k: float(scaler[k]) for k in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
                       if k in scaler}
     return ZeroState(iteration=int(iteration), updates=updates, adam_step=adam_step, loss_scale=loss_scale,
-                     reader=reader, tp=tp,
-                     dp=dp, pp=mp // tp, _tensors=tensors)
+                     reader=reader, tp=tp, dp=dp, pp=mp // tp, _tensors=tensors)
