@@ -45,8 +45,13 @@ def torch_train(model, batches):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=LR, betas=BETAS, eps=EPS)
     model.train()
+    return torch_steps(model, opt, batches)
+
+
+def torch_steps(model, opt, batches, first: int = 0) -> list[float]:
+    """Train steps first, first + 1, ... on `batches`: AnnealingLR, mean cross-entropy, clipping."""
     losses = []
-    for n, toks in enumerate(batches):
+    for n, toks in enumerate(batches, start=first):
         for g in opt.param_groups:
             g["lr"] = annealing_lr(n)
         t = torch.tensor(toks, dtype=torch.long)

@@ -15,7 +15,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from convert_fixtures import hf_state_numpy, neox_rank_tensors, write_neox
 from hf_reference import hf_model, ours_from_hf
@@ -28,7 +27,7 @@ from neox_jax.train import neox_state
 from neox_jax.train import state as S
 from neox_jax.train import step as T
 from neox_jax.train.config import from_sections
-from train_parity_test import BETAS, CLIP, EPS, LR, MIN_LR, STEPS, WARMUP, WD, annealing_lr
+from train_parity_test import BETAS, CLIP, EPS, LR, MIN_LR, STEPS, WARMUP, WD, torch_steps
 from train_step_test import assert_params_close
 
 K, M, B, SEQ, DP, TP = 4, 3, 4, 32, 2, 2
@@ -38,22 +37,6 @@ LAYER_ORDER = ("input_layernorm.weight", "input_layernorm.bias", "post_attention
                "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias")
 SCALER = {"cur_scale": 2048.0, "cur_iter": K, "last_overflow_iter": 1, "scale_factor": 2.0, "scale_window": 1000,
           "min_scale": 1.0, "delayed_shift": 2, "cur_hysteresis": 1, "consecutive_hysteresis": False}
-
-
-def _torch_steps(model, opt, batches, first):
-    losses = []
-    for n, toks in enumerate(batches, start=first):
-        for g in opt.param_groups:
-            g["lr"] = annealing_lr(n)
-        t = torch.tensor(toks, dtype=torch.long)
-        logits = model(t[:, :-1]).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), t[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 def _fake_deepspeed_scaler():
@@ -212,7 +195,7 @@ def stopped_run(tmp_path_factory):
     rs = np.random.RandomState(0)
     batches = [rs.randint(0, cfg.vocab_size, (B, SEQ + 1)).astype(np.int32) for _ in range(K + M)]
     model.train()
-    _torch_steps(model, opt, batches[:K], 0)
+    torch_steps(model, opt, batches[:K], 0)
     root = tmp_path_factory.mktemp("neox")
     write_neox(model, root, tp=TP, step=K)
     step_dir = root / f"global_step{K}"
@@ -223,7 +206,7 @@ def stopped_run(tmp_path_factory):
     _write_zero(step_dir, L, master, *moments, parallel=True)
     snapshot = {"params": params_from_hf(cfg, master), "mu": params_from_hf(cfg, moments[0]),
                 "nu": params_from_hf(cfg, moments[1]), "torch": (master, *moments)}
-    losses = _torch_steps(model, opt, batches[K:], K)
+    losses = torch_steps(model, opt, batches[K:], K)
     final = params_from_hf(cfg, hf_state_numpy(model))
     return cfg, batches, snapshot, losses, final, root
 
