@@ -170,7 +170,7 @@ def _run_score(args):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neox-jax",
-        description="GPT-NeoX-20B and Pythia in JAX: init, train, score, convert, inspect, diff, data tools.",
+        description="GPT-NeoX-20B and Pythia in JAX: init, train, plan, score, generate, eval, convert, inspect, diff, export, data tools.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .data import cli as data_cli
     from . import generate_cli
     from .eval import cli as eval_cli
+    from . import export
     from .train import cli as train_cli
     from .train import plan as plan_cli
 
@@ -191,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.register(sub)
     generate_cli.register(sub)
     eval_cli.register(sub)
+    export.register(sub)
     return parser
 
 
