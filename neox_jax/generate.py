@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import Any, Callable, Sequence
 
@@ -45,9 +46,11 @@ import numpy as np
 
 from .config import RUN_DTYPES, ModelConfig
 from .errors import UserError
-from .model import _numerics, attention_mask, block, layer_norm, logits_from_hidden, param_axes, rotary_tables
+from .model import (_numerics, abstract_params, attention_mask, block, layer_norm, logits_from_hidden, param_axes,
+                    rotary_tables)
 from .sharding import DECODE_RULES, constrain, make_mesh, tree_shardings
 
+log = logging.getLogger(__name__)
 
 CACHE_AXES = ("layers", "batch", "act_heads", "seq", "head_dim")
 PAD_ID = 1  # <|padding|> in the GPT-NeoX tokenizer; only ever in masked slots
@@ -244,8 +247,6 @@ class Completion:
 
 def decode_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, shapes=None):
     """NamedShardings for the parameters under DECODE_RULES (tensor parallelism, no FSDP)."""
-    from .model import abstract_params
-
     return tree_shardings(param_axes(cfg), mesh, shapes or abstract_params(cfg), rules=DECODE_RULES)
 
 
@@ -426,9 +427,11 @@ class mesh_context:
 
 
 def load_generator(ckpt: str, *, dtype: str = "float32", tensor: int = 1, tokenizer=None,
-                   overrides: dict[str, Any] | None = None) -> Generator:
+                   overrides: dict[str, Any] | None = None, int8: bool = False) -> Generator:
     """Restore a checkpoint for decoding: parameters cast to `dtype` (also the compute dtype), with
-    tensor > 1 placed directly on a decode mesh (each device reads only its shard)."""
+    tensor > 1 placed directly on a decode mesh (each device reads only its shard).  int8: the
+    matmul weights then quantized to int8 with per-channel scales (neox_jax/quant.py)."""
+    from . import quant
     from .checkpoint import load_params, read_config
 
     if dtype not in RUN_DTYPES:
@@ -438,6 +441,12 @@ def load_generator(ckpt: str, *, dtype: str = "float32", tensor: int = 1, tokeni
     shardings = decode_shardings(cfg, mesh) if mesh is not None else None
     cfg, params = load_params(ckpt, dtype=dtype, shardings=shardings)
     cfg = cfg.replace(compute_dtype=dtype, **(overrides or {}))
+    if int8:
+        before = quant.nbytes(params)
+        out = None if shardings is None else quant.quantized_shardings(shardings, abstract_params(cfg))
+        params = jax.jit(quant.quantize_params, out_shardings=out, donate_argnums=0)(params)
+        log.info("int8 weights (per-channel scales; embedding, LayerNorms and biases as loaded): parameters "
+                 "%.1f MiB -> %.1f MiB", before / 2**20, quant.nbytes(params) / 2**20)
     return Generator(cfg, params, mesh=mesh, tokenizer=tokenizer)
 
 

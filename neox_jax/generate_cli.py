@@ -37,6 +37,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     p.add_argument("--dtype", choices=RUN_DTYPES, default="float32",
                    help="parameter and compute dtype (default float32)")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 matmul weights with per-channel scales (half the bytes of bf16; embedding, "
+                        "LayerNorms and biases as loaded)")
     p.add_argument("--rotary-dtype", choices=FLOAT_DTYPES,
                    help="rotary table precision (default: the checkpoint's config)")
     p.add_argument("--tensor", type=int, default=1,
@@ -115,7 +118,8 @@ def _run_generate(args):
                 raise UserError(f"{args.input}: prompt {i}: token id {bad[0]} outside the model's vocabulary "
                                 f"[0, {vocab})")
     overrides = {"rotary_dtype": args.rotary_dtype} if args.rotary_dtype else {}
-    gen = load_generator(args.ckpt, dtype=args.dtype, tensor=args.tensor, tokenizer=tok, overrides=overrides)
+    gen = load_generator(args.ckpt, dtype=args.dtype, tensor=args.tensor, tokenizer=tok, overrides=overrides,
+                         int8=args.int8)
     stop_tokens = [] if args.ignore_eod or not tok.has_eod else [tok.eod_id]
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, stop_tokens=stop_tokens,
               stop_strings=args.stop)

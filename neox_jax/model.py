@@ -36,6 +36,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from .config import FLOAT_DTYPES, ModelConfig
 from .errors import UserError
+from .quant import Int8, weight
 from .sharding import constrain, tree_shardings
 from .tree import count_params, flatten, unflatten  # noqa: F401  (re-exported for callers)
 
@@ -348,9 +349,9 @@ def dense(cfg: ModelConfig, spec: str, x: Array, p: Params) -> Array:
     is GPT-NeoX's `fp32_allreduce` (Pythia-1B trained with it); it also keeps gradient accumulation
     over micro-batches free of bf16 rounding.  Without it the partial sums are reduced in bf16."""
     dtype, precision = _numerics(cfg)
-    if wide_grads(cfg):
+    if wide_grads(cfg) and not isinstance(p["kernel"], Int8):
         return _dense_wide_grads(spec, dtype, precision, x, p["kernel"], p["bias"])
-    return jnp.einsum(spec, x, p["kernel"].astype(dtype), precision=precision) + p["bias"].astype(dtype)
+    return jnp.einsum(spec, x, weight(p["kernel"], dtype), precision=precision) + p["bias"].astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -391,6 +392,8 @@ def head_logits(cfg: ModelConfig, spec: str, h: Array, w: Array, axes: tuple | N
     compute dtype (`einsum_f32_out`); with `fp32_allreduce` the weight's gradient stays float32
     (`_head_wide`), as in `dense`."""
     dtype, precision = _numerics(cfg)
+    if isinstance(w, Int8):  # decoding with int8 weights (quant.py): no gradient, no FSDP gather
+        return einsum_f32_out(spec, h, w.dequant(dtype), precision)
     if wide_grads(cfg):
         return _head_wide(spec, dtype, precision, axes, h, w)
     return einsum_f32_out(spec, h, cast_on_shards(w, dtype, axes), precision)

@@ -36,7 +36,7 @@ DOCUMENTED = {
                  "--num-processes", "--process-id"],
     ("plan",): ["--devices", "--mesh", "--nodes", "--device-memory", "--set", "--json"],
     ("export",): ["--dtype", "--overwrite"],
-    ("generate",): ["--prompt", "--input", "--interactive", "--max-new-tokens", "--temperature", "--top-k",
+    ("generate",): ["--prompt", "--input", "--interactive", "--max-new-tokens", "--int8", "--temperature", "--top-k",
                     "--top-p", "--seed", "--stop", "--ignore-eod", "--batch-size", "--dtype", "--rotary-dtype",
                     "--tensor", "--tokenizer", "--output", "--overwrite"],
     ("eval",): ["--tasks", "--include-path", "--num-fewshot", "--limit", "--log-samples", "--lambada",
