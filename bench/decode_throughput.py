@@ -10,6 +10,7 @@ call that compiles; HF's decode time is `generate()` minus a timed prompt forwar
     python bench/decode_throughput.py                     # CPU: pythia-70m shapes, fp32, batch 1 and 32
     python bench/decode_throughput.py --gpu               # GPU: pythia-1.4b shapes, bf16 (HF with SDPA)
     python bench/decode_throughput.py --preset pythia-410m --batches 1,8 --dtype float32 --timeout 600
+    python bench/decode_throughput.py --gpu --int8 --no-hf --json out.json   # int8 weights (generate --int8)
 
 Everything runs under --timeout seconds (default 1800); past it the script stops with exit status
 124 and prints what it has.  The weights-read floor per step (parameter bytes / device bandwidth)
@@ -19,6 +20,7 @@ is for the reader to compare: the bench does not assume a bandwidth.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import statistics
 import sys
@@ -119,6 +121,9 @@ def main():
                     help="default: bfloat16 with --gpu, float32 on CPU (where bf16 matmuls are emulated and slow)")
     ap.add_argument("--repeats", type=int, default=1, help="timed repetitions (median)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers column")
+    ap.add_argument("--int8", action="store_true", help="ours with int8 weights (neox_jax/quant.py); HF keeps "
+                                                         "the float ones")
+    ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--timeout", type=int, default=1800)
     args = ap.parse_args()
 
@@ -138,6 +143,12 @@ def main():
     cfg = load_config(preset).replace(param_dtype=args.dtype, compute_dtype=args.dtype)
     params = M.init_params(cfg, 0)
     n_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    ours_params = params
+    if args.int8:
+        from neox_jax import quant
+
+        ours_params = jax.jit(quant.quantize_params)(params)
+        print(f"int8 weights: {quant.nbytes(ours_params) / 2**30:.2f} GiB (from {n_bytes / 2**30:.2f} GiB)")
     import torch
 
     device = "cuda" if args.gpu else "cpu"
@@ -150,18 +161,27 @@ def main():
     print(header)
     print("-" * len(header))
     rs = np.random.RandomState(0)
+    records = []
     for B in [int(b) for b in args.batches.split(",")]:
         tokens = jnp.asarray(rs.randint(2, cfg.real_vocab_size, (B, args.prompt)), jnp.int32)
-        pre, step, toks = ours(cfg, params, tokens, args.new, args.repeats)
+        pre, step, toks = ours(cfg, ours_params, tokens, args.new, args.repeats)
         row = f"{B:>5} | {B * args.prompt / pre:>18,.0f} {step * 1e3:>20.2f} | "
+        rec = {"preset": preset, "dtype": args.dtype, "int8": args.int8, "batch": B, "prompt": args.prompt,
+               "new": args.new, "device": jax.devices()[0].device_kind, "ours_prefill_tok_s": B * args.prompt / pre,
+               "ours_decode_ms_step": step * 1e3}
         if args.no_hf:
             print(row + f"{'-':>16} {'-':>18} | {'-':>8} | -", flush=True)
-            continue
-        hpre, hstep, htoks = hf(cfg, params, tokens, args.new, args.repeats, args.dtype, device)
-        # random weights give nearly flat logits, so the two libraries' rounding can part greedy paths
-        same = np.mean(np.all(toks[:, :16] == htoks[:, :16], axis=1))
-        print(row + f"{B * args.prompt / hpre:>16,.0f} {hstep * 1e3:>18.2f} | {hstep / step:>7.1f}x | "
-                    f"{same:.0%} of rows agree on 16 tokens", flush=True)
+        else:
+            hpre, hstep, htoks = hf(cfg, params, tokens, args.new, args.repeats, args.dtype, device)
+            # random weights give nearly flat logits, so the two libraries' rounding can part greedy paths
+            same = np.mean(np.all(toks[:, :16] == htoks[:, :16], axis=1))
+            print(row + f"{B * args.prompt / hpre:>16,.0f} {hstep * 1e3:>18.2f} | {hstep / step:>7.1f}x | "
+                        f"{same:.0%} of rows agree on 16 tokens", flush=True)
+            rec.update(hf_prefill_tok_s=B * args.prompt / hpre, hf_decode_ms_step=hstep * 1e3)
+        records.append(rec)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(records, f, indent=1)
     signal.alarm(0)
 
 

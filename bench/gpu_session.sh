@@ -80,4 +80,7 @@ for flag in --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_trit
   name=${flag#--xla_gpu_enable_}
   XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$flag" stage "flag_${name%%=*}" 70 $tt "$@" "${ours[@]}" --job-timeout 60
 done
+# decoding (pythia-1.4b, bf16, greedy): ours beside HF generate, then ours with int8 weights (generate --int8)
+stage s13_decode 150 decode_throughput.py --gpu --batches 1,32 --new 128 --timeout 140
+stage s14_decode_int8 90 decode_throughput.py --gpu --batches 1,32 --new 128 --int8 --no-hf --timeout 80
 echo "=== done after ${SECONDS}s" | tee -a "$log"
