@@ -41,7 +41,7 @@ DOCUMENTED = {
                     "--tensor", "--tokenizer", "--output", "--overwrite"],
     ("eval",): ["--tasks", "--include-path", "--num-fewshot", "--limit", "--log-samples", "--lambada",
                 "--perplexity", "--data-prefix", "--split", "--split-part", "--seq-length", "--max-samples",
-                "--context", "--batch-size", "--dtype", "--tensor", "--seed", "--tokenizer", "--output",
+                "--context", "--batch-size", "--dtype", "--tensor", "--int8", "--seed", "--tokenizer", "--output",
                 "--overwrite"],
 }
 

@@ -92,3 +92,37 @@ def test_generate_command_int8(saved, tmp_path, caplog):
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     want = load_generator(str(path), int8=True).generate(prompts, max_new_tokens=6)
     assert [r["completion_tokens"] for r in rows] == [c.completion_tokens for c in want]
+
+
+def test_eval_perplexity_int8_equals_hf_on_dequantized_weights(saved, tmp_path):
+    """`eval --int8 --perplexity`: the perplexity of token documents (each one window) equals HF's on
+    the dequantized weights; and it moves from the float model's by a small amount."""
+    import json
+    import math
+
+    from neox_jax.cli import main
+
+    model, cfg, _, path = saved
+    docs = _prompts(cfg.vocab_size, lengths=(40, 17, 63), seed=3)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"tokens": d}) + "\n" for d in docs))
+
+    def ours(*extra):
+        out = tmp_path / f"r{len(extra)}.json"
+        assert main(["-q", "eval", str(path), "--perplexity", str(tmp_path / "docs.jsonl"), "--output", str(out),
+                     *extra]) == 0
+        return json.loads(out.read_text())["results"]["perplexity"]["perplexity"]
+
+    def hf_ppl(m):
+        total = count = 0
+        for d in docs:
+            with torch.no_grad():
+                lp = torch.log_softmax(m(torch.tensor([d])).logits.double(), -1)[0]
+            total += sum(float(lp[i - 1, d[i]]) for i in range(1, len(d)))
+            count += len(d) - 1
+        return math.exp(-total / count)
+
+    ref = _dequantized_hf(model, cfg, load_generator(str(path), int8=True).params)
+    got = ours("--int8")
+    assert got == pytest.approx(hf_ppl(ref), rel=1e-5)
+    flt = ours()
+    assert got == pytest.approx(flt, rel=2e-2) and got != flt

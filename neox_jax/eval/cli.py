@@ -40,6 +40,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="requests or windows scored together (default 8)")
     p.add_argument("--dtype", choices=RUN_DTYPES, default="float32", help="parameter and compute dtype")
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel devices (default 1)")
+    p.add_argument("--int8", action="store_true", help="int8 matmul weights (as generate --int8): to measure what "
+                                                       "quantization costs on a task")
     p.add_argument("--seed", type=int, default=0, help="seed for tasks that sample")
     p.add_argument("--tokenizer", help="HF tokenizers JSON or sentencepiece .model "
                                        "(default: ../shared/data/20B_tokenizer.json)")
@@ -95,7 +97,7 @@ def _run_eval(args):
             raise UserError(f"--tasks needs lm-evaluation-harness: pip install 'neox-jax[eval]' ({e})") from None
         manager = _task_manager(args)
     tok = load_tokenizer(args.tokenizer)
-    gen = load_generator(args.ckpt, dtype=args.dtype, tensor=args.tensor, tokenizer=tok)
+    gen = load_generator(args.ckpt, dtype=args.dtype, tensor=args.tensor, tokenizer=tok, int8=args.int8)
     cfg, params = gen.cfg, gen.params
     progress = sys.stderr.isatty()
     results: dict = {}
