@@ -775,3 +775,20 @@ def test_neox_yaml_defaults_are_the_pythia_era_ones(tmp_path):
     assert (cfg.train.eval_every, cfg.train.eval_steps) == (1000, 100)
     assert cfg.data.path == "/d/x_text_document"
     assert [int(x) for x in cfg.data.split.split(",")] == [969, 30, 1]
+
+
+def test_neox_yaml_load_continues_a_saved_run(tmp_path, caplog):
+    """GPT-NeoX's `load: DIR`: with a checkpoint there, the run continues it (train.init_from_neox);
+    with none, a fresh start as GPT-NeoX makes one; weights without the optimizer are refused by name."""
+    ck = tmp_path / "ckpts"
+    text = NEOX_20B.replace('"load": "./20B_checkpoints"', f'"load": "{ck}"')
+    assert text != NEOX_20B
+    with caplog.at_level("INFO"):
+        fresh = load_run_config(_write(tmp_path / "a.yml", text), num_devices=96)
+    assert fresh.train.init_from_neox == "" and "holds no GPT-NeoX checkpoint: starting fresh" in caplog.text
+    (ck / "global_step1000").mkdir(parents=True)
+    (ck / "latest").write_text("global_step1000")
+    assert load_run_config(_write(tmp_path / "b.yml", text), num_devices=96).train.init_from_neox == str(ck)
+    with pytest.raises(ConfigError, match="no_load_optim"):
+        load_run_config(_write(tmp_path / "c.yml", text.replace('"load":', '"no_load_optim": true,\n  "load":')),
+                        num_devices=96)

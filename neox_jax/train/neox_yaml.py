@@ -7,7 +7,8 @@ Every top-level key of a GPT-NeoX config falls in exactly one class (after `-` -
   logging and validation cadence, activation checkpointing, tensor-parallel size, `fp32_allreduce`;
 * checkpoint keys (`_CHECKPOINT`): the save schedule (`checkpoint_factor` / `save_interval` with
   `checkpoint_scale`, `extra_save_iters`, `keep_last_n_checkpoints`) becomes the `checkpoint`
-  section; the others (paths, what to save or load) are listed in the log and have no effect;
+  section; `load` pointing at a GPT-NeoX checkpoint continues that run (`train.init_from_neox`); the
+  others (paths, what to save) are listed in the log and have no effect;
 * GPT-NeoX / DeepSpeed machinery (`_NOT_APPLICABLE`): kernel fusions, ZeRO, pipeline stages,
   launchers, logging backends; accepted and listed once in the log as not applicable;
 * anything else is refused by name: we do not guess whether an unknown key changes training.
@@ -229,7 +230,10 @@ def run_config_from_neox(raw: Mapping[str, Any], *, where: str = "neox config",
     if na:
         log.info("%s: GPT-NeoX keys not applicable to neox-jax (accepted, no effect): %s", where, ", ".join(na))
     checkpoint = _checkpoint_section(d, int(d["train_iters"]), where)
-    ck = sorted(k for k in d if k in _CHECKPOINT and k not in _SCHEDULE_KEYS)
+    resume = _load_key(d, where)
+    if resume:
+        train["init_from_neox"] = resume
+    ck = sorted(k for k in d if k in _CHECKPOINT and k not in _SCHEDULE_KEYS and not (k == "load" and resume))
     if ck:
         log.info("%s: checkpoint keys without effect in neox-jax (checkpoints go to RUN_DIR/checkpoints): "
                  "%s", where, ", ".join(f"{k}={d[k]!r}" for k in ck))
@@ -238,6 +242,29 @@ def run_config_from_neox(raw: Mapping[str, Any], *, where: str = "neox config",
     model_dict = model.to_dict()
     return {"model": model_dict, "mesh": mesh, "data": data, "optimizer": optimizer, "train": train,
             "checkpoint": checkpoint}
+
+
+def _load_key(d: dict, where: str) -> str:
+    """GPT-NeoX's `load: DIR`: continue the run saved there (weights, optimizer state, iteration) when
+    DIR holds a checkpoint (a `latest` file or `global_step*` directories), as GPT-NeoX does; with no
+    checkpoint there GPT-NeoX starts fresh, and so does this (logged).  `no_load_optim` (weights only)
+    is refused by name: convert the weights and use --init-from."""
+    from pathlib import Path
+
+    load = d.get("load")
+    if not load:
+        return ""
+    path = Path(str(load))
+    found = path.is_dir() and ((path / "latest").is_file() or any(path.glob("global_step*")) or
+                               path.name.startswith("global_step"))
+    if not found:
+        log.info("%s: load %s holds no GPT-NeoX checkpoint: starting fresh (as GPT-NeoX does)", where, load)
+        return ""
+    if d.get("no_load_optim"):
+        raise ConfigError(f"{_where(where, 'no_load_optim')}: loading the weights of {load} without its optimizer "
+                          "state: convert them (`neox-jax convert`) and pass --init-from")
+    log.info("%s: load %s: continuing that GPT-NeoX run (train.init_from_neox)", where, load)
+    return str(load)
 
 
 _SCHEDULE_KEYS = {"checkpoint_factor", "save_interval", "checkpoint_scale", "extra_save_iters", "save_iters",
