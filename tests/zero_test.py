@@ -369,3 +369,11 @@ def test_a_parameter_this_model_lacks_is_refused(stopped_run, tmp_path):
         torch.save(sd, f)
     with pytest.raises(CheckpointError, match=r"hold 0\.position_embeddings\.bias, not a parameter of this model"):
         read_zero(bad)
+
+
+def test_inspect_reports_the_optimizer_files(stopped_run, capsys):
+    from neox_jax.cli import main
+
+    *_, root = stopped_run
+    assert main(["inspect", str(root), "--no-hash"]) == 0
+    assert f"optimizer state: {DP * TP} ZeRO files (data-parallel {DP} x model ranks {TP})" in capsys.readouterr().out

@@ -71,8 +71,14 @@ def inspect_checkpoint(path: str, *, hashes: bool = True, neox_config: list[str]
             "tensors": tensors,
         }
         if r.fmt == "neox":
+            from .zero import optimizer_files
+
+            zero = optimizer_files(r.step_dir)
             info["neox"] = {"layout": r.layout, "tp": r.tp, "step_dir": str(r.step_dir),
-                            "config_files": [str(f) for f in r.config_files]}
+                            "config_files": [str(f) for f in r.config_files],
+                            "optimizer_files": len(zero),
+                            "optimizer_ranks": ([1 + max(d for d, _ in zero), 1 + max(m for _, m in zero)]
+                                                if zero else None)}
     return info
 
 
@@ -86,8 +92,13 @@ def format_inspect(info: dict) -> str:
         f"  parallel_residual {c['use_parallel_residual']}  tied {c['tie_word_embeddings']}  act {c['hidden_act']}",
         f"  parameters {info['num_params']:,}   stored tensors {len(info['tensors'])}, "
         f"{info['stored_elements']:,} elements, {human_bytes(info['stored_bytes'])}, dtypes {', '.join(info['dtypes'])}",
-        "",
     ]
+    if "neox" in info:
+        nx = info["neox"]
+        lines.append(f"  optimizer state: {nx['optimizer_files']} ZeRO files (data-parallel {nx['optimizer_ranks'][0]} "
+                     f"x model ranks {nx['optimizer_ranks'][1]}): train.init_from_neox continues this run"
+                     if nx["optimizer_files"] else "  optimizer state: none (no zero_pp_rank_* files): weights only")
+    lines.append("")
     w = max([len(t["name"]) for t in info["tensors"]] + [4])
     lines.append(f"{'name':<{w}}  {'shape':<22}{'dtype':<10}{'norm':>14}  sha256 (first 16; --json has all)")
     for t in info["tensors"]:

@@ -205,11 +205,16 @@ def _pieces_v06(files: list[Path], sds: list, osds: list[dict], model_states: Pa
     return groups, shapes, pieces, step
 
 
+def optimizer_files(step_dir: Path) -> dict[tuple[int, int], Path]:
+    """{(data-parallel rank, model rank): path} of the ZeRO optimizer files in a global_stepN directory."""
+    return {(int(m.group(2)), int(m.group(3))): p for p in step_dir.iterdir() if (m := _OPTIM_FILE.match(p.name))}
+
+
 def read_zero(path: str | Path, config_files: list[str] | None = None) -> ZeroState:
     """The training state of the GPT-NeoX checkpoint at `path` (SAVE or SAVE/global_stepN)."""
     reader = NeoxReader(Path(path), config_files)
     step_dir, tp = reader.step_dir, reader.tp
-    found = {(int(m.group(2)), int(m.group(3))): p for p in step_dir.iterdir() if (m := _OPTIM_FILE.match(p.name))}
+    found = optimizer_files(step_dir)
     if not found:
         raise CheckpointError(f"{step_dir}: no zero_pp_rank_*_mp_rank_*_optim_states.pt files (the checkpoint "
                               f"has no ZeRO optimizer state)")
