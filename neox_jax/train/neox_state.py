@@ -84,8 +84,8 @@ def load(run: RunConfig, path: str, opt: optax.GradientTransformation, shardings
     else:
         how = f"loss scaling {run.optimizer.loss_scale} (the checkpoint's scaler state not used)"
     loss_scale = jax.tree.map(lambda v, sh: _put(np.asarray(v), sh), ls, shardings.loss_scale)
-    log.info("continuing the GPT-NeoX run %s: iteration %d (data position), %d updates applied (LR schedule and "
-             "Adam count), float32 master weights and Adam moments from %d x %d ZeRO file(s) (data x model "
+    log.info("continuing the GPT-NeoX run %s: iteration %d (data position), %d updates applied (the LR "
+             "schedule), float32 master weights and Adam moments from %d x %d ZeRO file(s) (data x model "
              "ranks; TP %d, %d pipeline stage(s)), %s", zs.reader.step_dir, zs.iteration, zs.updates, zs.dp,
              zs.tp * zs.pp, zs.tp, zs.pp, how)
     if zs.adam_step is None:
