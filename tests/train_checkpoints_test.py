@@ -535,3 +535,55 @@ def test_failed_background_save(when, reference, corpus, tmp_path):  # noqa: F81
     assert losses(r) == losses(run_dir)
     assert tc.TrainCheckpoints(r / "checkpoints", read_only=True).steps() == ([2, 4, 6, 8] if when == "next-save"
                                                                              else [4, 8])
+
+
+def test_step_time_leaves_out_saving_and_validating(corpus, tmp_path, monkeypatch, compile_cache, caplog):  # noqa: F811
+    """A checkpoint every 2 steps, each save held 1 s longer (a patched Orbax save, inside what the
+    loop is held for) and the validation after step 4 1 s longer (a patched metrics write of its
+    line): the records those seconds fell into carry them as checkpoint_time and eval_time, their
+    step_time is as long as the other steps' (not 1 s more), and the logged interval tokens/s
+    leaves them out too."""
+    import re
+
+    import orbax.checkpoint as ocp
+
+    from neox_jax.train import metrics as metrics_mod
+    from neox_jax.train.loop import train
+
+    delay = 1.0
+    real_save, real_write = ocp.CheckpointManager.save, metrics_mod.Metrics.write
+
+    def slow_save(self, *a, **k):
+        time.sleep(delay)
+        return real_save(self, *a, **k)
+
+    def slow_write(self, rec, *a, **k):
+        if "valid_loss" in rec:
+            time.sleep(delay)
+        return real_write(self, rec, *a, **k)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", slow_save)
+    monkeypatch.setattr(metrics_mod.Metrics, "write", slow_write)
+    raw = raw_config(corpus, every_steps=2)
+    raw["train"].update(eval_every=4, eval_steps=1, log_every=STEPS)
+    caplog.set_level("INFO", logger="neox_jax")
+    t0 = time.perf_counter()
+    train(from_sections(raw), tmp_path / "r")
+    wall = time.perf_counter() - t0
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    assert len(steps) == STEPS
+    ck = [r["checkpoint_time"] for r in steps if "checkpoint_time" in r]
+    ev = [r for r in steps if "eval_time" in r]
+    # the saves of steps 2, 4, 6 happen inside the loop (8, at the end, after the last record)
+    assert len(ck) == 3 and all(c >= delay for c in ck), steps
+    assert [r["step"] for r in ev] == [4] and ev[0]["eval_time"] >= delay  # validation after step 4's record
+    plain = sorted(r["step_time"] for r in steps if "checkpoint_time" not in r and "eval_time" not in r)
+    for r in steps:
+        assert r["step_time"] < plain[len(plain) // 2] + delay / 2, (r, plain)
+        assert r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_time"], rel=1e-6)
+    assert sum(r["step_time"] for r in steps) + sum(ck) + ev[0]["eval_time"] < wall
+    m = re.search(r"step 8/8: .* (\d+) tokens/s \(not counting ([\d.]+) s saving/validating\)", caplog.text)
+    assert m, caplog.text
+    assert float(m.group(2)) == pytest.approx(sum(ck) + ev[0]["eval_time"], abs=0.02)
+    assert int(m.group(1)) > 8 * 32 * STEPS / (2 * sum(r["step_time"] for r in steps))  # not diluted by them
