@@ -32,7 +32,7 @@ from .. import checkpoint as ckpt
 from .. import flops
 from ..data.loader import Loader, global_batch_arrays
 from ..distributed import barrier
-from ..errors import TrainingError, UserError
+from ..errors import CheckpointError, TrainingError, UserError
 from ..sharding import make_mesh, node_count
 from . import checkpoints as tc
 from .config import RunConfig
@@ -440,6 +440,10 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
                 finish(*pending)
     except TrainingError:
         ckpts.close()  # a save in flight still commits
+        raise
+    except CheckpointError:  # a failed save: Orbax's threads end before the error is reported
+        with contextlib.suppress(Exception):
+            ckpts.close()
         raise
     finally:
         loader.close()
