@@ -278,3 +278,77 @@ def test_build_shuffle_idx_takes_the_dtype_decision(monkeypatch):
     b = np.arange(10, dtype=np.int64)
     np.random.RandomState(0).shuffle(b)  # the same permutation in either dtype
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "header", "values"])
+def test_damaged_cache_file_is_refused_naming_it(tmp_path, damage):
+    """A cache written with save_cache (through atomic.Replacement: no temporaries left, the three
+    files published together), then damaged on disk: the read refuses it naming the file and how to
+    have it rebuilt; with the damaged files deleted the maps are rebuilt equal to the reference."""
+    sizes = np.random.RandomState(9).randint(1, 100, size=40).astype(np.int32)
+    write_corpus(tmp_path / "s", sizes)
+    GPT2Dataset.build(str(tmp_path / "s"), 30, S, 99, name="train", save_cache=True)
+    paths = index_map_paths(str(tmp_path / "s"), "train", 30, S, 99)
+    assert not [p.name for p in tmp_path.iterdir() if "neox-jax" in p.name]
+    victim = paths[2]  # shuffle_idx
+    raw = victim.read_bytes()
+    if damage == "truncated":  # a writer killed mid-write without the atomic rename
+        victim.write_bytes(raw[: len(raw) - 9])
+    elif damage == "empty":
+        victim.write_bytes(b"")
+    elif damage == "header":
+        victim.write_bytes(b"\x00" * len(raw))
+    else:  # a flipped high byte: an index past the samples
+        arr = np.load(victim).copy()
+        arr[5] = len(arr) + 1000
+        np.save(victim, arr)
+    with pytest.raises(UserError) as e:
+        GPT2Dataset.build(str(tmp_path / "s"), 30, S, 99, name="train")
+    msg = str(e.value)
+    assert msg.startswith(str(victim)) and "\n" not in msg and "delete" in msg and "rebuilt" in msg, msg
+    victim.unlink()
+    again = GPT2Dataset.build(str(tmp_path / "s"), 30, S, 99, name="train", save_cache=True)
+    assert not again.maps.from_cache
+    _, doc_idx, sample_idx, shuffle_idx = ref_index_maps(sizes, np.arange(40, dtype=np.int32), 30, S, 99)
+    np.testing.assert_array_equal(np.load(victim), shuffle_idx)
+    assert GPT2Dataset.build(str(tmp_path / "s"), 30, S, 99, name="train").maps.from_cache
+
+
+def test_killed_cache_publish_is_refused_until_finished(tmp_path):
+    """A writer killed between publishing two of the three maps (its journal in state
+    "committing", held there by NEOX_JAX_TEST_PAUSE) leaves a mixed set: the reader refuses it, the
+    next neox-jax write into the directory (`atomic.recover`) finishes publishing it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+    from pathlib import Path
+
+    from neox_jax import atomic
+
+    sizes = np.random.RandomState(10).randint(1, 100, size=40).astype(np.int32)
+    write_corpus(tmp_path / "s", sizes)
+    paths = index_map_paths(str(tmp_path / "s"), "train", 30, S, 99)
+    script = textwrap.dedent(f"""
+        from neox_jax.data.order import GPT2Dataset
+        GPT2Dataset.build({str(tmp_path / "s")!r}, 30, {S}, 99, name="train", save_cache=True)
+    """)
+    env = {**os.environ, "NEOX_JAX_TEST_PAUSE": "publish:60",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and not paths[0].exists():
+        assert proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert paths[0].exists() and not paths[2].exists()
+    with pytest.raises(UserError, match="interrupted replacement is pending"):
+        GPT2Dataset.build(str(tmp_path / "s"), 30, S, 99, name="train")
+    assert atomic.recover(tmp_path)  # what the next neox-jax write into the directory does first
+    ds = GPT2Dataset.build(str(tmp_path / "s"), 30, S, 99, name="train")
+    assert ds.maps.from_cache
+    _, doc_idx, sample_idx, shuffle_idx = ref_index_maps(sizes, np.arange(40, dtype=np.int32), 30, S, 99)
+    np.testing.assert_array_equal(ds.maps.shuffle_idx, shuffle_idx)

@@ -472,3 +472,118 @@ def test_retention_keeps_the_last_k_plus_every_mth(tmp_path):
     assert tc.TrainCheckpoints(tmp_path / "c", read_only=True).steps() == [4, 8, 9]
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["4", "8", "9"]
 
+
+
+def _failing_save_script(cfg, r, fail_step):
+    """`neox-jax train` with the background write of step `fail_step` failing: the loader item's
+    commit future raises ENOSPC naming its file (as a full disk would, after the tmp directory
+    exists and the loop has moved on)."""
+    return textwrap.dedent(f"""
+        import errno, os, sys
+        import orbax.checkpoint as ocp
+
+        class Full:
+            def __init__(self, path):
+                self.path = path
+            def result(self, timeout=None):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+
+        json_save = ocp.handlers.JsonCheckpointHandler.async_save
+
+        async def failing_write(self, directory, item=None, args=None):
+            futures = await json_save(self, directory, item=item, args=args)
+            if "global_batch" in args.item and args.item["step"] == {fail_step}:
+                futures = list(futures) + [Full(str(directory / "loader.json"))]
+            return futures
+
+        ocp.handlers.JsonCheckpointHandler.async_save = failing_write
+        from neox_jax.cli import main
+        sys.exit(main(["train", {str(cfg)!r}, "--run-dir", {str(r)!r}]))
+    """)
+
+
+@pytest.mark.parametrize("when", ["next-save", "end"])
+def test_failed_background_save(when, reference, corpus, tmp_path):  # noqa: F811
+    """A background checkpoint write that fails while training goes on: the error surfaces at the
+    next save (step 4 failing, found when step 6 is saved) or at the end of the run (step 8, the last
+    save), as one line naming the step directory and the cause, exit status 2, no traceback; the
+    earlier checkpoints stay and the next `train` resumes from the newest good one, the half-written
+    step taken for no checkpoint."""
+    from neox_jax.train.loop import train
+
+    run_dir, cfg = reference
+    if when == "next-save":  # saves after steps 2, 4, 6, 8; 4 fails
+        raw = raw_config(corpus, every_steps=2)
+        cfg = tmp_path / "run.yaml"
+        cfg.write_text(yaml.safe_dump(raw))
+        r, fail, good = tmp_path / "r", 4, [2]
+    else:  # resumed from 4, the save of 8 at the end fails
+        raw = yaml.safe_load(cfg.read_text())
+        r, fail, good = _copy_run(run_dir, tmp_path / "r", keep_steps={4}), STEPS, [4]
+    proc = subprocess.run([sys.executable, "-c", _failing_save_script(cfg, r, fail)], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, **ENV}, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert err[-1].startswith("neox-jax: error: ") and err[-1].count("neox-jax: error:") == 1, proc.stderr
+    assert str(r / "checkpoints" / str(fail)) in err[-1] and "No space left on device" in err[-1], err[-1]
+    assert tc.TrainCheckpoints(r / "checkpoints", read_only=True).steps() == good
+    if when == "next-save":
+        assert "checkpoint of step 6" not in proc.stderr.replace(err[-1], "")  # stopped at that save
+    out = train(from_sections(raw), r)
+    assert out["started_at"] == good[-1] and out["steps"] == STEPS
+    assert losses(r) == losses(run_dir)
+    assert tc.TrainCheckpoints(r / "checkpoints", read_only=True).steps() == ([2, 4, 6, 8] if when == "next-save"
+                                                                             else [4, 8])
+
+
+def test_step_time_leaves_out_saving_and_validating(corpus, tmp_path, monkeypatch, compile_cache, caplog):  # noqa: F811
+    """A checkpoint every 2 steps, each save held 1 s longer (a patched Orbax save, inside what the
+    loop is held for) and the validation after step 4 1 s longer (a patched metrics write of its
+    line): the records those seconds fell into carry them as checkpoint_time and eval_time, their
+    step_time is as long as the other steps' (not 1 s more), and the logged interval tokens/s
+    leaves them out too."""
+    import re
+
+    import orbax.checkpoint as ocp
+
+    from neox_jax.train import metrics as metrics_mod
+    from neox_jax.train.loop import train
+
+    delay = 1.0
+    real_save, real_write = ocp.CheckpointManager.save, metrics_mod.Metrics.write
+
+    def slow_save(self, *a, **k):
+        time.sleep(delay)
+        return real_save(self, *a, **k)
+
+    def slow_write(self, rec, *a, **k):
+        if "valid_loss" in rec:
+            time.sleep(delay)
+        return real_write(self, rec, *a, **k)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", slow_save)
+    monkeypatch.setattr(metrics_mod.Metrics, "write", slow_write)
+    raw = raw_config(corpus, every_steps=2)
+    raw["train"].update(eval_every=4, eval_steps=1, log_every=STEPS)
+    caplog.set_level("INFO", logger="neox_jax")
+    t0 = time.perf_counter()
+    train(from_sections(raw), tmp_path / "r")
+    wall = time.perf_counter() - t0
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    assert len(steps) == STEPS
+    ck = [r["checkpoint_time"] for r in steps if "checkpoint_time" in r]
+    ev = [r for r in steps if "eval_time" in r]
+    # the saves of steps 2, 4, 6 happen inside the loop (8, at the end, after the last record)
+    assert len(ck) == 3 and all(c >= delay for c in ck), steps
+    assert [r["step"] for r in ev] == [4] and ev[0]["eval_time"] >= delay  # validation after step 4's record
+    plain = sorted(r["step_time"] for r in steps if "checkpoint_time" not in r and "eval_time" not in r)
+    for r in steps:
+        assert r["step_time"] < plain[len(plain) // 2] + delay / 2, (r, plain)
+        assert r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_time"], rel=1e-6)
+    assert sum(r["step_time"] for r in steps) + sum(ck) + ev[0]["eval_time"] < wall
+    m = re.search(r"step 8/8: .* (\d+) tokens/s \(not counting ([\d.]+) s saving/validating\)", caplog.text)
+    assert m, caplog.text
+    assert float(m.group(2)) == pytest.approx(sum(ck) + ev[0]["eval_time"], abs=0.02)
+    assert int(m.group(1)) > 8 * 32 * STEPS / (2 * sum(r["step_time"] for r in steps))  # not diluted by them

@@ -25,7 +25,8 @@ use, normally `arange(len)`), sequence length S, `num_samples`, `seed`.
 Index maps are cached by NeoX as `{prefix}_{name}_indexmap_{num_samples}ns_{S}sl_{seed}s_
 {doc,sample,shuffle}_idx.npy` (name "train_0" for Pythia's train-data-paths route, "train" for the
 data-path + split route of GPT-NeoX-20B).  When all three exist they are read (memory-mapped, checked
-against the dataset) and no random numbers are drawn.  Later GPT-NeoX versions append more to the name;
+against the dataset; a damaged one is refused naming the file) and no random numbers are drawn.  With
+`save_cache` the three are written as one `atomic.Replacement`.  Later GPT-NeoX versions append more to the name;
 those caches are not Pythia-era and are not looked for.
 
 Blending (`BlendableDataset`): weights normalised, dataset k and its sample index for global index t
@@ -37,13 +38,13 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from .. import atomic
 from ..errors import UserError
 from .indexed import IndexedDataset, strip_prefix
 
@@ -124,8 +125,13 @@ def build_index_maps(prefix: str, name: str, documents: np.ndarray, sizes: np.nd
     n = (epochs * tokens - 1) // seq_length
     _check_memory(prefix, num_samples, seq_length, n, epochs * len(documents))
     paths = index_map_paths(prefix, name, num_samples, seq_length, seed)
+    if use_cache:
+        for p in paths:  # a replacement of the three that was interrupted half-published
+            note = atomic.pending(p)
+            if note:
+                raise UserError(note)
     if use_cache and all(p.exists() for p in paths):
-        maps = [_load_npy(p) for p in paths]
+        maps = [_load_npy(p, paths) for p in paths]
         _check_cached(paths, maps, n, epochs * len(documents), len(sizes), sizes)
         return IndexMaps(*maps, num_epochs=epochs, from_cache=True)
     rng = np.random.RandomState(seed=seed)
@@ -133,23 +139,28 @@ def build_index_maps(prefix: str, name: str, documents: np.ndarray, sizes: np.nd
     sample_idx = build_sample_idx(sizes, doc_idx, seq_length, epochs, tokens)
     shuffle_idx = build_shuffle_idx(n, rng)
     if save_cache:
-        for p, arr in zip(paths, (doc_idx, sample_idx, shuffle_idx)):
-            # every process of a multi-host run may write the same map: a name unique per write
-            # (a pid is not unique across hosts), then an atomic rename over any other copy
-            tmp = p.with_name(f".{p.name}.neox-jax-{secrets.token_hex(6)}.tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, arr, allow_pickle=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
+        # every process of a multi-host run may write the same maps: one `atomic.Replacement` of the
+        # three (temporaries unique per write, fsynced, published together under a journal), so a
+        # killed or concurrent writer never leaves a partial file under a cache name
+        with atomic.Replacement(paths, overwrite=True) as rep:
+            for p, arr in zip(paths, (doc_idx, sample_idx, shuffle_idx)):
+                with open(rep.tmp(p), "wb") as f:
+                    np.save(f, arr, allow_pickle=True)
+            rep.commit()
     return IndexMaps(doc_idx, sample_idx, shuffle_idx, num_epochs=epochs, from_cache=False)
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def _load_npy(path: Path, paths: Sequence[Path]) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path}: not a readable .npy index map ({e})") from None
+    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
+        raise UserError(f"{path}: not a readable .npy index map ({_one_line(e)}); a damaged cache: delete "
+                        f"{', '.join(p.name for p in paths)} to have them rebuilt") from None
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return f"{e.__class__.__name__}: {lines[0]}" if lines else e.__class__.__name__
 
 
 def _check_memory(prefix: str, num_samples: int, seq_length: int, n: int, n_doc_idx: int) -> None:
@@ -173,14 +184,16 @@ def _check_cached(paths, maps, n: int, n_doc_idx: int, n_items: int, sizes: np.n
     for p, (arr, shape) in zip(paths, expect):
         if arr.shape != shape:
             raise UserError(f"{p}: shape {arr.shape}, but this dataset and these settings give {shape} "
-                            "(stale cache for a different dataset?)")
+                            f"(stale cache for a different dataset, or a damaged one: delete "
+                            f"{', '.join(q.name for q in paths)} to have them rebuilt)")
 
     def first_bad(p: Path, arr: np.ndarray, ok: np.ndarray, what: str) -> None:
         bad = np.flatnonzero(~ok)
         if bad.size:
             i = int(bad[0])
             raise UserError(f"{p}: entry {i} is {arr.reshape(-1)[i] if arr.ndim == 1 else arr[i].tolist()}, "
-                            f"outside {what} (corrupt or stale cache)")
+                            f"outside {what} (corrupt or stale cache: delete {', '.join(q.name for q in paths)} "
+                            "to have them rebuilt)")
 
     first_bad(paths[0], doc_idx, (doc_idx >= 0) & (doc_idx < n_items), f"the dataset's {n_items} documents")
     rows = np.asarray(sample_idx, dtype=np.int64)

@@ -22,8 +22,10 @@ thread while training continues (`checkpoint.async_save`); each wait is timed ap
 name only after every item (and every process) has finished: Orbax writes
 `STEP.orbax-checkpoint-tmp-*` and renames it on commit (on object stores, where renames are not
 atomic, it writes a commit file instead).  A process killed
-mid-save therefore leaves only a temporary directory, which the next run reports and removes.  An
-existing step is never written again.  Which steps are written: `RunConfig.checkpoint` (every N
+mid-save therefore leaves only a temporary directory, which the next run reports and removes.  A
+background write that fails (full disk, permissions) is raised by the next `save` or by `close`,
+whichever comes first, as a CheckpointError naming that step's directory and the cause (`wait`); it
+too leaves only a temporary directory.  An existing step is never written again.  Which steps are written: `RunConfig.checkpoint` (every N
 steps, every T minutes, listed steps, the Pythia preset, at the end and on SIGINT/SIGTERM); which
 are kept: the newest `keep_last` plus every multiple of `keep_every`.
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -147,7 +150,9 @@ class TrainCheckpoints:
         # in flight before it, which is computing time the loop waits for anyway (one step later)
         self.save_s: list[float] = []
         self.last_save: dict[str, float] = {}
+        self.writing: int | None = None  # the step being written in the background
         self.closed = False
+        _quiet_background_errors()
 
     # -- listing
 
@@ -179,32 +184,42 @@ class TrainCheckpoints:
         t0 = time.perf_counter()
         jax.block_until_ready(state)  # the steps dispatched so far: Orbax would wait for them too
         t1 = time.perf_counter()
+        self.wait()  # the previous save, if it is still writing; its failure surfaces here
+        t2 = time.perf_counter()
         try:
-            self.manager.wait_until_finished()  # the previous save, if it is still writing
-            t2 = time.perf_counter()
             self.manager.save(step, args=args, force=True)
-        except Exception as e:  # the previous save's failure surfaces here too (full disk, permissions)
-            raise CheckpointError(f"{self.directory}: writing the checkpoint of step {step} failed "
-                                  f"({_first(e)}); the older checkpoints are intact") from None
+        except Exception as e:  # e.g. the step's temporary directory cannot be created
+            raise CheckpointError(self._failed(step, e)) from None
+        self.writing = step
         t3 = time.perf_counter()
         self.save_s.append(t3 - t1)
         self.last_save = {"steps_in_flight_s": t1 - t0, "previous_save_s": t2 - t1, "copy_s": t3 - t2}
         return True
 
     def wait(self) -> None:
-        """Block until the save in flight has committed (raises if it failed)."""
+        """Block until the save in flight has committed; a failed background write (full disk,
+        permissions, an I/O error) is a CheckpointError naming its step directory and the cause."""
+        step, self.writing = self.writing, None
         try:
             self.manager.wait_until_finished()
         except Exception as e:
-            raise CheckpointError(f"{self.directory}: writing a checkpoint failed ({_first(e)}); the "
-                                  "older checkpoints are intact") from None
+            _drain()
+            raise CheckpointError(self._failed(step, e)) from None
+
+    def _failed(self, step: int | None, e: BaseException) -> str:
+        where = self.step_dir(step) if step is not None else self.directory
+        what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+        return (f"{where}: writing {what} failed ({_first(e)}); it is not a checkpoint (its temporary "
+                "directory is removed by the next run), the checkpoints before it are intact")
 
     def close(self) -> None:
         if self.closed:  # a second close (an --overwrite undone after an error) would upset Orbax's threads
             return
-        self.wait()
-        self.manager.close()
-        self.closed = True
+        try:
+            self.wait()
+        finally:  # also after a failed write: Orbax's threads end before the interpreter does
+            self.manager.close()
+            self.closed = True
 
     # -- reading
 
@@ -236,6 +251,35 @@ class TrainCheckpoints:
         state = TrainState(step=part["step"], updates=part["updates"], params=out["params"],
                            opt_state=part["opt_state"], loss_scale=part["loss_scale"])
         return state, self.read_json(step, "loader")
+
+
+class _BackgroundSaveError(logging.Filter):
+    """Orbax logs a failed background write with its traceback (from its save thread, then again
+    from `wait_until_finished`) before `TrainCheckpoints.wait` raises it as one line: its records
+    keep one line, the cause's first."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and "orbax" in record.pathname:
+            first = (record.getMessage().splitlines() or [""])[0]
+            record.msg, record.args = f"{first} ({_first(record.exc_info[1])})", ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _quiet_background_errors() -> None:
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _BackgroundSaveError) for f in logger.filters):
+        logger.addFilter(_BackgroundSaveError())
+
+
+def _drain(timeout_s: float = 300.0) -> None:
+    """After a failed write, let Orbax's other writer threads of that save end (they may still be
+    writing other items into its temporary directory), so closing the manager or exiting the
+    interpreter does not pull their executors and event loops from under them."""
+    deadline = time.monotonic() + timeout_s
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and type(t).__module__.startswith("orbax"):
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 def _first(e: BaseException) -> str:

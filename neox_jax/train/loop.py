@@ -32,7 +32,7 @@ from .. import checkpoint as ckpt
 from .. import flops
 from ..data.loader import Loader, global_batch_arrays
 from ..distributed import barrier
-from ..errors import TrainingError, UserError
+from ..errors import CheckpointError, TrainingError, UserError
 from ..sharding import by_slice_index, dcn_factors, make_mesh, node_count
 from . import checkpoints as tc
 from . import neox_state
@@ -346,6 +346,7 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
         bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
     def evaluate(step: int) -> float:
+        t0 = time.perf_counter()
         with Loader(valid_ds, B, num_steps=t.eval_steps, segment_ids=run.data.segment_ids,
                     eod_id=run.data.eod_id) as vl, jax.set_mesh(mesh):
             nll = n = 0.0
@@ -356,6 +357,7 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
         metrics.write({"step": step, "valid_loss": loss, "valid_ppl": float(np.exp(min(loss, 700.0))),
                        "valid_tokens": int(n)})
         log.info("step %d: validation loss %.4f (%d tokens)", step, loss, int(n))
+        held["eval"] += time.perf_counter() - t0
         return loss
 
     last: dict[str, Any] = {}
@@ -363,35 +365,46 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
     t_prev = time.perf_counter()
     t_log, tokens_log = t_prev, 0
     valid_loss = None
+    # host time the loop spent saving (held by `ckpts.save`: the previous save, the copy to host
+    # memory) and validating since the last record: not part of the step's time (`finish`)
+    held = {"checkpoint": 0.0, "eval": 0.0}
+    held_log = 0.0
 
     def finish(step: int, m: dict) -> None:
-        nonlocal skipped, t_prev, t_log, tokens_log, last
+        nonlocal skipped, t_prev, t_log, tokens_log, last, held_log
         m = {k: (v.item() if hasattr(v, "item") else v) for k, v in jax.device_get(m).items()}
         now = time.perf_counter()
-        dt, t_prev = now - t_prev, now
+        aside = held["checkpoint"] + held["eval"]
+        dt, t_prev = now - t_prev - aside, now
+        held_log += aside
         skipped += int(m["skipped"])
         if run.optimizer.loss_scale == "none" and (m["skipped"] or not np.isfinite(m["loss"])):
             raise TrainingError(f"step {step}: loss {m['loss']}, gradient norm {m['grad_norm']} is not finite "
                                 f"({cfg.compute_dtype} compute, no loss scaling): stopping; the update of this "
                                 "step was not applied")
         tokens_log += B * S
-        tps = B * S / dt
+        tps = B * S / max(dt, 1e-9)
         rec = {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
                "loss_scale": m["loss_scale"], "skipped": bool(m["skipped"]), "skipped_total": skipped,
                "step_time": dt, "tokens_per_s": tps,
                "tflops_per_device": flops_per_token * tps / mesh.size / 1e12,
                "mfu": flops_per_token * tps / (mesh.size * peak) if peak else None,
                "data_step": step + 1}
+        for k, v in held.items():
+            if v:
+                rec[f"{k}_time"] = v
+                held[k] = 0.0
         if run.optimizer.z_loss:
             rec["z_loss"] = m["z_loss"]
         log_now = (step + 1) % t.log_every == 0 or step + 1 == t.steps
         metrics.write(rec, scalars=log_now)
         if log_now:
-            interval_tps = tokens_log / (now - t_log)
-            t_log, tokens_log = now, 0
-            log.info("step %d/%d: loss %.4f lr %.3g grad-norm %.3f%s %.0f tokens/s", step + 1, t.steps, m["loss"],
+            interval_tps = tokens_log / max(now - t_log - held_log, 1e-9)
+            aside_note = f" (not counting {held_log:.2f} s saving/validating)" if held_log else ""
+            t_log, tokens_log, held_log = now, 0, 0.0
+            log.info("step %d/%d: loss %.4f lr %.3g grad-norm %.3f%s %.0f tokens/s%s", step + 1, t.steps, m["loss"],
                      m["lr"], m["grad_norm"], f" loss-scale {m['loss_scale']:g}" if run.optimizer.loss_scale != "none"
-                     else "", interval_tps)
+                     else "", interval_tps, aside_note)
         if bar is not None:
             bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:.0f}", refresh=False)
             bar.update(1)
@@ -404,6 +417,7 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
     def save(done: int) -> None:
         if ckpts.save(done, state, loader.state()):
             schedule.saved()
+            held["checkpoint"] += ckpts.save_s[-1]
             w = ckpts.last_save
             log.info("checkpoint of step %d: saving to %s (training held %.2f s: %.2f s waiting for the "
                      "previous save, %.2f s copying the state to host memory; before that %.2f s waiting for "
@@ -436,6 +450,10 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
                 finish(*pending)
     except TrainingError:
         ckpts.close()  # a save in flight still commits
+        raise
+    except CheckpointError:  # a failed save: Orbax's threads end before the error is reported
+        with contextlib.suppress(Exception):
+            ckpts.close()
         raise
     finally:
         loader.close()
