@@ -71,14 +71,13 @@ def inspect_checkpoint(path: str, *, hashes: bool = True, neox_config: list[str]
             "tensors": tensors,
         }
         if r.fmt == "neox":
-            from .zero import optimizer_files
+            from .zero import optimizer_files, optimizer_ranks
 
             zero = optimizer_files(r.step_dir)
             info["neox"] = {"layout": r.layout, "tp": r.tp, "step_dir": str(r.step_dir),
                             "config_files": [str(f) for f in r.config_files],
                             "optimizer_files": len(zero),
-                            "optimizer_ranks": ([1 + max(d for d, _ in zero), 1 + max(m for _, m in zero)]
-                                                if zero else None)}
+                            "optimizer_ranks": list(optimizer_ranks(zero)) if zero else None}
     return info
 
 

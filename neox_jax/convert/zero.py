@@ -125,6 +125,11 @@ class ZeroState:
             yield e.with_dtype(np.float32), *out
 
 
+def _shapes(named: dict) -> dict[str, tuple[int, ...]]:
+    """param_shapes entries under today's GPT-NeoX parameter names."""
+    return {NEW_NAMES.get(n, n): tuple(v) for n, v in named.items()}
+
+
 def _osd(sd: Any, path: Path) -> dict:
     osd = sd.get("optimizer_state_dict") if isinstance(sd, dict) else None
     if not isinstance(osd, dict):
@@ -149,7 +154,7 @@ def _pieces_v03(files: list[Path], sds: list, osds: list[dict]) -> tuple[list[li
                               f"'elastic_checkpoint: false' file, not supported)")
     if not isinstance(sds[0].get("param_shapes"), dict):
         raise CheckpointError(f"{files[0]}: no param_shapes (name -> shape) to cut the flat groups with")
-    shapes = {NEW_NAMES.get(n, n): tuple(v) for n, v in sds[0]["param_shapes"].items()}
+    shapes = _shapes(sds[0]["param_shapes"])
     groups = _split_groups(list(shapes), len(osds[0]["local_sub_partitions_of_fp32_groups"]), files[0])
     pieces = []
     for g in range(len(groups)):
@@ -172,7 +177,7 @@ def _pieces_v06(files: list[Path], sds: list, osds: list[dict], model_states: Pa
     DeeperSpeed 0.3's ZeRO-2: one contiguous partition per rank and group; the moments may carry the
     partition's tail padding (cut to the master's length), bf16 files the master too (group_paddings)."""
     if isinstance(sds[0].get("param_shapes"), dict):  # DeeperSpeed 0.3 ZeRO-2: flat, named_parameters order
-        shapes = {NEW_NAMES.get(n, n): tuple(v) for n, v in sds[0]["param_shapes"].items()}
+        shapes = _shapes(sds[0]["param_shapes"])
         groups = _split_groups(list(shapes), len(osds[0]["single_partition_of_fp32_groups"]), files[0])
     else:
         ms = torch_load(model_states, extra_globals=_DS_GLOBALS) if model_states.exists() else None
@@ -180,8 +185,8 @@ def _pieces_v06(files: list[Path], sds: list, osds: list[dict], model_states: Pa
         if not isinstance(per_group, list):
             raise CheckpointError(f"{model_states}: no param_shapes (a list per parameter group) to cut the "
                                   f"flat groups with")
-        groups = [[NEW_NAMES.get(n, n) for n in grp] for grp in per_group]
-        shapes = {NEW_NAMES.get(n, n): tuple(v) for grp in per_group for n, v in grp.items()}
+        groups = [list(_shapes(grp)) for grp in per_group]
+        shapes = {n: v for grp in per_group for n, v in _shapes(grp).items()}
     padded = files[0].name.startswith("bf16_")
     pieces, step = [], None
     for g in range(len(groups)):
@@ -210,6 +215,11 @@ def optimizer_files(step_dir: Path) -> dict[tuple[int, int], Path]:
     return {(int(m.group(2)), int(m.group(3))): p for p in step_dir.iterdir() if (m := _OPTIM_FILE.match(p.name))}
 
 
+def optimizer_ranks(found: dict[tuple[int, int], Path]) -> tuple[int, int]:
+    """(data-parallel ranks, model ranks) that `optimizer_files` found (the highest of each, plus one)."""
+    return 1 + max(d for d, _ in found), 1 + max(m for _, m in found)
+
+
 def read_zero(path: str | Path, config_files: list[str] | None = None) -> ZeroState:
     """The training state of the GPT-NeoX checkpoint at `path` (SAVE or SAVE/global_stepN)."""
     reader = NeoxReader(Path(path), config_files)
@@ -219,8 +229,7 @@ def read_zero(path: str | Path, config_files: list[str] | None = None) -> ZeroSt
         raise CheckpointError(f"{step_dir}: no zero_pp_rank_*_mp_rank_*_optim_states.pt files (the checkpoint "
                               f"has no ZeRO optimizer state)")
     prefix = "bf16_" if next(iter(found.values())).name.startswith("bf16_") else ""
-    dp = 1 + max(d for d, _ in found)
-    mp = 1 + max(m for _, m in found)
+    dp, mp = optimizer_ranks(found)
     for d in range(dp):
         for m in range(mp):
             if (d, m) not in found:

@@ -45,7 +45,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import atomic
-from ..errors import UserError
+from ..errors import UserError, one_line
 from .indexed import IndexedDataset, strip_prefix
 
 _INT32_MAX = np.iinfo(np.int32).max
@@ -154,13 +154,8 @@ def _load_npy(path: Path, paths: Sequence[Path]) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
-        raise UserError(f"{path}: not a readable .npy index map ({_one_line(e)}); a damaged cache: delete "
+        raise UserError(f"{path}: not a readable .npy index map ({one_line(e)}); a damaged cache: delete "
                         f"{', '.join(p.name for p in paths)} to have them rebuilt") from None
-
-
-def _one_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    return f"{e.__class__.__name__}: {lines[0]}" if lines else e.__class__.__name__
 
 
 def _check_memory(prefix: str, num_samples: int, seq_length: int, n: int, n_doc_idx: int) -> None:

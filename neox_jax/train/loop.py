@@ -99,9 +99,10 @@ def _mesh(run: RunConfig):
         devices = jax.devices()
         dcn = dcn_factors(m.dcn_data, m.dcn_fsdp, m.dcn_tensor, node_count(devices))
         mesh = make_mesh(m.data, m.fsdp, m.tensor, devices=devices, dcn=dcn)
-        if int(np.prod(dcn)) > 1:
-            by = "slice_index" if by_slice_index(devices, int(np.prod(dcn))) else "blocks of consecutive processes"
-            log.info("hybrid mesh: %d nodes/slices (%s), across-node factors %s%s", int(np.prod(dcn)), by,
+        nodes = int(np.prod(dcn))
+        if nodes > 1:
+            by = "slice_index" if by_slice_index(devices, nodes) else "blocks of consecutive processes"
+            log.info("hybrid mesh: %d nodes/slices (%s), across-node factors %s%s", nodes, by,
                      dict(zip(("data", "fsdp", "tensor"), dcn)), "" if m.dcn_data else " (dcn_data 0: one per node)")
     except ValueError as e:
         raise UserError(f"mesh: {e}") from None
@@ -118,13 +119,13 @@ def check_micro_batch(run: RunConfig, mesh) -> None:
                         f"data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); set train.batch_size")
 
 
-def _check_init(run: RunConfig, path: str) -> None:
-    """Refuse an --init-from checkpoint whose architecture differs (before anything is written)."""
-    cfg = ckpt.read_config(path)
+def _check_arch(run: RunConfig, cfg, label: str) -> None:
+    """Refuse a starting checkpoint (config `cfg`) whose architecture differs from the run's model
+    (before anything is written)."""
     diff = {k: (v, getattr(run.model, k)) for k, v in cfg.arch_dict().items() if getattr(run.model, k) != v}
     if diff:
         k, (have, want) = next(iter(diff.items()))
-        raise TrainingError(f"--init-from {path}: architecture differs from the run's model: {k} is {have!r} "
+        raise TrainingError(f"{label}: architecture differs from the run's model: {k} is {have!r} "
                             f"in the checkpoint, {want!r} in the config" +
                             (f" (and {sorted(diff)[1:]})" if len(diff) > 1 else ""))
 
@@ -253,9 +254,10 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
         raise UserError(f"{run_dir}: train.start_step {run.train.start_step} with a run directory to resume; "
                         "a resume starts at its newest checkpoint's step")
     if run.train.init_from and not resuming:
-        _check_init(run, run.train.init_from)
+        _check_arch(run, ckpt.read_config(run.train.init_from), f"--init-from {run.train.init_from}")
     if run.train.init_from_neox and not resuming:
-        neox_state.check_arch(run, run.train.init_from_neox)
+        _check_arch(run, neox_state.read_config(run.train.init_from_neox),
+                    f"train.init_from_neox {run.train.init_from_neox}")
     train_ds, valid_ds = build_datasets(run)
     mesh = _mesh(run)
     if not resuming:
