@@ -223,10 +223,22 @@ def _run(cfg, path):
 
 
 @pytest.mark.parametrize("layout", ["v03", "v03-pp2", "v06", "v06-bf16"])
-def test_reader_rebuilds_torch_state(stopped_run, tmp_path, layout):
+def test_reader_rebuilds_torch_state(stopped_run, tmp_path, layout, monkeypatch):
     """v03: DeeperSpeed 0.3 ZeRO-1 (Pythia, 20B), one or two pipeline stages; v06: DeepSpeed >= 0.6
-    with 3 data-parallel ranks (so groups need tail padding), fp16 or bf16 files."""
+    with 3 data-parallel ranks (so groups need tail padding), fp16 or bf16 files.  The mappings are
+    dropped every 4 KiB copied here (512 MiB by default), so tensors are read across re-opened files."""
     import shutil
+
+    from neox_jax.convert import zero
+
+    opened = []
+
+    def counting_load(path, **kw):
+        opened.append(path)
+        return torch_load(path, **kw)
+
+    monkeypatch.setattr(zero, "REMAP_BYTES", 4096)
+    monkeypatch.setattr(zero, "torch_load", counting_load)
 
     cfg, _, snap, _, _, root = stopped_run
     dp, pp = DP, 1
@@ -254,11 +266,18 @@ def test_reader_rebuilds_torch_state(stopped_run, tmp_path, layout):
                                                                "cur_hysteresis")}
     from neox_jax.tree import flatten
     want = [flatten(snap[k]) for k in ("params", "mu", "nu")]
+    scanned = len(opened)  # read_zero: each optimizer file once (plus the client state)
+    seen = 0
     for e, *got in zs.arrays():
+        seen += 1
         for w, g in zip(want, got):
             ref = w[e.name] if e.layer is None else w[e.name][e.layer]
             # masters: row-parallel biases were split into random parts that sum back (float64 merge)
             np.testing.assert_allclose(g, ref, rtol=1e-6, atol=1e-7, err_msg=e.label)
+    files = dp * TP * pp
+    assert scanned == files + 1 + (layout.startswith("v06")) * TP, opened
+    assert seen == len(zs.reader.entries()) and len(opened) - scanned > 2 * files, (seen, len(opened) - scanned)
+    assert not zs._files._open  # every mapping dropped at the end
 
 
 def test_continued_run_follows_torch(stopped_run, record_property):

@@ -43,14 +43,21 @@ aligned to 2 x dp elements.
 
 The loss scaler (and, in newer files, the ZeRO stage enum and the slice mappings) are pickled
 DeepSpeed classes: they are read through stand-ins allow-listed under DeepSpeed's names, with
-torch's weights-only unpickler (no DeepSpeed code runs or is needed).  Memory: the whole state is
-held in float32 (12 bytes per parameter) until it is placed.
+torch's weights-only unpickler (no DeepSpeed code runs or is needed).
+
+Memory: `read_zero` reads only the files' pickled metadata (names, shapes, piece lengths); the
+values are copied out of the memory-mapped files one tensor (one layer's slice, merged over TP) at a
+time by `ZeroState.arrays`, and every mapping is dropped whenever REMAP_BYTES have been copied
+(touched pages of a mapping count as resident), so the host holds about one tensor's master and
+moments plus REMAP_BYTES, not the files (12 bytes per parameter).  Legacy (pre-zip) torch files
+cannot be mapped: they are read whole, once each, and kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -64,6 +71,8 @@ from .neox import NEW_NAMES, NeoxReader, merge
 _OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _NAME = re.compile(r"^(?:sequential\.)?(\d+)\.(.+)$")
 _NORM_MODULES = ("input_layernorm.", "post_attention_layernorm.", "norm.")
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+REMAP_BYTES = 512 * 2**20  # copied out of the mapped files before every mapping is dropped
 
 
 class _DeepSpeedScaler:
@@ -106,23 +115,126 @@ class ZeroState:
     tp: int
     dp: int
     pp: int
-    _tensors: dict = dataclasses.field(repr=False, default_factory=dict)  # (ll, param) -> [tp][3]
+    _tensors: dict = dataclasses.field(repr=False, default_factory=dict)  # (ll, param) -> [tp] _Slice
+    _files: "_Files" = dataclasses.field(repr=False, default_factory=lambda: _Files())
 
     def arrays(self) -> Iterator[tuple[Entry, np.ndarray, np.ndarray, np.ndarray]]:
-        """(entry, float32 master, exp_avg, exp_avg_sq) for each of our (name, layer) slices, ours' layout."""
+        """(entry, float32 master, exp_avg, exp_avg_sq) for each of our (name, layer) slices, our
+        layout, read from the files as they are yielded (one at a time in host memory)."""
         r = self.reader
-        for e in r.entries():
-            ll, param, kind = r._where(e.name, e.layer)
-            parts = self._tensors.get((ll, param))
-            if parts is None or any(p is None for p in parts):
-                raise CheckpointError(f"{r.step_dir}: the optimizer files have no {param} of pipeline index {ll} "
-                                      f"for every tensor-parallel rank")
-            out = []
-            for i in range(3):
-                k = "norm" if (i > 0 and kind == "rowbias") else kind  # moments of bias copies: identical
-                merged = merge(k, [p[i] for p in parts], r.parallel)
-                out.append(to_ours(e.name, merged, r.config).astype(np.float32, copy=False))
-            yield e.with_dtype(np.float32), *out
+        try:
+            for e in r.entries():
+                ll, param, kind = r._where(e.name, e.layer)
+                parts = self._tensors.get((ll, param))
+                if parts is None or any(p is None for p in parts):
+                    raise CheckpointError(f"{r.step_dir}: the optimizer files have no {param} of pipeline index "
+                                          f"{ll} for every tensor-parallel rank")
+                out = []
+                for i in range(3):
+                    k = "norm" if (i > 0 and kind == "rowbias") else kind  # moments of bias copies: identical
+                    merged = merge(k, [p.read(self._files, i) for p in parts], r.parallel)
+                    out.append(to_ours(e.name, merged, r.config).astype(np.float32, copy=False))
+                yield e.with_dtype(np.float32), *out
+        finally:
+            self._files.release(everything=True)
+
+
+class _Files:
+    """The optimizer files' state dicts, memory-mapped when first read from and all dropped (so
+    unmapped) whenever REMAP_BYTES have been copied out of them; legacy (non-zip) files, which torch
+    reads whole, are kept once read."""
+
+    def __init__(self):
+        self._open: dict[Path, dict] = {}
+        self._whole: set[Path] = set()
+        self._copied = 0
+
+    def osd(self, path: Path) -> dict:
+        osd = self._open.get(path)
+        if osd is None:
+            osd = self._open[path] = _osd(torch_load(path, extra_globals=_DS_GLOBALS), path)
+            if not zipfile.is_zipfile(path):
+                self._whole.add(path)
+        return osd
+
+    def copy(self, path: Path, where: tuple, kind: int, lo: int, hi: int) -> np.ndarray:
+        out = torch_to_numpy(_piece(self.osd(path), where, kind, path)[lo:hi])
+        self._copied += out.nbytes
+        if self._copied >= REMAP_BYTES:
+            self.release()
+        return out
+
+    def release(self, everything: bool = False) -> None:
+        self._open = {p: v for p, v in self._open.items() if p in self._whole and not everything}
+        self._copied = 0
+
+
+def _piece(osd: dict, where: tuple, kind: int, path: Path):
+    """One piece of a flat group buffer as a 1-D torch view: kind 0 the float32 master, 1 exp_avg,
+    2 exp_avg_sq; `where` (group, interval) for a DeepSpeed 0.3 sub-partition, (group,) for a newer
+    rank partition (bf16 files: the master without its tail padding; the moments cut to the master)."""
+    try:
+        if len(where) == 2:
+            g, c = where
+            if kind == 0:
+                return osd["local_sub_partitions_of_fp32_groups"][g][c]
+            return osd["base_optimizer_state"][g][c][_MOMENTS[kind - 1]]
+        g, = where
+        master = osd["single_partition_of_fp32_groups"][g]
+        if path.name.startswith("bf16_") and osd.get("group_paddings"):
+            master = master[:master.numel() - int(osd["group_paddings"][g])]
+        if kind == 0:
+            return master
+        base = osd["base_optimizer_state"]
+        st = base[g] if isinstance(base, list) else base["state"][g]
+        return st[_MOMENTS[kind - 1]].reshape(-1)[:master.numel()]
+    except (IndexError, KeyError, TypeError, AttributeError) as e:
+        at = f"group {where[0]} interval {where[1]}" if len(where) == 2 else f"group {where[0]}"
+        raise CheckpointError(f"{path}: {at}: no piece ({e!r})") from None
+
+
+def _lengths(osd: dict, where: tuple, path: Path) -> int:
+    """The piece's length, the same for the master and both moments (checked; metadata only)."""
+    n = [int(_piece(osd, where, i, path).numel()) for i in range(3)]
+    if len(set(n)) != 1:
+        raise CheckpointError(f"{path}: group {where[0]}: master and moments have {n} values")
+    return n[0]
+
+
+@dataclasses.dataclass
+class _Flat:
+    """A parameter group's flat buffer: its pieces (file, where, length) in buffer order."""
+
+    pieces: list[tuple[Path, tuple, int]]
+
+    def __post_init__(self):
+        self.ends = np.cumsum([n for *_, n in self.pieces], dtype=np.int64)
+
+    @property
+    def size(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def read(self, files: _Files, kind: int, lo: int, hi: int) -> np.ndarray:
+        parts = []
+        i = int(np.searchsorted(self.ends, lo, side="right"))
+        while lo < hi:
+            path, where, n = self.pieces[i]
+            begin, end = int(self.ends[i]) - n, int(self.ends[i])
+            parts.append(files.copy(path, where, kind, lo - begin, min(hi, end) - begin))
+            lo, i = min(hi, end), i + 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slice:
+    """One tensor-parallel rank's piece of a parameter: values [at, at + size) of a group buffer."""
+
+    flat: _Flat
+    at: int
+    shape: tuple[int, ...]
+
+    def read(self, files: _Files, kind: int) -> np.ndarray:
+        return self.flat.read(files, kind, self.at, self.at + int(np.prod(self.shape))).reshape(self.shape)
 
 
 def _shapes(named: dict) -> dict[str, tuple[int, ...]]:
@@ -147,8 +259,8 @@ def _split_groups(names: list[str], count: int, where: Path) -> list[list[str]]:
 
 
 def _pieces_v03(files: list[Path], sds: list, osds: list[dict]) -> tuple[list[list[str]], dict, list, None]:
-    """DeeperSpeed 0.3 ZeRO-1 (elastic): (groups, shapes, per group [(master, exp_avg, exp_avg_sq)]
-    pieces in buffer order, Adam step (not saved: None))."""
+    """DeeperSpeed 0.3 ZeRO-1 (elastic): (groups, shapes, per group a _Flat of its pieces (file,
+    (group, interval), length) in buffer order, Adam step (not saved: None))."""
     if not isinstance(osds[0].get("base_optimizer_state"), list):
         raise CheckpointError(f"{files[0]}: base_optimizer_state is not a per-group list (an "
                               f"'elastic_checkpoint: false' file, not supported)")
@@ -158,16 +270,12 @@ def _pieces_v03(files: list[Path], sds: list, osds: list[dict]) -> tuple[list[li
     groups = _split_groups(list(shapes), len(osds[0]["local_sub_partitions_of_fp32_groups"]), files[0])
     pieces = []
     for g in range(len(groups)):
-        flat = []
-        for c in range(osds[0]["num_comm_intervals_per_group"][g]):
-            for f, osd in zip(files, osds):
-                try:
-                    moments = osd["base_optimizer_state"][g][c]
-                    flat.append((osd["local_sub_partitions_of_fp32_groups"][g][c], moments["exp_avg"],
-                                 moments["exp_avg_sq"]))
-                except (IndexError, KeyError, TypeError) as e:
-                    raise CheckpointError(f"{f}: group {g} interval {c}: no piece ({e!r})") from None
-        pieces.append(flat)
+        try:
+            count = int(osds[0]["num_comm_intervals_per_group"][g])
+        except (IndexError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{files[0]}: group {g}: no num_comm_intervals_per_group ({e!r})") from None
+        pieces.append(_Flat([(f, (g, c), _lengths(osd, (g, c), f)) for c in range(count)
+                             for f, osd in zip(files, osds)]))
     return groups, shapes, pieces, None
 
 
@@ -187,26 +295,21 @@ def _pieces_v06(files: list[Path], sds: list, osds: list[dict], model_states: Pa
                                   f"flat groups with")
         groups = [list(_shapes(grp)) for grp in per_group]
         shapes = {n: v for grp in per_group for n, v in _shapes(grp).items()}
-    padded = files[0].name.startswith("bf16_")
     pieces, step = [], None
     for g in range(len(groups)):
         flat = []
         for f, osd in zip(files, osds):
+            flat.append((f, (g,), _lengths(osd, (g,), f)))
             try:
-                master = osd["single_partition_of_fp32_groups"][g]
-                if padded and osd.get("group_paddings"):
-                    master = master[:master.numel() - int(osd["group_paddings"][g])]
                 base = osd["base_optimizer_state"]
                 st = base[g] if isinstance(base, list) else base["state"][g]
-                n = master.numel()
-                flat.append((master, st["exp_avg"].reshape(-1)[:n], st["exp_avg_sq"].reshape(-1)[:n]))
                 s = st.get("step")
                 if s is None and isinstance(base, dict):
                     s = base.get("param_groups", [{}])[g].get("step")
                 step = int(s) if s is not None and int(s) > 0 else step
-            except (IndexError, KeyError, TypeError) as e:
+            except (IndexError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{f}: group {g}: no partition ({e!r})") from None
-        pieces.append(flat)
+        pieces.append(_Flat(flat))
     return groups, shapes, pieces, step
 
 
@@ -259,11 +362,11 @@ def read_zero(path: str | Path, config_files: list[str] | None = None) -> ZeroSt
         if any(n.startswith("tied_modules.") for n in shapes):
             raise CheckpointError(f"{files[0]}: tied embeddings (tied_modules.*) are not supported")
         for g, group in enumerate(groups):
-            bufs = [np.concatenate([torch_to_numpy(t[i]).reshape(-1) for t in pieces[g]]) for i in range(3)]
+            flat = pieces[g]
             want = sum(int(np.prod(shapes[n])) for n in group)
             # a ZeRO-1/2 group is aligned to 2 x dp elements; a tail of padding under that is dropped
-            if any(not want <= b.size < want + 2 * dp for b in bufs):
-                raise CheckpointError(f"{files[0]}: parameter group {g} holds {bufs[0].size} values over {dp} "
+            if not want <= flat.size < want + 2 * dp:
+                raise CheckpointError(f"{files[0]}: parameter group {g} holds {flat.size} values over {dp} "
                                       f"rank(s), its {len(group)} parameters in param_shapes have {want}")
             at = 0
             for n in group:
@@ -273,7 +376,7 @@ def read_zero(path: str | Path, config_files: list[str] | None = None) -> ZeroSt
                     raise CheckpointError(f"{files[0]}: parameter {n!r} has no pipeline index")
                 key = (int(mt.group(1)), mt.group(2))
                 slot = tensors.setdefault(key, [None] * tp)
-                slot[m % tp] = tuple(b[at:at + size].reshape(shapes[n]) for b in bufs)
+                slot[m % tp] = _Slice(flat, at, tuple(shapes[n]))
                 at += size
         if m == 0:
             scaler = getattr(osds[0].get("loss_scaler"), "__dict__", None)

@@ -2,23 +2,31 @@
 
 The run starts from the checkpoint's float32 master weights, Adam moments, update count and fp16
 loss-scaler state (convert/zero.py reads them from the ZeRO-1 optimizer files), at its iteration:
-the same data position and learning rate GPT-NeoX would have continued with.  Each tensor is placed
-with `jax.make_array_from_callback`, so every process builds only its own shards of the global
-arrays (every process reads the files).  Host memory: the whole state in float32 (12 bytes per
-parameter) while it is placed; fine up to a few billion parameters.
+the same data position and learning rate GPT-NeoX would have continued with.
+
+Bounded host memory: the state arrives one tensor at a time (one layer's slice of a stacked
+parameter, merged over tensor-parallel ranks; convert/zero.py maps the files and copies only that),
+and each is placed at once: `jax.make_array_from_callback` puts it on the devices with its layer's
+sharding (so every process builds only its own shards; every process reads the files), and a
+jitted, donating update writes it into its layer of the stacked array, which lives only on the
+devices.  The host holds about one layer's largest matrix (master and two moments, float32) plus
+the mapped pages convert/zero.py allows, whatever the model size; the devices, the state itself.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
-from ..errors import UserError
-from ..tree import unflatten
+from ..errors import CheckpointError, UserError
+from ..tree import flatten, unflatten
 from .config import RunConfig
 from .optimizer import LossScale, init_loss_scale
 from .state import TrainState
@@ -39,6 +47,50 @@ def _put(arr: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
 
 
+@functools.cache
+def _zeros(shape: tuple[int, ...], sharding) -> jax.Array:
+    return jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sharding)
+
+
+@functools.cache
+def _setter(sharding):
+    """stacked, one layer, index -> stacked with that layer replaced (the old buffer donated)."""
+    return jax.jit(lambda full, one, i: jax.lax.dynamic_update_index_in_dim(full, one, i, 0),
+                   out_shardings=sharding, donate_argnums=0)
+
+
+def _layer_sharding(sharding: NamedSharding) -> NamedSharding:
+    """The sharding of one layer of a stacked [L, ...] array (its spec without the layer axis)."""
+    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+
+
+def _place(zs, num_layers: int, targets: list[dict]) -> list[dict]:
+    """Each (name, layer) tensor of the three float32 trees (master, exp_avg, exp_avg_sq) from `zs`,
+    placed as it is read: [{flat name: jax.Array}] with the shardings of `targets`."""
+    out: list[dict] = [{}, {}, {}]
+    layers: dict[str, set] = {}
+    for e, *arrays in zs.arrays():
+        if e.name not in targets[0]:
+            raise CheckpointError(f"{zs.reader.step_dir}: {e.label} is not a parameter of the model being trained")
+        for tree, target, arr in zip(out, targets, arrays):
+            sharding = target[e.name]
+            if e.layer is None:
+                tree[e.name] = _put(arr, sharding)
+                continue
+            if e.name not in tree:
+                tree[e.name] = _zeros((num_layers, *arr.shape), sharding)()
+            one = _put(arr, _layer_sharding(sharding))
+            tree[e.name] = _setter(sharding)(tree[e.name], one, np.int32(e.layer))
+        if e.layer is not None:
+            layers.setdefault(e.name, set()).add(e.layer)
+    missing = sorted(set(targets[0]) - set(out[0]))
+    short = sorted(n for n, got in layers.items() if len(got) != num_layers)
+    if missing or short:
+        what = missing[0] if missing else f"{short[0]} (layers {sorted(layers[short[0]])} of {num_layers})"
+        raise CheckpointError(f"{zs.reader.step_dir}: the optimizer state has no {what}")
+    return out
+
+
 def load(run: RunConfig, path: str, opt: optax.GradientTransformation, shardings: TrainState) -> TrainState:
     """The train state of the GPT-NeoX checkpoint at `path`, placed with `shardings`."""
     from ..convert.zero import read_zero
@@ -47,23 +99,11 @@ def load(run: RunConfig, path: str, opt: optax.GradientTransformation, shardings
     if zs.iteration >= run.train.steps:
         raise UserError(f"train.init_from_neox {path}: the checkpoint is at iteration {zs.iteration}, the run ends "
                         f"at train.steps {run.train.steps}")
-    layers: dict[str, list] = {}
-    flat: dict[str, tuple] = {}
-    for e, master, mu, nu in zs.arrays():
-        if e.layer is None:
-            flat[e.name] = (master, mu, nu)
-        else:
-            layers.setdefault(e.name, []).append((e.layer, (master, mu, nu)))
-    for name, items in layers.items():
-        items.sort(key=lambda t: t[0])
-        flat[name] = tuple(np.stack([t[1][i] for t in items]) for i in range(3))
-    trees = [unflatten({k: v[i] for k, v in flat.items()}) for i in range(3)]
-    params = jax.tree.map(_put, trees[0], shardings.params)
     adam, *rest = shardings.opt_state
     if not isinstance(adam, optax.ScaleByAdamState):
         raise TypeError(f"the optimizer's first state is {type(adam).__name__}, expected Adam's")
-    mu = jax.tree.map(_put, trees[1], adam.mu)
-    nu = jax.tree.map(_put, trees[2], adam.nu)
+    placed = _place(zs, zs.reader.config.num_layers, [flatten(shardings.params), flatten(adam.mu), flatten(adam.nu)])
+    params, mu, nu = (unflatten(t) for t in placed)
     updates = _put(np.int32(zs.updates), shardings.updates)
     empty = jax.eval_shape(opt.init, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params))
     count = zs.updates if zs.adam_step is None else zs.adam_step
