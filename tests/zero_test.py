@@ -339,33 +339,71 @@ def test_broken_files_are_named(stopped_run, tmp_path):
         read_zero(bad)
 
 
-def test_train_command_continues_at_the_checkpoint_iteration(stopped_run, tmp_path, capsys, caplog):
-    """`neox-jax train --set train.init_from_neox=...`: the run starts at the checkpoint's iteration
-    (metrics from step K on); an architecture that differs is one error line before anything is written."""
-    import json
-
+def _train_yaml(cfg, tmp_path, name="run.yaml", *, init_from_neox=None, mesh=None):
+    """A run of 2 steps past the checkpoint on random tokens, as a YAML file."""
     import yaml
 
-    from neox_jax.cli import main
     from neox_jax.data.indexed import IndexedDatasetWriter
 
-    cfg, *_, root = stopped_run
-    with IndexedDatasetWriter(tmp_path / "tok", np.uint16) as w:
-        for doc in np.random.RandomState(1).randint(0, cfg.vocab_size, size=(64, 3 * SEQ)):
-            w.add_document(doc)
+    if not (tmp_path / "tok.bin").exists():
+        with IndexedDatasetWriter(tmp_path / "tok", np.uint16) as w:
+            for doc in np.random.RandomState(1).randint(0, cfg.vocab_size, size=(64, 3 * SEQ)):
+                w.add_document(doc)
     raw = {"model": cfg.to_dict(), "data": {"path": str(tmp_path / "tok"), "seq_length": SEQ, "split": "100,0,0"},
            "optimizer": {"lr": LR, "min_lr": MIN_LR, "warmup": WARMUP},
            "train": {"steps": K + 2, "batch_size": 8, "eval_steps": 0, "tensorboard": False, "log_every": 1}}
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
-    args = ["train", str(tmp_path / "run.yaml"), "--run-dir", str(tmp_path / "run"), "--set",
+    if init_from_neox:
+        raw["train"]["init_from_neox"] = str(init_from_neox)
+    if mesh:
+        raw["mesh"] = mesh
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _metrics(run_dir) -> list[dict]:
+    import json
+
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_train_command_continues_at_the_checkpoint_iteration(stopped_run, tmp_path, capsys, caplog):
+    """`neox-jax train --set train.init_from_neox=...`: the run starts at the checkpoint's iteration
+    (metrics from step K on), and two processes x 4 devices (jax.distributed, each process reading
+    the files and placing its own shards) continue exactly as one process x 8 devices; an
+    architecture that differs is one error line before anything is written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from neox_jax.cli import main
+
+    cfg, *_, root = stopped_run
+    yaml_path = _train_yaml(cfg, tmp_path)
+    args = ["train", str(yaml_path), "--run-dir", str(tmp_path / "run"), "--set",
             f"train.init_from_neox={root}"]
     with caplog.at_level("INFO", logger="neox_jax"):
         assert main(args) == 0
     assert f"iteration {K} (data position), {K} updates applied" in caplog.text, caplog.text[-2000:]
     capsys.readouterr()
-    steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-             if "loss" in r]
-    assert steps == [K, K + 1]
+    one = _metrics(tmp_path / "run")
+    assert [r["step"] for r in one] == [K, K + 1]
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEOX_JAX_"))}
+    env.update(NPROC="2", DEVICES_PER_PROCESS="4", PLATFORM="cpu", PYTHONPATH=str(repo), NEOX_JAX_INIT_TIMEOUT="120",
+               NEOX_JAX=f"{sys.executable} -m neox_jax")
+    # CPU processes all report slice_index 0 (one host), so the node count is given
+    two_yaml = _train_yaml(cfg, tmp_path, "two.yaml", init_from_neox=root, mesh={"dcn_data": 2})
+    r = subprocess.run(["bash", str(repo / "launch" / "local.sh"), str(two_yaml), str(tmp_path / "two")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    logs = "".join(p.read_text() for p in sorted((tmp_path / "two.logs").glob("*.log")))
+    assert r.returncode == 0, r.stderr[-3000:] + logs[-3000:]
+    assert "2 processes, 4 local / 8 global devices" in r.stderr and f"iteration {K} (data position)" in r.stderr
+    two = _metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [K, K + 1]
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5)
     assert main(args[:3] + [str(tmp_path / "other"), "--set", f"train.init_from_neox={root}",
                             "--set", "model.num_layers=3"]) == 2
     err = capsys.readouterr().err
