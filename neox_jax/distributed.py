@@ -223,3 +223,53 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+
+class StopVote:
+    """Whether any process was asked to stop (a signal number, 0 for none), agreed so that every
+    process leaves the training loop after the same step: a scheduler may signal one task before the
+    others, and a process that left alone would leave the rest waiting in the next step's collectives.
+
+    One process: the local value, at once.  Several: after each step every process casts its value
+    (a jitted max over one int per device, each process filling its own devices; dispatched behind
+    the step, so nothing waits), and `agreed` reads every cast but the newest, which are done by the
+    time the loop has the previous step's metrics anyway: the run stops one step later than one
+    process alone would, and every process decides on the same values."""
+
+    def __init__(self, mesh):
+        import collections
+
+        import jax
+
+        self._multi = jax.process_count() > 1
+        self._local = 0
+        self._casts: collections.deque = collections.deque()
+        if self._multi:
+            import jax.numpy as jnp
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            self._n = mesh.devices.size
+            self._sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+            self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def cast(self, value: int) -> None:
+        import jax
+        import numpy as np
+
+        if not self._multi:
+            self._local = value
+            return
+        votes = jax.make_array_from_callback(
+            (self._n,), self._sharding, lambda idx: np.full(len(range(self._n)[idx[0]]), value, np.int32))
+        self._casts.append(self._max(votes))
+
+    def agreed(self) -> int:
+        """The largest value any process cast (one process: its last cast)."""
+        if not self._multi:
+            return self._local
+        while len(self._casts) > 1:
+            value = int(self._casts.popleft())
+            if value:
+                return value
+        return 0

@@ -4,11 +4,15 @@ own contiguous half of every global batch, checked by content against GPT-NeoX's
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from neox_jax.checkpoint import load_params
@@ -34,11 +38,16 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 
-def test_two_processes_train_as_one(tmp_path, shared, neox_tokenizer_path, record_property):
+@pytest.fixture(scope="module")
+def prefix(tmp_path_factory, shared, neox_tokenizer_path) -> str:
+    d = tmp_path_factory.mktemp("shakes")
     text = (shared / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:60_000]
-    (tmp_path / "shakes.txt").write_text(text, encoding="utf-8")
-    prefix = preprocess([tmp_path / "shakes.txt"], str(tmp_path / "shakes"), neox_tokenizer_path,
-                        append_eod=True, txt_mode="blank-lines").prefix
+    (d / "shakes.txt").write_text(text, encoding="utf-8")
+    return preprocess([d / "shakes.txt"], str(d / "shakes"), neox_tokenizer_path,
+                      append_eod=True, txt_mode="blank-lines").prefix
+
+
+def test_two_processes_train_as_one(tmp_path, prefix, record_property):
     raw = _config(prefix)
     # the two processes play two nodes: CPU devices all report slice_index 0 (one host), so the node
     # count is given (nodes = blocks of consecutive processes); data across them, fsdp within
@@ -88,3 +97,44 @@ def jax_leaves(params):
     from neox_jax.tree import flatten
 
     return [(k, np.asarray(v)) for k, v in flatten(params).items()]
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, prefix):
+    """SIGTERM reaches one process only (as when a scheduler signals one task first): every process
+    stops after the same step and they write one checkpoint of it together, instead of the signalled
+    process leaving the train step's collectives while the others wait in them."""
+    steps = 40
+    raw = _config(prefix)
+    raw["train"]["steps"] = steps
+    raw["mesh"] = {"dcn_data": 2}
+    raw["checkpoint"] = {"every_steps": 0}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEOX_JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT),
+               NEOX_JAX_COORDINATOR=f"127.0.0.1:{port}", NEOX_JAX_NUM_PROCESSES="2", NEOX_JAX_INIT_TIMEOUT="120",
+               NEOX_JAX_TEST_PAUSE="train-step:0.2", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "neox_jax", "train", str(tmp_path / "run.yaml"), "--run-dir",
+                               str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "NEOX_JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    summary = json.loads(outs[0][0].splitlines()[-1])  # process 0 prints the summary
+    stop = summary["steps"]
+    assert 3 <= stop < steps and summary["stopped_by"] == "SIGTERM", summary
+    for _, err in outs:
+        assert f"stopped by SIGTERM after step {stop}" in err, err[-2000:]
+    assert sorted(int(d.name) for d in (tmp_path / "run" / "checkpoints").iterdir() if d.name.isdigit()) == [stop]

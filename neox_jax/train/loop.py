@@ -8,7 +8,8 @@ function of the step, `neox_jax.data.loader`), `global_batch_arrays` assembles t
 batch, the compiled step (state donated) returns the next state and the step's metrics.  Metrics
 are read one step late, so the host never waits for the device between steps; a non-finite loss
 without loss scaling stops the run naming its step.  SIGINT / SIGTERM finish the current step and
-stop cleanly after writing a checkpoint.  Checkpoints (`checkpoints.py`) are written on the
+stop cleanly after writing a checkpoint; with several processes all of them stop after the same
+step even when only one was signalled (`distributed.StopVote`).  Checkpoints (`checkpoints.py`) are written on the
 schedule of `RunConfig.checkpoint` and at the end under `RUN_DIR/checkpoints/STEP` (what `score`,
 `convert`, `inspect` and `generate` read); a run directory with checkpoints is resumed from the
 newest complete one, data position included.  `--overwrite` moves an existing run directory aside
@@ -31,7 +32,7 @@ from .. import atomic
 from .. import checkpoint as ckpt
 from .. import flops
 from ..data.loader import Loader, global_batch_arrays
-from ..distributed import barrier
+from ..distributed import StopVote, barrier
 from ..errors import CheckpointError, TrainingError, UserError
 from ..sharding import by_slice_index, dcn_factors, make_mesh, node_count
 from . import checkpoints as tc
@@ -217,10 +218,11 @@ class Overwrite:
 
 
 class _StopFlag:
-    """SIGINT / SIGTERM set a flag; the loop stops after the step in flight."""
+    """SIGINT / SIGTERM set a flag (the signal's number); the loop stops after the step in flight
+    (several processes: after the same step, `StopVote`)."""
 
     def __init__(self):
-        self.signal: str | None = None
+        self.signal = 0
         self._old = {}
 
     def __enter__(self):
@@ -229,7 +231,7 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
+        self.signal = signum
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -428,14 +430,15 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
 
     try:
         with _StopFlag() as stop, jax.set_mesh(mesh):
+            vote = StopVote(mesh)  # every process stops after the same step
             if not resuming and schedule.due(start):
                 save(start)
             for step in range(start, t.steps):
-                if stop.signal:
-                    stopped = stop.signal
+                if stopped:
                     break
                 batch = global_batch_arrays(next(loader), bsh, B)
                 state, m = compiled(state, batch)
+                vote.cast(stop.signal)
                 if step + 1 < t.steps and schedule.due(step + 1):
                     save(step + 1)
                 if ow.pending and ckpts.save_s:
@@ -444,6 +447,8 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
                 if pending is not None:
                     finish(*pending)
                 pending = (step, m)
+                if signum := vote.agreed():
+                    stopped = signal.Signals(signum).name
                 if t.eval_every and eval_fn is not None and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
                     finish(*pending)
                     pending = None
