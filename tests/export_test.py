@@ -1,6 +1,7 @@
 """`neox-jax export` (neox_jax/export.py): the SavedModel, loaded and run by TensorFlow, against HF
-transformers on the same weights, at two batch/sequence shapes (one program, symbolic shapes);
-and the command's refusals."""
+transformers on the same weights, at two batch/sequence shapes (one program, symbolic shapes); a
+greedy loop of its prefill/decode signatures in TensorFlow against HF `generate`; and the command's
+refusals.  One export (cache length 48 of the model's 64) serves every test."""
 
 import json
 
@@ -12,6 +13,7 @@ from hf_reference import hf_logits, hf_model, ours_from_hf
 from neox_jax.checkpoint import save_params
 from neox_jax.cli import main
 
+CACHE_LEN = 48
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def exported(tmp_path_factory):
     cfg, params = ours_from_hf(model, compute_dtype="float32")
     root = tmp_path_factory.mktemp("export")
     save_params(root / "ck", cfg, params)
-    assert main(["export", str(root / "ck"), str(root / "sm")]) == 0
+    assert main(["export", str(root / "ck"), str(root / "sm"), "--cache-len", str(CACHE_LEN)]) == 0
     return model, root
 
 
@@ -50,6 +52,51 @@ def test_saved_model_matches_hf(exported, tf):
         loaded.signatures["logits"](tokens=tf.zeros((1, 65), tf.int32))
 
 
+def test_greedy_prefill_decode_matches_hf_generate(exported, tf, record_property):
+    """Prompts of 9, 4 and 1 tokens left-padded into one batch; 8 greedy tokens by a plain TF loop
+    (argmax, decode, feed the cache back); tokens and every step's logits against HF."""
+    model, root = exported
+    sm = tf.saved_model.load(str(root / "sm"))
+    prefill, decode = sm.signatures["prefill"], sm.signatures["decode"]
+    rs = np.random.RandomState(5)
+    prompts = [rs.randint(2, 211, n).tolist() for n in (9, 4, 1)]
+    S, new = 9, 8
+    ids = np.array([[1] * (S - len(p)) + p for p in prompts], np.int32)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+
+    state = prefill(tokens=tf.constant(ids), lengths=tf.constant(lengths))
+    assert state["k"].shape == (2, 3, 4, CACHE_LEN, 16) and int(state["index"]) == S
+    got_tokens, got_logits = [], []
+    for step in range(new):
+        got_logits.append(state["logits"].numpy())
+        token = tf.argmax(state["logits"], axis=-1, output_type=tf.int32)
+        got_tokens.append(token.numpy())
+        if step < new - 1:
+            state = decode(token=token, **{n: state[n] for n in ("k", "v", "lengths", "index")})
+    assert int(state["index"]) == S + new - 1 and state["lengths"].numpy().tolist() == (lengths + new - 1).tolist()
+
+    mask = (np.arange(S)[None, :] >= S - lengths[:, None]).astype(np.int64)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                             max_new_tokens=new, do_sample=False, pad_token_id=1, output_logits=True,
+                             return_dict_in_generate=True)
+    ref_tokens = ref.sequences[:, S:].numpy()
+    ref_logits = np.stack([l.float().numpy() for l in ref.logits], axis=1)
+    assert np.stack(got_tokens, axis=1).tolist() == ref_tokens.tolist()
+    diff = np.abs(np.stack(got_logits, axis=1) - ref_logits).max()
+    assert diff < 2e-5, diff
+    record_property("measured", f"TF prefill+decode greedy == HF generate, 3 prompts x {new} tokens "
+                                f"({len(set(ref_tokens.ravel()))} distinct); max |logits diff| {diff:.1e} (float32)")
+
+    # the cache is full at index == CACHE_LEN: decode refuses instead of overwriting a slot
+    with pytest.raises(tf.errors.InvalidArgumentError, match="cache is full"):
+        decode(token=token, k=state["k"], v=state["v"], lengths=state["lengths"], index=tf.constant(CACHE_LEN))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="lengths"):
+        prefill(tokens=tf.constant(ids), lengths=tf.constant([S + 1, 1, 1]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="longer than the cache length 48"):
+        prefill(tokens=tf.zeros((1, CACHE_LEN + 1), tf.int32), lengths=tf.constant([CACHE_LEN + 1]))
+
+
 def test_refusals(exported, tmp_path, capsys):
     _, root = exported
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
@@ -62,3 +109,11 @@ def test_refusals(exported, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "busy" in err, err
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["keep.txt"]
+    for bad, words in (("0", ">= 1"), ("65", "max_position_embeddings 64")):
+        assert main(["export", str(root / "ck"), str(tmp_path / "out"), "--cache-len", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("neox-jax: error: --cache-len") and err.count("\n") == 1 and words in err, err
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    assert "--cache-len" in capsys.readouterr().out
