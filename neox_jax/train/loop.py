@@ -434,6 +434,7 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
                 if stop.signal:
                     stopped = stop.signal
                     break
+                ckpts.poll()  # a background write that failed stops the run here (not at the next save)
                 batch = global_batch_arrays(next(loader), bsh, B)
                 state, m = compiled(state, batch)
                 if step + 1 < t.steps and schedule.due(step + 1):
