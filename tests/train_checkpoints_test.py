@@ -474,13 +474,15 @@ def test_retention_keeps_the_last_k_plus_every_mth(tmp_path):
 
 
 
-def _failing_save_script(cfg, r, fail_step):
+def _failing_save_script(cfg, r, fail_step, dispatched):
     """`neox-jax train` with the background write of step `fail_step` failing: the loader item's
     commit future raises ENOSPC naming its file (as a full disk would, after the tmp directory
-    exists and the loop has moved on)."""
+    exists and the loop has moved on).  Each batch the loop takes (one per step it starts) appends
+    a line to `dispatched`."""
     return textwrap.dedent(f"""
         import errno, os, sys
         import orbax.checkpoint as ocp
+        from neox_jax.data.loader import Loader
 
         class Full:
             def __init__(self, path):
@@ -497,43 +499,56 @@ def _failing_save_script(cfg, r, fail_step):
             return futures
 
         ocp.handlers.JsonCheckpointHandler.async_save = failing_write
+        next_batch = Loader.__next__
+
+        def counted(self):
+            with open({str(dispatched)!r}, "a") as f:
+                f.write("step\\n")
+            return next_batch(self)
+
+        Loader.__next__ = counted
         from neox_jax.cli import main
         sys.exit(main(["train", {str(cfg)!r}, "--run-dir", {str(r)!r}]))
     """)
 
 
-@pytest.mark.parametrize("when", ["next-save", "end"])
+@pytest.mark.parametrize("when", ["in-loop", "end"])
 def test_failed_background_save(when, reference, corpus, tmp_path):  # noqa: F811
-    """A background checkpoint write that fails while training goes on: the error surfaces at the
-    next save (step 4 failing, found when step 6 is saved) or at the end of the run (step 8, the last
-    save), as one line naming the step directory and the cause, exit status 2, no traceback; the
-    earlier checkpoints stay and the next `train` resumes from the newest good one, the half-written
-    step taken for no checkpoint."""
+    """A background checkpoint write that fails while training goes on stops the run before its
+    next step, not at the next save: saves after steps 2 and 3 (then only at the end, step 8), the
+    write of 3 failing, with each step held 0.3 s (NEOX_JAX_TEST_PAUSE) so the failure has surely
+    happened by the loop's next check: the run starts no step after step 3.  The failure of the
+    last save (step 8, after a resume from 4) surfaces at the end.  Either is one line naming the
+    step directory and the cause, exit status 2, no traceback; the earlier checkpoints stay and the
+    next `train` resumes from the newest good one, the half-written step taken for no checkpoint."""
     from neox_jax.train.loop import train
 
     run_dir, cfg = reference
-    if when == "next-save":  # saves after steps 2, 4, 6, 8; 4 fails
-        raw = raw_config(corpus, every_steps=2)
+    env = {**os.environ, **ENV}
+    if when == "in-loop":
+        raw = raw_config(corpus, every_steps=0, steps=[2, 3])
         cfg = tmp_path / "run.yaml"
         cfg.write_text(yaml.safe_dump(raw))
-        r, fail, good = tmp_path / "r", 4, [2]
+        r, fail, good = tmp_path / "r", 3, [2]
+        env["NEOX_JAX_TEST_PAUSE"] = "train-step:0.3"
     else:  # resumed from 4, the save of 8 at the end fails
         raw = yaml.safe_load(cfg.read_text())
         r, fail, good = _copy_run(run_dir, tmp_path / "r", keep_steps={4}), STEPS, [4]
-    proc = subprocess.run([sys.executable, "-c", _failing_save_script(cfg, r, fail)], capture_output=True,
-                          text=True, cwd=ROOT, env={**os.environ, **ENV}, timeout=300)
+    dispatched = tmp_path / "dispatched"
+    proc = subprocess.run([sys.executable, "-c", _failing_save_script(cfg, r, fail, dispatched)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert err[-1].startswith("neox-jax: error: ") and err[-1].count("neox-jax: error:") == 1, proc.stderr
     assert str(r / "checkpoints" / str(fail)) in err[-1] and "No space left on device" in err[-1], err[-1]
     assert tc.TrainCheckpoints(r / "checkpoints", read_only=True).steps() == good
-    if when == "next-save":
-        assert "checkpoint of step 6" not in proc.stderr.replace(err[-1], "")  # stopped at that save
+    steps_run = len(dispatched.read_text().splitlines()) + (good[-1] if when == "end" else 0)
+    assert steps_run == fail, proc.stderr  # in the loop: no step started after the failed save's
     out = train(from_sections(raw), r)
     assert out["started_at"] == good[-1] and out["steps"] == STEPS
     assert losses(r) == losses(run_dir)
-    assert tc.TrainCheckpoints(r / "checkpoints", read_only=True).steps() == ([2, 4, 6, 8] if when == "next-save"
+    assert tc.TrainCheckpoints(r / "checkpoints", read_only=True).steps() == ([2, 3, 8] if when == "in-loop"
                                                                              else [4, 8])
 
 

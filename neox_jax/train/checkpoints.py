@@ -23,9 +23,11 @@ name only after every item (and every process) has finished: Orbax writes
 `STEP.orbax-checkpoint-tmp-*` and renames it on commit (on object stores, where renames are not
 atomic, it writes a commit file instead).  A process killed
 mid-save therefore leaves only a temporary directory, which the next run reports and removes.  A
-background write that fails (full disk, permissions) is raised by the next `save` or by `close`,
-whichever comes first, as a CheckpointError naming that step's directory and the cause (`wait`); it
-too leaves only a temporary directory.  An existing step is never written again.  Which steps are written: `RunConfig.checkpoint` (every N
+background write that fails (full disk, permissions) stops the run before its next step: the loop
+`poll`s the save in flight before every step, without waiting (a flag Orbax clears when the write
+has ended), and collects it once it has ended, raising a CheckpointError that names that step's
+directory and the cause (`wait`); `save` and `close` collect it too.  It leaves only a temporary
+directory, and the checkpoints before it stay.  An existing step is never written again.  Which steps are written: `RunConfig.checkpoint` (every N
 steps, every T minutes, listed steps, the Pythia preset, at the end and on SIGINT/SIGTERM); which
 are kept: the newest `keep_last` plus every multiple of `keep_every`.
 
@@ -195,6 +197,30 @@ class TrainCheckpoints:
         self.save_s.append(t3 - t1)
         self.last_save = {"steps_in_flight_s": t1 - t0, "previous_save_s": t2 - t1, "copy_s": t3 - t2}
         return True
+
+    def poll(self) -> None:
+        """The loop's check before each step: when the save in flight has finished, collect it now
+        (`wait`), so a failed background write stops the run at once rather than at the next save.
+
+        Cheap and non-blocking: Orbax's public `is_saving_in_progress()` is a flag (a lock and a
+        read) that its finalize thread clears when the write has ended, committed or failed; only
+        then is `wait_until_finished()` called, which at that point joins a thread that is ending
+        and raises its error.  (`check_for_errors()` is no use here: the finalize thread itself
+        takes the write's error from the checkpointer, so from the loop it almost never sees one.)
+        With several processes the flag clears at slightly different moments in each, so they
+        agree first (a one-int all-gather, only while a save is in flight): all collect the save
+        at the same step, and all raise or all go on."""
+        if self.writing is None:
+            return
+        done = not self.manager.is_saving_in_progress()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            done = bool(np.all(multihost_utils.process_allgather(np.int32(done))))
+        if done:
+            step = self.writing
+            self.wait()
+            log.info("checkpoint of step %d committed", step)
 
     def wait(self) -> None:
         """Block until the save in flight has committed; a failed background write (full disk,

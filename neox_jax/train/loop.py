@@ -436,6 +436,7 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
             for step in range(start, t.steps):
                 if stopped:
                     break
+                ckpts.poll()  # a background write that failed stops the run here (not at the next save)
                 batch = global_batch_arrays(next(loader), bsh, B)
                 state, m = compiled(state, batch)
                 vote.cast(stop.signal)
