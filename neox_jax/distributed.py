@@ -226,50 +226,55 @@ def barrier(name: str) -> None:
 
 
 
-class StopVote:
-    """Whether any process was asked to stop (a signal number, 0 for none), agreed so that every
-    process leaves the training loop after the same step: a scheduler may signal one task before the
-    others, and a process that left alone would leave the rest waiting in the next step's collectives.
 
-    One process: the local value, at once.  Several: after each step every process casts its value
-    (a jitted max over one int per device, each process filling its own devices; dispatched behind
-    the step, so nothing waits), and `agreed` reads every cast but the newest, which are done by the
-    time the loop has the previous step's metrics anyway: the run stops one step later than one
-    process alone would, and every process decides on the same values."""
+class Vote:
+    """Values every process agrees on at the same step, without waiting for the device: each is the
+    largest any process cast.  The training loop casts, before each step, the signal that asked this
+    process to stop (0: none) and whether its checkpoint save in flight is still being written, so
+    that every process stops after the same step (a scheduler may signal one task first; a process
+    that left alone would leave the others waiting in the next step's collectives), and collects a
+    finished save (raising its error) at the same step.
 
-    def __init__(self, mesh):
+    One process: `agreed` returns the last cast, at once.  Several: `cast` dispatches a jitted max
+    over one row of ints per device (each process filling its own devices), queued behind the step
+    before it; `agreed` reads every cast but the newest, which the loop has by then waited for anyway
+    (the metrics of the step before): the agreement comes one step later than one process alone
+    would act, and every process acts on the same values."""
+
+    def __init__(self, mesh, size: int):
         import collections
 
         import jax
 
         self._multi = jax.process_count() > 1
-        self._local = 0
+        self._local = (0,) * size
         self._casts: collections.deque = collections.deque()
         if self._multi:
             import jax.numpy as jnp
             from jax.sharding import NamedSharding, PartitionSpec
 
-            self._n = mesh.devices.size
+            self._shape = (mesh.devices.size, size)
             self._sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
-            self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+            self._max = jax.jit(lambda v: jnp.max(v, axis=0), out_shardings=NamedSharding(mesh, PartitionSpec()))
 
-    def cast(self, value: int) -> None:
+    def cast(self, *values: int) -> None:
         import jax
         import numpy as np
 
         if not self._multi:
-            self._local = value
+            self._local = tuple(values)
             return
+        row = np.asarray(values, np.int32)
         votes = jax.make_array_from_callback(
-            (self._n,), self._sharding, lambda idx: np.full(len(range(self._n)[idx[0]]), value, np.int32))
+            self._shape, self._sharding, lambda idx: np.tile(row, (len(range(self._shape[0])[idx[0]]), 1)))
         self._casts.append(self._max(votes))
 
-    def agreed(self) -> int:
-        """The largest value any process cast (one process: its last cast)."""
+    def agreed(self) -> tuple[int, ...]:
+        """The largest of each value over the processes (one process: its last cast; several: the
+        cast before the newest; zeros before there is one)."""
         if not self._multi:
             return self._local
+        out = (0,) * self._shape[1]
         while len(self._casts) > 1:
-            value = int(self._casts.popleft())
-            if value:
-                return value
-        return 0
+            out = tuple(int(x) for x in self._casts.popleft())
+        return out

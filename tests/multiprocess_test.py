@@ -4,6 +4,7 @@ own contiguous half of every global batch, checked by content against GPT-NeoX's
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -102,12 +103,14 @@ def jax_leaves(params):
 def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, prefix):
     """SIGTERM reaches one process only (as when a scheduler signals one task first): every process
     stops after the same step and they write one checkpoint of it together, instead of the signalled
-    process leaving the train step's collectives while the others wait in them."""
+    process leaving the train step's collectives while the others wait in them.  Saves every 3 steps
+    run meanwhile: each is collected by all processes at the same step once every process's write has
+    ended (the same per-step vote)."""
     steps = 40
     raw = _config(prefix)
     raw["train"]["steps"] = steps
     raw["mesh"] = {"dcn_data": 2}
-    raw["checkpoint"] = {"every_steps": 0}
+    raw["checkpoint"] = {"every_steps": 3, "keep_last": 1}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -122,7 +125,7 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, 
     try:
         metrics = tmp_path / "run" / "metrics.jsonl"
         deadline = time.time() + 300
-        while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 8):
             assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
             time.sleep(0.05)
         procs[1].send_signal(signal.SIGTERM)
@@ -134,7 +137,8 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, 
         assert p.returncode == 0, err[-3000:]
     summary = json.loads(outs[0][0].splitlines()[-1])  # process 0 prints the summary
     stop = summary["steps"]
-    assert 3 <= stop < steps and summary["stopped_by"] == "SIGTERM", summary
+    assert 8 <= stop < steps and summary["stopped_by"] == "SIGTERM", summary
     for _, err in outs:
         assert f"stopped by SIGTERM after step {stop}" in err, err[-2000:]
+    assert re.search(r"checkpoint of step \d+ committed\n", outs[0][1]), outs[0][1][-3000:]  # collected in the loop
     assert sorted(int(d.name) for d in (tmp_path / "run" / "checkpoints").iterdir() if d.name.isdigit()) == [stop]

@@ -6,6 +6,7 @@ step directory, and the one-line refusals."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -405,7 +406,8 @@ def test_overwrite_replaces_the_run(reference, tmp_path, caplog):
     assert out["steps"] == STEPS and losses(r) == losses(run_dir)
     assert not (r / "notes.txt").exists()
     assert tc.TrainCheckpoints(r / "checkpoints", read_only=True).steps() == [4, 8]
-    assert "complete checkpoint; deleted the previous run" in caplog.text
+    # deleted once a checkpoint committed in the loop, or at the end when the write was slower
+    assert re.search(r"the new run (has a complete checkpoint|finished); deleted the previous run", caplog.text)
     assert _leftovers(tmp_path) == []
 
 
@@ -565,7 +567,7 @@ def test_step_time_leaves_out_saving_and_validating(corpus, tmp_path, monkeypatc
     from neox_jax.train import metrics as metrics_mod
     from neox_jax.train.loop import train
 
-    delay = 1.0
+    delay = 2.0  # a step time that held it would exceed the slowest plain step by > delay / 2
     real_save, real_write = ocp.CheckpointManager.save, metrics_mod.Metrics.write
 
     def slow_save(self, *a, **k):
@@ -595,7 +597,7 @@ def test_step_time_leaves_out_saving_and_validating(corpus, tmp_path, monkeypatc
     assert [r["step"] for r in ev] == [4] and ev[0]["eval_time"] >= delay  # validation after step 4's record
     plain = sorted(r["step_time"] for r in steps if "checkpoint_time" not in r and "eval_time" not in r)
     for r in steps:
-        assert r["step_time"] < plain[len(plain) // 2] + delay / 2, (r, plain)
+        assert r["step_time"] < plain[-1] + delay / 2, (r, plain)
         assert r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_time"], rel=1e-6)
     assert sum(r["step_time"] for r in steps) + sum(ck) + ev[0]["eval_time"] < wall
     m = re.search(r"step 8/8: .* (\d+) tokens/s \(not counting ([\d.]+) s saving/validating\)", caplog.text)

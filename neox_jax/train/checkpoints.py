@@ -24,8 +24,9 @@ name only after every item (and every process) has finished: Orbax writes
 atomic, it writes a commit file instead).  A process killed
 mid-save therefore leaves only a temporary directory, which the next run reports and removes.  A
 background write that fails (full disk, permissions) stops the run before its next step: the loop
-`poll`s the save in flight before every step, without waiting (a flag Orbax clears when the write
-has ended), and collects it once it has ended, raising a CheckpointError that names that step's
+checks the save in flight before every step, without waiting (`in_flight`: a flag Orbax clears when
+the write has ended; agreed over the processes by the loop's `distributed.Vote`), and collects it
+once it has ended (`collect`), raising a CheckpointError that names that step's
 directory and the cause (`wait`); `save` and `close` collect it too.  It leaves only a temporary
 directory, and the checkpoints before it stay.  An existing step is never written again.  Which steps are written: `RunConfig.checkpoint` (every N
 steps, every T minutes, listed steps, the Pythia preset, at the end and on SIGINT/SIGTERM); which
@@ -198,26 +199,23 @@ class TrainCheckpoints:
         self.last_save = {"steps_in_flight_s": t1 - t0, "previous_save_s": t2 - t1, "copy_s": t3 - t2}
         return True
 
-    def poll(self) -> None:
-        """The loop's check before each step: when the save in flight has finished, collect it now
-        (`wait`), so a failed background write stops the run at once rather than at the next save.
-
-        Cheap and non-blocking: Orbax's public `is_saving_in_progress()` is a flag (a lock and a
-        read) that its finalize thread clears when the write has ended, committed or failed; only
-        then is `wait_until_finished()` called, which at that point joins a thread that is ending
-        and raises its error.  (`check_for_errors()` is no use here: the finalize thread itself
-        takes the write's error from the checkpointer, so from the loop it almost never sees one.)
-        With several processes the flag clears at slightly different moments in each, so they
-        agree first (a one-int all-gather, only while a save is in flight): all collect the save
-        at the same step, and all raise or all go on."""
+    def in_flight(self) -> tuple[int, int]:
+        """(step + 1 of the save in flight, 0 for none; 1 while it is still being written, else 0):
+        what the loop casts into its per-step `Vote`.  Cheap and non-blocking: Orbax's public
+        `is_saving_in_progress()` is a flag (a lock and a read) that its finalize thread clears when
+        the write has ended, committed or failed.  (`check_for_errors()` is no use here: the
+        finalize thread itself takes the write's error from the checkpointer, so from the loop it
+        almost never sees one.)"""
         if self.writing is None:
-            return
-        done = not self.manager.is_saving_in_progress()
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+            return 0, 0
+        return self.writing + 1, int(self.manager.is_saving_in_progress())
 
-            done = bool(np.all(multihost_utils.process_allgather(np.int32(done))))
-        if done:
+    def collect(self, writing: int, busy: int) -> None:
+        """Collect the save that `in_flight` (agreed over the processes) reported as ended in every
+        process: `wait`, which joins a thread that has ended and raises a failed write's error
+        (so a failed background write stops the run before its next step rather than at the next
+        save).  Nothing when that save was collected since (by `save`) or is still being written."""
+        if writing and not busy and self.writing is not None and self.writing + 1 == writing:
             step = self.writing
             self.wait()
             log.info("checkpoint of step %d committed", step)

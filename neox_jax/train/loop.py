@@ -9,7 +9,7 @@ batch, the compiled step (state donated) returns the next state and the step's m
 are read one step late, so the host never waits for the device between steps; a non-finite loss
 without loss scaling stops the run naming its step.  SIGINT / SIGTERM finish the current step and
 stop cleanly after writing a checkpoint; with several processes all of them stop after the same
-step even when only one was signalled (`distributed.StopVote`).  Checkpoints (`checkpoints.py`) are written on the
+step even when only one was signalled (`distributed.Vote`).  Checkpoints (`checkpoints.py`) are written on the
 schedule of `RunConfig.checkpoint` and at the end under `RUN_DIR/checkpoints/STEP` (what `score`,
 `convert`, `inspect` and `generate` read); a run directory with checkpoints is resumed from the
 newest complete one, data position included.  `--overwrite` moves an existing run directory aside
@@ -32,7 +32,7 @@ from .. import atomic
 from .. import checkpoint as ckpt
 from .. import flops
 from ..data.loader import Loader, global_batch_arrays
-from ..distributed import StopVote, barrier
+from ..distributed import Vote, barrier
 from ..errors import CheckpointError, TrainingError, UserError
 from ..sharding import by_slice_index, dcn_factors, make_mesh, node_count
 from . import checkpoints as tc
@@ -219,7 +219,7 @@ class Overwrite:
 
 class _StopFlag:
     """SIGINT / SIGTERM set a flag (the signal's number); the loop stops after the step in flight
-    (several processes: after the same step, `StopVote`)."""
+    (several processes: after the same step, `distributed.Vote`)."""
 
     def __init__(self):
         self.signal = 0
@@ -430,16 +430,18 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
 
     try:
         with _StopFlag() as stop, jax.set_mesh(mesh):
-            vote = StopVote(mesh)  # every process stops after the same step
+            vote = Vote(mesh, 3)  # (signal, save in flight, still writing): all processes act at one step
             if not resuming and schedule.due(start):
                 save(start)
             for step in range(start, t.steps):
-                if stopped:
+                vote.cast(stop.signal, *ckpts.in_flight())
+                signum, writing, busy = vote.agreed()
+                if signum:
+                    stopped = signal.Signals(signum).name
                     break
-                ckpts.poll()  # a background write that failed stops the run here (not at the next save)
+                ckpts.collect(writing, busy)  # a failed background write stops the run here, not at the next save
                 batch = global_batch_arrays(next(loader), bsh, B)
                 state, m = compiled(state, batch)
-                vote.cast(stop.signal)
                 if step + 1 < t.steps and schedule.due(step + 1):
                     save(step + 1)
                 if ow.pending and ckpts.save_s:
@@ -448,8 +450,6 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
                 if pending is not None:
                     finish(*pending)
                 pending = (step, m)
-                if signum := vote.agreed():
-                    stopped = signal.Signals(signum).name
                 if t.eval_every and eval_fn is not None and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
                     finish(*pending)
                     pending = None
