@@ -225,8 +225,6 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-
-
 class Vote:
     """Values every process agrees on at the same step, without waiting for the device: each is the
     largest any process cast.  The training loop casts, before each step, the signal that asked this

@@ -50,7 +50,8 @@ values are copied out of the memory-mapped files one tensor (one layer's slice, 
 time by `ZeroState.arrays`, and every mapping is dropped whenever REMAP_BYTES have been copied
 (touched pages of a mapping count as resident), so the host holds about one tensor's master and
 moments plus REMAP_BYTES, not the files (12 bytes per parameter).  Legacy (pre-zip) torch files
-cannot be mapped: they are read whole, once each, and kept.
+cannot be mapped: torch reads them whole, for the metadata and again for the values, which are then
+kept.
 """
 
 from __future__ import annotations
@@ -185,12 +186,17 @@ def _piece(osd: dict, where: tuple, kind: int, path: Path):
             master = master[:master.numel() - int(osd["group_paddings"][g])]
         if kind == 0:
             return master
-        base = osd["base_optimizer_state"]
-        st = base[g] if isinstance(base, list) else base["state"][g]
-        return st[_MOMENTS[kind - 1]].reshape(-1)[:master.numel()]
+        return _adam_state(osd, g)[_MOMENTS[kind - 1]].reshape(-1)[:master.numel()]
     except (IndexError, KeyError, TypeError, AttributeError) as e:
         at = f"group {where[0]} interval {where[1]}" if len(where) == 2 else f"group {where[0]}"
         raise CheckpointError(f"{path}: {at}: no piece ({e!r})") from None
+
+
+def _adam_state(osd: dict, g: int) -> dict:
+    """Group g's Adam state in a DeepSpeed >= 0.6 file: a list per group, or a torch optimizer
+    state dict (`state[g]`)."""
+    base = osd["base_optimizer_state"]
+    return base[g] if isinstance(base, list) else base["state"][g]
 
 
 def _lengths(osd: dict, where: tuple, path: Path) -> int:
@@ -301,9 +307,8 @@ def _pieces_v06(files: list[Path], sds: list, osds: list[dict], model_states: Pa
         for f, osd in zip(files, osds):
             flat.append((f, (g,), _lengths(osd, (g,), f)))
             try:
+                s = _adam_state(osd, g).get("step")
                 base = osd["base_optimizer_state"]
-                st = base[g] if isinstance(base, list) else base["state"][g]
-                s = st.get("step")
                 if s is None and isinstance(base, dict):
                     s = base.get("param_groups", [{}])[g].get("step")
                 step = int(s) if s is not None and int(s) > 0 else step

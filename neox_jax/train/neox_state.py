@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,8 @@ def _put(arr: np.ndarray, sharding) -> jax.Array:
 
 
 @functools.cache
-def _zeros(shape: tuple[int, ...], sharding) -> jax.Array:
+def _zeros(shape: tuple[int, ...], sharding) -> Callable[[], jax.Array]:
+    """() -> a float32 zero array of `shape`, created already sharded."""
     return jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sharding)
 
 
