@@ -100,6 +100,20 @@ def jax_leaves(params):
     return [(k, np.asarray(v)) for k, v in flatten(params).items()]
 
 
+def _two_processes(args: list[str], *, pause: float) -> list[subprocess.Popen]:
+    """`python ARGS` as processes 0 and 1 of a jax.distributed run on this host (4 CPU devices each,
+    a free coordinator port), each train step held `pause` seconds."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEOX_JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT),
+               NEOX_JAX_COORDINATOR=f"127.0.0.1:{port}", NEOX_JAX_NUM_PROCESSES="2", NEOX_JAX_INIT_TIMEOUT="120",
+               NEOX_JAX_TEST_PAUSE=f"train-step:{pause}", PYTHONUNBUFFERED="1")
+    return [subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**env, "NEOX_JAX_PROCESS_ID": str(i)}) for i in range(2)]
+
+
 def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, prefix):
     """SIGTERM reaches one process only (as when a scheduler signals one task first): every process
     stops after the same step and they write one checkpoint of it together, instead of the signalled
@@ -112,16 +126,8 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, 
     raw["mesh"] = {"dcn_data": 2}
     raw["checkpoint"] = {"every_steps": 3, "keep_last": 1}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEOX_JAX_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT),
-               NEOX_JAX_COORDINATOR=f"127.0.0.1:{port}", NEOX_JAX_NUM_PROCESSES="2", NEOX_JAX_INIT_TIMEOUT="120",
-               NEOX_JAX_TEST_PAUSE="train-step:0.2", PYTHONUNBUFFERED="1")
-    procs = [subprocess.Popen([sys.executable, "-m", "neox_jax", "train", str(tmp_path / "run.yaml"), "--run-dir",
-                               str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**env, "NEOX_JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    procs = _two_processes(["-m", "neox_jax", "train", str(tmp_path / "run.yaml"), "--run-dir", str(tmp_path / "run")],
+                           pause=0.2)
     try:
         metrics = tmp_path / "run" / "metrics.jsonl"
         deadline = time.time() + 300
@@ -142,3 +148,36 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, 
         assert f"stopped by SIGTERM after step {stop}" in err, err[-2000:]
     assert re.search(r"checkpoint of step \d+ committed\n", outs[0][1]), outs[0][1][-3000:]  # collected in the loop
     assert sorted(int(d.name) for d in (tmp_path / "run" / "checkpoints").iterdir() if d.name.isdigit()) == [stop]
+
+
+def test_a_write_failing_in_one_process_stops_every_process(tmp_path, prefix):
+    """The background write of step 3 fails in process 1 only (a full local disk): Orbax's barriers
+    then wait for each other until `checkpoint.write_timeout_s` (6 s here).  Both processes stop in
+    the loop, at most twice that timeout after the save (each step held 0.3 s: 40 steps), long
+    before the next save (step 75) or the end (step 90) would have waited for it: exit status 2,
+    one error line each, process 1 naming its cause, process 0 the timeout; no checkpoint."""
+    timeout = 6
+    raw = _config(prefix)
+    raw["train"]["steps"] = 90
+    raw["mesh"] = {"dcn_data": 2}
+    raw["checkpoint"] = {"steps": [3, 75], "at_end": False, "write_timeout_s": timeout}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    procs = _two_processes([str(ROOT / "tests" / "failing_save.py"), "3", "1", "-", "train", str(tmp_path / "run.yaml"),
+                            "--run-dir", str(run)], pause=0.3)
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+        assert err.strip().splitlines()[-1].startswith(f"neox-jax: error: {run / 'checkpoints' / '3'}: writing the "
+                                                       "checkpoint of step 3 failed ("), err[-2000:]
+        assert err.count("neox-jax: error:") == 1, err[-3000:]
+    last = [err.strip().splitlines()[-1] for _, err in outs]
+    assert f"checkpoint.write_timeout_s = {timeout} s" in last[0], last[0]
+    assert "No space left on device" in outs[1][1], outs[1][1][-3000:]  # process 1's own cause, logged or raised
+    steps = len((run / "metrics.jsonl").read_text().splitlines())
+    assert 3 < steps < 3 + 2 * timeout / 0.3 + 2, steps
+    assert not [d for d in (run / "checkpoints").iterdir() if d.name.isdigit()]

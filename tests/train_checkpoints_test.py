@@ -476,44 +476,6 @@ def test_retention_keeps_the_last_k_plus_every_mth(tmp_path):
 
 
 
-def _failing_save_script(cfg, r, fail_step, dispatched):
-    """`neox-jax train` with the background write of step `fail_step` failing: the loader item's
-    commit future raises ENOSPC naming its file (as a full disk would, after the tmp directory
-    exists and the loop has moved on).  Each batch the loop takes (one per step it starts) appends
-    a line to `dispatched`."""
-    return textwrap.dedent(f"""
-        import errno, os, sys
-        import orbax.checkpoint as ocp
-        from neox_jax.data.loader import Loader
-
-        class Full:
-            def __init__(self, path):
-                self.path = path
-            def result(self, timeout=None):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
-
-        json_save = ocp.handlers.JsonCheckpointHandler.async_save
-
-        async def failing_write(self, directory, item=None, args=None):
-            futures = await json_save(self, directory, item=item, args=args)
-            if "global_batch" in args.item and args.item["step"] == {fail_step}:
-                futures = list(futures) + [Full(str(directory / "loader.json"))]
-            return futures
-
-        ocp.handlers.JsonCheckpointHandler.async_save = failing_write
-        next_batch = Loader.__next__
-
-        def counted(self):
-            with open({str(dispatched)!r}, "a") as f:
-                f.write("step\\n")
-            return next_batch(self)
-
-        Loader.__next__ = counted
-        from neox_jax.cli import main
-        sys.exit(main(["train", {str(cfg)!r}, "--run-dir", {str(r)!r}]))
-    """)
-
-
 @pytest.mark.parametrize("when", ["in-loop", "end"])
 def test_failed_background_save(when, reference, corpus, tmp_path):  # noqa: F811
     """A background checkpoint write that fails while training goes on stops the run before its
@@ -537,8 +499,9 @@ def test_failed_background_save(when, reference, corpus, tmp_path):  # noqa: F81
         raw = yaml.safe_load(cfg.read_text())
         r, fail, good = _copy_run(run_dir, tmp_path / "r", keep_steps={4}), STEPS, [4]
     dispatched = tmp_path / "dispatched"
-    proc = subprocess.run([sys.executable, "-c", _failing_save_script(cfg, r, fail, dispatched)],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "failing_save.py"), str(fail), "-1", str(dispatched),
+                           "train", str(cfg), "--run-dir", str(r)], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=300)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr

@@ -54,7 +54,7 @@ import numpy as np
 from .. import checkpoint as ckpt
 from ..checkpoint import CheckpointError
 from ..errors import UserError
-from .config import RunConfig, from_sections
+from .config import CheckpointConfig, RunConfig, from_sections
 from .state import TrainState
 
 log = logging.getLogger("neox_jax")
@@ -123,6 +123,7 @@ class TrainCheckpoints:
         self.directory = Path(directory).absolute()
         self.run = run
         c = run.checkpoint if run is not None else None
+        self.timeout_s = c.write_timeout_s if c is not None else CheckpointConfig.write_timeout_s
         policy = None
         if c is not None and c.keep_last:
             from orbax.checkpoint import checkpoint_managers as cm
@@ -135,6 +136,7 @@ class TrainCheckpoints:
             enable_async_checkpointing=bool(c is None or c.async_save), preservation_policy=policy,
             create=not read_only, read_only=read_only, save_interval_steps=0 if read_only else 1,
             cleanup_tmp_directories=not read_only,
+            async_options=ocp.AsyncOptions(timeout_secs=self.timeout_s),
             save_root_metadata=False)
         json_item = ocp.handlers.JsonCheckpointHandler
         handlers = {"params": ocp.handlers.StandardCheckpointHandler(),
@@ -154,6 +156,7 @@ class TrainCheckpoints:
         self.save_s: list[float] = []
         self.last_save: dict[str, float] = {}
         self.writing: int | None = None  # the step being written in the background
+        self.started = 0.0  # when its write started (time.monotonic)
         self.closed = False
         _quiet_background_errors()
 
@@ -193,7 +196,7 @@ class TrainCheckpoints:
             self.manager.save(step, args=args, force=True)
         except Exception as e:  # e.g. the step's temporary directory cannot be created
             raise CheckpointError(self._failed(step, e)) from None
-        self.writing = step
+        self.writing, self.started = step, time.monotonic()
         t3 = time.perf_counter()
         self.save_s.append(t3 - t1)
         self.last_save = {"steps_in_flight_s": t1 - t0, "previous_save_s": t2 - t1, "copy_s": t3 - t2}
@@ -205,10 +208,15 @@ class TrainCheckpoints:
         `is_saving_in_progress()` is a flag (a lock and a read) that its finalize thread clears when
         the write has ended, committed or failed.  (`check_for_errors()` is no use here: the
         finalize thread itself takes the write's error from the checkpointer, so from the loop it
-        almost never sees one.)"""
+        almost never sees one.)  With several processes Orbax clears that flag at a barrier, which a
+        process whose write failed may reach while the others still wait at the write's own barrier
+        until `checkpoint.write_timeout_s`: the two time out and the flag stays set; so a save in
+        flight for longer than that timeout counts as ended (Orbax has failed it by then) and the
+        failure is collected, at the latest twice that timeout after the save, in every process."""
         if self.writing is None:
             return 0, 0
-        return self.writing + 1, int(self.manager.is_saving_in_progress())
+        busy = self.manager.is_saving_in_progress() and time.monotonic() - self.started < self.timeout_s
+        return self.writing + 1, int(busy)
 
     def collect(self, writing: int, busy: int) -> None:
         """Collect the save that `in_flight` (agreed over the processes) reported as ended in every
@@ -233,7 +241,11 @@ class TrainCheckpoints:
     def _failed(self, step: int | None, e: BaseException) -> str:
         where = self.step_dir(step) if step is not None else self.directory
         what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
-        return (f"{where}: writing {what} failed ({_first(e)}); it is not a checkpoint (its temporary "
+        cause = _first(e)
+        if isinstance(e, TimeoutError) or "DEADLINE_EXCEEDED" in str(e):  # one of Orbax's barriers
+            cause = (f"not written and committed within checkpoint.write_timeout_s = {self.timeout_s} s: "
+                     "a write failed or stalled in some process; each process logged its first error")
+        return (f"{where}: writing {what} failed ({cause}); it is not a checkpoint (its temporary "
                 "directory is removed by the next run), the checkpoints before it are intact")
 
     def close(self) -> None:

@@ -224,6 +224,9 @@ class CheckpointConfig:
     keep_every: int = 0  # ... plus every one whose step is a multiple of M (0: none extra)
     at_end: bool = True  # a checkpoint after the last step (and when SIGINT/SIGTERM stop the run)
     async_save: bool = True  # write in the background while training continues
+    # a save that is not written and committed by every process within this many seconds fails (the
+    # bound on Orbax's barriers; also how long the others take to learn of a write that failed on one)
+    write_timeout_s: int = 1200
 
     def __post_init__(self):
         _check_fields(self)
@@ -232,6 +235,7 @@ class CheckpointConfig:
         _need(all(s >= 0 for s in self.steps), f"checkpoint.steps must be >= 0, got {list(self.steps)}")
         _need(self.preset in ("", "pythia"), f"checkpoint.preset must be '' or 'pythia', got {self.preset!r}")
         _need(self.keep_last >= 0 and self.keep_every >= 0, "checkpoint.keep_last and keep_every must be >= 0")
+        _need(self.write_timeout_s > 0, f"checkpoint.write_timeout_s must be > 0, got {self.write_timeout_s}")
         if self.preset == "pythia":  # resolved into the keys it means, so config.yaml shows them
             _need(self.every_steps in (0, 1000), f"checkpoint.preset pythia saves every 1000 steps, "
                                                  f"checkpoint.every_steps says {self.every_steps}")
