@@ -3,10 +3,8 @@ as one process x 8 devices: same per-step losses and final parameters, and each 
 own contiguous half of every global batch, checked by content against GPT-NeoX's data order."""
 
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,8 +18,8 @@ from neox_jax.checkpoint import load_params
 from neox_jax.data.preprocess import preprocess
 from neox_jax.train.config import from_sections
 from neox_jax.train.loop import build_datasets, train
+from processes import ROOT, local_sh, two_processes
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH = 3, 8
 
 
@@ -54,13 +52,8 @@ def test_two_processes_train_as_one(tmp_path, prefix, record_property):
     # count is given (nodes = blocks of consecutive processes); data across them, fsdp within
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({**raw, "mesh": {"dcn_data": 2}}))
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEOX_JAX_"))}
-    env.update(NPROC="2", DEVICES_PER_PROCESS="4", PLATFORM="cpu", PYTHONPATH=str(ROOT),
-               NEOX_JAX=f"{sys.executable} {ROOT / 'tests' / 'record_rows.py'} {tmp_path / 'rows'}",
-               NEOX_JAX_INIT_TIMEOUT="120")
-    r = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), tmp_path / "run.yaml", tmp_path / "two"],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    logs = "".join(p.read_text() for p in sorted((tmp_path / "two.logs").glob("*.log")))
+    r, logs = local_sh(tmp_path / "run.yaml", tmp_path / "two", cwd=tmp_path,
+                       neox_jax=f"{sys.executable} {ROOT / 'tests' / 'record_rows.py'} {tmp_path / 'rows'}")
     assert r.returncode == 0, r.stderr[-3000:] + logs[-3000:]
     assert "2 processes, 4 local / 8 global devices" in r.stderr, r.stderr[-2000:]
     assert "hybrid mesh: 2 nodes/slices (blocks of consecutive processes)" in r.stderr, r.stderr[-2000:]
@@ -100,20 +93,6 @@ def jax_leaves(params):
     return [(k, np.asarray(v)) for k, v in flatten(params).items()]
 
 
-def _two_processes(args: list[str], *, pause: float) -> list[subprocess.Popen]:
-    """`python ARGS` as processes 0 and 1 of a jax.distributed run on this host (4 CPU devices each,
-    a free coordinator port), each train step held `pause` seconds."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEOX_JAX_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT),
-               NEOX_JAX_COORDINATOR=f"127.0.0.1:{port}", NEOX_JAX_NUM_PROCESSES="2", NEOX_JAX_INIT_TIMEOUT="120",
-               NEOX_JAX_TEST_PAUSE=f"train-step:{pause}", PYTHONUNBUFFERED="1")
-    return [subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**env, "NEOX_JAX_PROCESS_ID": str(i)}) for i in range(2)]
-
-
 def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, prefix):
     """SIGTERM reaches one process only (as when a scheduler signals one task first): every process
     stops after the same step and they write one checkpoint of it together, instead of the signalled
@@ -126,7 +105,7 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, 
     raw["mesh"] = {"dcn_data": 2}
     raw["checkpoint"] = {"every_steps": 3, "keep_last": 1}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
-    procs = _two_processes(["-m", "neox_jax", "train", str(tmp_path / "run.yaml"), "--run-dir", str(tmp_path / "run")],
+    procs = two_processes(["-m", "neox_jax", "train", str(tmp_path / "run.yaml"), "--run-dir", str(tmp_path / "run")],
                            pause=0.2)
     try:
         metrics = tmp_path / "run" / "metrics.jsonl"
@@ -163,7 +142,7 @@ def test_a_write_failing_in_one_process_stops_every_process(tmp_path, prefix):
     raw["checkpoint"] = {"steps": [3, 75], "at_end": False, "write_timeout_s": timeout}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     run = tmp_path / "run"
-    procs = _two_processes([str(ROOT / "tests" / "failing_save.py"), "3", "1", "-", "train", str(tmp_path / "run.yaml"),
+    procs = two_processes([str(ROOT / "tests" / "failing_save.py"), "3", "1", "-", "train", str(tmp_path / "run.yaml"),
                             "--run-dir", str(run)], pause=0.3)
     try:
         outs = [p.communicate(timeout=300) for p in procs]

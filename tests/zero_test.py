@@ -372,12 +372,8 @@ def test_train_command_continues_at_the_checkpoint_iteration(stopped_run, tmp_pa
     (metrics from step K on), and two processes x 4 devices (jax.distributed, each process reading
     the files and placing its own shards) continue exactly as one process x 8 devices; an
     architecture that differs is one error line before anything is written."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from neox_jax.cli import main
+    from processes import local_sh
 
     cfg, *_, root = stopped_run
     yaml_path = _train_yaml(cfg, tmp_path)
@@ -390,15 +386,9 @@ def test_train_command_continues_at_the_checkpoint_iteration(stopped_run, tmp_pa
     one = _metrics(tmp_path / "run")
     assert [r["step"] for r in one] == [K, K + 1]
 
-    repo = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEOX_JAX_"))}
-    env.update(NPROC="2", DEVICES_PER_PROCESS="4", PLATFORM="cpu", PYTHONPATH=str(repo), NEOX_JAX_INIT_TIMEOUT="120",
-               NEOX_JAX=f"{sys.executable} -m neox_jax")
     # CPU processes all report slice_index 0 (one host), so the node count is given
     two_yaml = _train_yaml(cfg, tmp_path, "two.yaml", init_from_neox=root, mesh={"dcn_data": 2})
-    r = subprocess.run(["bash", str(repo / "launch" / "local.sh"), str(two_yaml), str(tmp_path / "two")],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    logs = "".join(p.read_text() for p in sorted((tmp_path / "two.logs").glob("*.log")))
+    r, logs = local_sh(two_yaml, tmp_path / "two", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:] + logs[-3000:]
     assert "2 processes, 4 local / 8 global devices" in r.stderr and f"iteration {K} (data position)" in r.stderr
     two = _metrics(tmp_path / "two")
