@@ -1,7 +1,8 @@
 """`neox-jax export` (neox_jax/export.py): the SavedModel, loaded and run by TensorFlow, against HF
 transformers on the same weights, at two batch/sequence shapes (one program, symbolic shapes); a
 greedy loop of its prefill/decode signatures in TensorFlow against HF `generate`; and the command's
-refusals.  One export (cache length 48 of the model's 64) serves every test."""
+refusals; and a bfloat16 export against float32 HF, within twice HF bfloat16's own error.  One float32
+export (cache length 48 of the model's 64) serves every other test."""
 
 import json
 
@@ -117,3 +118,31 @@ def test_refusals(exported, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     assert "--cache-len" in capsys.readouterr().out
+
+
+def test_bfloat16_export_is_as_close_to_float32_as_hf_bfloat16(exported, tf, tmp_path, record_property):
+    """`--dtype bfloat16` (parameters, compute and KV cache in bf16): its logits and a decode step
+    after prefill, against the float32 HF model, are within twice HF's own bf16 error (HF in
+    bfloat16 on the same weights, measured in the same test) and 3e-2 x max|logit| (the bf16 bound
+    of tests/model_test.py)."""
+    import copy
+
+    model, root = exported
+    assert main(["export", str(root / "ck"), str(tmp_path / "sm"), "--dtype", "bfloat16",
+                 "--cache-len", str(CACHE_LEN)]) == 0
+    sm = tf.saved_model.load(str(tmp_path / "sm"))
+    hf_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    ids = np.random.RandomState(7).randint(0, 211, (2, 33)).astype(np.int32)
+    ref, ref_bf16 = hf_logits(model, ids), hf_logits(hf_bf16, ids)
+    got = sm.signatures["logits"](tokens=tf.constant(ids))["logits"].numpy()
+    state = sm.signatures["prefill"](tokens=tf.constant(ids[:, :-1]), lengths=tf.constant([32, 32]))
+    assert state["k"].dtype == tf.bfloat16
+    step = sm.signatures["decode"](token=tf.constant(ids[:, -1]), **{n: state[n] for n in ("k", "v", "lengths", "index")})
+    errs = {"logits": float(np.abs(got - ref).max()), "prefill": float(np.abs(state["logits"].numpy() - ref[:, -2]).max()),
+            "decode": float(np.abs(step["logits"].numpy() - ref[:, -1]).max())}
+    hf_err = float(np.abs(ref_bf16 - ref).max())
+    record_property("measured", f"bf16 export vs HF float32: max |dlogit| "
+                                f"{ {k: round(v, 4) for k, v in errs.items()} }, HF bf16's own {hf_err:.4f}, "
+                                f"max |logit| {np.abs(ref).max():.2f}")
+    for what, err in errs.items():
+        assert err <= 2 * hf_err and err <= 3e-2 * np.abs(ref).max(), (what, err, hf_err)
