@@ -21,15 +21,19 @@ from neox_jax.train.loop import build_datasets, train
 from processes import ROOT, local_sh, two_processes
 
 STEPS, BATCH = 3, 8
+LONG = 90  # steps of the runs that a signal or a failed write stops
 
 
-def _config(prefix: str) -> dict:
+def _config(prefix: str, steps: int = STEPS) -> dict:
+    """The tiny run; with `steps` other than STEPS, the longer two-process run of the tests that
+    stop it (data across the two processes as nodes)."""
     return {
         "model": {"preset": "tiny", "hidden_size": 32, "num_heads": 2, "intermediate_size": 128,
                   "max_position_embeddings": 64},
         "data": {"path": prefix, "split": "949,50,1", "seq_length": 32},
         "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup": 0.1},
-        "train": {"steps": STEPS, "batch_size": BATCH, "log_every": 1, "eval_steps": 0, "tensorboard": False},
+        "train": {"steps": steps, "batch_size": BATCH, "log_every": 1, "eval_steps": 0, "tensorboard": False},
+        **({"mesh": {"dcn_data": 2}} if steps != STEPS else {}),
     }
 
 
@@ -44,6 +48,13 @@ def prefix(tmp_path_factory, shared, neox_tokenizer_path) -> str:
     (d / "shakes.txt").write_text(text, encoding="utf-8")
     return preprocess([d / "shakes.txt"], str(d / "shakes"), neox_tokenizer_path,
                       append_eod=True, txt_mode="blank-lines").prefix
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One persistent compilation cache for the runs below that compile the same two-process step
+    (the same config but for the checkpoint schedule): the second one does not compile it again."""
+    return tmp_path_factory.mktemp("jax-cache")
 
 
 def test_two_processes_train_as_one(tmp_path, prefix, record_property):
@@ -93,20 +104,18 @@ def jax_leaves(params):
     return [(k, np.asarray(v)) for k, v in flatten(params).items()]
 
 
-def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, prefix):
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, prefix, cache):
     """SIGTERM reaches one process only (as when a scheduler signals one task first): every process
     stops after the same step and they write one checkpoint of it together, instead of the signalled
     process leaving the train step's collectives while the others wait in them.  Saves every 3 steps
     run meanwhile: each is collected by all processes at the same step once every process's write has
     ended (the same per-step vote)."""
-    steps = 40
-    raw = _config(prefix)
-    raw["train"]["steps"] = steps
-    raw["mesh"] = {"dcn_data": 2}
+    steps = LONG
+    raw = _config(prefix, steps)
     raw["checkpoint"] = {"every_steps": 3, "keep_last": 1}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     procs = two_processes(["-m", "neox_jax", "train", str(tmp_path / "run.yaml"), "--run-dir", str(tmp_path / "run")],
-                           pause=0.2)
+                           pause=0.2, cache=cache)
     try:
         metrics = tmp_path / "run" / "metrics.jsonl"
         deadline = time.time() + 300
@@ -129,21 +138,19 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, 
     assert sorted(int(d.name) for d in (tmp_path / "run" / "checkpoints").iterdir() if d.name.isdigit()) == [stop]
 
 
-def test_a_write_failing_in_one_process_stops_every_process(tmp_path, prefix):
+def test_a_write_failing_in_one_process_stops_every_process(tmp_path, prefix, cache):
     """The background write of step 3 fails in process 1 only (a full local disk): Orbax's barriers
     then wait for each other until `checkpoint.write_timeout_s` (6 s here).  Both processes stop in
     the loop, at most twice that timeout after the save (each step held 0.3 s: 40 steps), long
     before the next save (step 75) or the end (step 90) would have waited for it: exit status 2,
     one error line each, process 1 naming its cause, process 0 the timeout; no checkpoint."""
     timeout = 6
-    raw = _config(prefix)
-    raw["train"]["steps"] = 90
-    raw["mesh"] = {"dcn_data": 2}
+    raw = _config(prefix, LONG)
     raw["checkpoint"] = {"steps": [3, 75], "at_end": False, "write_timeout_s": timeout}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     run = tmp_path / "run"
     procs = two_processes([str(ROOT / "tests" / "failing_save.py"), "3", "1", "-", "train", str(tmp_path / "run.yaml"),
-                            "--run-dir", str(run)], pause=0.3)
+                            "--run-dir", str(run)], pause=0.3, cache=cache)
     try:
         outs = [p.communicate(timeout=300) for p in procs]
     finally:

@@ -28,14 +28,19 @@ def local_sh(config: Path, run_dir: Path, *, neox_jax: str = f"{sys.executable} 
     return r, logs
 
 
-def two_processes(args: list[str], *, pause: float) -> list[subprocess.Popen]:
+def two_processes(args: list[str], *, pause: float, cache: Path | None = None) -> list[subprocess.Popen]:
     """`python ARGS` as processes 0 and 1 of a jax.distributed run (4 CPU devices each), each train
-    step held `pause` seconds (NEOX_JAX_TEST_PAUSE); stdout and stderr piped."""
+    step held `pause` seconds (NEOX_JAX_TEST_PAUSE); stdout and stderr piped.  `cache`: JAX's
+    persistent compilation cache there (every program kept), so that runs of the same step share
+    its compilation."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = clean_env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                     NEOX_JAX_COORDINATOR=f"127.0.0.1:{port}", NEOX_JAX_NUM_PROCESSES="2",
                     NEOX_JAX_TEST_PAUSE=f"train-step:{pause}", PYTHONUNBUFFERED="1")
+    if cache is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return [subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**env, "NEOX_JAX_PROCESS_ID": str(i)}) for i in range(2)]
