@@ -727,6 +727,9 @@ CASES = [
                                             "model.hidden=3"], ["hidden"]),
     ("init-dst-symlink", lambda fx, d: ["init", S(REPO / "configs" / "tiny.yaml"), S(symlinked_dst(fx, d)),
                                         "--overwrite"], ["link", "symbolic link"]),
+    # ---- found by the adversarial audit (issue: CLI audit)
+    ("init-set-not-yaml", lambda fx, d: ["init", S(REPO / "configs" / "tiny.yaml"), S(d / "ck"), "--set",
+                                         "model.num_layers={"], ["--set", "model.num_layers={", "YAML"]),
 ]
 
 
