@@ -730,6 +730,16 @@ CASES = [
     # ---- found by the adversarial audit (issue: CLI audit)
     ("init-set-not-yaml", lambda fx, d: ["init", S(REPO / "configs" / "tiny.yaml"), S(d / "ck"), "--set",
                                          "model.num_layers={"], ["--set", "model.num_layers={", "YAML"]),
+    ("generate-top-k-greedy", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                             S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]})), "--top-k", "5"],
+     ["--top-k 5", "--temperature"]),
+    ("generate-top-p-greedy", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                             S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]})), "--top-p", "0.9"],
+     ["--top-p 0.9", "--temperature"]),
+    ("generate-prompt-too-long", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                                S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]},
+                                                        {"prompt_tokens": [3] * 300})), "--max-new-tokens", "2"],
+     ["p.jsonl", "prompt 1", "300 tokens", "context"]),
 ]
 
 
