@@ -73,6 +73,7 @@ def export_saved_model(ckpt: str, out: str, *, dtype: str | None = None, cache_l
 
     if cache_len is not None and cache_len < 1:
         raise UserError(f"--cache-len must be >= 1, got {cache_len}")
+    atomic.check_not_input(out, [("CKPT", ckpt)])
     rep = atomic.Replacement([out], overwrite=overwrite, directory=True)  # refuses a bad OUT before any work
     with rep:
         cfg = checkpoint.read_config(ckpt)
@@ -204,6 +205,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> None:
+    atomic.check_not_input(args.out, [("CKPT", args.ckpt)])  # before TensorFlow's slow import
     try:
         import tensorflow  # noqa: F401
     except ImportError:

@@ -90,6 +90,11 @@ def _run_generate(args):
         raise UserError(f"{args.output}: exists (pass --overwrite to replace it)")
     if args.output and args.interactive:
         raise UserError("--output is not used with --interactive")
+    if args.output:
+        from .atomic import check_not_input
+
+        check_not_input(args.output, [("--input", args.input), ("CKPT", args.ckpt),
+                                      ("--tokenizer", args.tokenizer)])
     checks = (("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
                "a finite number >= 0"),
               ("--top-k", args.top_k, args.top_k >= 0, ">= 0"),

@@ -153,6 +153,11 @@ def _run_order(args) -> None:
     out = Path(args.output) if args.output else None
     if out is not None and out.exists() and not args.overwrite:
         raise UserError(f"{out}: exists (pass --overwrite to replace it)")
+    if out is not None:
+        from ..atomic import check_not_input
+
+        check_not_input(out, [("--data-prefix", f"{p}{ext}") for p in args.data_prefix
+                              for ext in ("", ".bin", ".idx")])
     if args.decode and out is None:
         raise UserError("--decode adds text to --output lines: give --output")
     if args.batch <= 0 or args.seq_length < 2:

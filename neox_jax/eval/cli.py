@@ -58,6 +58,12 @@ def _run_eval(args):
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: exists (pass --overwrite to replace it)")
+    from ..atomic import check_not_input
+
+    check_not_input(out, [("--lambada", args.lambada), ("--perplexity", args.perplexity), ("CKPT", args.ckpt),
+                          ("--tokenizer", args.tokenizer), ("--include-path", args.include_path),
+                          *[("--data-prefix", f"{args.data_prefix}{ext}") for ext in ("", ".bin", ".idx")
+                            if args.data_prefix]])
     # an option of one evaluation given without it would be ignored: refused instead
     needs = (("--split", args.split, "--data-prefix", args.data_prefix),
              ("--seq-length", args.seq_length, "--data-prefix", args.data_prefix),
