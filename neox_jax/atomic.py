@@ -190,8 +190,8 @@ def _write_journal(path: Path, op: str, state: str, targets: list[dict]) -> None
                               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "targets": targets, **_owner()})
 
 
-class _HeldSignals:
-    """Hold SIGINT/SIGTERM while publishing (main thread only); deliver them afterwards."""
+class HeldSignals:
+    """Hold SIGINT/SIGTERM (main thread only) for the block; deliver them afterwards."""
 
     def __enter__(self):
         self.got: list[int] = []
@@ -474,7 +474,7 @@ class Replacement:
         fsync_path(self.parent)
         self._write_journal("committing", ids)  # from here on the new outputs can always be published
         self.state = "committing"
-        with _HeldSignals():
+        with HeldSignals():
             _finish(self.journal, _read_journal(self.journal))
             self.state = "done"
         return list(self.finals)
@@ -534,7 +534,7 @@ class SetAside:
         self.state = "aside"
         try:
             self._write_journal("aside")
-            with _HeldSignals():
+            with HeldSignals():
                 os.rename(final, self.old)
                 fsync_path(self.parent)
         except OSError as e:
@@ -558,7 +558,7 @@ class SetAside:
         self._target["id"] = _identity(self.final)
         self._write_journal("committing")
         self.state = "committing"
-        with _HeldSignals():
+        with HeldSignals():
             _finish(self.journal, _read_journal(self.journal))
             self.state = "done"
 
@@ -566,7 +566,7 @@ class SetAside:
         """Delete what was written at `final` and put the old directory back."""
         if self.state != "aside":
             return
-        with _HeldSignals():
+        with HeldSignals():
             _restore(self.journal, _read_journal(self.journal))
             self.state = "restored"
 
