@@ -18,13 +18,9 @@ import threading
 from pathlib import Path
 
 from .config import RUN_DTYPES
-from .errors import UserError
+from .errors import Terminated, UserError
 
 log = logging.getLogger(__name__)
-
-
-class Terminated(BaseException):
-    """Raised by the SIGTERM handler (a BaseException, like KeyboardInterrupt: not caught as an error)."""
 
 
 def _on_sigterm(signum, frame):

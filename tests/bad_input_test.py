@@ -828,3 +828,17 @@ def test_bad_input(case, fx, tmp_path, capsys):
 
 def test_fixtures_untouched(fx):
     assert snapshot(fx["dir"]) == fx["before"]
+
+
+def test_sigterm_while_reading_is_not_an_error(fx, monkeypatch, capsys):
+    """SIGTERM (a batch scheduler's stop) while a checkpoint or tensor is being read: `errors.reading`
+    turned the handler's exception into 'params: restore failed (Terminated)', exit 2; it is the
+    interruption it is, exit 143."""
+    import orbax.checkpoint as ocp
+
+    from neox_jax.cli import _on_sigterm
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "restore", lambda *a, **kw: _on_sigterm(15, None))
+    capsys.readouterr()
+    assert main(["-q", "score", str(fx["ck"]), "--input", str(fx["docs"])]) == 143
+    assert [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()] == ["neox-jax: terminated"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..atomic import Replacement, check_destination
-from ..errors import UserError
+from ..errors import Terminated, UserError
 from .preprocess import ReadStats, iter_documents
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,11 @@ def train_bpe(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, vo
 
     try:
         tok.train_from_iterator(guarded(), trainer=trainer)
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, Terminated, SystemExit):
         raise
     except BaseException as e:  # pyo3's PanicException derives from BaseException
+        if failure and isinstance(failure[0], (KeyboardInterrupt, Terminated)):  # came back as a panic
+            raise failure[0] from None
         raise _trainer_error(out, failure[0] if failure else e) from None
     _check_read(inputs, stats)
     with Replacement([out], overwrite=overwrite) as rep:
