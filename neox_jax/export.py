@@ -205,10 +205,12 @@ def register(sub) -> None:
 
 
 def _run(args) -> None:
-    atomic.check_not_input(args.out, [("CKPT", args.ckpt)])  # before TensorFlow's slow import
-    try:
-        import tensorflow  # noqa: F401
-    except ImportError:
-        raise UserError("export needs TensorFlow (pip install tensorflow)") from None
+    atomic.check_not_input(args.out, [("CKPT", args.ckpt)])
+    import importlib.util
+
+    # looked up, not imported: importing TensorFlow prints C++ log lines on stderr, so it waits until
+    # every option, the checkpoint and OUT have been checked (an error is then one line)
+    if importlib.util.find_spec("tensorflow") is None:
+        raise UserError("export needs TensorFlow (pip install tensorflow)")
     export_saved_model(args.ckpt, args.out, dtype=args.dtype, cache_len=args.cache_len, overwrite=args.overwrite)
     print(json.dumps({"saved_model": str(args.out), "signatures": list(SIGNATURES)}))

@@ -4,6 +4,9 @@ greedy loop of its prefill/decode signatures in TensorFlow against HF `generate`
 refusals.  One export (cache length 48 of the model's 64) serves every test."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -117,3 +120,8 @@ def test_refusals(exported, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     assert "--cache-len" in capsys.readouterr().out
+    # a process's whole stderr (TensorFlow's C++ logging writes to it directly, unseen by capsys): an
+    # error found before any work is one line; TensorFlow is not even imported then
+    r = subprocess.run([sys.executable, "-m", "neox_jax", "export", str(tmp_path / "nothing"), str(tmp_path / "out")],
+                       capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "nothing" in r.stderr, r.stderr
