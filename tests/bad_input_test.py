@@ -785,6 +785,8 @@ CASES = [
     ("order-output-is-data", lambda fx, d: ["data", "order", "--data-prefix", S(copy_ds(fx, d)), "--seq-length",
                                             "16", "--num-samples", "10", "--steps", "0", "--batch", "1", "--no-cache",
                                             "--output", S(d / "ds.bin"), "--overwrite"], ["ds.bin", "input"]),
+    ("convert-max-shard-size-garbage", lambda fx, d: ["convert", S(fx["hf"]), S(d / "dst"), "--to", "hf",
+                                                      "--max-shard-size", "abc"], ["--max-shard-size", "abc"]),
     ("tokenizer-no-document", lambda fx, d: ["data", "train-tokenizer", S(write(d, "in.jsonl", b"")), "--output",
                                              S(d / "t.json"), "--vocab-size", "300"], ["in.jsonl", "no document"]),
     ("tokenizer-sp-no-document", lambda fx, d: ["data", "train-tokenizer",

@@ -58,7 +58,10 @@ def convert(src: str, dst: str, *, to: str = "orbax", dtype: str | None = None, 
     src_p, dst_p = Path(src).resolve(), Path(dst).resolve()
     if src_p == dst_p or src_p in dst_p.parents or dst_p in src_p.parents:
         raise UserError(f"{dst}: DST must not be SRC or contain it (or be inside it)")
-    shard = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    try:
+        shard = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    except UserError as e:
+        raise UserError(f"--max-shard-size: {e}") from None
     if shard < 1:
         raise UserError(f"--max-shard-size {max_shard_size}: must be positive")
     if step is not None and step < 0:
