@@ -108,6 +108,8 @@ def _run_generate(args):
         for opt, value, off in (("--top-k", args.top_k, 0), ("--top-p", args.top_p, 1.0)):
             if value != off:
                 raise UserError(f"{opt} {value}: samples only with --temperature > 0 (temperature 0 is greedy)")
+    if "" in args.stop:
+        raise UserError("--stop '': an empty stop string (it would be found before any generated text)")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
