@@ -53,6 +53,8 @@ def convert(src: str, dst: str, *, to: str = "orbax", dtype: str | None = None, 
         raise UserError(f"--to {to!r}: expected one of {FORMATS}")
     if tp < 1:
         raise UserError(f"--tp {tp}: must be >= 1")
+    if step is not None and to != "neox":
+        raise UserError(f"--step applies to --to neox only (not --to {to})")
     if tp != 1 and to != "neox":
         raise UserError("--tp applies to --to neox only (HF and Orbax checkpoints are not tensor-parallel shards)")
     src_p, dst_p = Path(src).resolve(), Path(dst).resolve()
