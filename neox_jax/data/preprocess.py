@@ -45,6 +45,7 @@ import numpy as np
 
 from ..atomic import test_pause
 from ..errors import UserError
+from ..jsonl import BOM
 from .indexed import IndexedDatasetWriter, best_fitting_dtype, strip_prefix
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -102,6 +103,8 @@ def _read_jsonl(path: Path, raw, stream, key: str, strict: bool,
     offset = 0
     for lineno, line in enumerate(stream, 1):
         start, offset = offset, offset + len(line)
+        if lineno == 1:
+            line = line.removeprefix(BOM)  # "UTF-8 with BOM"
         if not line.strip():
             continue
         try:
