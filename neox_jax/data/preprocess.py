@@ -34,6 +34,7 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import time
 from collections import deque
@@ -211,6 +212,9 @@ _WORKER_TOK: Tokenizer | None = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _WORKER_TOK
+    # a terminal's Ctrl-C reaches every process of the group: the parent handles it (and terminates
+    # the pool); a worker interrupted in its task queue would print a KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER_TOK = load_tokenizer(tokenizer_path)
 
