@@ -190,8 +190,8 @@ def _write_journal(path: Path, op: str, state: str, targets: list[dict]) -> None
                               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "targets": targets, **_owner()})
 
 
-class _HeldSignals:
-    """Hold SIGINT/SIGTERM while publishing (main thread only); deliver them afterwards."""
+class HeldSignals:
+    """Hold SIGINT/SIGTERM (main thread only) for the block; deliver them afterwards."""
 
     def __enter__(self):
         self.got: list[int] = []
@@ -381,6 +381,9 @@ def check_destination(final: str | os.PathLike, overwrite: bool, *, directory: b
     final = Path(final)
     if final.is_symlink():
         raise error(f"{final}: is a symbolic link; give the real path (a link is never replaced)")
+    if final.exists() and final.is_dir() != directory:  # never a directory replaced by a file, or the reverse
+        raise error(f"{final}: is a directory; give a file name" if not directory else
+                    f"{final}: exists and is not a directory")
     if final.exists() and not overwrite:
         if directory and final.is_dir():
             if any(final.iterdir()):
@@ -393,6 +396,20 @@ def check_destination(final: str | os.PathLike, overwrite: bool, *, directory: b
         except OSError as e:
             raise error(f"{final.parent}: cannot create the output directory ({e.strerror})") from None
     return final
+
+
+def check_not_input(final: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]], *,
+                    error: type[UserError] = UserError) -> None:
+    """Refuse an output that is one of the command's inputs (`(label, path)` pairs, e.g. ("--input", p)),
+    holds one or lies inside one: replacing it would destroy what the command reads."""
+    out = Path(final).resolve()
+    for label, path in inputs:
+        if path is None:
+            continue
+        src = Path(path).resolve()
+        if out == src or out in src.parents or src in out.parents:
+            raise error(f"{final}: is the input {label} {path} (or holds it, or lies inside it); "
+                        "write the output elsewhere")
 
 
 def tmp_path(final: str | os.PathLike, op: str) -> Path:
@@ -457,7 +474,7 @@ class Replacement:
         fsync_path(self.parent)
         self._write_journal("committing", ids)  # from here on the new outputs can always be published
         self.state = "committing"
-        with _HeldSignals():
+        with HeldSignals():
             _finish(self.journal, _read_journal(self.journal))
             self.state = "done"
         return list(self.finals)
@@ -517,7 +534,7 @@ class SetAside:
         self.state = "aside"
         try:
             self._write_journal("aside")
-            with _HeldSignals():
+            with HeldSignals():
                 os.rename(final, self.old)
                 fsync_path(self.parent)
         except OSError as e:
@@ -541,7 +558,7 @@ class SetAside:
         self._target["id"] = _identity(self.final)
         self._write_journal("committing")
         self.state = "committing"
-        with _HeldSignals():
+        with HeldSignals():
             _finish(self.journal, _read_journal(self.journal))
             self.state = "done"
 
@@ -549,7 +566,7 @@ class SetAside:
         """Delete what was written at `final` and put the old directory back."""
         if self.state != "aside":
             return
-        with _HeldSignals():
+        with HeldSignals():
             _restore(self.journal, _read_journal(self.journal))
             self.state = "restored"
 

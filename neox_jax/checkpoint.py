@@ -183,22 +183,33 @@ def write_marker(directory: Path, cfg: ModelConfig, kind: str = "params", **extr
     (directory / MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
+def orbax_save(ckptr, path: Path, tree: Any, **kw) -> None:
+    """`ckptr.save(path, tree)` and wait for its background write, with SIGINT/SIGTERM held until that
+    write has ended (then delivered): no write may outlive the temporary directory that the caller's
+    Replacement deletes on the interrupt.  Holding is the only safe wait: an interrupt inside
+    `save()` leaves its event loop's writer threads running unseen, and one inside the wait's
+    `Thread.join` marks Orbax's still-running thread as finished (CPython's bpo-45274 handling), so
+    no later wait would wait for it.  An error is reported once the write has ended too."""
+    with atomic.HeldSignals():
+        try:
+            ckptr.save(path, tree, **kw)
+            ckptr.wait_until_finished()
+        except BaseException:
+            try:
+                ckptr.wait_until_finished()
+            except Exception:  # the save failed already; that error is the one reported
+                pass
+            raise
+
+
 def save_params(dst: str | os.PathLike, cfg: ModelConfig, params: Any, *, overwrite: bool = False, **extra) -> Path:
     """Write a params checkpoint atomically.  `params` must match `abstract_params(cfg)` in shapes."""
     check_tree(cfg, jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params), str(dst))
     if jax.process_count() > 1:
         return _save_params_multiprocess(dst, cfg, params, overwrite, extra)
     with open_destination(dst, overwrite) as out:
-        ckptr = _ocp().StandardCheckpointer()
-        try:
-            ckptr.save(out.path.resolve() / "params", params, save_args=save_args(params))
-        except BaseException:
-            try:
-                ckptr.wait_until_finished()  # no background write may outlive the temporary directory
-            except Exception:  # the save failed already; that error is the one reported
-                pass
-            raise
-        ckptr.wait_until_finished()
+        orbax_save(_ocp().StandardCheckpointer(), out.path.resolve() / "params", params,
+                   save_args=save_args(params))
         flat = flatten(params)
         if all(getattr(x, "is_fully_addressable", True) for x in flat.values()):
             checksums.write(out.path, checksums.tree_digests({n: np.asarray(x) for n, x in flat.items()}))

@@ -4,7 +4,8 @@ Each command registers its own parser; heavy imports (jax, torch) happen inside 
 `--help` is fast.  Bad input raises `UserError` (or OSError), reported as one line
 `neox-jax: error: ...` with exit status 2 and no traceback (`--debug` shows it).  SIGTERM is
 handled as SIGINT is: it raises `Terminated` in the main thread, so every writer's cleanup runs
-(temporaries removed, DST untouched); the exit status is then 143 (130 for SIGINT).
+(temporaries removed, DST untouched); the exit status is then 143 (130 for SIGINT).  One that
+Python drops (raised inside a garbage-collector callback, JAX has one) is sent again (`_redeliver`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,24 @@ import threading
 from pathlib import Path
 
 from .config import RUN_DTYPES
-from .errors import UserError
+from .errors import Terminated, UserError
 
 log = logging.getLogger(__name__)
 
 
-class Terminated(BaseException):
-    """Raised by the SIGTERM handler (a BaseException, like KeyboardInterrupt: not caught as an error)."""
+def _redeliver(hook):
+    """A `sys.unraisablehook`: a KeyboardInterrupt or Terminated that Python had to drop (raised while a
+    garbage-collector or weakref callback or a finalizer ran; JAX has a gc callback) is sent again to
+    the main thread as its signal, 50 ms later, instead of being printed as 'Exception ignored' while
+    the command goes on; anything else goes to `hook`."""
+    def unraisable(u):
+        signum = {KeyboardInterrupt: signal.SIGINT, Terminated: signal.SIGTERM}.get(u.exc_type)
+        if signum is None:
+            return hook(u)
+        t = threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signum))
+        t.daemon = True
+        t.start()
+    return unraisable
 
 
 def _on_sigterm(signum, frame):
@@ -138,6 +150,11 @@ def _run_score(args):
 
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise UserError(f"{args.output}: exists (pass --overwrite to replace it)")
+    if args.output:
+        from .atomic import check_not_input
+
+        check_not_input(args.output, [("--input", args.input), ("CKPT", args.ckpt),
+                                      ("--tokenizer", args.tokenizer)])
     check_batch_size(args.batch_size)
     if not Path(args.input).exists():
         raise UserError(f"{args.input}: input file not found")
@@ -205,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = _redeliver(old_hook)
     try:
         args.run(args)
     except (UserError, OSError) as e:
@@ -224,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         print("neox-jax: terminated", file=sys.stderr)
         return 143
     finally:
+        sys.unraisablehook = old_hook
         if main_thread:
             signal.signal(signal.SIGTERM, old_term)
     return 0

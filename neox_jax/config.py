@@ -213,7 +213,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if key.startswith("model."):
         key = key[len("model."):]
-    return key, yaml.safe_load(value)
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({_yaml_problem(e)})") from None
 
 
 def load_config(path_or_preset: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfig:

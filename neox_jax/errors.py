@@ -4,6 +4,11 @@ They live here, not beside the code that raises them, so that a module can raise
 importing jax, flax or orbax (the converters raise CheckpointError from pure NumPy code)."""
 
 
+class Terminated(BaseException):
+    """Raised by the CLI's SIGTERM handler (a BaseException, like KeyboardInterrupt: never caught as an
+    error, always let through, so every writer's cleanup runs and the command exits 143)."""
+
+
 class UserError(ValueError):
     """Bad input from the user: a file, key, tensor or value we cannot accept (the message names it)."""
 
@@ -53,12 +58,12 @@ def one_line(e: BaseException, limit: int = 200) -> str:
 @_contextlib.contextmanager
 def reading(path, what: str = "cannot read"):
     """Re-raise any exception inside the block (a UserError passes unchanged) as
-    `UserError("{path}: {what} ({one_line(e)})")`; KeyboardInterrupt and SystemExit pass."""
+    `UserError("{path}: {what} ({one_line(e)})")`; KeyboardInterrupt, SIGTERM's Terminated and SystemExit pass."""
     try:
         yield
     except UserError:
         raise
-    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+    except (KeyboardInterrupt, Terminated, SystemExit, GeneratorExit):
         raise
     except BaseException as e:  # noqa: BLE001 - pyo3 panics derive from BaseException
         err = UserError(f"{path}: {what} ({one_line(e)})")

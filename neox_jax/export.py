@@ -73,6 +73,7 @@ def export_saved_model(ckpt: str, out: str, *, dtype: str | None = None, cache_l
 
     if cache_len is not None and cache_len < 1:
         raise UserError(f"--cache-len must be >= 1, got {cache_len}")
+    atomic.check_not_input(out, [("CKPT", ckpt)])
     rep = atomic.Replacement([out], overwrite=overwrite, directory=True)  # refuses a bad OUT before any work
     with rep:
         cfg = checkpoint.read_config(ckpt)
@@ -204,9 +205,12 @@ def register(sub) -> None:
 
 
 def _run(args) -> None:
-    try:
-        import tensorflow  # noqa: F401
-    except ImportError:
-        raise UserError("export needs TensorFlow (pip install tensorflow)") from None
+    atomic.check_not_input(args.out, [("CKPT", args.ckpt)])
+    import importlib.util
+
+    # looked up, not imported: importing TensorFlow prints C++ log lines on stderr, so it waits until
+    # every option, the checkpoint and OUT have been checked (an error is then one line)
+    if importlib.util.find_spec("tensorflow") is None:
+        raise UserError("export needs TensorFlow (pip install tensorflow)")
     export_saved_model(args.ckpt, args.out, dtype=args.dtype, cache_len=args.cache_len, overwrite=args.overwrite)
     print(json.dumps({"saved_model": str(args.out), "signatures": list(SIGNATURES)}))

@@ -27,7 +27,8 @@ def register(sub) -> None:
     src.add_argument("--input", help="IN.jsonl: one {\"prompt\": TEXT} or {\"prompt_tokens\": [ids]} per line")
     src.add_argument("--interactive", action="store_true", help="read prompts from standard input, stream tokens")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) means greedy")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (default) means greedy (--top-k/--top-p need a temperature > 0)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (each prompt draws from its own stream)")
@@ -89,6 +90,11 @@ def _run_generate(args):
         raise UserError(f"{args.output}: exists (pass --overwrite to replace it)")
     if args.output and args.interactive:
         raise UserError("--output is not used with --interactive")
+    if args.output:
+        from .atomic import check_not_input
+
+        check_not_input(args.output, [("--input", args.input), ("CKPT", args.ckpt),
+                                      ("--tokenizer", args.tokenizer)])
     checks = (("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
                "a finite number >= 0"),
               ("--top-k", args.top_k, args.top_k >= 0, ">= 0"),
@@ -98,6 +104,12 @@ def _run_generate(args):
     for opt, value, ok, want in checks:
         if not ok:
             raise UserError(f"{opt} {value}: must be {want}")
+    if args.temperature == 0:  # greedy decoding would ignore the sampling filters
+        for opt, value, off in (("--top-k", args.top_k, 0), ("--top-p", args.top_p, 1.0)):
+            if value != off:
+                raise UserError(f"{opt} {value}: samples only with --temperature > 0 (temperature 0 is greedy)")
+    if "" in args.stop:
+        raise UserError("--stop '': an empty stop string (it would be found before any generated text)")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -111,12 +123,17 @@ def _run_generate(args):
     if args.input:
         from .checkpoint import read_config
 
-        vocab = read_config(args.ckpt).vocab_size
+        cfg = read_config(args.ckpt)
+        vocab, context = cfg.vocab_size, cfg.max_position_embeddings
         for i, ids in enumerate(prompts):
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise UserError(f"{args.input}: prompt {i}: token id {bad[0]} outside the model's vocabulary "
                                 f"[0, {vocab})")
+            if len(ids) + args.max_new_tokens > context:
+                raise UserError(f"{args.input}: prompt {i}: {len(ids)} tokens + --max-new-tokens "
+                                f"{args.max_new_tokens} exceed the model's context of {context} "
+                                "(max_position_embeddings)")
     overrides = {"rotary_dtype": args.rotary_dtype} if args.rotary_dtype else {}
     gen = load_generator(args.ckpt, dtype=args.dtype, tensor=args.tensor, tokenizer=tok, overrides=overrides,
                          int8=args.int8)
@@ -189,7 +206,12 @@ def _interactive(gen, tok, kw):
             continue
         ids = tok.encode(prompt)
         streamer = _Streamer(tok, kw["stop_strings"])
-        result = gen.generate([ids], batch_size=1, on_token=streamer, **kw)[0]
+        try:
+            result = gen.generate([ids], batch_size=1, on_token=streamer, **kw)[0]
+        except UserError as e:  # a prompt the model cannot take (too long, ...): say so, keep the session
+            why = str(e).removeprefix("prompt 0: ")
+            print(f"neox-jax: skipped input line {turn + 1}: {why}", file=sys.stderr)
+            continue
         rest = (result.text or "")[streamer.shown:]  # anything held back and not cut by a stop string
         sys.stdout.write(rest + "\n")
         sys.stdout.flush()

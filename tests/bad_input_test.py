@@ -727,6 +727,92 @@ CASES = [
                                             "model.hidden=3"], ["hidden"]),
     ("init-dst-symlink", lambda fx, d: ["init", S(REPO / "configs" / "tiny.yaml"), S(symlinked_dst(fx, d)),
                                         "--overwrite"], ["link", "symbolic link"]),
+    # ---- found by the adversarial audit (issue: CLI audit)
+    ("init-set-not-yaml", lambda fx, d: ["init", S(REPO / "configs" / "tiny.yaml"), S(d / "ck"), "--set",
+                                         "model.num_layers={"], ["--set", "model.num_layers={", "YAML"]),
+    ("generate-top-k-greedy", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                             S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]})), "--top-k", "5"],
+     ["--top-k 5", "--temperature"]),
+    ("generate-top-p-greedy", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                             S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]})), "--top-p", "0.9"],
+     ["--top-p 0.9", "--temperature"]),
+    ("generate-stop-empty", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                           S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]})), "--stop", "x", ""],
+     ["--stop ''"]),
+    ("generate-prompt-too-long", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                                S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]},
+                                                        {"prompt_tokens": [3] * 300})), "--max-new-tokens", "2"],
+     ["p.jsonl", "prompt 1", "300 tokens", "context"]),
+    ("eval-limit-without-tasks", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(fx["docs"]), "--limit", "3",
+                                                "--output", S(d / "r.json")], ["--limit", "--tasks"]),
+    ("eval-num-fewshot-without-tasks", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(fx["docs"]),
+                                                      "--num-fewshot", "2", "--output", S(d / "r.json")],
+     ["--num-fewshot", "--tasks"]),
+    ("eval-log-samples-without-tasks", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(fx["docs"]),
+                                                      "--log-samples", "--output", S(d / "r.json")],
+     ["--log-samples", "--tasks"]),
+    ("eval-seq-length-without-data-prefix", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(fx["docs"]),
+                                                           "--seq-length", "8", "--output", S(d / "r.json")],
+     ["--seq-length", "--data-prefix"]),
+    ("eval-max-samples-without-data-prefix", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(fx["docs"]),
+                                                            "--max-samples", "2", "--output", S(d / "r.json")],
+     ["--max-samples", "--data-prefix"]),
+    ("eval-split-part-without-split", lambda fx, d: ["eval", S(fx["ck"]), "--data-prefix", S(fx["ds"]),
+                                                     "--split-part", "test", "--output", S(d / "r.json")],
+     ["--split-part", "--split"]),
+    ("eval-lambada-is-a-directory", lambda fx, d: ["eval", S(fx["ck"]), "--lambada", S(non_empty_dir(d, "l")),
+                                                   "--output", S(d / "r.json")], ["l", "is a directory"]),
+    ("score-output-is-a-directory", lambda fx, d: ["score", S(fx["ck"]), "--input", S(fx["docs"]), "--output",
+                                                   S(non_empty_dir(d, "out")), "--overwrite"],
+     ["out", "is a directory"]),
+    ("order-output-is-a-directory", lambda fx, d: ["data", "order", "--data-prefix", S(fx["ds"]), "--seq-length",
+                                                   "16", "--num-samples", "10", "--steps", "0", "--batch", "1",
+                                                   "--no-cache", "--output", S(non_empty_dir(d, "out")),
+                                                   "--overwrite"], ["out", "is a directory"]),
+    ("init-dst-is-a-file", lambda fx, d: ["init", S(REPO / "configs" / "tiny.yaml"), S(existing(d, "ck")),
+                                          "--overwrite"], ["ck", "not a directory"]),
+    ("convert-dst-is-a-file", lambda fx, d: ["convert", S(fx["hf"]), S(existing(d, "dst")), "--overwrite"],
+     ["dst", "not a directory"]),
+    ("export-out-is-ckpt", lambda fx, d: ["export", S(copy(fx, "ck", d)), S(d / "ck"), "--overwrite"],
+     ["ck", "CKPT"]),
+    ("export-out-inside-ckpt", lambda fx, d: ["export", S(copy(fx, "ck", d)), S(d / "ck" / "sm")], ["sm", "CKPT"]),
+    ("score-output-is-input", lambda fx, d: ["score", S(fx["ck"]), "--input",
+                                             S(lines(d, "in.jsonl", {"tokens": [1, 2, 3]})), "--output",
+                                             S(d / "in.jsonl"), "--overwrite"], ["in.jsonl", "input"]),
+    ("generate-output-is-input", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                                S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]})), "--output",
+                                                S(d / "p.jsonl"), "--overwrite"], ["p.jsonl", "input"]),
+    ("eval-output-is-input", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity",
+                                            S(lines(d, "in.jsonl", {"tokens": [1, 2, 3]})), "--output",
+                                            S(d / "in.jsonl"), "--overwrite"], ["in.jsonl", "input"]),
+    ("order-output-is-data", lambda fx, d: ["data", "order", "--data-prefix", S(copy_ds(fx, d)), "--seq-length",
+                                            "16", "--num-samples", "10", "--steps", "0", "--batch", "1", "--no-cache",
+                                            "--output", S(d / "ds.bin"), "--overwrite"], ["ds.bin", "input"]),
+    ("convert-max-shard-size-garbage", lambda fx, d: ["convert", S(fx["hf"]), S(d / "dst"), "--to", "hf",
+                                                      "--max-shard-size", "abc"], ["--max-shard-size", "abc"]),
+    ("order-tokenizer-without-decode", lambda fx, d: ["data", "order", "--data-prefix", S(fx["ds"]), "--seq-length",
+                                                      "16", "--num-samples", "10", "--steps", "0", "--batch", "1",
+                                                      "--no-cache", "--tokenizer", S(fx["tok"])],
+     ["--tokenizer", "--decode"]),
+    ("order-preshuffled-num-samples", lambda fx, d: ["data", "order", "--data-prefix", S(fx["ds"]), "--seq-length",
+                                                     "16", "--num-samples", "10", "--steps", "0", "--batch", "1",
+                                                     "--preshuffled"], ["--preshuffled", "--num-samples"]),
+    ("convert-step-not-neox", lambda fx, d: ["convert", S(fx["hf"]), S(d / "dst"), "--step", "5"],
+     ["--step", "--to neox"]),
+    ("convert-max-shard-size-not-hf", lambda fx, d: ["convert", S(fx["hf"]), S(d / "dst"), "--max-shard-size",
+                                                     "1MB"], ["--max-shard-size", "--to hf"]),
+    ("convert-neox-config-not-neox", lambda fx, d: ["convert", S(fx["hf"]), S(d / "dst"), "--neox-config",
+                                                    S(fx["neox"] / "global_step1000" / "configs" / "model.yml")],
+     ["hf", "--neox-config", "GPT-NeoX"]),
+    ("inspect-neox-config-not-neox", lambda fx, d: ["inspect", S(fx["ck"]), "--neox-config",
+                                                    S(fx["neox"] / "global_step1000" / "configs" / "model.yml")],
+     ["ck", "--neox-config"]),
+    ("tokenizer-no-document", lambda fx, d: ["data", "train-tokenizer", S(write(d, "in.jsonl", b"")), "--output",
+                                             S(d / "t.json"), "--vocab-size", "300"], ["in.jsonl", "no document"]),
+    ("tokenizer-sp-no-document", lambda fx, d: ["data", "train-tokenizer",
+                                                S(lines(d, "in.jsonl", {"text": ""}, ["a list"])), "--output",
+                                                S(d / "t.model"), "--vocab-size", "300"],
+     ["in.jsonl", "no document"]),
 ]
 
 
@@ -764,3 +850,17 @@ def test_bad_input(case, fx, tmp_path, capsys):
 
 def test_fixtures_untouched(fx):
     assert snapshot(fx["dir"]) == fx["before"]
+
+
+def test_sigterm_while_reading_is_not_an_error(fx, monkeypatch, capsys):
+    """SIGTERM (a batch scheduler's stop) while a checkpoint or tensor is being read: `errors.reading`
+    turned the handler's exception into 'params: restore failed (Terminated)', exit 2; it is the
+    interruption it is, exit 143."""
+    import orbax.checkpoint as ocp
+
+    from neox_jax.cli import _on_sigterm
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "restore", lambda *a, **kw: _on_sigterm(15, None))
+    capsys.readouterr()
+    assert main(["-q", "score", str(fx["ck"]), "--input", str(fx["docs"])]) == 143
+    assert [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()] == ["neox-jax: terminated"]

@@ -145,3 +145,35 @@ def test_score_summary_is_the_hand_computed_perplexity_and_bits_per_byte(tmp_pat
     assert summary["mean_nll"] == pytest.approx(-total / count, rel=1e-5)
     assert summary["perplexity"] == pytest.approx(math.exp(-total / count), rel=1e-5)
     assert summary["bits_per_byte"] == pytest.approx(-total / math.log(2) / n_bytes, rel=1e-5)
+
+
+def test_interrupt_inside_a_gc_callback_is_not_lost():
+    """A Ctrl-C that lands while a garbage-collector callback runs (JAX registers one) was raised there,
+    printed by Python as 'Exception ignored in: <function _xla_gc_callback>' and dropped: the command
+    went on (seen: a `train` run to its last step, exit 0).  It is delivered again after the callback."""
+    import gc
+    import signal
+    import time
+
+    from neox_jax import cli
+
+    inside = []
+
+    def callback(phase, info):
+        if phase == "start" and not inside:
+            inside.append(phase)
+            signal.raise_signal(signal.SIGINT)  # lands here, in the callback
+            for _ in range(1000):  # bytecode runs here: Python's handler is called inside the callback
+                pass
+
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = cli._redeliver(old_hook)
+    gc.callbacks.append(callback)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            gc.collect()
+            time.sleep(5)  # the signal sent again after the callback
+    finally:
+        gc.callbacks.remove(callback)
+        sys.unraisablehook = old_hook
+    assert inside == ["start"]

@@ -259,3 +259,48 @@ def test_neox_step_directory_given_directly(good, tmp_path, capsys):
         assert set(fa) == set(fb)
         for k in fa:
             assert fa[k].dtype == fb[k].dtype and (fa[k] == fb[k]).all(), (other, k)
+
+
+@pytest.mark.parametrize("command", ["convert", "init"])
+def test_interrupt_while_orbax_writes_waits_for_it(command, good, tmp_path, capsys, monkeypatch):
+    """A real SIGINT while Orbax's background thread may still write (sent as its save() returns):
+    the temporary directory is deleted only once that write has ended, the command exits 130 with
+    one line and nothing is left beside DST.  Before, `convert --to orbax` deleted the directory under
+    the running write: Orbax's threads printed tracebacks and recreated files in it (left behind) or
+    made the deletion fail (exit 2, 'params.orbax-checkpoint-tmp: Directory not empty')."""
+    import signal
+
+    import orbax.checkpoint as ocp
+
+    from neox_jax import atomic
+
+    real_save, real_wait, real_remove = (ocp.StandardCheckpointer.save, ocp.StandardCheckpointer.wait_until_finished,
+                                         atomic.remove)
+    state = {"signalled": None, "waited": False}
+
+    def save(self, *a, **kw):
+        real_save(self, *a, **kw)
+        if state["signalled"] is None:
+            state["signalled"] = self
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C, with the background write just started
+
+    def wait(self):
+        real_wait(self)
+        state["waited"] = state["waited"] or self is state["signalled"]
+
+    def remove(path):
+        assert state["waited"], f"{path} deleted while the interrupted Orbax write may still run"
+        real_remove(path)
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", save)
+    monkeypatch.setattr(ocp.StandardCheckpointer, "wait_until_finished", wait)
+    monkeypatch.setattr(atomic, "remove", remove)
+    dst = tmp_path / "out"
+    argv = (["convert", str(good / "hf"), str(dst), "--to", "orbax"] if command == "convert" else
+            ["init", str(REPO / "configs" / "tiny.yaml"), str(dst)])
+    capsys.readouterr()
+    assert main(["-q", *argv]) == 130
+    assert state["signalled"] is not None and state["waited"]
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == ["neox-jax: interrupted"], err
+    assert sorted(os.listdir(tmp_path)) == []

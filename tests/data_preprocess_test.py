@@ -11,7 +11,7 @@ import zstandard
 from tokenizers import Tokenizer as HFTokenizer
 
 from neox_jax.data.indexed import IndexedDataset
-from neox_jax.data.preprocess import iter_documents, preprocess
+from neox_jax.data.preprocess import ReadStats, iter_documents, preprocess
 from neox_jax.errors import UserError
 
 
@@ -85,6 +85,31 @@ def test_lm_dataformat_rules(tmp_path, neox_tokenizer_path):
     assert [t for t, _ in iter_documents([tmp_path / "r.jsonl"], key="body")][-1] == "other key"
     res = preprocess([tmp_path / "r.jsonl"], str(tmp_path / "r"), neox_tokenizer_path)
     assert res.documents == 3 and res.stats.empty == 1
+
+
+def test_workers_leave_ctrl_c_to_the_parent(neox_tokenizer_path, monkeypatch):
+    """A terminal's Ctrl-C reaches the tokenising workers too; each printed a KeyboardInterrupt
+    traceback from its task queue (the parent already cleans up and exits 130): they ignore SIGINT."""
+    import signal
+
+    import neox_jax.data.preprocess as P
+
+    monkeypatch.setattr(P, "_WORKER_TOK", None)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        P._init_worker(str(neox_tokenizer_path))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def test_utf8_bom_at_the_start_of_a_jsonl(tmp_path):
+    """A file saved as "UTF-8 with BOM": its first document was skipped as a bad line."""
+    stats = ReadStats()
+    (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    assert [t for t, _ in iter_documents([tmp_path / "b.jsonl"], stats=stats)] == ["first", "second"]
+    assert stats.bad_lines == 0
 
 
 def test_txt_inputs(tmp_path, shakespeare, neox_tokenizer_path):

@@ -5,6 +5,9 @@ refusals; and a bfloat16 export against float32 HF, within twice HF bfloat16's o
 export (cache length 48 of the model's 64) serves every other test."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -118,6 +121,11 @@ def test_refusals(exported, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     assert "--cache-len" in capsys.readouterr().out
+    # a process's whole stderr (TensorFlow's C++ logging writes to it directly, unseen by capsys): an
+    # error found before any work is one line; TensorFlow is not even imported then
+    r = subprocess.run([sys.executable, "-m", "neox_jax", "export", str(tmp_path / "nothing"), str(tmp_path / "out")],
+                       capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "nothing" in r.stderr, r.stderr
 
 
 def test_bfloat16_export_is_as_close_to_float32_as_hf_bfloat16(exported, tf, tmp_path, record_property):

@@ -69,10 +69,16 @@ def test_prompt_and_interactive_streaming(ckpt, neox_tokenizer_path, monkeypatch
         return orig(self, i, t)
 
     monkeypatch.setattr(G._Streamer, "__call__", spy)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n\nThe cat\n"))
+    # a prompt too long for the context is refused on its own line; the session goes on
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n\n" + "word " * 300 + "\nThe cat\n"))
     assert main(base + ["--interactive"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert out == "".join(expected)  # greedy: the same completions, streamed
+    skipped = [ln for ln in captured.err.splitlines() if ln.strip()]
+    n = len(tok.encode("word " * 300))
+    assert len(skipped) == 1 and f"skipped input line 3: {n} tokens" in skipped[0], skipped
+    assert "context of 256" in skipped[0], skipped
     assert tok.decode(streamed) == "".join(e.rstrip("\n") for e in expected)
 
 

@@ -18,3 +18,12 @@ def test_lines_blank_lines_and_errors(tmp_path):
         list(read_jsonl(p))
     with pytest.raises(UserError, match="nope.jsonl: input file not found"):
         list(read_jsonl(tmp_path / "nope.jsonl"))
+
+
+def test_utf8_bom_at_the_start_is_not_part_of_the_first_line(tmp_path):
+    """Editors on Windows save "UTF-8 with BOM": the file's first line was 'not valid JSON'."""
+    p = tmp_path / "in.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"a": 1}\n\xef\xbb\xbf{"b": 2}\n')
+    assert next(read_jsonl(p)) == (1, {"a": 1})
+    with pytest.raises(UserError, match=r"in\.jsonl:2: not valid JSON"):  # only the file's first bytes
+        list(read_jsonl(p))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..config import FLOAT_DTYPES
+from ..errors import UserError
 from .dispatch import FORMATS
 
 
@@ -26,7 +27,7 @@ def register(sub) -> None:
                    help="run transformers (PyTorch) and our JAX model on a fixed batch; fail (DST not written) "
                         "if max |dlogit| exceeds the tolerance")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DST")
-    p.add_argument("--max-shard-size", default="5GB", help="--to hf: split safetensors above this size (default 5GB)")
+    p.add_argument("--max-shard-size", help="--to hf: split safetensors above this size (default 5GB)")
     p.add_argument("--neox-config", action="append", metavar="YML",
                    help="GPT-NeoX YAML for a native SRC without global_stepN/configs/ (repeatable, merged in order)")
     p.add_argument("--step", type=int, help="--to neox: the global_stepN tag (default: the source's step, or 0)")
@@ -63,8 +64,11 @@ def _run_convert(args):
     from .inspect import to_json
     from .stream import convert, summary_table
 
+    if args.max_shard_size is not None and args.to != "hf":  # it would be ignored
+        raise UserError(f"--max-shard-size applies to --to hf only (not --to {args.to})")
     res = convert(args.src, args.dst, to=args.to, dtype=args.dtype, tp=args.tp, verify=args.verify,
-                  overwrite=args.overwrite, max_shard_size=args.max_shard_size, neox_config=args.neox_config,
+                  overwrite=args.overwrite, max_shard_size=args.max_shard_size or "5GB",
+                  neox_config=args.neox_config,
                   step=args.step)
     if args.json:
         print(to_json({"dst": str(res.dst), "from": res.src_format, "to": res.dst_format, "rows": res.rows,

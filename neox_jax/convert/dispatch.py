@@ -56,6 +56,8 @@ def open_reader(path: str | os.PathLike, fmt: str | None = None, *, neox_config:
         if not Path(f).is_file():
             raise CheckpointError(f"{f}: --neox-config file not found")
     fmt = fmt or detect_format(path)
+    if neox_config and fmt != "neox":  # it would be ignored
+        raise CheckpointError(f"{path}: --neox-config is for GPT-NeoX checkpoints; this one is {fmt}")
     if fmt == "orbax":
         from .orbax_io import OrbaxReader
 

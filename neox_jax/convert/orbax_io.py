@@ -43,7 +43,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from .. import checksums
-from ..checkpoint import CHUNK_BYTES, check_tree, read_config, resolve, saved_tree, write_marker
+from ..atomic import HeldSignals
+from ..checkpoint import CHUNK_BYTES, check_tree, orbax_save, read_config, resolve, saved_tree, write_marker
 from ..config import FLOAT_DTYPES, ModelConfig
 from ..errors import CheckpointError, reading
 from ..tree import flatten, unflatten
@@ -133,8 +134,7 @@ class OrbaxWriter(Writer):
         placeholder = unflatten({n: np.zeros((1,) * len(s), dt) for n, (s, dt) in self.leaves.items()})
         params_dir = (tmp / "params").resolve()
         ckptr = ocp.StandardCheckpointer()
-        ckptr.save(params_dir, placeholder)
-        ckptr.wait_until_finished()
+        orbax_save(ckptr, params_dir, placeholder)
         ckptr.close()
         self.store = _Store(params_dir)
         if self.store.use_zarr3:
@@ -162,18 +162,20 @@ class OrbaxWriter(Writer):
         self.inflight.append((target.write(array, can_reference_source_data_indefinitely=True), array))
         self.digests[(entry.name, entry.layer)] = checksums.digest(array)  # zlib: GIL released
         while len(self.inflight) > MAX_IN_FLIGHT:
-            self.inflight.pop(0)[0].result()
+            self.inflight[0][0].result()  # then dropped: an interrupt while waiting keeps it for abort()
+            self.inflight.pop(0)
         self.pending.discard((entry.name, entry.layer))
 
     def abort(self) -> None:
         """Let in-flight slice writes end before the caller deletes the temporary directory
         (a write still running would recreate files inside it)."""
-        while self.inflight:
-            future, _ = self.inflight.pop(0)
-            try:
-                future.result()
-            except Exception:  # the conversion is failing anyway; its own error is reported
-                pass
+        with HeldSignals():  # a second Ctrl-C waits too: deleting under a running write leaves debris
+            while self.inflight:
+                try:
+                    self.inflight[0][0].result()
+                except Exception:  # the conversion is failing anyway; its own error is reported
+                    pass
+                self.inflight.pop(0)
         self.arrays.clear()
 
     def finish(self) -> None:

@@ -53,12 +53,17 @@ def convert(src: str, dst: str, *, to: str = "orbax", dtype: str | None = None, 
         raise UserError(f"--to {to!r}: expected one of {FORMATS}")
     if tp < 1:
         raise UserError(f"--tp {tp}: must be >= 1")
+    if step is not None and to != "neox":
+        raise UserError(f"--step applies to --to neox only (not --to {to})")
     if tp != 1 and to != "neox":
         raise UserError("--tp applies to --to neox only (HF and Orbax checkpoints are not tensor-parallel shards)")
     src_p, dst_p = Path(src).resolve(), Path(dst).resolve()
     if src_p == dst_p or src_p in dst_p.parents or dst_p in src_p.parents:
         raise UserError(f"{dst}: DST must not be SRC or contain it (or be inside it)")
-    shard = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    try:
+        shard = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    except UserError as e:
+        raise UserError(f"--max-shard-size: {e}") from None
     if shard < 1:
         raise UserError(f"--max-shard-size {max_shard_size}: must be positive")
     if step is not None and step < 0:

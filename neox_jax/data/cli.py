@@ -127,8 +127,9 @@ def _build_order_dataset(args, limit: int):
     from .order import PreshuffledDataset, build_train_dataset
 
     if args.preshuffled:
-        if len(args.data_prefix) != 1 or args.split or args.weights:
-            raise UserError("--preshuffled takes one --data-prefix and no --split/--weights")
+        if len(args.data_prefix) != 1 or args.split or args.weights or args.num_samples or args.train_iters:
+            raise UserError("--preshuffled takes one --data-prefix and no --split/--weights/--num-samples/"
+                            "--train-iters (item i is sample i)")
         return PreshuffledDataset(args.data_prefix[0], args.seq_length)
     if args.num_samples is None and args.train_iters is None:
         raise UserError("give --num-samples or --train-iters (or --preshuffled)")
@@ -153,8 +154,15 @@ def _run_order(args) -> None:
     out = Path(args.output) if args.output else None
     if out is not None and out.exists() and not args.overwrite:
         raise UserError(f"{out}: exists (pass --overwrite to replace it)")
+    if out is not None:
+        from ..atomic import check_not_input
+
+        check_not_input(out, [("--data-prefix", f"{p}{ext}") for p in args.data_prefix
+                              for ext in ("", ".bin", ".idx")])
     if args.decode and out is None:
         raise UserError("--decode adds text to --output lines: give --output")
+    if args.tokenizer and not args.decode:
+        raise UserError("--tokenizer is for --decode (it applies to nothing else)")
     if args.batch <= 0 or args.seq_length < 2:
         raise UserError("--batch must be positive and --seq-length at least 2")
     ds = _build_order_dataset(args, limit=steps.stop * args.batch)

@@ -34,6 +34,7 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import time
 from collections import deque
@@ -45,6 +46,7 @@ import numpy as np
 
 from ..atomic import test_pause
 from ..errors import UserError
+from ..jsonl import BOM
 from .indexed import IndexedDatasetWriter, best_fitting_dtype, strip_prefix
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -102,6 +104,8 @@ def _read_jsonl(path: Path, raw, stream, key: str, strict: bool,
     offset = 0
     for lineno, line in enumerate(stream, 1):
         start, offset = offset, offset + len(line)
+        if lineno == 1:
+            line = line.removeprefix(BOM)  # "UTF-8 with BOM"
         if not line.strip():
             continue
         try:
@@ -208,6 +212,9 @@ _WORKER_TOK: Tokenizer | None = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _WORKER_TOK
+    # a terminal's Ctrl-C reaches every process of the group: the parent handles it (and terminates
+    # the pool); a worker interrupted in its task queue would print a KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER_TOK = load_tokenizer(tokenizer_path)
 

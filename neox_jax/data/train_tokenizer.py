@@ -16,20 +16,33 @@ renamed over the old file); an existing output is refused unless `overwrite`.
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..atomic import Replacement, check_destination
-from ..errors import UserError
-from .preprocess import iter_documents
+from ..errors import Terminated, UserError
+from .preprocess import ReadStats, iter_documents
+
+log = logging.getLogger(__name__)
 
 SPECIALS = ("<|endoftext|>", "<|padding|>")
 
 
-def _texts(inputs: Sequence[str | os.PathLike], key: str, txt_mode: str) -> Iterator[str]:
-    for text, _ in iter_documents(inputs, key=key, txt_mode=txt_mode):
+def _texts(inputs: Sequence[str | os.PathLike], key: str, txt_mode: str, stats: ReadStats) -> Iterator[str]:
+    for text, _ in iter_documents(inputs, key=key, txt_mode=txt_mode, stats=stats):
         yield text
+
+
+def _check_read(inputs: Sequence[str | os.PathLike], stats: ReadStats) -> None:
+    """Once the trainer has read the inputs: report skipped lines (as preprocessing does), refuse a
+    corpus without a document (a tokenizer trained on nothing holds only the byte symbols)."""
+    if stats.bad_lines:
+        log.warning("skipped %d bad lines (first: %s)", stats.bad_lines, "; ".join(stats.examples))
+    if stats.documents == 0:
+        raise UserError(f"{', '.join(map(str, inputs))}: no document to train on: {stats.bad_lines} bad line(s) "
+                        f"skipped, {stats.empty} empty document(s)")
 
 
 MAX_VOCAB = 2**22  # far above any real tokenizer; larger requests make the Rust trainer abort
@@ -74,7 +87,8 @@ def train_bpe(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, vo
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=list(SPECIALS), show_progress=progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    texts = _texts(inputs, key, txt_mode)
+    stats = ReadStats()
+    texts = _texts(inputs, key, txt_mode, stats)
     for p in map(Path, inputs):  # a missing input fails before training starts
         if not p.is_file():
             raise UserError(f"{p}: input file not found")
@@ -89,10 +103,13 @@ def train_bpe(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, vo
 
     try:
         tok.train_from_iterator(guarded(), trainer=trainer)
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, Terminated, SystemExit):
         raise
     except BaseException as e:  # pyo3's PanicException derives from BaseException
+        if failure and isinstance(failure[0], (KeyboardInterrupt, Terminated)):  # came back as a panic
+            raise failure[0] from None
         raise _trainer_error(out, failure[0] if failure else e) from None
+    _check_read(inputs, stats)
     with Replacement([out], overwrite=overwrite) as rep:
         tok.save(str(rep.tmp()))
         rep.commit()
@@ -113,8 +130,10 @@ def train_sentencepiece(inputs: Sequence[str | os.PathLike], output: str | os.Pa
     if model_type not in ("bpe", "unigram"):
         raise UserError(f"sentencepiece model type {model_type!r}: expected bpe or unigram")
 
+    stats = ReadStats()
+
     def sentences() -> Iterator[str]:
-        for text in _texts(inputs, key, txt_mode):
+        for text in _texts(inputs, key, txt_mode, stats):
             yield from (line for line in text.split("\n") if line.strip())
 
     model = io.BytesIO()
@@ -126,7 +145,9 @@ def train_sentencepiece(inputs: Sequence[str | os.PathLike], output: str | os.Pa
             byte_fallback=True, input_sentence_size=max_sentences, shuffle_input_sentence=True,
             allow_whitespace_only_pieces=True, minloglevel=2)
     except RuntimeError as e:
+        _check_read(inputs, stats)  # no document: say so, not the trainer's assertion
         raise UserError(f"{out}: sentencepiece training failed: {str(e).strip().splitlines()[0][:200]}") from None
+    _check_read(inputs, stats)
     with Replacement([out], overwrite=overwrite) as rep:
         rep.tmp().write_bytes(model.getvalue())
         rep.commit()

@@ -31,7 +31,7 @@ def register(sub) -> None:
     p.add_argument("--perplexity", metavar="FILE", help="JSONL of {\"text\"} / {\"tokens\"}, or a .txt document")
     p.add_argument("--data-prefix", help="indexed dataset PREFIX (PREFIX.bin + PREFIX.idx)")
     p.add_argument("--split", help="GPT-NeoX split weights, e.g. 969,30,1 (with --data-prefix)")
-    p.add_argument("--split-part", choices=["train", "valid", "test"], default="valid",
+    p.add_argument("--split-part", choices=["train", "valid", "test"],
                    help="which part of --split (default valid)")
     p.add_argument("--seq-length", type=int, help="--data-prefix sample length (default: the model's context)")
     p.add_argument("--max-samples", type=int, help="--data-prefix: score at most this many samples")
@@ -58,8 +58,25 @@ def _run_eval(args):
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: exists (pass --overwrite to replace it)")
-    if args.split and not args.data_prefix:
-        raise UserError("--split needs --data-prefix")
+    from ..atomic import check_not_input
+
+    check_not_input(out, [("--lambada", args.lambada), ("--perplexity", args.perplexity), ("CKPT", args.ckpt),
+                          ("--tokenizer", args.tokenizer), ("--include-path", args.include_path),
+                          *[("--data-prefix", f"{args.data_prefix}{ext}") for ext in ("", ".bin", ".idx")
+                            if args.data_prefix]])
+    # an option of one evaluation given without it would be ignored: refused instead
+    needs = (("--split", args.split, "--data-prefix", args.data_prefix),
+             ("--seq-length", args.seq_length, "--data-prefix", args.data_prefix),
+             ("--max-samples", args.max_samples, "--data-prefix", args.data_prefix),
+             ("--split-part", args.split_part, "--split", args.split),
+             ("--num-fewshot", args.num_fewshot, "--tasks", args.tasks),
+             ("--limit", args.limit, "--tasks", args.tasks),
+             ("--log-samples", args.log_samples or None, "--tasks", args.tasks),
+             ("--include-path", args.include_path, "--tasks", args.tasks))
+    for opt, value, needed, given in needs:
+        if value is not None and not given:
+            raise UserError(f"{opt} needs {needed} (it applies to nothing else)")
+    args.split_part = args.split_part or "valid"
     if not (args.tasks or args.lambada or args.perplexity or args.data_prefix):
         raise UserError("nothing to evaluate: give --tasks, --lambada, --perplexity and/or --data-prefix")
     if args.batch_size < 1:
@@ -78,6 +95,8 @@ def _run_eval(args):
         path = getattr(args, name)
         if path and not Path(path).exists():
             raise UserError(f"{path}: {'directory' if name == 'include_path' else 'input file'} not found")
+        if path and name != "include_path" and Path(path).is_dir():
+            raise UserError(f"{path}: is a directory (--{name} takes a file)")
     if args.data_prefix:
         from ..data.indexed import IndexedDataset
 
