@@ -191,15 +191,25 @@ def _write_journal(path: Path, op: str, state: str, targets: list[dict]) -> None
 
 
 class HeldSignals:
-    """Hold SIGINT/SIGTERM (main thread only) for the block; deliver them afterwards."""
+    """Hold SIGINT/SIGTERM (main thread only) for the block; deliver them afterwards.  `note`: logged
+    (INFO) when the first one arrives, for a block that may take long, so that an interrupt that
+    seems ignored says why."""
+
+    def __init__(self, note: str = ""):
+        self.note = note
 
     def __enter__(self):
         self.got: list[int] = []
         self.old: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
-                self.old[s] = signal.signal(s, lambda signum, frame: self.got.append(signum))
+                self.old[s] = signal.signal(s, self._hold)
         return self
+
+    def _hold(self, signum, frame) -> None:
+        if self.note and not self.got:
+            log.info("%s: %s", signal.Signals(signum).name, self.note)
+        self.got.append(signum)
 
     def __exit__(self, *exc):
         for s, h in self.old.items():

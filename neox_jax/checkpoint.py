@@ -190,7 +190,7 @@ def orbax_save(ckptr, path: Path, tree: Any, **kw) -> None:
     `save()` leaves its event loop's writer threads running unseen, and one inside the wait's
     `Thread.join` marks Orbax's still-running thread as finished (CPython's bpo-45274 handling), so
     no later wait would wait for it.  An error is reported once the write has ended too."""
-    with atomic.HeldSignals():
+    with atomic.HeldSignals(note="stopping once the checkpoint write in progress has ended"):
         try:
             ckptr.save(path, tree, **kw)
             ckptr.wait_until_finished()

@@ -262,12 +262,13 @@ def test_neox_step_directory_given_directly(good, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["convert", "init"])
-def test_interrupt_while_orbax_writes_waits_for_it(command, good, tmp_path, capsys, monkeypatch):
+def test_interrupt_while_orbax_writes_waits_for_it(command, good, tmp_path, capsys, monkeypatch, caplog):
     """A real SIGINT while Orbax's background thread may still write (sent as its save() returns):
     the temporary directory is deleted only once that write has ended, the command exits 130 with
     one line and nothing is left beside DST.  Before, `convert --to orbax` deleted the directory under
     the running write: Orbax's threads printed tracebacks and recreated files in it (left behind) or
-    made the deletion fail (exit 2, 'params.orbax-checkpoint-tmp: Directory not empty')."""
+    made the deletion fail (exit 2, 'params.orbax-checkpoint-tmp: Directory not empty').  The wait is
+    logged (INFO), so that an interrupt that seems ignored for a large write says why."""
     import signal
 
     import orbax.checkpoint as ocp
@@ -299,7 +300,9 @@ def test_interrupt_while_orbax_writes_waits_for_it(command, good, tmp_path, caps
     argv = (["convert", str(good / "hf"), str(dst), "--to", "orbax"] if command == "convert" else
             ["init", str(REPO / "configs" / "tiny.yaml"), str(dst)])
     capsys.readouterr()
-    assert main(["-q", *argv]) == 130
+    with caplog.at_level("INFO", logger="neox_jax.atomic"):
+        assert main(["-q", *argv]) == 130
+    assert "SIGINT: stopping once the checkpoint write in progress has ended" in caplog.text, caplog.text
     assert state["signalled"] is not None and state["waited"]
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert err == ["neox-jax: interrupted"], err
