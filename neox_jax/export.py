@@ -205,7 +205,6 @@ def register(sub) -> None:
 
 
 def _run(args) -> None:
-    atomic.check_not_input(args.out, [("CKPT", args.ckpt)])
     import importlib.util
 
     # looked up, not imported: importing TensorFlow prints C++ log lines on stderr, so it waits until
