@@ -776,6 +776,8 @@ CASES = [
     ("export-out-is-ckpt", lambda fx, d: ["export", S(copy(fx, "ck", d)), S(d / "ck"), "--overwrite"],
      ["ck", "CKPT"]),
     ("export-out-inside-ckpt", lambda fx, d: ["export", S(copy(fx, "ck", d)), S(d / "ck" / "sm")], ["sm", "CKPT"]),
+    ("convert-dst-inside-src", lambda fx, d: ["convert", S(copy(fx, "ck", d)), S(d / "ck" / "out")], ["out", "SRC"]),
+    ("convert-dst-is-src", lambda fx, d: ["convert", S(copy(fx, "ck", d)), S(d / "ck"), "--overwrite"], ["ck", "SRC"]),
     ("score-output-is-input", lambda fx, d: ["score", S(fx["ck"]), "--input",
                                              S(lines(d, "in.jsonl", {"tokens": [1, 2, 3]})), "--output",
                                              S(d / "in.jsonl"), "--overwrite"], ["in.jsonl", "input"]),
