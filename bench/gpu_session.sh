@@ -22,6 +22,8 @@
 #   s7  the collectives of the 1.4b step on (1,1,1) (this GPU) and (8,1,1) (8 CPU devices)
 #   s8  a profile of remat dots_attn, micro-batch 8 (bench/profile_step.py)
 #   s9-s12  each flag of launch/xla_gpu_flags.sh alone (together they cost 7.9% in session one)
+#   s13-s14 decoding (ours, HF generate; ours with int8 weights)
+#   s15 one decode step per call, float32-stored weights vs model.inference_params (what export stores)
 #
 # GPU (what the lent machine runs; nothing to install):
 #   PYTHONPATH=. bash bench/gpu_session.sh 600          (PYTHON=... to use another interpreter than python3)
@@ -83,4 +85,6 @@ done
 # decoding (pythia-1.4b, bf16, greedy): ours beside HF generate, then ours with int8 weights (generate --int8)
 stage s13_decode 150 decode_throughput.py --gpu --batches 1,32 --new 128 --timeout 140
 stage s14_decode_int8 90 decode_throughput.py --gpu --batches 1,32 --new 128 --int8 --no-hf --timeout 80
+# one decode step per call (an exported or served model), float32-stored weights vs model.inference_params
+stage s15_per_call_decode 90 per_call_decode.py --gpu --batches 1,8
 echo "=== done after ${SECONDS}s" | tee -a "$log"

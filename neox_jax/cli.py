@@ -144,6 +144,7 @@ def _read_documents(path: str, tokenizer_path: str | None):
 def _run_score(args):
     from .checkpoint import load_params
     from .evaluate import score_documents, summarize, write_scores
+    from .model import inference_params
 
     from .checkpoint import read_config
     from .evaluate import check_batch_size, check_window
@@ -167,6 +168,7 @@ def _run_score(args):
         raise UserError(f"{args.input}: nothing to score (every document has fewer than 2 tokens)")
     cfg, params = load_params(args.ckpt, verify=args.verify)
     cfg = cfg.replace(compute_dtype=args.dtype)
+    params = inference_params(cfg, params)  # bf16 scoring holds (and reads) bf16 weights, once
     lps = score_documents(cfg, params, docs, batch_size=args.batch_size, window=window,
                           progress=sys.stderr.isatty(), source=args.input)
     if args.output:

@@ -24,6 +24,9 @@ writes cache slot `index` each step and its next rotary position is lengths[i] (
 with an attention mask).  decode runs the caller's chosen token of each row and returns the logits
 of the next one; it fails (InvalidArgumentError) once the cache is full instead of overwriting it.
 
+The variables hold the weights as the forward reads them (`model.inference_params`): in the compute
+dtype (a float32 checkpoint exported for bf16 compute stores bf16 matmul weights and embedding,
+float32 LayerNorms), so a call, and above all a decode step, does not re-cast the float32 weights.
 Attention is XLA's (portable; a cuDNN-only program would not run on CPU or TPU).  `neox_jax.json`
 beside the SavedModel files holds the model config.  Tested against HF transformers' logits and
 greedy `generate` on the same weights (tests/export_test.py).
@@ -69,7 +72,7 @@ def export_saved_model(ckpt: str, out: str, *, dtype: str | None = None, cache_l
 
     from . import checkpoint
     from .generate import KVCache, extend, init_cache
-    from .model import _numerics, forward
+    from .model import _numerics, forward, inference_params
 
     if cache_len is not None and cache_len < 1:
         raise UserError(f"--cache-len must be >= 1, got {cache_len}")
@@ -83,6 +86,7 @@ def export_saved_model(ckpt: str, out: str, *, dtype: str | None = None, cache_l
                             f"(max_position_embeddings {cfg.max_position_embeddings})")
         cfg, params = checkpoint.load_params(ckpt, dtype=dtype)
         cfg = cfg.replace(attention="xla", compute_dtype=dtype or cfg.compute_dtype)
+        params = inference_params(cfg, params)  # stored as the forward reads them: no cast per call
         log.info("exporting %s (%s parameters, %s, attention xla, cache length %d) to %s",
                  checkpoint.resolve(ckpt), f"{cfg.num_params():,}", cfg.compute_dtype, T, out)
 

@@ -586,6 +586,28 @@ def wide_grads(cfg: ModelConfig) -> bool:
     return cfg.fp32_allreduce and DTYPES[cfg.compute_dtype] != jnp.float32
 
 
+_LAYER_NORMS = ("ln_attn", "ln_mlp", "final_ln")
+
+
+def inference_params(cfg: ModelConfig, params: Params) -> Params:
+    """The parameters as the forward pass reads them, for programs that only run it (decoding,
+    scoring, an exported SavedModel): every weight the forward casts to the compute dtype where it
+    is used (matmul kernels and their biases, the embedding table) cast once here; LayerNorm scales
+    and biases, which it reads in float32, and int8 weights as they are.  `forward(cfg, p)` is
+    unchanged, bit for bit; what changes is that a program called once per token no longer reads
+    every float32 weight and writes its bf16 copy on each call (on a memory-bound decode step that
+    is 4 bytes read and 2 written per parameter before the step's own 2), and the weights take half
+    the memory.  Not for training: the float32 parameters are the optimizer's master copy."""
+    dtype = _numerics(cfg)[0]
+
+    def cast(path, x):
+        if isinstance(x, Int8) or any(getattr(k, "key", None) in _LAYER_NORMS for k in path):
+            return x
+        return x.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params, is_leaf=lambda x: isinstance(x, Int8))
+
+
 def _numerics(cfg: ModelConfig):
     dtype = DTYPES[cfg.compute_dtype]
     # float32 compute means float32 matmuls on every backend (no TF32 on GPUs).

@@ -128,17 +128,28 @@ def test_refusals(exported, tmp_path, capsys):
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "nothing" in r.stderr, r.stderr
 
 
-def test_bfloat16_export_is_as_close_to_float32_as_hf_bfloat16(exported, tf, tmp_path, record_property):
-    """`--dtype bfloat16` (parameters, compute and KV cache in bf16): its logits and a decode step
+@pytest.mark.parametrize("how", ["dtype-option", "checkpoint-compute-dtype"])
+def test_bfloat16_export_is_as_close_to_float32_as_hf_bfloat16(exported, tf, tmp_path, record_property, how):
+    """bf16 compute and KV cache, two ways: `--dtype bfloat16` (every parameter cast to bf16 on
+    load), or a float32 checkpoint whose config computes in bf16 (no --dtype): its matmul weights and
+    embedding are then stored in bf16, cast once at export, and its LayerNorms stay float32 (the
+    6 float32 variables: two per stacked LayerNorm and the final one).  Logits and a decode step
     after prefill, against the float32 HF model, are within twice HF's own bf16 error (HF in
     bfloat16 on the same weights, measured in the same test) and 3e-2 x max|logit| (the bf16 bound
     of tests/model_test.py)."""
     import copy
 
     model, root = exported
-    assert main(["export", str(root / "ck"), str(tmp_path / "sm"), "--dtype", "bfloat16",
-                 "--cache-len", str(CACHE_LEN)]) == 0
+    if how == "dtype-option":
+        ck, extra, n_float32 = root / "ck", ["--dtype", "bfloat16"], 0
+    else:
+        cfg, params = ours_from_hf(model, compute_dtype="bfloat16")
+        ck, extra, n_float32 = tmp_path / "ck", [], 6
+        save_params(ck, cfg, params)
+    assert main(["export", str(ck), str(tmp_path / "sm"), *extra, "--cache-len", str(CACHE_LEN)]) == 0
     sm = tf.saved_model.load(str(tmp_path / "sm"))
+    dtypes = [v.dtype for v in sm.params]  # export.py keeps the parameter variables in `params`
+    assert dtypes.count(tf.float32) == n_float32 and dtypes.count(tf.bfloat16) == len(dtypes) - n_float32, dtypes
     hf_bf16 = copy.deepcopy(model).to(torch.bfloat16)
     ids = np.random.RandomState(7).randint(0, 211, (2, 33)).astype(np.int32)
     ref, ref_bf16 = hf_logits(model, ids), hf_logits(hf_bf16, ids)

@@ -104,6 +104,34 @@ def test_bf16_compute_tolerance(record_property):
     assert kl < 1e-3
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_inference_params_cast_what_the_forward_casts(tied):
+    """`inference_params` stores in bf16 exactly the weights the forward casts to bf16 (kernels,
+    linear biases, the embedding; LayerNorms stay float32), so the logits are the same bits as with
+    the float32 parameters, and still within the bf16 tolerance of the PyTorch reference."""
+    from neox_jax.quant import Int8, quantize_params
+    from neox_jax.tree import flatten
+
+    model = hf_model(seed=7, hidden=64, heads=4, layers=2, tied=tied)
+    cfg, params = ours_from_hf(model, compute_dtype="bfloat16")
+    lean = M.inference_params(cfg, params)
+    for name, x in flatten(lean).items():
+        want = "float32" if name.split("/")[-2] in ("ln_attn", "ln_mlp", "final_ln") else "bfloat16"
+        assert x.dtype == want, (name, x.dtype)
+    ids = np.random.RandomState(6).randint(0, cfg.vocab_size, (2, 40))
+    ours = _forward(cfg, lean, ids)
+    np.testing.assert_array_equal(ours, _forward(cfg, params, ids))
+    ref = hf_logits(model, ids)
+    assert np.max(np.abs(ours - ref)) <= 3e-2 * np.max(np.abs(ref))
+    # float32 compute: nothing to cast; int8 weights pass through as they are
+    f32 = cfg.replace(compute_dtype="float32")
+    assert all(x.dtype == "float32" for x in flatten(M.inference_params(f32, params)).values())
+    q = jax.jit(quantize_params)(params)
+    q_lean = M.inference_params(cfg, q)
+    assert isinstance(q_lean["layers"]["mlp"]["fc_in"]["kernel"], Int8)
+    assert q_lean["layers"]["mlp"]["fc_in"]["kernel"].q.dtype == jnp.int8
+
+
 def test_scan_unrolled_and_remat_agree():
     model = hf_model(seed=6, hidden=64, heads=4, layers=3)
     cfg, params = ours_from_hf(model, compute_dtype="float32")
