@@ -87,8 +87,9 @@ def export_saved_model(ckpt: str, out: str, *, dtype: str | None = None, cache_l
         cfg, params = checkpoint.load_params(ckpt, dtype=dtype)
         cfg = cfg.replace(attention="xla", compute_dtype=dtype or cfg.compute_dtype)
         params = inference_params(cfg, params)  # stored as the forward reads them: no cast per call
-        log.info("exporting %s (%s parameters, %s, attention xla, cache length %d) to %s",
-                 checkpoint.resolve(ckpt), f"{cfg.num_params():,}", cfg.compute_dtype, T, out)
+        log.info("exporting %s (%s parameters, compute and weights %s, LayerNorms %s, attention xla, cache length "
+                 "%d) to %s", checkpoint.resolve(ckpt), f"{cfg.num_params():,}", cfg.compute_dtype,
+                 params["final_ln"]["scale"].dtype, T, out)
 
         def logits(p, tokens):
             return forward(cfg, p, tokens).astype(jnp.float32)
@@ -199,7 +200,10 @@ def register(sub) -> None:
                                    "(docs/convert.md has a TensorFlow decoding loop).")
     p.add_argument("ckpt", help="neox-jax checkpoint (neox-jax convert makes one from HF or GPT-NeoX)")
     p.add_argument("out", help="SavedModel directory to create")
-    p.add_argument("--dtype", choices=RUN_DTYPES, help="parameter and compute dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=RUN_DTYPES,
+                   help="parameter and compute dtype (default: the checkpoint's compute dtype; its weights are "
+                        "then stored in that dtype, LayerNorms as they are). To serve on a CPU use float32: "
+                        "CPUs emulate bf16 matmuls")
     p.add_argument("--cache-len", type=int, metavar="T",
                    help="KV-cache slots of prefill/decode: prompt plus generated tokens per row, fixed in the "
                         "SavedModel (default: the model's max_position_embeddings; smaller is less memory and "
