@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
 
 import jax
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
+    if args.gpu and jax.default_backend() != "gpu":
+        sys.exit(f"--gpu: JAX runs on {jax.default_backend()!r}, not a GPU")
     preset = args.preset or ("pythia-1.4b" if args.gpu else "pythia-70m")
     cfg = load_config(preset).replace(compute_dtype=args.dtype, param_dtype="float32", attention="xla")
     params = M.init_params(cfg, seed=0)
