@@ -2,7 +2,8 @@
 
 Each command registers its own parser; heavy imports (jax, torch) happen inside `run`, so
 `--help` is fast.  Bad input raises `UserError` (or OSError), reported as one line
-`neox-jax: error: ...` with exit status 2 and no traceback (`--debug` shows it).  SIGTERM is
+`neox-jax: error: ...` with exit status 2 and no traceback (`--debug` shows it); so is a command line
+argparse cannot parse (`Parser`: the line names the command, no usage block).  SIGTERM is
 handled as SIGINT is: it raises `Terminated` in the main thread, so every writer's cleanup runs
 (temporaries removed, DST untouched); the exit status is then 143 (130 for SIGINT).  One that
 Python drops (raised inside a garbage-collector callback, JAX has one) is sent again (`_redeliver`).
@@ -19,7 +20,7 @@ import threading
 from pathlib import Path
 
 from .config import RUN_DTYPES
-from .errors import Terminated, UserError
+from .errors import Terminated, UsageError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,26 @@ def _redeliver(hook):
 
 def _on_sigterm(signum, frame):
     raise Terminated()
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of `neox-jax` and (argparse makes subparsers of their parent's class) of every command.
+
+    A usage error (unknown option, missing argument, bad value) raises `UsageError`, reported by `main` as
+    one line that names the command, `neox-jax: error: data order: argument --seed: invalid int value: 'x'
+    (see neox-jax data order --help)`, instead of argparse's usage block.  An unrecognized argument is
+    reported by the command that met it (argparse would hand it to the top-level parser, which cannot
+    name the command): no command of this CLI passes arguments through."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("neox-jax").strip()
+        raise UsageError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extra = super().parse_known_args(args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return namespace, extra
 
 
 # ----------------------------------------------------------------------------- init
@@ -185,7 +206,7 @@ def _run_score(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="neox-jax",
         description="GPT-NeoX-20B and Pythia in JAX: init, train, plan, score, generate, eval, convert, inspect, diff, export, data tools.",
     )
@@ -215,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"neox-jax: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "jax._src", "orbax", "tensorstore"):
