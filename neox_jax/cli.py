@@ -53,6 +53,40 @@ class Parser(argparse.ArgumentParser):
     reported by the command that met it (argparse would hand it to the top-level parser, which cannot
     name the command): no command of this CLI passes arguments through."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.commands = None  # the subparsers action, when this parser has commands
+        self._ignored: list[tuple[str, tuple[str, ...], bool]] = []
+
+    def add_subparsers(self, **kwargs):
+        self.commands = super().add_subparsers(**kwargs)
+        return self.commands
+
+    def ignored_with(self, option: str, other: str) -> None:
+        """Refuse `option` typed together with `other` typed: one of them would have no effect."""
+        self._ignored.append((option, (other,), True))
+
+    def ignored_without(self, option: str, *needed: str) -> None:
+        """Refuse `option` typed when none of `needed` is typed: it would have no effect."""
+        self._ignored.append((option, needed, False))
+
+    def chain(self, args: argparse.Namespace):
+        """This parser and the parsers of the command (and subcommand) `args` chose."""
+        p = self
+        while p is not None:
+            yield p
+            p = p.commands.choices[getattr(args, p.commands.dest)] if p.commands else None
+
+    def check_ignored(self, typed: frozenset[str]) -> None:
+        for option, others, together in self._ignored:
+            if option not in typed:
+                continue
+            if together and others[0] in typed:
+                self.error(f"{option} has no effect with {others[0]}")
+            if not together and not typed & set(others):
+                names = ", ".join(others[:-1]) + " or " + others[-1] if len(others) > 1 else others[0]
+                self.error(f"{option} has no effect without {names}")
+
     def error(self, message: str):
         command = self.prog.removeprefix("neox-jax").strip()
         raise UsageError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
@@ -116,6 +150,7 @@ def _add_score(sub):
     p.add_argument("--verify", action="store_true",
                    help="check every tensor against the checkpoint's checksums.json before scoring")
     p.set_defaults(run=_run_score)
+    p.ignored_without("--overwrite", "--output")
 
 
 def _read_documents(path: str, tokenizer_path: str | None):
@@ -205,6 +240,22 @@ def _run_score(args):
 # ----------------------------------------------------------------------------- main
 
 
+def typed_options(argv: list[str], args: argparse.Namespace) -> frozenset[str]:
+    """The options the user typed, by their long name (`--seed`), whatever their values: `argv` parsed
+    again by a parser whose options of the chosen command have no defaults, so that only the typed ones
+    reach the namespace.  `args` (the first parse) says which command was chosen."""
+    parser = build_parser()
+    chain = list(parser.chain(args))
+    options = [a for p in chain for a in p._actions if a.option_strings]  # argparse lists them nowhere public
+    for a in options:
+        a.default = argparse.SUPPRESS
+    ns = parser.parse_args(argv)
+    # --resume and --no-resume share a dest: the one typed is the one whose constant is there
+    return frozenset(max(a.option_strings, key=len) for a in options
+                     if hasattr(ns, a.dest) and (a.const is None or getattr(ns, a.dest) == a.const))
+
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="neox-jax",
@@ -236,8 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parser.parse_args(argv)
+        # an option that would have no effect (its command's ignored_with/ignored_without) is refused
+        args.typed = typed_options(argv, args)
+        for p in parser.chain(args):
+            p.check_ignored(args.typed)
     except UsageError as e:
         print(f"neox-jax: error: {e}", file=sys.stderr)
         return 2

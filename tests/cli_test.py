@@ -211,3 +211,37 @@ def test_usage_error_in_a_fresh_process_is_one_line():
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.splitlines() == ["neox-jax: error: data order: argument --seed: invalid int value: 'x' "
                                      "(see neox-jax data order --help)"]
+
+
+def _parsers():
+    parser = build_parser()
+    yield parser
+    for name, p in parser.commands.choices.items():
+        yield p
+        if p.commands:
+            yield from p.commands.choices.values()
+
+
+def test_ignored_option_rules_name_options_of_their_command():
+    """Every ignored_with/ignored_without rule names options its command has (a misspelt one would never fire)."""
+    rules = 0
+    for p in _parsers():
+        options = {o for a in p._actions for o in a.option_strings}
+        for option, others, _ in p._ignored:
+            assert {option, *others} <= options, (p.prog, option, others)
+            rules += 1
+    assert rules >= 15
+
+
+def test_typed_options_are_told_from_defaults():
+    """An option typed at its default value counts as typed; an untyped one does not, whatever its default."""
+    from neox_jax.cli import typed_options
+
+    argv = ["data", "order", "--data-prefix", "p", "--steps", "0", "--seed", "1234"]
+    args = build_parser().parse_args(argv)
+    assert args.seed == 1234
+    assert typed_options(argv, args) == {"--data-prefix", "--steps", "--seed"}
+    argv = ["train", "c.yaml", "--no-resume", "--set", "a.b=1"]
+    assert typed_options(argv, build_parser().parse_args(argv)) == {"--no-resume", "--set"}
+    argv = ["-q", "train", "c.yaml", "--resume"]
+    assert typed_options(argv, build_parser().parse_args(argv)) == {"--quiet", "--resume"}

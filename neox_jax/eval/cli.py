@@ -48,6 +48,8 @@ def register(sub) -> None:
     p.add_argument("--output", required=True, help="results JSON to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.set_defaults(run=_run_eval)
+    p.ignored_without("--seed", "--tasks")  # the built-in evaluations draw no random numbers
+    p.ignored_without("--context", "--tasks", "--lambada", "--perplexity")  # --data-prefix uses --seq-length
 
 
 def _run_eval(args):
@@ -140,7 +142,7 @@ def _run_eval(args):
         "results": results,
         "config": {
             "model": cfg.to_dict(),
-            "args": {k: v for k, v in vars(args).items() if k not in ("run", "overwrite", "debug", "quiet")},
+            "args": {k: v for k, v in vars(args).items() if k not in ("run", "overwrite", "debug", "quiet", "typed")},
             "tokenizer": tok.path,
             "seconds": round(time.time() - started, 3),
         },
