@@ -154,7 +154,7 @@ def _add_score(sub):
 
 
 def _read_documents(path: str, tokenizer_path: str | None):
-    from .jsonl import read_jsonl
+    from .jsonl import read_jsonl, read_text
 
     p = Path(path)
     if not p.exists():
@@ -162,11 +162,7 @@ def _read_documents(path: str, tokenizer_path: str | None):
     texts: list[str | None] = []
     tokens: list[list[int] | None] = []
     if p.suffix == ".txt":
-        data = p.read_bytes()
-        try:
-            texts.append(data.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"{p}: offset {e.start}: not UTF-8 ({e.reason})") from None
+        texts.append(read_text(p))
         tokens.append(None)
     else:
         for lineno, rec in read_jsonl(p):

@@ -1,4 +1,6 @@
-"""Reading JSONL inputs (`score`, `generate`, `eval`): one place for the file and line checks."""
+"""Reading text inputs: JSONL (`score`, `generate`, `eval`) and whole .txt documents (`score`, `eval
+--perplexity`, `data preprocess`, `data train-tokenizer`): one place for the file and line checks, and
+for the UTF-8 byte order mark some editors write first (never part of the text)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,18 @@ from .errors import UserError
 
 
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark, written first by some editors ("UTF-8 with BOM")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A .txt file's text: UTF-8, a BOM opening it skipped.  Bytes that are not UTF-8 raise UserError
+    naming the file and the offset (in the file) of the first bad byte."""
+    p = Path(path)
+    data = p.read_bytes()
+    skip = len(BOM) if data.startswith(BOM) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p}: offset {e.start + skip}: not UTF-8 ({e.reason})") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:

@@ -14,6 +14,7 @@ same input and tokenizer:
     universal newlines ("\\r\\n" and "\\r" become "\\n").  `txt_mode="blank-lines"`: documents are the
     blocks of consecutive lines separated by one or more blank (empty or whitespace-only) lines, each
     block being its lines joined with "\\n" (no trailing newline).  Undecodable .txt is always fatal.
+    A UTF-8 byte order mark opening a file (.txt or JSONL) is skipped (NeoX would keep it as U+FEFF).
   - Empty documents ("") are skipped, as NeoX's reader filter does.
 * Tokens: HF tokenizer `encode(text)` with its post-processor (NeoX's `HFTokenizer.tokenize`; the 20B
   tokenizer adds nothing) or sentencepiece `encode(text)`; with `append_eod` the EOD id
@@ -46,7 +47,7 @@ import numpy as np
 
 from ..atomic import test_pause
 from ..errors import UserError
-from ..jsonl import BOM
+from ..jsonl import BOM, read_text
 from .indexed import IndexedDatasetWriter, best_fitting_dtype, strip_prefix
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -162,12 +163,7 @@ def _zst_lines(path: Path, raw, chunk: int = 1 << 20) -> Iterator[bytes]:
 
 
 def _read_txt(path: Path, mode: str) -> list[str]:
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: offset {e.start}: not UTF-8 ({e.reason})") from None
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = read_text(path).replace("\r\n", "\n").replace("\r", "\n")
     if mode == "file":
         return [text]
     blocks = _BLANK_LINES.split(text)
