@@ -139,7 +139,7 @@ def _add_score(sub):
                     "{\"tokens\", \"logprobs\", \"sum\", \"count\"} with count = len(tokens) - 1. Inputs longer "
                     "than the context are scored in rolling windows (lm-eval loglikelihood_rolling).")
     p.add_argument("ckpt", help="neox-jax checkpoint directory")
-    p.add_argument("--input", required=True, help="IN.jsonl (or a .txt file = one document)")
+    p.add_argument("--input", required=True, help="IN.jsonl or IN.jsonl.zst (or a .txt file = one document)")
     p.add_argument("--output", help="OUT.jsonl (per-document scores)")
     p.add_argument("--dtype", choices=RUN_DTYPES, default="float32", help="compute dtype")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")

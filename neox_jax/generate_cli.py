@@ -24,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("ckpt", help="neox-jax checkpoint directory")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt (text)")
-    src.add_argument("--input", help="IN.jsonl: one {\"prompt\": TEXT} or {\"prompt_tokens\": [ids]} per line")
+    src.add_argument("--input", help="IN.jsonl (or .jsonl.zst): one {\"prompt\": TEXT} or {\"prompt_tokens\": [ids]} "
+                                     "per line")
     src.add_argument("--interactive", action="store_true", help="read prompts from standard input, stream tokens")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
     p.add_argument("--temperature", type=float, default=0.0,

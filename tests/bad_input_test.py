@@ -550,6 +550,12 @@ CASES = [
     ("diff-rtol-negative", lambda fx, d: ["diff", S(fx["hf"]), S(fx["hf"]), "--rtol", "-1"], ["--rtol", "-1"]),
     ("diff-rtol-nan", lambda fx, d: ["diff", S(fx["hf"]), S(fx["hf"]), "--rtol", "nan"], ["--rtol", "nan"]),
     # ---- data preprocess
+    ("score-zst-truncated", lambda fx, d: ["score", S(fx["ck"]), "--input", S(zst(d, True))],
+     ["in.jsonl.zst", "truncated zstd"]),
+    ("generate-zst-truncated", lambda fx, d: ["generate", S(fx["ck"]), "--input", S(zst(d, True))],
+     ["in.jsonl.zst", "truncated zstd"]),
+    ("eval-zst-truncated", lambda fx, d: ["eval", S(fx["ck"]), "--lambada", S(zst(d, True)), "--output",
+                                          S(d / "r.json")], ["in.jsonl.zst", "truncated zstd"]),
     ("preprocess-zst-truncated", lambda fx, d: ["data", "preprocess", S(zst(d, True)), "--output-prefix",
                                                 S(d / "out"), "--tokenizer", S(fx["tok"])], ["in.jsonl.zst", "offset"]),
     ("preprocess-every-line-bad", lambda fx, d: ["data", "preprocess", S(lines(d, "in.jsonl", {"x": 1}, {"y": 2})),

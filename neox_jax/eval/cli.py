@@ -27,8 +27,8 @@ def register(sub) -> None:
     p.add_argument("--num-fewshot", type=int, help="lm-eval few-shot examples (default: each task's)")
     p.add_argument("--limit", type=float, help="lm-eval: at most this many documents per task (testing only)")
     p.add_argument("--log-samples", action="store_true", help="keep lm-eval's per-document records in the output")
-    p.add_argument("--lambada", metavar="FILE.jsonl", help="LAMBADA-format JSONL ({\"text\": ...} per line)")
-    p.add_argument("--perplexity", metavar="FILE", help="JSONL of {\"text\"} / {\"tokens\"}, or a .txt document")
+    p.add_argument("--lambada", metavar="FILE.jsonl", help="LAMBADA-format JSONL ({\"text\": ...} per line; .jsonl.zst too)")
+    p.add_argument("--perplexity", metavar="FILE", help="JSONL (or .jsonl.zst) of {\"text\"} / {\"tokens\"}, or a .txt document")
     p.add_argument("--data-prefix", help="indexed dataset PREFIX (PREFIX.bin + PREFIX.idx)")
     p.add_argument("--split", help="GPT-NeoX split weights, e.g. 969,30,1 (with --data-prefix)")
     p.add_argument("--split-part", choices=["train", "valid", "test"],
