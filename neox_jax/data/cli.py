@@ -173,9 +173,9 @@ def _run_order(args) -> None:
         raise UserError(f"{out}: exists (pass --overwrite to replace it)")
     if out is not None:
         from ..atomic import check_not_input
+        from .indexed import prefix_inputs
 
-        check_not_input(out, [("--data-prefix", f"{p}{ext}") for p in args.data_prefix
-                              for ext in ("", ".bin", ".idx")])
+        check_not_input(out, [i for p in args.data_prefix for i in prefix_inputs(p)])
     if args.decode and out is None:
         raise UserError("--decode adds text to --output lines: give --output")
     if args.tokenizer and not args.decode:

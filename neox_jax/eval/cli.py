@@ -61,11 +61,11 @@ def _run_eval(args):
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: exists (pass --overwrite to replace it)")
     from ..atomic import check_not_input
+    from ..data.indexed import prefix_inputs
 
     check_not_input(out, [("--lambada", args.lambada), ("--perplexity", args.perplexity), ("CKPT", args.ckpt),
                           ("--tokenizer", args.tokenizer), ("--include-path", args.include_path),
-                          *[("--data-prefix", f"{args.data_prefix}{ext}") for ext in ("", ".bin", ".idx")
-                            if args.data_prefix]])
+                          *(prefix_inputs(args.data_prefix) if args.data_prefix else [])])
     # an option of one evaluation given without it would be ignored: refused instead
     needs = (("--split", args.split, "--data-prefix", args.data_prefix),
              ("--seq-length", args.seq_length, "--data-prefix", args.data_prefix),
