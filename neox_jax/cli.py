@@ -51,7 +51,11 @@ class Parser(argparse.ArgumentParser):
     one line that names the command, `neox-jax: error: data order: argument --seed: invalid int value: 'x'
     (see neox-jax data order --help)`, instead of argparse's usage block.  An unrecognized argument is
     reported by the command that met it (argparse would hand it to the top-level parser, which cannot
-    name the command): no command of this CLI passes arguments through."""
+    name the command): no command of this CLI passes arguments through.
+
+    A command declares the options that would have no effect together (`ignored_with`) or alone
+    (`ignored_without`); `main` refuses them, as usage errors, when the user typed them
+    (`typed_options`: an option typed at its default value counts, an untyped one never does)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -249,7 +253,6 @@ def typed_options(argv: list[str], args: argparse.Namespace) -> frozenset[str]:
     # --resume and --no-resume share a dest: the one typed is the one whose constant is there
     return frozenset(max(a.option_strings, key=len) for a in options
                      if hasattr(ns, a.dest) and (a.const is None or getattr(ns, a.dest) == a.const))
-
 
 
 def build_parser() -> argparse.ArgumentParser:
