@@ -143,6 +143,9 @@ def _parse_steps(text: str) -> range:
 def _build_order_dataset(args, limit: int):
     from .order import PreshuffledDataset, build_train_dataset
 
+    if args.weights is not None and len(args.data_prefix) == len(args.weights) == 1 and not args.preshuffled:
+        raise UserError(f"--weights {' '.join(map(str, args.weights))}: has no effect with one --data-prefix "
+                        "(a blend of one dataset)")
     if args.preshuffled:
         if len(args.data_prefix) != 1 or args.split or args.weights or args.num_samples or args.train_iters:
             raise UserError("--preshuffled takes one --data-prefix and no --split/--weights/--num-samples/"

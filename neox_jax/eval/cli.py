@@ -50,6 +50,7 @@ def register(sub) -> None:
     p.set_defaults(run=_run_eval)
     p.ignored_without("--seed", "--tasks")  # the built-in evaluations draw no random numbers
     p.ignored_without("--context", "--tasks", "--lambada", "--perplexity")  # --data-prefix uses --seq-length
+    p.ignored_without("--tokenizer", "--tasks", "--lambada", "--perplexity")  # --data-prefix holds token ids
 
 
 def _run_eval(args):
