@@ -2,7 +2,8 @@
 
 Each command registers its own parser; heavy imports (jax, torch) happen inside `run`, so
 `--help` is fast.  Bad input raises `UserError` (or OSError), reported as one line
-`neox-jax: error: ...` with exit status 2 and no traceback (`--debug` shows it).  SIGTERM is
+`neox-jax: error: ...` with exit status 2 and no traceback (`--debug` shows it); so is a command line
+argparse cannot parse (`Parser`: the line names the command, no usage block).  SIGTERM is
 handled as SIGINT is: it raises `Terminated` in the main thread, so every writer's cleanup runs
 (temporaries removed, DST untouched); the exit status is then 143 (130 for SIGINT).  One that
 Python drops (raised inside a garbage-collector callback, JAX has one) is sent again (`_redeliver`).
@@ -19,7 +20,7 @@ import threading
 from pathlib import Path
 
 from .config import RUN_DTYPES
-from .errors import Terminated, UserError
+from .errors import Terminated, UsageError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,64 @@ def _redeliver(hook):
 
 def _on_sigterm(signum, frame):
     raise Terminated()
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of `neox-jax` and (argparse makes subparsers of their parent's class) of every command.
+
+    A usage error (unknown option, missing argument, bad value) raises `UsageError`, reported by `main` as
+    one line that names the command, `neox-jax: error: data order: argument --seed: invalid int value: 'x'
+    (see neox-jax data order --help)`, instead of argparse's usage block.  An unrecognized argument is
+    reported by the command that met it (argparse would hand it to the top-level parser, which cannot
+    name the command): no command of this CLI passes arguments through.
+
+    A command declares the options that would have no effect together (`ignored_with`) or alone
+    (`ignored_without`); `main` refuses them, as usage errors, when the user typed them
+    (`typed_options`: an option typed at its default value counts, an untyped one never does)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.commands = None  # the subparsers action, when this parser has commands
+        self._ignored: list[tuple[str, tuple[str, ...], bool]] = []
+
+    def add_subparsers(self, **kwargs):
+        self.commands = super().add_subparsers(**kwargs)
+        return self.commands
+
+    def ignored_with(self, option: str, other: str) -> None:
+        """Refuse `option` typed together with `other` typed: one of them would have no effect."""
+        self._ignored.append((option, (other,), True))
+
+    def ignored_without(self, option: str, *needed: str) -> None:
+        """Refuse `option` typed when none of `needed` is typed: it would have no effect."""
+        self._ignored.append((option, needed, False))
+
+    def chain(self, args: argparse.Namespace):
+        """This parser and the parsers of the command (and subcommand) `args` chose."""
+        p = self
+        while p is not None:
+            yield p
+            p = p.commands.choices[getattr(args, p.commands.dest)] if p.commands else None
+
+    def check_ignored(self, typed: frozenset[str]) -> None:
+        for option, others, together in self._ignored:
+            if option not in typed:
+                continue
+            if together and others[0] in typed:
+                self.error(f"{option} has no effect with {others[0]}")
+            if not together and not typed & set(others):
+                names = ", ".join(others[:-1]) + " or " + others[-1] if len(others) > 1 else others[0]
+                self.error(f"{option} has no effect without {names}")
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("neox-jax").strip()
+        raise UsageError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extra = super().parse_known_args(args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return namespace, extra
 
 
 # ----------------------------------------------------------------------------- init
@@ -84,7 +143,7 @@ def _add_score(sub):
                     "{\"tokens\", \"logprobs\", \"sum\", \"count\"} with count = len(tokens) - 1. Inputs longer "
                     "than the context are scored in rolling windows (lm-eval loglikelihood_rolling).")
     p.add_argument("ckpt", help="neox-jax checkpoint directory")
-    p.add_argument("--input", required=True, help="IN.jsonl (or a .txt file = one document)")
+    p.add_argument("--input", required=True, help="IN.jsonl or IN.jsonl.zst (or a .txt file = one document)")
     p.add_argument("--output", help="OUT.jsonl (per-document scores)")
     p.add_argument("--dtype", choices=RUN_DTYPES, default="float32", help="compute dtype")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
@@ -95,10 +154,11 @@ def _add_score(sub):
     p.add_argument("--verify", action="store_true",
                    help="check every tensor against the checkpoint's checksums.json before scoring")
     p.set_defaults(run=_run_score)
+    p.ignored_without("--overwrite", "--output")
 
 
 def _read_documents(path: str, tokenizer_path: str | None):
-    from .jsonl import read_jsonl
+    from .jsonl import read_jsonl, read_text
 
     p = Path(path)
     if not p.exists():
@@ -106,11 +166,7 @@ def _read_documents(path: str, tokenizer_path: str | None):
     texts: list[str | None] = []
     tokens: list[list[int] | None] = []
     if p.suffix == ".txt":
-        data = p.read_bytes()
-        try:
-            texts.append(data.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"{p}: offset {e.start}: not UTF-8 ({e.reason})") from None
+        texts.append(read_text(p))
         tokens.append(None)
     else:
         for lineno, rec in read_jsonl(p):
@@ -186,8 +242,23 @@ def _run_score(args):
 # ----------------------------------------------------------------------------- main
 
 
+def typed_options(argv: list[str], args: argparse.Namespace) -> frozenset[str]:
+    """The options the user typed, by their long name (`--seed`), whatever their values: `argv` parsed
+    again by a parser whose options of the chosen command have no defaults, so that only the typed ones
+    reach the namespace.  `args` (the first parse) says which command was chosen."""
+    parser = build_parser()
+    chain = list(parser.chain(args))
+    options = [a for p in chain for a in p._actions if a.option_strings]  # argparse lists them nowhere public
+    for a in options:
+        a.default = argparse.SUPPRESS
+    ns = parser.parse_args(argv)
+    # --resume and --no-resume share a dest: the one typed is the one whose constant is there
+    return frozenset(max(a.option_strings, key=len) for a in options
+                     if hasattr(ns, a.dest) and (a.const is None or getattr(ns, a.dest) == a.const))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="neox-jax",
         description="GPT-NeoX-20B and Pythia in JAX: init, train, plan, score, generate, eval, convert, inspect, diff, export, data tools.",
     )
@@ -217,7 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parser.parse_args(argv)
+        # an option that would have no effect (its command's ignored_with/ignored_without) is refused
+        args.typed = typed_options(argv, args)
+        for p in parser.chain(args):
+            p.check_ignored(args.typed)
+    except UsageError as e:
+        print(f"neox-jax: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "jax._src", "orbax", "tensorstore"):

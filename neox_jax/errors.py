@@ -13,6 +13,11 @@ class UserError(ValueError):
     """Bad input from the user: a file, key, tensor or value we cannot accept (the message names it)."""
 
 
+class UsageError(UserError):
+    """A command line argparse cannot parse (unknown option, missing argument, bad value): `cli.Parser`
+    raises it, with the command's name, instead of printing a usage block and exiting."""
+
+
 class ConfigError(UserError):
     """A configuration value or key that we cannot honour (the message names it)."""
 

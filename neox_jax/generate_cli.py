@@ -24,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("ckpt", help="neox-jax checkpoint directory")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt (text)")
-    src.add_argument("--input", help="IN.jsonl: one {\"prompt\": TEXT} or {\"prompt_tokens\": [ids]} per line")
+    src.add_argument("--input", help="IN.jsonl (or .jsonl.zst): one {\"prompt\": TEXT} or {\"prompt_tokens\": [ids]} "
+                                     "per line")
     src.add_argument("--interactive", action="store_true", help="read prompts from standard input, stream tokens")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
     p.add_argument("--temperature", type=float, default=0.0,
@@ -50,6 +51,8 @@ def register(sub) -> None:
     p.add_argument("--output", help="OUT.jsonl (default: print)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.set_defaults(run=_run_generate)
+    p.ignored_without("--overwrite", "--output")
+    p.ignored_with("--batch-size", "--interactive")  # interactive prompts are decoded one at a time
 
 
 def _read_prompts(path: str, tok) -> tuple[list[str | None], list[list[int]]]:
@@ -108,6 +111,8 @@ def _run_generate(args):
         for opt, value, off in (("--top-k", args.top_k, 0), ("--top-p", args.top_p, 1.0)):
             if value != off:
                 raise UserError(f"{opt} {value}: samples only with --temperature > 0 (temperature 0 is greedy)")
+    if args.temperature == 0 and "--seed" in args.typed:  # greedy decoding draws no random numbers
+        raise UserError(f"--seed {args.seed}: has no effect with greedy decoding (--temperature 0)")
     if "" in args.stop:
         raise UserError("--stop '': an empty stop string (it would be found before any generated text)")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)

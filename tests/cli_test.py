@@ -177,3 +177,71 @@ def test_interrupt_inside_a_gc_callback_is_not_lost():
         gc.callbacks.remove(callback)
         sys.unraisablehook = old_hook
     assert inside == ["start"]
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["train", "run.yaml", "--nope"], "train: unrecognized arguments: --nope (see neox-jax train --help)"),
+    (["train", "--nope"], "train: the following arguments are required: config"),
+    (["convert"], "convert: the following arguments are required: src, dst (see neox-jax convert --help)"),
+    (["data", "order", "--seed", "x"], "data order: argument --seed: invalid int value: 'x' "
+                                       "(see neox-jax data order --help)"),
+    (["data", "order", "--data-prefix", "p", "--steps", "0", "--bogus", "1"],
+     "data order: unrecognized arguments: --bogus 1"),
+    (["data"], "data: the following arguments are required: DATA_COMMAND"),
+    (["generate", "ck", "--prompt", "a", "--input", "b"], "generate: argument --input: not allowed with "
+                                                          "argument --prompt"),
+    (["score", "ck", "--input", "x", "--dtype", "float8"], "score: argument --dtype: invalid choice: 'float8'"),
+    (["nope"], "argument COMMAND: invalid choice: 'nope'"),
+    ([], "the following arguments are required: COMMAND (see neox-jax --help)"),
+])
+def test_usage_errors_are_one_line_naming_the_command(argv, line, capsys):
+    """argparse's own errors (unknown option, missing or malformed argument) follow the CLI contract too:
+    exactly one stderr line `neox-jax: error: COMMAND: ...`, exit status 2, no usage block, nothing on stdout."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    lines = out.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("neox-jax: error: ") and line in lines[0], out.err
+    assert "usage:" not in out.err
+
+
+def test_usage_error_in_a_fresh_process_is_one_line():
+    r = run_cli("data", "order", "--seed", "x")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == ["neox-jax: error: data order: argument --seed: invalid int value: 'x' "
+                                     "(see neox-jax data order --help)"]
+
+
+def _parsers():
+    parser = build_parser()
+    yield parser
+    for name, p in parser.commands.choices.items():
+        yield p
+        if p.commands:
+            yield from p.commands.choices.values()
+
+
+def test_ignored_option_rules_name_options_of_their_command():
+    """Every ignored_with/ignored_without rule names options its command has (a misspelt one would never fire)."""
+    rules = 0
+    for p in _parsers():
+        options = {o for a in p._actions for o in a.option_strings}
+        for option, others, _ in p._ignored:
+            assert {option, *others} <= options, (p.prog, option, others)
+            rules += 1
+    assert rules >= 15
+
+
+def test_typed_options_are_told_from_defaults():
+    """An option typed at its default value counts as typed; an untyped one does not, whatever its default."""
+    from neox_jax.cli import typed_options
+
+    argv = ["data", "order", "--data-prefix", "p", "--steps", "0", "--seed", "1234"]
+    args = build_parser().parse_args(argv)
+    assert args.seed == 1234
+    assert typed_options(argv, args) == {"--data-prefix", "--steps", "--seed"}
+    argv = ["train", "c.yaml", "--no-resume", "--set", "a.b=1"]
+    assert typed_options(argv, build_parser().parse_args(argv)) == {"--no-resume", "--set"}
+    argv = ["-q", "train", "c.yaml", "--resume"]
+    assert typed_options(argv, build_parser().parse_args(argv)) == {"--quiet", "--resume"}

@@ -152,7 +152,8 @@ def test_bad_options(good, tmp_path, capsys):
     fails(capsys, ["convert", str(good / "hf"), str(tmp_path / "dst"), "--to", "neox", "--tp", "3"], "--tp 3",
           "num_heads")
     fails(capsys, ["convert", str(tmp_path / "nope"), str(tmp_path / "dst")], "no such file")
-    fails(capsys, ["convert", str(good / "hf"), str(good / "hf" / "sub")], "DST")
+    fails(capsys, ["convert", str(good / "hf"), str(good / "hf" / "sub")], "sub: is the input SRC",
+          str(good / "hf"))
     no_output(tmp_path / "dst")
 
 

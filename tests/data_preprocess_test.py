@@ -286,3 +286,26 @@ def main_preprocess(src, prefix, tokenizer) -> int:
 
     return main(["data", "preprocess", str(src), "--output-prefix", str(prefix), "--tokenizer", str(tokenizer),
                  "--append-eod"])
+
+
+def test_utf8_bom_at_the_start_of_a_txt(tmp_path, neox_tokenizer_path):
+    """A .txt saved as "UTF-8 with BOM": the mark is not text (it stayed as U+FEFF, a token of its own).  The
+    dataset holds the ids the tokenizers library gives the text without it, in the published layout; the
+    tokenizer trainer and the blank-lines mode read the same text."""
+    from neox_jax.cli import main
+
+    text = "First speech.\n\nSecond speech."
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    hf = HFTokenizer.from_file(str(neox_tokenizer_path))
+    assert hf.encode("\ufeff" + text).ids != hf.encode(text).ids  # the mark would be a token
+    assert main(["-q", "data", "preprocess", str(tmp_path / "bom.txt"), "--output-prefix", str(tmp_path / "o"),
+                 "--tokenizer", str(neox_tokenizer_path)]) == 0
+    binary, idx = published_bytes([hf.encode(text).ids])
+    assert (tmp_path / "o_text_document.bin").read_bytes() == binary
+    assert (tmp_path / "o_text_document.idx").read_bytes() == idx
+    blocks = [t for t, _ in iter_documents([tmp_path / "bom.txt"], txt_mode="blank-lines")]
+    assert blocks == ["First speech.", "Second speech."]
+    # an undecodable byte is named by its offset in the file, the mark counted
+    (tmp_path / "bad.txt").write_bytes(b"\xef\xbb\xbfab\xff")
+    with pytest.raises(UserError, match=r"bad.txt: offset 5: not UTF-8"):
+        list(iter_documents([tmp_path / "bad.txt"]))

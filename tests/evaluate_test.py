@@ -147,3 +147,17 @@ def test_score_text_needs_in_vocabulary_model(tmp_path, model_and_params, neox_t
     inp.write_text(json.dumps({"text": "Hello world, this is Shakespeare."}) + "\n")
     assert main(["score", str(tmp_path / "ck"), "--input", str(inp), "--tokenizer", str(neox_tokenizer_path)]) == 2
     assert "outside the vocabulary" in capsys.readouterr().err
+
+
+def test_score_txt_input_skips_a_utf8_bom(tmp_path, neox_tokenizer_path):
+    """score's (and eval --perplexity's) .txt document: a BOM opening the file is not text; the ids are the
+    tokenizers library's for the text without it, and bits per byte count the text's bytes only."""
+    from tokenizers import Tokenizer
+
+    from neox_jax.cli import _read_documents
+
+    text = "Before we proceed any further, hear me speak.\n"
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    tokens, n_bytes = _read_documents(str(tmp_path / "bom.txt"), str(neox_tokenizer_path))
+    ids = Tokenizer.from_file(str(neox_tokenizer_path)).encode(text).ids
+    assert tokens == [ids] and n_bytes == len(text.encode("utf-8"))

@@ -66,6 +66,8 @@ def _run_convert(args):
 
     if args.max_shard_size is not None and args.to != "hf":  # it would be ignored
         raise UserError(f"--max-shard-size applies to --to hf only (not --to {args.to})")
+    if "--tp" in args.typed and args.to != "neox":  # even --tp 1: HF and Orbax checkpoints have no TP degree
+        raise UserError(f"--tp {args.tp}: applies to --to neox only (not --to {args.to})")
     res = convert(args.src, args.dst, to=args.to, dtype=args.dtype, tp=args.tp, verify=args.verify,
                   overwrite=args.overwrite, max_shard_size=args.max_shard_size or "5GB",
                   neox_config=args.neox_config,

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..atomic import test_pause
+from ..atomic import check_not_input, test_pause
 from ..checkpoint import check_destination, open_destination
 from ..errors import UserError, VerifyError
 from .dispatch import FORMATS, make_writer, open_reader
@@ -57,9 +57,8 @@ def convert(src: str, dst: str, *, to: str = "orbax", dtype: str | None = None, 
         raise UserError(f"--step applies to --to neox only (not --to {to})")
     if tp != 1 and to != "neox":
         raise UserError("--tp applies to --to neox only (HF and Orbax checkpoints are not tensor-parallel shards)")
-    src_p, dst_p = Path(src).resolve(), Path(dst).resolve()
-    if src_p == dst_p or src_p in dst_p.parents or dst_p in src_p.parents:
-        raise UserError(f"{dst}: DST must not be SRC or contain it (or be inside it)")
+    check_not_input(dst, [("SRC", src), *(("--neox-config", c) for c in neox_config or ())])
+    dst_p = Path(dst).resolve()
     try:
         shard = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     except UserError as e:

@@ -32,6 +32,18 @@ def _add_reader_args(p) -> None:
                         "block of lines separated by blank lines (blank-lines)")
 
 
+def _check_reader_args(args, jsonl_options: tuple[str, ...]) -> None:
+    """A reader option typed for a kind of input that none of INPUT is would have no effect: refused."""
+    from .preprocess import input_kind
+
+    kinds = {input_kind(Path(p)) for p in args.inputs}
+    if "--txt-mode" in args.typed and ".txt" not in kinds:
+        raise UserError("--txt-mode applies to .txt inputs, and no INPUT is a .txt file")
+    for option in jsonl_options:
+        if option in args.typed and not kinds & {".jsonl", ".jsonl.zst"}:
+            raise UserError(f"{option} applies to .jsonl/.jsonl.zst inputs, and every INPUT is a .txt file")
+
+
 # ----------------------------------------------------------------------------- preprocess
 
 
@@ -64,6 +76,7 @@ def _run_preprocess(args) -> None:
 
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be at least 1")
+    _check_reader_args(args, ("--jsonl-key", "--strict"))
     res = preprocess(args.inputs, args.output_prefix, args.tokenizer, append_eod=args.append_eod,
                      workers=args.workers, key=args.jsonl_key, txt_mode=args.txt_mode, strict=args.strict,
                      dtype=args.dtype, overwrite=args.overwrite)
@@ -107,6 +120,10 @@ def _add_order(sub) -> None:
                    help="write the index maps next to the data under GPT-NeoX's cache names")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.set_defaults(run=_run_order)
+    p.ignored_without("--overwrite", "--output")
+    for option in ("--seed", "--no-cache", "--save-index-maps"):  # a pre-shuffled dataset has no index maps
+        p.ignored_with(option, "--preshuffled")
+    p.ignored_with("--weights", "--split")  # the data-path route has one dataset
 
 
 def _parse_steps(text: str) -> range:
@@ -126,6 +143,9 @@ def _parse_steps(text: str) -> range:
 def _build_order_dataset(args, limit: int):
     from .order import PreshuffledDataset, build_train_dataset
 
+    if args.weights is not None and len(args.data_prefix) == len(args.weights) == 1 and not args.preshuffled:
+        raise UserError(f"--weights {' '.join(map(str, args.weights))}: has no effect with one --data-prefix "
+                        "(a blend of one dataset)")
     if args.preshuffled:
         if len(args.data_prefix) != 1 or args.split or args.weights or args.num_samples or args.train_iters:
             raise UserError("--preshuffled takes one --data-prefix and no --split/--weights/--num-samples/"
@@ -156,9 +176,9 @@ def _run_order(args) -> None:
         raise UserError(f"{out}: exists (pass --overwrite to replace it)")
     if out is not None:
         from ..atomic import check_not_input
+        from .indexed import prefix_inputs
 
-        check_not_input(out, [("--data-prefix", f"{p}{ext}") for p in args.data_prefix
-                              for ext in ("", ".bin", ".idx")])
+        check_not_input(out, [i for p in args.data_prefix for i in prefix_inputs(p)])
     if args.decode and out is None:
         raise UserError("--decode adds text to --output lines: give --output")
     if args.tokenizer and not args.decode:
@@ -225,6 +245,12 @@ def _run_train_tokenizer(args) -> None:
     from .train_tokenizer import train_bpe, train_sentencepiece
 
     out = Path(args.output)
+    # each option belongs to one trainer: given for the other, it would have no effect
+    for option, suffix in (("--model-type", ".json"), ("--min-frequency", ".model")):
+        if option in args.typed and out.suffix == suffix:
+            kind = "BPE (.json)" if suffix == ".json" else "sentencepiece (.model)"
+            raise UserError(f"{option} has no effect with a {kind} --output {out}")
+    _check_reader_args(args, ("--jsonl-key",))
     if out.suffix == ".json":
         path = train_bpe(args.inputs, out, args.vocab_size, min_frequency=args.min_frequency,
                          key=args.jsonl_key, txt_mode=args.txt_mode, overwrite=args.overwrite,

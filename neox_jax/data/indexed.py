@@ -82,6 +82,12 @@ def data_file(prefix: str | os.PathLike) -> Path:
     return Path(strip_prefix(prefix) + ".bin")
 
 
+def prefix_inputs(prefix: str | os.PathLike, label: str = "--data-prefix") -> list[tuple[str, str | Path]]:
+    """The files a dataset prefix (`P`, `P.bin` or `P.idx`) stands for, as the `(label, path)` inputs of
+    `atomic.check_not_input`: the prefix as given, `P.bin` and `P.idx`."""
+    return [(label, prefix), (label, data_file(prefix)), (label, index_file(prefix))]
+
+
 def encode_index(sizes: np.ndarray, doc_idx: np.ndarray, dtype) -> bytes:
     """The complete `.idx` bytes for items of `sizes` tokens (pointers derived from sizes)."""
     itemsize = np.dtype(dtype).itemsize

@@ -14,6 +14,7 @@ same input and tokenizer:
     universal newlines ("\\r\\n" and "\\r" become "\\n").  `txt_mode="blank-lines"`: documents are the
     blocks of consecutive lines separated by one or more blank (empty or whitespace-only) lines, each
     block being its lines joined with "\\n" (no trailing newline).  Undecodable .txt is always fatal.
+    A UTF-8 byte order mark opening a file (.txt or JSONL) is skipped (NeoX would keep it as U+FEFF).
   - Empty documents ("") are skipped, as NeoX's reader filter does.
 * Tokens: HF tokenizer `encode(text)` with its post-processor (NeoX's `HFTokenizer.tokenize`; the 20B
   tokenizer adds nothing) or sentencepiece `encode(text)`; with `append_eod` the EOD id
@@ -46,7 +47,7 @@ import numpy as np
 
 from ..atomic import test_pause
 from ..errors import UserError
-from ..jsonl import BOM
+from ..jsonl import BOM, read_text, zst_lines
 from .indexed import IndexedDatasetWriter, best_fitting_dtype, strip_prefix
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -124,50 +125,8 @@ def _read_jsonl(path: Path, raw, stream, key: str, strict: bool,
         yield text, raw.tell()
 
 
-def _zst_lines(path: Path, raw, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """The lines of a .zst file (one or more frames), decompressed as they stream.  A corrupt or
-    truncated stream raises UserError naming the file and the compressed/uncompressed offsets."""
-    import zstandard
-
-    dobj = zstandard.ZstdDecompressor().decompressobj()
-    pending = b""
-    out_pos = 0  # uncompressed bytes produced so far
-    frame_open = False
-    while True:
-        data = raw.read(chunk)
-        if not data:
-            break
-        while data:
-            try:
-                out = dobj.decompress(data)
-            except zstandard.ZstdError as e:
-                raise UserError(f"{path}: offset {raw.tell()} (uncompressed {out_pos}): corrupt zstd stream "
-                                f"({e})") from None
-            frame_open = True
-            data = b""
-            if dobj.eof:  # a frame ended; anything after it starts the next one
-                data = dobj.unused_data
-                dobj = zstandard.ZstdDecompressor().decompressobj()
-                frame_open = bool(data)
-            out_pos += len(out)
-            pending += out
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                yield line + b"\n"
-    if frame_open:
-        raise UserError(f"{path}: offset {raw.tell()} (uncompressed {out_pos}): truncated zstd stream "
-                        "(the last frame never ends)")
-    if pending:
-        yield pending
-
-
 def _read_txt(path: Path, mode: str) -> list[str]:
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: offset {e.start}: not UTF-8 ({e.reason})") from None
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = read_text(path).replace("\r\n", "\n").replace("\r", "\n")
     if mode == "file":
         return [text]
     blocks = _BLANK_LINES.split(text)
@@ -190,7 +149,7 @@ def iter_documents(paths: Sequence[str | os.PathLike], key: str = "text", txt_mo
             docs = ((t, size) for t in _read_txt(p, txt_mode))
         else:
             raw = open(p, "rb")
-            stream = _zst_lines(p, raw) if kind == ".jsonl.zst" else raw
+            stream = zst_lines(p, raw) if kind == ".jsonl.zst" else raw
             docs = _read_jsonl(p, raw, stream, key, strict, stats)
         try:
             for text, pos in docs:

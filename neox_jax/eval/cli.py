@@ -27,8 +27,8 @@ def register(sub) -> None:
     p.add_argument("--num-fewshot", type=int, help="lm-eval few-shot examples (default: each task's)")
     p.add_argument("--limit", type=float, help="lm-eval: at most this many documents per task (testing only)")
     p.add_argument("--log-samples", action="store_true", help="keep lm-eval's per-document records in the output")
-    p.add_argument("--lambada", metavar="FILE.jsonl", help="LAMBADA-format JSONL ({\"text\": ...} per line)")
-    p.add_argument("--perplexity", metavar="FILE", help="JSONL of {\"text\"} / {\"tokens\"}, or a .txt document")
+    p.add_argument("--lambada", metavar="FILE.jsonl", help="LAMBADA-format JSONL ({\"text\": ...} per line; .jsonl.zst too)")
+    p.add_argument("--perplexity", metavar="FILE", help="JSONL (or .jsonl.zst) of {\"text\"} / {\"tokens\"}, or a .txt document")
     p.add_argument("--data-prefix", help="indexed dataset PREFIX (PREFIX.bin + PREFIX.idx)")
     p.add_argument("--split", help="GPT-NeoX split weights, e.g. 969,30,1 (with --data-prefix)")
     p.add_argument("--split-part", choices=["train", "valid", "test"],
@@ -48,6 +48,9 @@ def register(sub) -> None:
     p.add_argument("--output", required=True, help="results JSON to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.set_defaults(run=_run_eval)
+    p.ignored_without("--seed", "--tasks")  # the built-in evaluations draw no random numbers
+    p.ignored_without("--context", "--tasks", "--lambada", "--perplexity")  # --data-prefix uses --seq-length
+    p.ignored_without("--tokenizer", "--tasks", "--lambada", "--perplexity")  # --data-prefix holds token ids
 
 
 def _run_eval(args):
@@ -59,11 +62,11 @@ def _run_eval(args):
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: exists (pass --overwrite to replace it)")
     from ..atomic import check_not_input
+    from ..data.indexed import prefix_inputs
 
     check_not_input(out, [("--lambada", args.lambada), ("--perplexity", args.perplexity), ("CKPT", args.ckpt),
                           ("--tokenizer", args.tokenizer), ("--include-path", args.include_path),
-                          *[("--data-prefix", f"{args.data_prefix}{ext}") for ext in ("", ".bin", ".idx")
-                            if args.data_prefix]])
+                          *(prefix_inputs(args.data_prefix) if args.data_prefix else [])])
     # an option of one evaluation given without it would be ignored: refused instead
     needs = (("--split", args.split, "--data-prefix", args.data_prefix),
              ("--seq-length", args.seq_length, "--data-prefix", args.data_prefix),
@@ -140,7 +143,7 @@ def _run_eval(args):
         "results": results,
         "config": {
             "model": cfg.to_dict(),
-            "args": {k: v for k, v in vars(args).items() if k not in ("run", "overwrite", "debug", "quiet")},
+            "args": {k: v for k, v in vars(args).items() if k not in ("run", "overwrite", "debug", "quiet", "typed")},
             "tokenizer": tok.path,
             "seconds": round(time.time() - started, 3),
         },

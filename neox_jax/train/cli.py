@@ -44,6 +44,11 @@ def register(sub) -> None:
     g.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
     g.add_argument("--process-id", type=int, metavar="I", help="this process's rank in [0, N)")
     p.set_defaults(run=_run_train)
+    p.ignored_with("--resume-fallback", "--no-resume")
+    p.ignored_with("--resume-fallback", "--overwrite")  # an --overwrite run starts over: nothing to fall back on
+    for option in ("--run-dir", "--overwrite", "--resume", "--no-resume", "--resume-fallback", "--coordinator",
+                   "--num-processes", "--process-id"):  # --print-config prints and exits
+        p.ignored_with(option, "--print-config")
 
 
 def _distributed_plan(args, overrides):
