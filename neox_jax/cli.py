@@ -200,7 +200,7 @@ def _read_documents(path: str, tokenizer_path: str | None):
 def _run_score(args):
     from .checkpoint import load_params
     from .evaluate import score_documents, summarize, write_scores
-    from .model import inference_params
+    from .model import DTYPES, inference_params
 
     from .checkpoint import read_config
     from .evaluate import check_batch_size, check_window
@@ -223,8 +223,10 @@ def _run_score(args):
     if all(len(d) < 2 for d in docs):
         raise UserError(f"{args.input}: nothing to score (every document has fewer than 2 tokens)")
     cfg, params = load_params(args.ckpt, verify=args.verify)
+    narrower = DTYPES[args.dtype].itemsize < DTYPES[cfg.param_dtype].itemsize
     cfg = cfg.replace(compute_dtype=args.dtype)
-    params = inference_params(cfg, params)  # bf16 scoring holds (and reads) bf16 weights, once
+    if narrower:  # e.g. bf16 scoring of float32 weights: hold them in bf16, cast once (never widened)
+        params = inference_params(cfg, params)
     lps = score_documents(cfg, params, docs, batch_size=args.batch_size, window=window,
                           progress=sys.stderr.isatty(), source=args.input)
     if args.output:

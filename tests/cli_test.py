@@ -145,6 +145,11 @@ def test_score_summary_is_the_hand_computed_perplexity_and_bits_per_byte(tmp_pat
     assert summary["mean_nll"] == pytest.approx(-total / count, rel=1e-5)
     assert summary["perplexity"] == pytest.approx(math.exp(-total / count), rel=1e-5)
     assert summary["bits_per_byte"] == pytest.approx(-total / math.log(2) / n_bytes, rel=1e-5)
+    # --dtype bfloat16 (the float32 weights then held in bf16, LayerNorms float32: model.inference_params)
+    assert main(["score", str(tmp_path / "ck"), "--input", str(inp), "--tokenizer", str(neox_tokenizer_path),
+                 "--dtype", "bfloat16"]) == 0
+    bf16 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["summary"]
+    assert bf16["tokens_scored"] == count and bf16["sum_logprob"] == pytest.approx(total, rel=1e-2)
 
 
 def test_interrupt_inside_a_gc_callback_is_not_lost():
