@@ -10,6 +10,7 @@ step for step; with fresh moments instead it must not (the check has teeth)."""
 import collections
 import sys
 import types
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 
 from convert_fixtures import hf_state_numpy, neox_rank_tensors, write_neox
 from hf_reference import hf_model, ours_from_hf
-from neox_jax.convert.mapping import params_from_hf
+from neox_jax.convert.mapping import params_from_hf, to_torch
 from neox_jax.convert.formats import torch_load
 from neox_jax.convert.zero import _DS_GLOBALS, read_zero
 from neox_jax.errors import CheckpointError
@@ -424,3 +425,40 @@ def test_inspect_reports_the_optimizer_files(stopped_run, capsys):
     *_, root = stopped_run
     assert main(["inspect", str(root), "--no-hash"]) == 0
     assert f"optimizer state: {DP * TP} ZeRO files (data-parallel {DP} x model ranks {TP})" in capsys.readouterr().out
+
+
+DS_FIXTURES = Path(__file__).parent / "fixtures" / "deepspeed_zero1"
+
+
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "aligned"])
+def test_reader_matches_deepspeed_on_its_own_files(variant):
+    """Files DeepSpeed 0.19.8 wrote itself (ZeRO-1, data-parallel 2; tests/fixtures/deepspeed_zero1/
+    make.py): per parameter, our float32 master and Adam moments equal, bit for bit, what DeepSpeed's
+    safe_get_full_fp32_param / safe_get_full_optimizer_state reported for the live engine; the step
+    counts equal its AdamW's `step` and global_steps; the weights GPT-NeoX's reader takes from the
+    model-states file are the masters (bf16: rounded to bfloat16, as DeepSpeed copies them)."""
+    ref = np.load(DS_FIXTURES / variant / "reference.npz")
+    step_dir = DS_FIXTURES / variant / "save" / "global_step3"
+    osds = [torch_load(f, extra_globals=_DS_GLOBALS)["optimizer_state_dict"]
+            for f in sorted(step_dir.glob("*optim_states.pt"))]
+    if variant != "fp32":  # one layer: the no-decay group's 270 values padded to 2 x dp on the last rank
+        assert osds[0]["group_paddings"] == [0, 0] and osds[1]["group_paddings"][1] == 2
+    assert any(map(any, osds[0].get("param_alignment_paddings", []))) == (variant == "aligned")
+    zs = read_zero(DS_FIXTURES / variant / "save")
+    steps = {int(s) for k in ref.files if k.startswith("step/") for s in ref[k]}
+    assert steps == {int(ref["global_steps"])} and int(ref["skipped_steps"]) == 0
+    assert (zs.iteration, zs.updates, zs.adam_step) == (int(ref["iteration"]), int(ref["global_steps"]), *steps)
+    assert (zs.dp, zs.tp, zs.pp, zs.loss_scale) == (2, 1, 1, None)  # float32 / bf16: no dynamic scaler
+    names = {k.split("/", 1)[1] for k in ref.files if k.startswith("master/")}
+    seen = set()
+    for e, *got in zs.arrays():
+        ll, param, _ = zs.reader._where(e.name, e.layer)
+        name = f"sequential.{ll}.{param}"
+        for kind, ours in zip(("master", "exp_avg", "exp_avg_sq"), got):
+            np.testing.assert_array_equal(to_torch(e.name, ours, zs.reader.config), ref[f"{kind}/{name}"],
+                                          err_msg=f"{kind} {name}")
+        master = torch.from_numpy(ref[f"master/{name}"])
+        weight = master.to(torch.bfloat16).float() if variant == "bf16" else master
+        np.testing.assert_array_equal(zs.reader.read_torch(e).astype(np.float32), weight.numpy(), err_msg=name)
+        seen.add(name)
+    assert seen == names, names ^ seen
