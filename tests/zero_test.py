@@ -462,3 +462,34 @@ def test_reader_matches_deepspeed_on_its_own_files(variant):
         np.testing.assert_array_equal(zs.reader.read_torch(e).astype(np.float32), weight.numpy(), err_msg=name)
         seen.add(name)
     assert seen == names, names ^ seen
+
+
+def test_init_from_neox_on_deepspeed_files(caplog):
+    """`train.init_from_neox` on the float32 run DeepSpeed 0.19.8 saved: the train state's params, Adam
+    moments and count, iteration and update count are DeepSpeed's (bit for bit), with loss scaling
+    dynamic and DeepSpeed's static scaler not taken for its state."""
+    from neox_jax.convert.neox import NeoxReader
+    from neox_jax.train.optimizer import init_loss_scale
+    from neox_jax.tree import flatten
+
+    save = DS_FIXTURES / "fp32" / "save"
+    ref = np.load(DS_FIXTURES / "fp32" / "reference.npz")
+    cfg = neox_state.read_config(str(save))
+    run = from_sections({"model": cfg.to_dict(), "data": {"path": "unused", "seq_length": 8},
+                         "optimizer": {"lr": 1e-2, "loss_scale": "dynamic"},
+                         "train": {"steps": 10, "batch_size": 2, "init_from_neox": str(save)}})
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    opt = S.make_optimizer(run)
+    with jax.set_mesh(mesh), caplog.at_level("INFO", logger="neox_jax"):
+        state = jax.device_get(neox_state.load(run, str(save), opt, S.state_shardings(run, mesh, opt)))
+    assert (int(state.step), int(state.updates), int(state.opt_state[0].count)) == (3, 3, 3)
+    assert "the checkpoint's scaler state not used" in caplog.text
+    assert float(state.loss_scale.scale) == float(init_loss_scale(run.optimizer).scale) != 1.0
+    trees = [flatten(t) for t in (state.params, state.opt_state[0].mu, state.opt_state[0].nu)]
+    with NeoxReader(save) as r:
+        for e in r.entries():
+            ll, param, _ = r._where(e.name, e.layer)
+            for kind, tree in zip(("master", "exp_avg", "exp_avg_sq"), trees):
+                ours = tree[e.name] if e.layer is None else tree[e.name][e.layer]
+                np.testing.assert_array_equal(to_torch(e.name, np.asarray(ours), cfg),
+                                              ref[f"{kind}/sequential.{ll}.{param}"], err_msg=f"{kind} {e.label}")
