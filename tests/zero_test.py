@@ -430,26 +430,36 @@ def test_inspect_reports_the_optimizer_files(stopped_run, capsys):
 DS_FIXTURES = Path(__file__).parent / "fixtures" / "deepspeed_zero1"
 
 
-@pytest.mark.parametrize("variant", ["fp32", "bf16", "aligned"])
+def _ds_reference(variant):
+    """DeepSpeed's report for a fixture: (arrays, step directory, {scaler key: value} or None)."""
+    ref = np.load(DS_FIXTURES / variant / "reference.npz")
+    scaler = {k[len("scaler/"):]: float(ref[k]) for k in ref.files if k.startswith("scaler/")} or None
+    return ref, DS_FIXTURES / variant / "save" / f"global_step{int(ref['iteration'])}", scaler
+
+
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "aligned", "fp16"])
 def test_reader_matches_deepspeed_on_its_own_files(variant):
     """Files DeepSpeed 0.19.8 wrote itself (ZeRO-1, data-parallel 2; tests/fixtures/deepspeed_zero1/
     make.py): per parameter, our float32 master and Adam moments equal, bit for bit, what DeepSpeed's
-    safe_get_full_fp32_param / safe_get_full_optimizer_state reported for the live engine; the step
-    counts equal its AdamW's `step` and global_steps; the weights GPT-NeoX's reader takes from the
-    model-states file are the masters (bf16: rounded to bfloat16, as DeepSpeed copies them)."""
-    ref = np.load(DS_FIXTURES / variant / "reference.npz")
-    step_dir = DS_FIXTURES / variant / "save" / "global_step3"
+    safe_get_full_fp32_param / safe_get_full_optimizer_state reported for the live engine; the
+    iteration, applied updates and Adam step equal its global_steps, global_steps - skipped_steps
+    (fp16: 18 of 40 overflowed) and its AdamW's `step`; the loss scaler state its live
+    DynamicLossScaler's (fp16; the others save none or a static one); the weights GPT-NeoX's reader
+    takes from the model-states file are the masters (bf16/fp16: rounded, as DeepSpeed copies them)."""
+    ref, step_dir, scaler = _ds_reference(variant)
     osds = [torch_load(f, extra_globals=_DS_GLOBALS)["optimizer_state_dict"]
             for f in sorted(step_dir.glob("*optim_states.pt"))]
     if variant != "fp32":  # one layer: the no-decay group's 270 values padded to 2 x dp on the last rank
         assert osds[0]["group_paddings"] == [0, 0] and osds[1]["group_paddings"][1] == 2
     assert any(map(any, osds[0].get("param_alignment_paddings", []))) == (variant == "aligned")
-    zs = read_zero(DS_FIXTURES / variant / "save")
+    zs = read_zero(step_dir.parent)
     steps = {int(s) for k in ref.files if k.startswith("step/") for s in ref[k]}
-    assert steps == {int(ref["global_steps"])} and int(ref["skipped_steps"]) == 0
-    assert (zs.iteration, zs.updates, zs.adam_step) == (int(ref["iteration"]), int(ref["global_steps"]), *steps)
-    assert (zs.dp, zs.tp, zs.pp, zs.loss_scale) == (2, 1, 1, None)  # float32 / bf16: no dynamic scaler
+    updates = int(ref["global_steps"]) - int(ref["skipped_steps"])
+    assert (int(ref["skipped_steps"]) > 0) == (variant == "fp16") and steps == {updates}
+    assert (zs.iteration, zs.updates, zs.adam_step) == (int(ref["iteration"]), updates, updates)
+    assert (zs.dp, zs.tp, zs.pp, zs.loss_scale) == (2, 1, 1, scaler)
     names = {k.split("/", 1)[1] for k in ref.files if k.startswith("master/")}
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(variant, torch.float32)
     seen = set()
     for e, *got in zs.arrays():
         ll, param, _ = zs.reader._where(e.name, e.layer)
@@ -457,34 +467,41 @@ def test_reader_matches_deepspeed_on_its_own_files(variant):
         for kind, ours in zip(("master", "exp_avg", "exp_avg_sq"), got):
             np.testing.assert_array_equal(to_torch(e.name, ours, zs.reader.config), ref[f"{kind}/{name}"],
                                           err_msg=f"{kind} {name}")
-        master = torch.from_numpy(ref[f"master/{name}"])
-        weight = master.to(torch.bfloat16).float() if variant == "bf16" else master
-        np.testing.assert_array_equal(zs.reader.read_torch(e).astype(np.float32), weight.numpy(), err_msg=name)
+        weight = torch.from_numpy(ref[f"master/{name}"]).to(low).float().numpy()
+        np.testing.assert_array_equal(zs.reader.read_torch(e).astype(np.float32), weight, err_msg=name)
         seen.add(name)
     assert seen == names, names ^ seen
 
 
-def test_init_from_neox_on_deepspeed_files(caplog):
-    """`train.init_from_neox` on the float32 run DeepSpeed 0.19.8 saved: the train state's params, Adam
-    moments and count, iteration and update count are DeepSpeed's (bit for bit), with loss scaling
-    dynamic and DeepSpeed's static scaler not taken for its state."""
+@pytest.mark.parametrize("variant", ["fp32", "fp16"])
+def test_init_from_neox_on_deepspeed_files(variant, caplog):
+    """`train.init_from_neox` on runs DeepSpeed 0.19.8 saved: the train state's params, Adam moments
+    and count, iteration and update count are DeepSpeed's (bit for bit); with dynamic loss scaling,
+    the fp16 run's scaler state is DeepSpeed's and the float32 run's static scaler is not taken."""
     from neox_jax.convert.neox import NeoxReader
     from neox_jax.train.optimizer import init_loss_scale
     from neox_jax.tree import flatten
 
-    save = DS_FIXTURES / "fp32" / "save"
-    ref = np.load(DS_FIXTURES / "fp32" / "reference.npz")
+    ref, step_dir, scaler = _ds_reference(variant)
+    save = step_dir.parent
     cfg = neox_state.read_config(str(save))
     run = from_sections({"model": cfg.to_dict(), "data": {"path": "unused", "seq_length": 8},
                          "optimizer": {"lr": 1e-2, "loss_scale": "dynamic"},
-                         "train": {"steps": 10, "batch_size": 2, "init_from_neox": str(save)}})
+                         "train": {"steps": 100, "batch_size": 2, "init_from_neox": str(save)}})
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     opt = S.make_optimizer(run)
     with jax.set_mesh(mesh), caplog.at_level("INFO", logger="neox_jax"):
         state = jax.device_get(neox_state.load(run, str(save), opt, S.state_shardings(run, mesh, opt)))
-    assert (int(state.step), int(state.updates), int(state.opt_state[0].count)) == (3, 3, 3)
-    assert "the checkpoint's scaler state not used" in caplog.text
-    assert float(state.loss_scale.scale) == float(init_loss_scale(run.optimizer).scale) != 1.0
+    updates = int(ref["global_steps"]) - int(ref["skipped_steps"])
+    assert (int(state.step), int(state.updates), int(state.opt_state[0].count)) == (int(ref["iteration"]),
+                                                                                      updates, updates)
+    ls = state.loss_scale
+    if scaler:
+        assert (float(ls.scale), int(ls.iter), int(ls.last_overflow), int(ls.hysteresis)) == \
+            (scaler["cur_scale"], scaler["cur_iter"], scaler["last_overflow_iter"], scaler["cur_hysteresis"])
+    else:
+        assert "the checkpoint's scaler state not used" in caplog.text
+        assert float(ls.scale) == float(init_loss_scale(run.optimizer).scale) != 1.0
     trees = [flatten(t) for t in (state.params, state.opt_state[0].mu, state.opt_state[0].nu)]
     with NeoxReader(save) as r:
         for e in r.entries():
