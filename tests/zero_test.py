@@ -437,7 +437,7 @@ def _ds_reference(variant):
     return ref, DS_FIXTURES / variant / "save" / f"global_step{int(ref['iteration'])}", scaler
 
 
-@pytest.mark.parametrize("variant", ["fp32", "bf16", "aligned", "fp16"])
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "aligned", "fp16", "pipe"])
 def test_reader_matches_deepspeed_on_its_own_files(variant):
     """Files DeepSpeed 0.19.8 wrote itself (ZeRO-1, data-parallel 2; tests/fixtures/deepspeed_zero1/
     make.py): per parameter, our float32 master and Adam moments equal, bit for bit, what DeepSpeed's
@@ -445,7 +445,8 @@ def test_reader_matches_deepspeed_on_its_own_files(variant):
     iteration, applied updates and Adam step equal its global_steps, global_steps - skipped_steps
     (fp16: 18 of 40 overflowed) and its AdamW's `step`; the loss scaler state its live
     DynamicLossScaler's (fp16; the others save none or a static one); the weights GPT-NeoX's reader
-    takes from the model-states file are the masters (bf16/fp16: rounded, as DeepSpeed copies them)."""
+    takes from the model-states file (pipe: the layer files of a PipelineModule, parameters named
+    `LL.<param>`) are the masters (bf16/fp16: rounded, as DeepSpeed copies them)."""
     ref, step_dir, scaler = _ds_reference(variant)
     osds = [torch_load(f, extra_globals=_DS_GLOBALS)["optimizer_state_dict"]
             for f in sorted(step_dir.glob("*optim_states.pt"))]
@@ -460,10 +461,11 @@ def test_reader_matches_deepspeed_on_its_own_files(variant):
     assert (zs.dp, zs.tp, zs.pp, zs.loss_scale) == (2, 1, 1, scaler)
     names = {k.split("/", 1)[1] for k in ref.files if k.startswith("master/")}
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(variant, torch.float32)
+    assert zs.reader.layout == ("pipeline" if variant == "pipe" else "sequential")
     seen = set()
     for e, *got in zs.arrays():
         ll, param, _ = zs.reader._where(e.name, e.layer)
-        name = f"sequential.{ll}.{param}"
+        name = f"{ll}.{param}" if variant == "pipe" else f"sequential.{ll}.{param}"
         for kind, ours in zip(("master", "exp_avg", "exp_avg_sq"), got):
             np.testing.assert_array_equal(to_torch(e.name, ours, zs.reader.config), ref[f"{kind}/{name}"],
                                           err_msg=f"{kind} {name}")
