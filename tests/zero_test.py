@@ -446,26 +446,30 @@ def test_reader_matches_deepspeed_on_its_own_files(variant):
     (fp16: 18 of 40 overflowed) and its AdamW's `step`; the loss scaler state its live
     DynamicLossScaler's (fp16; the others save none or a static one); the weights GPT-NeoX's reader
     takes from the model-states file (pipe: the layer files of a PipelineModule, parameters named
-    `LL.<param>`) are the masters (bf16/fp16: rounded, as DeepSpeed copies them)."""
+    `LL.<param>`, two stages each with its own mp_rank_XX files) are the masters (bf16/fp16:
+    rounded, as DeepSpeed copies them)."""
     ref, step_dir, scaler = _ds_reference(variant)
-    osds = [torch_load(f, extra_globals=_DS_GLOBALS)["optimizer_state_dict"]
-            for f in sorted(step_dir.glob("*optim_states.pt"))]
-    if variant != "fp32":  # one layer: the no-decay group's 270 values padded to 2 x dp on the last rank
-        assert osds[0]["group_paddings"] == [0, 0] and osds[1]["group_paddings"][1] == 2
-    assert any(map(any, osds[0].get("param_alignment_paddings", []))) == (variant == "aligned")
+    osds = {f.name: torch_load(f, extra_globals=_DS_GLOBALS)["optimizer_state_dict"]
+            for f in sorted(step_dir.glob("*optim_states.pt"))}
+    if variant != "fp32":  # one layer a stage: the no-decay group padded by 2 on data-parallel rank 1
+        assert all(o["group_paddings"] == [0, 0] if "_rank_0_" in f else o["group_paddings"][1] == 2
+                   for f, o in osds.items()), {f: o["group_paddings"] for f, o in osds.items()}
+    aligned = any(any(map(any, o.get("param_alignment_paddings", []))) for o in osds.values())
+    assert aligned == (variant == "aligned")
     zs = read_zero(step_dir.parent)
     steps = {int(s) for k in ref.files if k.startswith("step/") for s in ref[k]}
     updates = int(ref["global_steps"]) - int(ref["skipped_steps"])
     assert (int(ref["skipped_steps"]) > 0) == (variant == "fp16") and steps == {updates}
     assert (zs.iteration, zs.updates, zs.adam_step) == (int(ref["iteration"]), updates, updates)
-    assert (zs.dp, zs.tp, zs.pp, zs.loss_scale) == (2, 1, 1, scaler)
+    assert (zs.dp, zs.tp, zs.pp, zs.loss_scale) == (2, 1, 2 if variant == "pipe" else 1, scaler)
     names = {k.split("/", 1)[1] for k in ref.files if k.startswith("master/")}
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(variant, torch.float32)
-    assert zs.reader.layout == ("pipeline" if variant == "pipe" else "sequential")
+    pipe = variant.startswith("pipe")
+    assert zs.reader.layout == ("pipeline" if pipe else "sequential")
     seen = set()
     for e, *got in zs.arrays():
         ll, param, _ = zs.reader._where(e.name, e.layer)
-        name = f"{ll}.{param}" if variant == "pipe" else f"sequential.{ll}.{param}"
+        name = f"{ll}.{param}" if pipe else f"sequential.{ll}.{param}"
         for kind, ours in zip(("master", "exp_avg", "exp_avg_sq"), got):
             np.testing.assert_array_equal(to_torch(e.name, ours, zs.reader.config), ref[f"{kind}/{name}"],
                                           err_msg=f"{kind} {name}")

@@ -47,11 +47,11 @@ skipped here.  A static loss scaler (`dynamic_loss_scale` false: what a float32 
 is no scaler state to continue (ZeroState.loss_scale None).
 
 Checked against files DeepSpeed 0.19.8 itself wrote (tests/fixtures/deepspeed_zero1: ZeRO-1,
-float32, bf16, fp16 with skipped steps, parameter_alignment, and GPT-NeoX's pipeline layout with one
-stage; data-parallel 2), bit for bit
+float32, bf16, fp16 with skipped steps, parameter_alignment, and GPT-NeoX's pipeline layout with two
+stages; data-parallel 2), bit for bit
 against DeepSpeed's own safe_get_full_fp32_param / safe_get_full_optimizer_state, and the counters
-and loss scaler against its live engine.  DeeperSpeed 0.3.15's files, and tensor-parallel or
-multi-stage ones, are checked against the published layout only.
+and loss scaler against its live engine.  DeeperSpeed 0.3.15's files, and tensor-parallel ones, are
+checked against the published layout only.
 
 The loss scaler (and, in newer files, the ZeRO stage enum and the slice mappings) are pickled
 DeepSpeed classes: they are read through stand-ins allow-listed under DeepSpeed's names, with
