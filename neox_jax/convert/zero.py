@@ -41,17 +41,18 @@ Adam's own `step`, which is then used as is, and `param_shapes` as a list per gr
 order, in `mp_rank_XX_model_states.pt`.  The ranks' partitions concatenate to the group's buffer,
 aligned to 2 x dp elements.
 
-Newer DeepSpeed (0.19.8 does) also saves `param_alignment_paddings`: per group, the zeros after each
-parameter inside the flat buffer (in buffer order; non-zero with `zero_optimization.parameter_alignment`),
-skipped here.  A static loss scaler (`dynamic_loss_scale` false: what a float32 run saves, at 1.0)
-is no scaler state to continue (ZeroState.loss_scale None).
+Newer DeepSpeed (0.19.8 does) also saves `param_alignment_paddings`: per group, the zeros after
+each parameter inside the flat buffer (in buffer order; non-zero with
+`zero_optimization.parameter_alignment`), skipped here.  A static loss scaler
+(`dynamic_loss_scale` false: what a float32 run saves, at 1.0) is no scaler state to continue
+(ZeroState.loss_scale None).
 
 Checked against files DeepSpeed 0.19.8 itself wrote (tests/fixtures/deepspeed_zero1: ZeRO-1,
-float32, bf16, fp16 with skipped steps, parameter_alignment, and GPT-NeoX's pipeline layout with two
-stages; data-parallel 2), bit for bit
-against DeepSpeed's own safe_get_full_fp32_param / safe_get_full_optimizer_state, and the counters
-and loss scaler against its live engine.  DeeperSpeed 0.3.15's files, and tensor-parallel ones, are
-checked against the published layout only.
+data-parallel 2; float32, bf16, fp16 with skipped steps, parameter_alignment, and GPT-NeoX's
+pipeline layout with two stages), bit for bit against DeepSpeed's own safe_get_full_fp32_param /
+safe_get_full_optimizer_state, and the counters and loss scaler against its live engine.
+DeeperSpeed 0.3.15's files, and tensor-parallel ones, are checked against the published layout
+only.
 
 The loss scaler (and, in newer files, the ZeRO stage enum and the slice mappings) are pickled
 DeepSpeed classes: they are read through stand-ins allow-listed under DeepSpeed's names, with
