@@ -48,11 +48,11 @@ each parameter inside the flat buffer (in buffer order; non-zero with
 (ZeroState.loss_scale None).
 
 Checked against files DeepSpeed 0.19.8 itself wrote (tests/fixtures/deepspeed_zero1: ZeRO-1,
-data-parallel 2; float32, bf16, fp16 with skipped steps, parameter_alignment, and GPT-NeoX's
-pipeline layout with two stages), bit for bit against DeepSpeed's own safe_get_full_fp32_param /
-safe_get_full_optimizer_state, and the counters and loss scaler against its live engine.
-DeeperSpeed 0.3.15's files, and tensor-parallel ones, are checked against the published layout
-only.
+data-parallel 2; float32, bf16, fp16 with skipped steps, parameter_alignment, GPT-NeoX's pipeline
+layout with two stages, and two tensor-parallel ranks), bit for bit against DeepSpeed's own
+safe_get_full_fp32_param / safe_get_full_optimizer_state (per TP rank, before the merge), and the
+counters and loss scaler against its live engine.  DeeperSpeed 0.3.15's files, and the TP merge,
+are checked against the published layout only.
 
 The loss scaler (and, in newer files, the ZeRO stage enum and the slice mappings) are pickled
 DeepSpeed classes: they are read through stand-ins allow-listed under DeepSpeed's names, with
