@@ -10,6 +10,7 @@ step for step; with fresh moments instead it must not (the check has teeth)."""
 import collections
 import sys
 import types
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 
 from convert_fixtures import hf_state_numpy, neox_rank_tensors, write_neox
 from hf_reference import hf_model, ours_from_hf
-from neox_jax.convert.mapping import params_from_hf
+from neox_jax.convert.mapping import params_from_hf, to_torch
 from neox_jax.convert.formats import torch_load
 from neox_jax.convert.zero import _DS_GLOBALS, read_zero
 from neox_jax.errors import CheckpointError
@@ -424,3 +425,119 @@ def test_inspect_reports_the_optimizer_files(stopped_run, capsys):
     *_, root = stopped_run
     assert main(["inspect", str(root), "--no-hash"]) == 0
     assert f"optimizer state: {DP * TP} ZeRO files (data-parallel {DP} x model ranks {TP})" in capsys.readouterr().out
+
+
+DS_FIXTURES = Path(__file__).parent / "fixtures" / "deepspeed_zero1"
+
+
+def _ds_reference(variant):
+    """DeepSpeed's report for a fixture: (arrays, step directory, {scaler key: value} or None)."""
+    ref = np.load(DS_FIXTURES / variant / "reference.npz")
+    scaler = {k[len("scaler/"):]: float(ref[k]) for k in ref.files if k.startswith("scaler/")} or None
+    return ref, DS_FIXTURES / variant / "save" / f"global_step{int(ref['iteration'])}", scaler
+
+
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "aligned", "fp16", "pipe"])
+def test_reader_matches_deepspeed_on_its_own_files(variant):
+    """Files DeepSpeed 0.19.8 wrote itself (ZeRO-1, data-parallel 2; tests/fixtures/deepspeed_zero1/
+    make.py): per parameter, our float32 master and Adam moments equal, bit for bit, what DeepSpeed's
+    safe_get_full_fp32_param / safe_get_full_optimizer_state reported for the live engine; the
+    iteration, applied updates and Adam step equal its global_steps, global_steps - skipped_steps
+    (fp16: 18 of 40 overflowed) and its AdamW's `step`; the loss scaler state its live
+    DynamicLossScaler's (fp16; the others save none or a static one); the weights GPT-NeoX's reader
+    takes from the model-states file (pipe: the layer files of a PipelineModule, parameters named
+    `LL.<param>`, two stages each with its own mp_rank_XX files) are the masters (bf16/fp16:
+    rounded, as DeepSpeed copies them)."""
+    ref, step_dir, scaler = _ds_reference(variant)
+    osds = {f.name: torch_load(f, extra_globals=_DS_GLOBALS)["optimizer_state_dict"]
+            for f in sorted(step_dir.glob("*optim_states.pt"))}
+    if variant != "fp32":  # one layer a stage: the no-decay group padded by 2 on data-parallel rank 1
+        assert all(o["group_paddings"] == [0, 0] if "_rank_0_" in f else o["group_paddings"][1] == 2
+                   for f, o in osds.items()), {f: o["group_paddings"] for f, o in osds.items()}
+    aligned = any(any(map(any, o.get("param_alignment_paddings", []))) for o in osds.values())
+    assert aligned == (variant == "aligned")
+    zs = read_zero(step_dir.parent)
+    steps = {int(s) for k in ref.files if k.startswith("step/") for s in ref[k]}
+    updates = int(ref["global_steps"]) - int(ref["skipped_steps"])
+    assert (int(ref["skipped_steps"]) > 0) == (variant == "fp16") and steps == {updates}
+    assert (zs.iteration, zs.updates, zs.adam_step) == (int(ref["iteration"]), updates, updates)
+    assert (zs.dp, zs.tp, zs.pp, zs.loss_scale) == (2, 1, 2 if variant == "pipe" else 1, scaler)
+    names = {k.split("/", 1)[1] for k in ref.files if k.startswith("master/")}
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(variant, torch.float32)
+    pipe = variant.startswith("pipe")
+    assert zs.reader.layout == ("pipeline" if pipe else "sequential")
+    seen = set()
+    for e, *got in zs.arrays():
+        ll, param, _ = zs.reader._where(e.name, e.layer)
+        name = f"{ll}.{param}" if pipe else f"sequential.{ll}.{param}"
+        for kind, ours in zip(("master", "exp_avg", "exp_avg_sq"), got):
+            np.testing.assert_array_equal(to_torch(e.name, ours, zs.reader.config), ref[f"{kind}/{name}"],
+                                          err_msg=f"{kind} {name}")
+        weight = torch.from_numpy(ref[f"master/{name}"]).to(low).float().numpy()
+        np.testing.assert_array_equal(zs.reader.read_torch(e).astype(np.float32), weight, err_msg=name)
+        seen.add(name)
+    assert seen == names, names ^ seen
+
+
+def test_tensor_parallel_pieces_match_deepspeed():
+    """tp/: DeepSpeed 0.19.8's PipelineModule over GPT-NeoX's topology with 2 tensor-parallel x 2
+    data-parallel ranks (column-parallel QKV / h_to_4h / embedding / output rows, row-parallel dense
+    and 4h_to_h columns, as GPT-NeoX slices them).  Before any merge, each tensor-parallel rank's
+    piece of every parameter (from the optimizer files of model rank = that rank, and from its
+    layer_LL-model_TT weight file) is bit for bit what DeepSpeed reported on that rank; the merge
+    across ranks is GPT-NeoX's rule (convert/neox.py), checked against the published layout."""
+    ref, step_dir, _ = _ds_reference("tp")
+    zs = read_zero(step_dir.parent)
+    assert (zs.dp, zs.tp, zs.pp, zs.iteration, zs.updates, zs.adam_step) == (2, 2, 1, 3, 3, 3)
+    seen = set()
+    for (ll, param), parts in zs._tensors.items():
+        assert len(parts) == 2
+        for t, piece in enumerate(parts):
+            key = f"{ll}.{param}/tp{t}"
+            for i, kind in enumerate(("master", "exp_avg", "exp_avg_sq")):
+                np.testing.assert_array_equal(piece.read(zs._files, i), ref[f"{kind}/{key}"],
+                                              err_msg=f"{kind} {key}")
+            np.testing.assert_array_equal(zs.reader._rank_tensors(ll, param)[t].numpy(), ref[f"master/{key}"],
+                                          err_msg=key)
+            seen.add(key)
+    assert seen == {k.split("/", 1)[1] for k in ref.files if k.startswith("master/")}
+    assert len(list(zs.arrays())) == len(zs.reader.entries())
+
+
+@pytest.mark.parametrize("variant", ["fp32", "fp16"])
+def test_init_from_neox_on_deepspeed_files(variant, caplog):
+    """`train.init_from_neox` on runs DeepSpeed 0.19.8 saved: the train state's params, Adam moments
+    and count, iteration and update count are DeepSpeed's (bit for bit); with dynamic loss scaling,
+    the fp16 run's scaler state is DeepSpeed's and the float32 run's static scaler is not taken."""
+    from neox_jax.convert.neox import NeoxReader
+    from neox_jax.train.optimizer import init_loss_scale
+    from neox_jax.tree import flatten
+
+    ref, step_dir, scaler = _ds_reference(variant)
+    save = step_dir.parent
+    cfg = neox_state.read_config(str(save))
+    run = from_sections({"model": cfg.to_dict(), "data": {"path": "unused", "seq_length": 8},
+                         "optimizer": {"lr": 1e-2, "loss_scale": "dynamic"},
+                         "train": {"steps": 100, "batch_size": 2, "init_from_neox": str(save)}})
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    opt = S.make_optimizer(run)
+    with jax.set_mesh(mesh), caplog.at_level("INFO", logger="neox_jax"):
+        state = jax.device_get(neox_state.load(run, str(save), opt, S.state_shardings(run, mesh, opt)))
+    updates = int(ref["global_steps"]) - int(ref["skipped_steps"])
+    assert (int(state.step), int(state.updates), int(state.opt_state[0].count)) == (int(ref["iteration"]),
+                                                                                      updates, updates)
+    ls = state.loss_scale
+    if scaler:
+        assert (float(ls.scale), int(ls.iter), int(ls.last_overflow), int(ls.hysteresis)) == \
+            (scaler["cur_scale"], scaler["cur_iter"], scaler["last_overflow_iter"], scaler["cur_hysteresis"])
+    else:
+        assert "the checkpoint's scaler state not used" in caplog.text
+        assert float(ls.scale) == float(init_loss_scale(run.optimizer).scale) != 1.0
+    trees = [flatten(t) for t in (state.params, state.opt_state[0].mu, state.opt_state[0].nu)]
+    with NeoxReader(save) as r:
+        for e in r.entries():
+            ll, param, _ = r._where(e.name, e.layer)
+            for kind, tree in zip(("master", "exp_avg", "exp_avg_sq"), trees):
+                ours = tree[e.name] if e.layer is None else tree[e.name][e.layer]
+                want = ref[f"{kind}/sequential.{ll}.{param}"]
+                np.testing.assert_array_equal(to_torch(e.name, np.asarray(ours), cfg), want, err_msg=f"{kind} {e.label}")

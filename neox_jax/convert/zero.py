@@ -41,6 +41,19 @@ Adam's own `step`, which is then used as is, and `param_shapes` as a list per gr
 order, in `mp_rank_XX_model_states.pt`.  The ranks' partitions concatenate to the group's buffer,
 aligned to 2 x dp elements.
 
+Newer DeepSpeed (0.19.8 does) also saves `param_alignment_paddings`: per group, the zeros after
+each parameter inside the flat buffer (in buffer order; non-zero with
+`zero_optimization.parameter_alignment`), skipped here.  A static loss scaler
+(`dynamic_loss_scale` false: what a float32 run saves, at 1.0) is no scaler state to continue
+(ZeroState.loss_scale None).
+
+Checked against files DeepSpeed 0.19.8 itself wrote (tests/fixtures/deepspeed_zero1: ZeRO-1,
+data-parallel 2; float32, bf16, fp16 with skipped steps, parameter_alignment, GPT-NeoX's pipeline
+layout with two stages, and two tensor-parallel ranks), bit for bit against DeepSpeed's own
+safe_get_full_fp32_param / safe_get_full_optimizer_state (per TP rank, before the merge), and the
+counters and loss scaler against its live engine.  DeeperSpeed 0.3.15's files, and the TP merge,
+are checked against the published layout only.
+
 The loss scaler (and, in newer files, the ZeRO stage enum and the slice mappings) are pickled
 DeepSpeed classes: they are read through stand-ins allow-listed under DeepSpeed's names, with
 torch's weights-only unpickler (no DeepSpeed code runs or is needed).
@@ -318,6 +331,28 @@ def _pieces_v06(files: list[Path], sds: list, osds: list[dict], model_states: Pa
     return groups, shapes, pieces, step
 
 
+def _param_paddings(files: list[Path], osds: list[dict], groups: list[list[str]]) -> list[list[int]]:
+    """Per group, the zeros newer DeepSpeed puts after each of its parameters inside the flat buffer
+    (`param_alignment_paddings`, in buffer order: non-zero with `zero_optimization.parameter_alignment`,
+    each parameter but the group's last padded to 16 bytes); no file key, no padding."""
+    pads = osds[0].get("param_alignment_paddings")
+    if pads is None:
+        return [[0] * len(g) for g in groups]
+    for f, osd in zip(files[1:], osds[1:]):
+        if osd.get("param_alignment_paddings") != pads:
+            raise CheckpointError(f"{f}: param_alignment_paddings differ from {files[0].name}'s")
+    try:
+        out = [[int(p) for p in pads[g]] for g in range(len(groups))]
+    except (IndexError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{files[0]}: param_alignment_paddings is not a list of paddings per group "
+                              f"({e!r})") from None
+    for g, (pad, group) in enumerate(zip(out, groups)):
+        if len(pad) != len(group):
+            raise CheckpointError(f"{files[0]}: param_alignment_paddings has {len(pad)} entries for group {g}, "
+                                  f"param_shapes {len(group)} parameters")
+    return out
+
+
 def optimizer_files(step_dir: Path) -> dict[tuple[int, int], Path]:
     """{(data-parallel rank, model rank): path} of the ZeRO optimizer files in a global_stepN directory."""
     return {(int(m.group(2)), int(m.group(3))): p for p in step_dir.iterdir() if (m := _OPTIM_FILE.match(p.name))}
@@ -364,17 +399,19 @@ def read_zero(path: str | Path, config_files: list[str] | None = None) -> ZeroSt
             raise CheckpointError(f"{files[0]}: neither local_sub_partitions_of_fp32_groups (DeepSpeed 0.3 ZeRO-1) "
                                   f"nor single_partition_of_fp32_groups (ZeRO-1/2): keys {sorted(osds[0])}")
         adam_step = step if step is not None else adam_step
+        pads = _param_paddings(files, osds, groups)
         if any(n.startswith("tied_modules.") for n in shapes):
             raise CheckpointError(f"{files[0]}: tied embeddings (tied_modules.*) are not supported")
         for g, group in enumerate(groups):
             flat = pieces[g]
-            want = sum(int(np.prod(shapes[n])) for n in group)
+            want = sum(int(np.prod(shapes[n])) for n in group) + sum(pads[g])
             # a ZeRO-1/2 group is aligned to 2 x dp elements; a tail of padding under that is dropped
             if not want <= flat.size < want + 2 * dp:
                 raise CheckpointError(f"{files[0]}: parameter group {g} holds {flat.size} values over {dp} "
-                                      f"rank(s), its {len(group)} parameters in param_shapes have {want}")
+                                      f"rank(s), its {len(group)} parameters in param_shapes have {want}"
+                                      + (" with their alignment padding" if any(pads[g]) else ""))
             at = 0
-            for n in group:
+            for n, pad in zip(group, pads[g]):
                 size = int(np.prod(shapes[n]))
                 mt = _NAME.match(n)
                 if not mt:
@@ -382,9 +419,11 @@ def read_zero(path: str | Path, config_files: list[str] | None = None) -> ZeroSt
                 key = (int(mt.group(1)), mt.group(2))
                 slot = tensors.setdefault(key, [None] * tp)
                 slot[m % tp] = _Slice(flat, at, tuple(shapes[n]))
-                at += size
+                at += size + pad
         if m == 0:
             scaler = getattr(osds[0].get("loss_scaler"), "__dict__", None)
+            if scaler is not None and (osds[0].get("dynamic_loss_scale") is False or scaler.get("dynamic") is False):
+                scaler = None  # a static LossScaler (float32 runs save one at 1.0): no state to continue
         del sds, osds, pieces
     known = {reader._where(e.name, e.layer)[:2] for e in reader.entries()}
     unknown = sorted(set(tensors) - known)
