@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -206,36 +205,16 @@ def test_truncated_array_file_then_fallback_on_another_mesh(reference, tmp_path)
 
 
 def test_sigkill_during_a_save(reference, tmp_path, caplog):
-    """The save of step 8 is slowed by a patched JSON writer (its commit future sleeps after the
-    tmp directory is written); SIGKILL then: step 4 stays complete, the half-written step is no
+    """The save of step 8 stalls (tests/failing_save.py --hang: the loader item's commit future
+    sleeps after the tmp directory is written); SIGKILL then: step 4 stays complete, the half-written step is no
     checkpoint to any reader, and the next resume reports and removes it and restores step 4."""
     run_dir, cfg = reference
     r = _copy_run(run_dir, tmp_path / "r", keep_steps={4})
     sentinel = tmp_path / "saving"
-    script = textwrap.dedent(f"""
-        import sys, time
-        from pathlib import Path
-        import orbax.checkpoint as ocp
-
-        class Slow:
-            def result(self, timeout=None):
-                Path({str(sentinel)!r}).write_text("saving")
-                time.sleep(3600)
-
-        json_save = ocp.handlers.JsonCheckpointHandler.async_save
-
-        async def slow_loader_write(self, directory, item=None, args=None):
-            futures = await json_save(self, directory, item=item, args=args)
-            if "global_batch" in args.item and args.item["step"] == {STEPS}:
-                futures = list(futures) + [Slow()]
-            return futures
-
-        ocp.handlers.JsonCheckpointHandler.async_save = slow_loader_write
-        from neox_jax.cli import main
-        sys.exit(main(["train", {str(cfg)!r}, "--run-dir", {str(r)!r}]))
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT, env={**os.environ, **ENV})
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "failing_save.py"), "--hang", str(sentinel),
+                             str(STEPS), "-1", "-", "train", str(cfg), "--run-dir", str(r)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, **ENV})
     deadline = time.time() + 300
     while time.time() < deadline and not sentinel.exists():
         assert proc.poll() is None, proc.communicate()
