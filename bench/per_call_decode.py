@@ -74,10 +74,11 @@ def main() -> None:
         token = jnp.ones((b, 1), jnp.int32)
         t32, l32 = step_ms(step, params, cache, token, args.steps)
         tlean, llean = step_ms(step, lean, cache, token, args.steps)
-        np.testing.assert_array_equal(llean, l32)  # the same program, the same numbers: only the bytes moved differ
+        diff = float(np.max(np.abs(np.asarray(llean) - np.asarray(l32))))  # bit-equal on CPU; GPU GEMMs may differ
+        assert diff < 5e-2, f"logits differ by {diff}"
         rows.append({"batch": b, "float32_ms": round(t32, 3), "inference_params_ms": round(tlean, 3),
-                     "ratio": round(t32 / tlean, 3)})
-        print(f"{b:>5} | {t32:>23.2f} | {tlean:>24.2f} | {t32 / tlean:>5.2f}")
+                     "ratio": round(t32 / tlean, 3), "max_abs_logit_diff": diff})
+        print(f"{b:>5} | {t32:>23.2f} | {tlean:>24.2f} | {t32 / tlean:>5.2f} (max |logit diff| {diff:.1e})")
     out = {"preset": preset, "compute_dtype": args.dtype, "cache": args.cache, "device": jax.devices()[0].device_kind,
            "rows": rows}
     print(json.dumps(out))
