@@ -11,13 +11,14 @@
 #                                                                               PyTorch side never sees them)
 # Measured on an H200 (jax 0.11.2, pythia-1.4b train step, bench/throughput_notes.md lever 5,
 # 2026-11-26): the four flags below together made the step 7.9% SLOWER (47.7k vs 51.7k tokens/s), so
-# none is active; each stays here, commented out, until it is measured alone.  Suspect first:
-# --xla_gpu_enable_triton_gemm=false (XLA's own GEMM choice was already near the card's GEMM peak).
+# none is active.  Measured alone on 2026-11-27 (same card and step, 53.3k tokens/s without flags;
+# step times spread +-3%): latency-hiding scheduler 53.2k, triton_gemm=false 48.4k (-9.1%: the whole
+# loss), cuBLASLt 53.5k; highest-priority stream not measured.  None helps, so none is enabled.
 XLA_GPU_FLAGS=(
   # Schedule independent work (async copies, the CE chunks' loop, collectives) to overlap instead of
   # running in program order.  Default-on in recent XLA.
   # --xla_gpu_enable_latency_hiding_scheduler=true
-  # Plain GEMMs through cuBLAS instead of Triton-generated kernels.
+  # Plain GEMMs through cuBLAS instead of Triton-generated kernels.  -9.1%: do not enable.
   # --xla_gpu_enable_triton_gemm=false
   # cuBLASLt GEMMs, whose epilogues can absorb the bias add (and GELU) after each projection.
   # --xla_gpu_enable_cublaslt=true
