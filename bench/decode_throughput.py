@@ -11,6 +11,7 @@ call that compiles; HF's decode time is `generate()` minus a timed prompt forwar
     python bench/decode_throughput.py --gpu               # GPU: pythia-1.4b shapes, bf16 (HF with SDPA)
     python bench/decode_throughput.py --preset pythia-410m --batches 1,8 --dtype float32 --timeout 600
     python bench/decode_throughput.py --gpu --int8 --no-hf --json out.json   # int8 weights (generate --int8)
+    python bench/decode_throughput.py --gpu --no-hf --layers both   # the layer scan vs straight-line layers
 
 Everything runs under --timeout seconds (default 1800); past it the script stops with exit status
 124 and prints what it has.  The weights-read floor per step (parameter bytes / device bandwidth)
@@ -32,7 +33,7 @@ import numpy as np
 
 from neox_jax import model as M
 from neox_jax.config import load_config
-from neox_jax.generate import Sampling, decode, prefill
+from neox_jax.generate import Sampling, decode, prefill, unstack_layers
 
 
 def _timed(fn, repeats=1):
@@ -48,6 +49,8 @@ def _timed(fn, repeats=1):
 
 def ours(cfg, params, tokens, new, repeats):
     B, P = tokens.shape
+    if not cfg.scan_layers:
+        params = unstack_layers(params)  # as Generator holds them: each layer's weights where they lie
     mask = jnp.ones((B, P), bool)
     active = jnp.ones((B,), bool)
     rows = jnp.arange(B, dtype=jnp.int32)
@@ -123,6 +126,9 @@ def main():
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers column")
     ap.add_argument("--int8", action="store_true", help="ours with int8 weights (neox_jax/quant.py); HF keeps "
                                                          "the float ones")
+    ap.add_argument("--layers", choices=["scan", "unrolled", "both"], default="scan",
+                    help="ours with the layers in a lax.scan (model.scan_layers, the default), as straight-line "
+                         "code, or both (an extra column, same tokens required)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--timeout", type=int, default=1800)
     args = ap.parse_args()
@@ -156,7 +162,12 @@ def main():
           f"prompt {args.prompt}, {args.new} new tokens, greedy; JAX {jax.__version__} on "
           f"{jax.devices()[0].device_kind} ({len(jax.devices())} device(s)), torch {torch.__version__} on {device}"
           f" with {torch.get_num_threads()} threads")
+    if args.layers == "unrolled":
+        cfg = cfg.replace(scan_layers=False)
+    both = args.layers == "both"
+    print(f"ours: layers {'scan and unrolled' if both else args.layers}")
     header = f"{'batch':>5} | {'ours prefill tok/s':>18} {'ours decode ms/step':>20} | " \
+             + (f"{'unrolled prefill tok/s':>22} {'unrolled decode ms/step':>23} | " if both else "") + \
              f"{'HF prefill tok/s':>16} {'HF decode ms/step':>18} | {'speed-up':>8} | same tokens"
     print(header)
     print("-" * len(header))
@@ -168,7 +179,14 @@ def main():
         row = f"{B:>5} | {B * args.prompt / pre:>18,.0f} {step * 1e3:>20.2f} | "
         rec = {"preset": preset, "dtype": args.dtype, "int8": args.int8, "batch": B, "prompt": args.prompt,
                "new": args.new, "device": jax.devices()[0].device_kind, "ours_prefill_tok_s": B * args.prompt / pre,
-               "ours_decode_ms_step": step * 1e3}
+               "ours_decode_ms_step": step * 1e3, "scan_layers": cfg.scan_layers}
+        if both:
+            upre, ustep, utoks = ours(cfg.replace(scan_layers=False), ours_params, tokens, args.new, args.repeats)
+            # the same program in another order of operations: greedy paths may part after a near tie
+            agree = float(np.mean(np.all(utoks[:, :16] == toks[:, :16], axis=1)))
+            row += f"{B * args.prompt / upre:>22,.0f} {ustep * 1e3:>23.2f} | "
+            rec.update(unrolled_prefill_tok_s=B * args.prompt / upre, unrolled_decode_ms_step=ustep * 1e3,
+                       unrolled_rows_agree_16=agree)
         if args.no_hf:
             print(row + f"{'-':>16} {'-':>18} | {'-':>8} | -", flush=True)
         else:

@@ -15,6 +15,7 @@ kernel times, so busy < step time means the device waited (host, launch gaps).
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import re
 import statistics
@@ -94,7 +95,10 @@ def summarise(events: dict[str, list[tuple[str, float]]], steps: int, top: int) 
 def main(argv=None) -> int:
     ap = TT.build_parser()
     ap.description = __doc__
-    ap.add_argument("--top", type=int, default=25, help="kernels to list (default 25)")
+    ap.add_argument("--top", type=int, default=25, help="kernels to list (default 25; the JSON keeps --json-top)")
+    ap.add_argument("--json-top", type=int, default=400, help="kernels and XLA ops kept in the JSON (default 400)")
+    ap.add_argument("--hlo", default="", help="also write the compiled (optimized) HLO of the step here, gzipped "
+                                              "(e.g. hlo.txt.gz): which fusion is which kernel, read on any machine")
     args = ap.parse_args(argv)
     import jax
 
@@ -132,7 +136,7 @@ def main(argv=None) -> int:
     files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
     if not files:
         raise SystemExit(f"no trace written under {d}")
-    res = summarise(device_events(files[0]), args.steps, args.top)
+    res = summarise(device_events(files[0]), args.steps, max(args.top, args.json_top))
     res.update(step_ms_median=statistics.median(times), step_ms=times, device=jax.devices()[0].device_kind,
                settings={"model": args.model, "seq": args.seq, "micro_batch": args.micro_batch,
                          "remat": cfg.remat, "attention": cfg.attention, "dtype": cfg.compute_dtype})
@@ -141,14 +145,18 @@ def main(argv=None) -> int:
           f"{res['busy_ms_per_step']:.1f} ms/step")
     print("by category (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in res["category_ms_per_step"].items()))
     print(f"{'ms/step':>8} {'calls':>6}  kernel")
-    for r in res["top_kernels"]:
+    for r in res["top_kernels"][:args.top]:
         print(f"{r['ms_per_step']:8.2f} {r['calls_per_step']:6.0f}  {r['name'][:110]}")
     if res["top_xla_ops"]:
         print(f"{'ms/step':>8}  XLA op")
-        for r in res["top_xla_ops"]:
+        for r in res["top_xla_ops"][:args.top]:
             print(f"{r['ms_per_step']:8.2f}  {r['name'][:110]}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    if args.hlo:
+        with gzip.open(args.hlo, "wt") as f:
+            f.write(step.as_text())
+        print(f"optimized HLO: {args.hlo}")
     return 0
 
 

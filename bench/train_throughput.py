@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="positions per cross-entropy chunk (train.loss_chunk; 0 = the whole sequence)")
     ap.add_argument("--grad-accum", type=int, default=1,
                     help="micro-batches per step; global batch = micro-batch x grad-accum (default 1)")
+    ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
+                    help="ours: the layers in a lax.scan (model.scan_layers, default) or, with --no-scan-layers, "
+                         "as straight-line code (longer compile; no per-layer slicing of the stacked weights "
+                         "inside a loop)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per side (default 10)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
@@ -164,7 +168,8 @@ def model_config(args, parallel: bool | None = None, attention: str | None = Non
 
     cfg = load_config(args.model)
     changes: dict[str, Any] = {"compute_dtype": args.dtype, "attention": attention or args.attention_resolved,
-                               "param_dtype": "float32", "fp32_allreduce": args.fp32_allreduce}
+                               "param_dtype": "float32", "fp32_allreduce": args.fp32_allreduce,
+                               "scan_layers": args.scan_layers}
     if args.remat != "preset":
         changes["remat"] = args.remat
     if parallel is None:
@@ -303,7 +308,7 @@ def job_ours(args, parallel: bool | None) -> dict[str, Any]:
     out = {"side": "ours", "use_parallel_residual": cfg.use_parallel_residual, "attention": cfg.attention,
            "remat": cfg.remat, "dtype": cfg.compute_dtype, "global_batch": B, "micro_batch": run.micro_batch,
            "grad_accum": run.train.grad_accum, "loss_chunk": run.train.loss_chunk,
-           "fp32_allreduce": cfg.fp32_allreduce, "seq": args.seq,
+           "fp32_allreduce": cfg.fp32_allreduce, "scan_layers": cfg.scan_layers, "seq": args.seq,
            "tokens_per_step": B * args.seq, "step_ms": step_s * 1e3, "step_ms_all": [t * 1e3 for t in times],
            "first_step_s": warm[0] if warm else None, "compile_s": compile_s,
            "compile_how": "AOT .lower().compile()", "init_s": init_s,
@@ -579,7 +584,7 @@ def worker_main(args) -> int:
 
 
 JOB_ARGS = ("model", "seq", "micro_batch", "grad_accum", "loss_chunk", "fp32_allreduce", "steps", "warmup", "dtype",
-            "remat", "lr", "seed", "attention_resolved", "parallel_default")
+            "remat", "lr", "seed", "attention_resolved", "parallel_default", "scan_layers")
 
 
 def job_env(job: dict[str, Any], xla_extra: list[str]) -> dict[str, str]:
@@ -744,7 +749,7 @@ def main(argv=None) -> int:
         "settings": {"model": args.model, "seq": args.seq, "micro_batch": args.micro_batch,
                      "grad_accum": args.grad_accum, "global_batch": args.micro_batch * args.grad_accum,
                      "steps": args.steps, "warmup": args.warmup, "dtype": args.dtype,
-                     "attention": args.attention_resolved, "remat": args.remat,
+                     "attention": args.attention_resolved, "remat": args.remat, "scan_layers": args.scan_layers,
                      "sides": args.side_list, "parallel_residual": args.parallel_residual,
                      "isolate": isolate},
         "rows": [], "jobs": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -754,7 +759,8 @@ def main(argv=None) -> int:
           f"{d['cpu_count']} cores)")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
     print(f"shapes: {args.model}, seq {args.seq}, micro-batch {args.micro_batch} x grad-accum {args.grad_accum}, "
-          f"{args.dtype}, attention {args.attention_resolved}, remat {args.remat}; "
+          f"{args.dtype}, attention {args.attention_resolved}, remat {args.remat}"
+          f"{'' if args.scan_layers else ', layers unrolled (no scan)'}; "
           f"{args.warmup} warm-up + {args.steps} timed steps", flush=True)
     if report["xla_flags"]:
         print(f"XLA_FLAGS: {report['xla_flags']}")

@@ -105,7 +105,7 @@ def export_saved_model(ckpt: str, out: str, *, dtype: str | None = None, cache_l
         def prefill(p, tokens, lengths):
             B, S = tokens.shape
             mask = jnp.arange(S)[None, :] >= S - lengths[:, None]  # left padding, as generate builds it
-            return cache_out(*extend(cfg, p, init_cache(cfg, B, T), tokens, mask))
+            return cache_out(*extend(cfg, p, init_cache(cfg, B, T), tokens, mask, fresh=True))
 
         def decode(p, token, k, v, lengths, index):
             step = token[:, None]

@@ -11,6 +11,7 @@ import pytest
 from neox_jax import checkpoint as C
 from neox_jax.cli import main
 from neox_jax.data.tokenizer import load_tokenizer
+from neox_jax import generate as G
 from neox_jax.generate import Generator, Sampling
 
 
@@ -21,7 +22,7 @@ def ckpt(tmp_path_factory):
     return d
 
 
-def test_input_output_jsonl_equals_library(ckpt, tmp_path, neox_tokenizer_path, capsys):
+def test_input_output_jsonl_equals_library(ckpt, tmp_path, neox_tokenizer_path, capsys, monkeypatch):
     tok = load_tokenizer(neox_tokenizer_path)
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps({"prompt": "To be, or not to be"}) + "\n\n"
@@ -49,6 +50,11 @@ def test_input_output_jsonl_equals_library(ckpt, tmp_path, neox_tokenizer_path, 
     assert "exists (pass --overwrite" in capsys.readouterr().err
     assert out.read_text() == before
     assert main(args + ["--overwrite"]) == 0 and out.read_text() == before  # same seed, same text
+    calls = []
+    unstack = G.unstack_layers
+    monkeypatch.setattr(G, "unstack_layers", lambda p: calls.append(1) or unstack(p))
+    assert main(args + ["--overwrite", "--layers", "unrolled"]) == 0 and out.read_text() == before  # same tokens
+    assert calls == [1]  # the weights were held per layer, the steps ran unrolled
 
 
 def test_prompt_and_interactive_streaming(ckpt, neox_tokenizer_path, monkeypatch, capsys):

@@ -10,7 +10,8 @@ import torch
 from hf_reference import hf_model, ours_from_hf
 from neox_jax import model as M
 from neox_jax.errors import UserError
-from neox_jax.generate import Generator, Sampling, decode_mesh, decode_shardings, filter_logits, generate, sample_tokens
+from neox_jax.generate import (Generator, Sampling, decode_mesh, decode_shardings, extend, filter_logits, generate,
+                               init_cache, sample_tokens)
 
 # prompt lengths: 16 and 32 fill their length bucket exactly (no padding when alone)
 LENGTHS = (1, 5, 16, 12, 32, 7)
@@ -84,6 +85,21 @@ def test_stop_token_matches_hf_eos(hf_and_ours):
         else:
             assert r.stop_reason == "length" and r.completion_tokens == h
     assert ours[row].completion_tokens == alone[row][:j]
+
+
+def test_unrolled_layers_equal_hf_generate(hf_and_ours):
+    """scan_layers false: the layers of each decode step as straight-line code (no loop), same tokens."""
+    model, cfg, params = hf_and_ours
+    prompts = _prompts(cfg.vocab_size, seed=2)
+    alone, _ = hf_greedy(model, prompts, MAX_NEW)
+    unrolled = cfg.replace(scan_layers=False)
+    ours = generate(unrolled, params, prompts, max_new_tokens=MAX_NEW, batch_size=B)
+    assert [r.completion_tokens for r in ours] == alone
+    cache = init_cache(cfg, 2, 8)
+    tokens = jnp.ones((2, 1), jnp.int32)
+    loops = {c.scan_layers: jax.jit(extend, static_argnums=0).lower(c, params, cache, tokens, tokens > 0).as_text()
+             .count("stablehlo.while") for c in (cfg, unrolled)}
+    assert loops == {True: 1, False: 0}
 
 
 @pytest.fixture(scope="module")
