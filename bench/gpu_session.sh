@@ -5,30 +5,34 @@
 #
 # Runs the benchmark scripts in stages, most important first, each stage's timeout cut to what is left
 # of BUDGET_S (a stage with under 60 s left is skipped and says so).  ARGS are appended to every
-# train_throughput stage before the stage's own options, so the stage's options win (used for the CPU
-# smoke run below).  Results: $OUT (or /tmp/out) gets session.log and one JSON per stage; each JSON is
-# rewritten after every job inside its stage, so a stage cut short keeps what it finished.
+# train_throughput / profile_step stage before the stage's own options, so the stage's options win (used
+# for the CPU smoke run below).  FROM=STAGE starts at that stage (a second call on a warm machine).
 #
-# Second session's stages (the first session's results: bench/results/h200-2026-11-26/; predictions
-# are written in bench/throughput_notes.md, "Second GPU session", before any of these ran):
-#   s1  the issue's measurement again (cudnn-vs-xla check, ours, HF eager, HF + torch.compile), now with
-#       the bf16 head backward and the written-out LayerNorm/GELU backward
-#   s2  remat dots_attn (cuDNN attention's forward outputs saved), micro-batch 8
-#   s3  remat none, micro-batch 8 (no float32 LayerNorm residuals any more)
-#   s4  remat none, micro-batch 16, then 24 (s4b)
-#   s5  remat dots_attn, micro-batch 24
-#   s6  remat dots_attn, micro-batch 8, the cross-entropy over the whole sequence (train.loss_chunk 0)
-#   s6b remat dots_attn, micro-batch 8, model.fp32_allreduce (its cost on one GPU)
-#   s7  the collectives of the 1.4b step on (1,1,1) (this GPU) and (8,1,1) (8 CPU devices)
-#   s8  a profile of remat dots_attn, micro-batch 8 (bench/profile_step.py)
-#   s9-s12  each flag of launch/xla_gpu_flags.sh alone (together they cost 7.9% in session one)
-#   s13-s14 decoding (ours, HF generate; ours with int8 weights)
-#   s15 one decode step per call, float32-stored weights vs model.inference_params (what export stores)
+# Results: the lent machine returns at most 8 files, so $OUT (or /tmp/out) gets two: session.log, and
+# stages.tar holding one JSON per stage (plus the profiles' optimized HLO), rewritten after every stage;
+# each JSON is itself rewritten after every job inside its stage, so a stage cut short keeps what it
+# finished.
+#
+# Third session's stages (sessions one and two: bench/results/h200-2026-11-2{6,7}/; predictions are
+# written in bench/throughput_notes.md, "Third GPU session", before any of these ran):
+#   u1  decode, layers in a scan vs unrolled with the weights held per layer (generate --layers)
+#   u2  decode (scan) with --xla_gpu_enable_dynamic_slice_fusion=true
+#   u3  decode (scan) with XLA's own full unrolling of the layer loop
+#   t0  train, dots_attn, micro-batch 8: this session's baseline (session two: 54.0k tokens/s)
+#   t1  t0 with the layers unrolled (train_throughput --no-scan-layers)
+#   t2  t0 with --xla_gpu_enable_dynamic_slice_fusion=true
+#   p1  profile of t0 with the full kernel table and the optimized HLO (which fusion is which kernel)
+#   p2  profile of the best setting so far (remat none, micro-batch 24, whole-sequence cross-entropy)
+#   t3  the best setting with the layers unrolled
+#   u4  decode with int8 weights, scan and unrolled
+#   t4  the one flag session two did not reach (highest-priority async stream)
+#   s1  the issue's full measurement (cudnn-vs-xla check, ours, HF eager, HF + torch.compile)
 #
 # GPU (what the lent machine runs; nothing to install):
-#   PYTHONPATH=. bash bench/gpu_session.sh 600          (PYTHON=... to use another interpreter than python3)
-# CPU smoke run of the same stages (tiny shapes; cudnn and the attention check need a GPU, so the
-# dots_attn stages fail fast there with a ConfigError, which the smoke run shows as "exit 1"):
+#   PYTHONPATH=. bash bench/gpu_session.sh 580          (PYTHON=... to use another interpreter than python3)
+#   FROM=u4 PYTHONPATH=. bash bench/gpu_session.sh 250  (the rest, in a second call on the warm machine)
+# CPU smoke run of the same stages (tiny shapes; the decode stages (--gpu) and the cudnn stages need a
+# GPU, so they fail fast there, which the smoke run shows as "exit 1"):
 #   JAX_PLATFORMS=cpu PYTHONPATH=. bash bench/gpu_session.sh 900 --model tiny --seq 64 --micro-batch 2 \
 #       --steps 2 --warmup 1 --attention xla --dtype float32
 set -uo pipefail
@@ -36,23 +40,29 @@ cd "$(dirname "$0")/.."
 budget=${1:?usage: bench/gpu_session.sh BUDGET_S [ARGS...]}
 shift
 out=${OUT:-/tmp/out}
+work=$(mktemp -d /tmp/gpu_session.XXXXXX)
 mkdir -p "$out"
 log="$out/session.log"
 deadline=$((SECONDS + budget))
+from=${FROM:-}
 export PYTHONUNBUFFERED=1
 
 {
-  echo "=== $(date -u '+%Y-%m-%d %H:%M:%S') budget ${budget}s; git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "=== $(date -u '+%Y-%m-%d %H:%M:%S') budget ${budget}s; git $(git rev-parse --short HEAD 2>/dev/null || echo '?')${from:+; from $from}"
   nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
-} | tee "$log"
+} | tee -a "$log"
 
 # The memory fraction the launchers use (launch/xla_gpu_flags.sh): JAX's default 0.75 refused remat none at
 # micro-batch 16 in session one although it fit the card.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
 
-stage() {  # stage NAME CAP_S SCRIPT ARGS...
+stage() {  # stage NAME CAP_S SCRIPT ARGS...   (the script gets --json WORK/NAME.json)
   local name=$1 cap=$2 script=$3
   shift 3
+  if [[ -n $from ]]; then
+    [[ $name == "$from" ]] || { echo "=== stage $name skipped: FROM=$from" | tee -a "$log"; return; }
+    from=
+  fi
   local left=$((deadline - SECONDS - 5))
   if ((left < 60)); then
     echo "=== stage $name skipped: ${left}s left" | tee -a "$log"
@@ -61,30 +71,29 @@ stage() {  # stage NAME CAP_S SCRIPT ARGS...
   local t=$((cap < left ? cap : left))
   echo "=== stage $name (timeout ${t}s, XLA_FLAGS='${XLA_FLAGS:-}'): $script $*" | tee -a "$log"
   local start=$SECONDS
-  timeout --kill-after=5 "$t" "${PYTHON:-python3}" "bench/$script" --json "$out/$name.json" "$@" 2>&1 | tee -a "$log"
+  timeout --kill-after=5 "$t" "${PYTHON:-python3}" "bench/$script" --json "$work/$name.json" "$@" 2>&1 | tee -a "$log"
   echo "=== stage $name exit ${PIPESTATUS[0]} after $((SECONDS - start))s" | tee -a "$log"
+  tar -cf "$out/stages.tar.tmp" -C "$work" . && mv "$out/stages.tar.tmp" "$out/stages.tar"
 }
 
 tt=train_throughput.py
 ours=(--sides ours --no-check-attention)
+best=(--remat none --micro-batch 24 --loss-chunk 0)
+dsf=--xla_gpu_enable_dynamic_slice_fusion=true
+dec=(--gpu --no-hf --batches 1,32 --new 128)
+stage u1_decode_layers 150 decode_throughput.py "${dec[@]}" --layers both --timeout 140
+XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$dsf" stage u2_decode_dsf 90 decode_throughput.py "${dec[@]}" --timeout 80
+XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL" \
+  stage u3_decode_xla_unroll 100 decode_throughput.py "${dec[@]}" --timeout 90
+stage t0_dots_attn 70 $tt "$@" "${ours[@]}" --remat dots_attn --job-timeout 60
+stage t1_unrolled 200 $tt "$@" "${ours[@]}" --remat dots_attn --no-scan-layers --job-timeout 190
+XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$dsf" stage t2_dsf 70 $tt "$@" "${ours[@]}" --remat dots_attn --job-timeout 60
+stage p1_profile 90 profile_step.py "$@" --remat dots_attn --steps 3 --hlo "$work/p1_profile_hlo.txt.gz"
+stage p2_profile_best 100 profile_step.py "$@" "${best[@]}" --steps 2 --hlo "$work/p2_profile_best_hlo.txt.gz"
+stage t3_best_unrolled 240 $tt "$@" "${ours[@]}" "${best[@]}" --no-scan-layers --job-timeout 230
+stage u4_decode_int8 120 decode_throughput.py "${dec[@]}" --int8 --layers both --timeout 110
+XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_highest_priority_async_stream=true" \
+  stage t4_flag_priority_stream 70 $tt "$@" "${ours[@]}" --job-timeout 60
 stage s1_issue 300 $tt "$@" --job-timeout 200
-stage s2_dots_attn 90 $tt "$@" "${ours[@]}" --remat dots_attn --job-timeout 80
-stage s3_remat_none 90 $tt "$@" "${ours[@]}" --remat none --job-timeout 80
-stage s4_remat_none_mb16 90 $tt "$@" "${ours[@]}" --remat none --micro-batch 16 --job-timeout 80
-stage s4b_remat_none_mb24 100 $tt "$@" "${ours[@]}" --remat none --micro-batch 24 --job-timeout 90
-stage s5_dots_attn_mb24 100 $tt "$@" "${ours[@]}" --remat dots_attn --micro-batch 24 --job-timeout 90
-stage s6_loss_chunk_whole 90 $tt "$@" "${ours[@]}" --remat dots_attn --loss-chunk 0 --job-timeout 80
-stage s6b_fp32_allreduce 90 $tt "$@" "${ours[@]}" --remat dots_attn --fp32-allreduce --job-timeout 80
-stage s7_collectives 120 $tt "$@" "${ours[@]}" --collectives --steps 3 --warmup 1 --job-timeout 110
-stage s8_profile 90 profile_step.py "$@" --remat dots_attn --steps 3
-for flag in --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false \
-            --xla_gpu_enable_cublaslt=true --xla_gpu_enable_highest_priority_async_stream=true; do
-  name=${flag#--xla_gpu_enable_}
-  XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$flag" stage "flag_${name%%=*}" 70 $tt "$@" "${ours[@]}" --job-timeout 60
-done
-# decoding (pythia-1.4b, bf16, greedy): ours beside HF generate, then ours with int8 weights (generate --int8)
-stage s13_decode 150 decode_throughput.py --gpu --batches 1,32 --new 128 --timeout 140
-stage s14_decode_int8 90 decode_throughput.py --gpu --batches 1,32 --new 128 --int8 --no-hf --timeout 80
-# one decode step per call (an exported or served model), float32-stored weights vs model.inference_params
-stage s15_per_call_decode 90 per_call_decode.py --gpu --batches 1,8
 echo "=== done after ${SECONDS}s" | tee -a "$log"
+rm -rf "$work"
