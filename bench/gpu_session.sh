@@ -16,13 +16,14 @@
 # Third session's stages (sessions one and two: bench/results/h200-2026-11-2{6,7}/; predictions are
 # written in bench/throughput_notes.md, "Third GPU session", before any of these ran):
 #   u1  decode, layers in a scan vs unrolled with the weights held per layer (generate --layers)
-#   u2  decode (scan) with --xla_gpu_enable_dynamic_slice_fusion=true
-#   u3  decode (scan) with XLA's own full unrolling of the layer loop
 #   t0  train, dots_attn, micro-batch 8: this session's baseline (session two: 54.0k tokens/s)
 #   t1  t0 with the layers unrolled (train_throughput --no-scan-layers)
-#   t2  t0 with --xla_gpu_enable_dynamic_slice_fusion=true
+#   r1  the LayerNorm backward alone, in four formulations (bench/reductions.py)
 #   p1  profile of t0 with the full kernel table and the optimized HLO (which fusion is which kernel)
+#   u2  decode (scan) with --xla_gpu_enable_dynamic_slice_fusion=true
+#   t2  t0 with --xla_gpu_enable_dynamic_slice_fusion=true
 #   p2  profile of the best setting so far (remat none, micro-batch 24, whole-sequence cross-entropy)
+#   u3  decode (scan) with XLA's own full unrolling of the layer loop
 #   t3  the best setting with the layers unrolled
 #   u4  decode with int8 weights, scan and unrolled
 #   t4  the one flag session two did not reach (highest-priority async stream)
@@ -30,7 +31,7 @@
 #
 # GPU (what the lent machine runs; nothing to install):
 #   PYTHONPATH=. bash bench/gpu_session.sh 580          (PYTHON=... to use another interpreter than python3)
-#   FROM=u4 PYTHONPATH=. bash bench/gpu_session.sh 250  (the rest, in a second call on the warm machine)
+#   FROM=u4_decode_int8 PYTHONPATH=. bash bench/gpu_session.sh 250   (the rest, in a second call on the warm machine)
 # CPU smoke run of the same stages (tiny shapes; the decode stages (--gpu) and the cudnn stages need a
 # GPU, so they fail fast there, which the smoke run shows as "exit 1"):
 #   JAX_PLATFORMS=cpu PYTHONPATH=. bash bench/gpu_session.sh 900 --model tiny --seq 64 --micro-batch 2 \
@@ -82,14 +83,15 @@ best=(--remat none --micro-batch 24 --loss-chunk 0)
 dsf=--xla_gpu_enable_dynamic_slice_fusion=true
 dec=(--gpu --no-hf --batches 1,32 --new 128)
 stage u1_decode_layers 150 decode_throughput.py "${dec[@]}" --layers both --timeout 140
-XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$dsf" stage u2_decode_dsf 90 decode_throughput.py "${dec[@]}" --timeout 80
-XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL" \
-  stage u3_decode_xla_unroll 100 decode_throughput.py "${dec[@]}" --timeout 90
 stage t0_dots_attn 70 $tt "$@" "${ours[@]}" --remat dots_attn --job-timeout 60
 stage t1_unrolled 200 $tt "$@" "${ours[@]}" --remat dots_attn --no-scan-layers --job-timeout 190
-XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$dsf" stage t2_dsf 70 $tt "$@" "${ours[@]}" --remat dots_attn --job-timeout 60
+stage r1_ln_backward 60 reductions.py
 stage p1_profile 90 profile_step.py "$@" --remat dots_attn --steps 3 --hlo "$work/p1_profile_hlo.txt.gz"
+XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$dsf" stage u2_decode_dsf 90 decode_throughput.py "${dec[@]}" --timeout 80
+XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$dsf" stage t2_dsf 70 $tt "$@" "${ours[@]}" --remat dots_attn --job-timeout 60
 stage p2_profile_best 100 profile_step.py "$@" "${best[@]}" --steps 2 --hlo "$work/p2_profile_best_hlo.txt.gz"
+XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL" \
+  stage u3_decode_xla_unroll 100 decode_throughput.py "${dec[@]}" --timeout 90
 stage t3_best_unrolled 240 $tt "$@" "${ours[@]}" "${best[@]}" --no-scan-layers --job-timeout 230
 stage u4_decode_int8 120 decode_throughput.py "${dec[@]}" --int8 --layers both --timeout 110
 XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_highest_priority_async_stream=true" \
