@@ -254,7 +254,9 @@ def test_eval_errors(setup, tmp_path, capsys):
         (["--lambada", str(bad)], "bad.jsonl:2: expected an object with a non-empty string 'text'"),
         (["--lambada", str(tmp_path / "none.jsonl")], "none.jsonl: input file not found"),
         (["--tasks", "no_such_task_xyz"], "unknown lm-eval task(s) ['no_such_task_xyz']"),
-        (["--split", "1,1,1"], "--split needs --data-prefix"),
+        (["--split", "1,1,1"], "--split has no effect without --data-prefix"),
+        (["--lambada", str(bad), "--split-part", "test"], "--split-part has no effect without --split"),
+        (["--lambada", str(bad), "--limit", "3"], "--limit has no effect without --tasks"),
         (["--data-prefix", str(tmp_path / "missing")], "missing"),
     ]
     for extra, msg in cases:

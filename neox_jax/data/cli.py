@@ -121,6 +121,8 @@ def _add_order(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.set_defaults(run=_run_order)
     p.ignored_without("--overwrite", "--output")
+    p.ignored_without("--decode", "--output")  # it adds the text to the --output lines
+    p.ignored_without("--tokenizer", "--decode")
     for option in ("--seed", "--no-cache", "--save-index-maps"):  # a pre-shuffled dataset has no index maps
         p.ignored_with(option, "--preshuffled")
     p.ignored_with("--weights", "--split")  # the data-path route has one dataset
@@ -179,10 +181,6 @@ def _run_order(args) -> None:
         from .indexed import prefix_inputs
 
         check_not_input(out, [i for p in args.data_prefix for i in prefix_inputs(p)])
-    if args.decode and out is None:
-        raise UserError("--decode adds text to --output lines: give --output")
-    if args.tokenizer and not args.decode:
-        raise UserError("--tokenizer is for --decode (it applies to nothing else)")
     if args.batch <= 0 or args.seq_length < 2:
         raise UserError("--batch must be positive and --seq-length at least 2")
     ds = _build_order_dataset(args, limit=steps.stop * args.batch)

@@ -51,6 +51,11 @@ def register(sub) -> None:
     p.ignored_without("--seed", "--tasks")  # the built-in evaluations draw no random numbers
     p.ignored_without("--context", "--tasks", "--lambada", "--perplexity")  # --data-prefix uses --seq-length
     p.ignored_without("--tokenizer", "--tasks", "--lambada", "--perplexity")  # --data-prefix holds token ids
+    for option in ("--split", "--seq-length", "--max-samples"):  # options of the --data-prefix evaluation
+        p.ignored_without(option, "--data-prefix")
+    p.ignored_without("--split-part", "--split")
+    for option in ("--num-fewshot", "--limit", "--log-samples", "--include-path"):  # of lm-eval's tasks
+        p.ignored_without(option, "--tasks")
 
 
 def _run_eval(args):
@@ -67,18 +72,6 @@ def _run_eval(args):
     check_not_input(out, [("--lambada", args.lambada), ("--perplexity", args.perplexity), ("CKPT", args.ckpt),
                           ("--tokenizer", args.tokenizer), ("--include-path", args.include_path),
                           *(prefix_inputs(args.data_prefix) if args.data_prefix else [])])
-    # an option of one evaluation given without it would be ignored: refused instead
-    needs = (("--split", args.split, "--data-prefix", args.data_prefix),
-             ("--seq-length", args.seq_length, "--data-prefix", args.data_prefix),
-             ("--max-samples", args.max_samples, "--data-prefix", args.data_prefix),
-             ("--split-part", args.split_part, "--split", args.split),
-             ("--num-fewshot", args.num_fewshot, "--tasks", args.tasks),
-             ("--limit", args.limit, "--tasks", args.tasks),
-             ("--log-samples", args.log_samples or None, "--tasks", args.tasks),
-             ("--include-path", args.include_path, "--tasks", args.tasks))
-    for opt, value, needed, given in needs:
-        if value is not None and not given:
-            raise UserError(f"{opt} needs {needed} (it applies to nothing else)")
     args.split_part = args.split_part or "valid"
     if not (args.tasks or args.lambada or args.perplexity or args.data_prefix):
         raise UserError("nothing to evaluate: give --tasks, --lambada, --perplexity and/or --data-prefix")
