@@ -27,7 +27,8 @@
 #   t3  the best setting with the layers unrolled
 #   u4  decode with int8 weights, scan and unrolled
 #   t4  the one flag session two did not reach (highest-priority async stream)
-#   s1  the issue's full measurement (cudnn-vs-xla check, ours, HF eager, HF + torch.compile)
+#   s1  the issue's full measurement (cudnn-vs-xla check, ours, HF eager, HF + torch.compile) with our
+#       best micro-batch-8 setting (remat none, whole-sequence cross-entropy: never measured together)
 #
 # GPU (what the lent machine runs; nothing to install):
 #   PYTHONPATH=. bash bench/gpu_session.sh 580          (PYTHON=... to use another interpreter than python3)
@@ -96,6 +97,6 @@ stage t3_best_unrolled 240 $tt "$@" "${ours[@]}" "${best[@]}" --no-scan-layers -
 stage u4_decode_int8 120 decode_throughput.py "${dec[@]}" --int8 --layers both --timeout 110
 XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_highest_priority_async_stream=true" \
   stage t4_flag_priority_stream 70 $tt "$@" "${ours[@]}" --job-timeout 60
-stage s1_issue 300 $tt "$@" --job-timeout 200
+stage s1_issue_best_mb8 300 $tt "$@" --remat none --loss-chunk 0 --job-timeout 200
 echo "=== done after ${SECONDS}s" | tee -a "$log"
 rm -rf "$work"
