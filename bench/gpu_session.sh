@@ -24,15 +24,15 @@
 #   t2  t0 with --xla_gpu_enable_dynamic_slice_fusion=true
 #   p2  profile of the best setting so far (remat none, micro-batch 24, whole-sequence cross-entropy)
 #   u3  decode (scan) with XLA's own full unrolling of the layer loop
+#   s1  the issue's measurement (cudnn-vs-xla check, ours, HF + torch.compile; HF eager left out) with
+#       our best micro-batch-8 setting (remat none, whole-sequence cross-entropy: never measured together)
 #   t3  the best setting with the layers unrolled
 #   u4  decode with int8 weights, scan and unrolled
 #   t4  the one flag session two did not reach (highest-priority async stream)
-#   s1  the issue's full measurement (cudnn-vs-xla check, ours, HF eager, HF + torch.compile) with our
-#       best micro-batch-8 setting (remat none, whole-sequence cross-entropy: never measured together)
 #
 # GPU (what the lent machine runs; nothing to install):
 #   PYTHONPATH=. bash bench/gpu_session.sh 580          (PYTHON=... to use another interpreter than python3)
-#   FROM=u4_decode_int8 PYTHONPATH=. bash bench/gpu_session.sh 250   (the rest, in a second call on the warm machine)
+#   FROM=s1_issue_best_mb8 PYTHONPATH=. bash bench/gpu_session.sh 250   (the rest: a second call on the warm machine)
 # CPU smoke run of the same stages (tiny shapes; the decode stages (--gpu) and the cudnn stages need a
 # GPU, so they fail fast there, which the smoke run shows as "exit 1"):
 #   JAX_PLATFORMS=cpu PYTHONPATH=. bash bench/gpu_session.sh 900 --model tiny --seq 64 --micro-batch 2 \
@@ -93,10 +93,10 @@ XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$dsf" stage t2_dsf 70 $tt "$@" "${ours[@]}" 
 stage p2_profile_best 100 profile_step.py "$@" "${best[@]}" --steps 2 --hlo "$work/p2_profile_best_hlo.txt.gz"
 XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL" \
   stage u3_decode_xla_unroll 100 decode_throughput.py "${dec[@]}" --timeout 90
+stage s1_issue_best_mb8 300 $tt "$@" --sides ours,hf-compile --remat none --loss-chunk 0 --job-timeout 200
 stage t3_best_unrolled 240 $tt "$@" "${ours[@]}" "${best[@]}" --no-scan-layers --job-timeout 230
 stage u4_decode_int8 120 decode_throughput.py "${dec[@]}" --int8 --layers both --timeout 110
 XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_highest_priority_async_stream=true" \
   stage t4_flag_priority_stream 70 $tt "$@" "${ours[@]}" --job-timeout 60
-stage s1_issue_best_mb8 300 $tt "$@" --remat none --loss-chunk 0 --job-timeout 200
 echo "=== done after ${SECONDS}s" | tee -a "$log"
 rm -rf "$work"
