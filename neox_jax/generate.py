@@ -141,15 +141,23 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
     return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32))
 
 
-def unstack_layers(params):
+def unstack_layers(params, *, delete_stacked: bool = False):
     """The same parameters with `layers` as a list of per-layer trees instead of stacked [L, ...] arrays.
 
     For `scan_layers` false: `extend` then reads each layer's weights where they lie, instead of
     slicing them out of the stacked arrays inside the program (on CPU, pythia-70m at batch 1, the
-    slicing made a decode step 1.5x slower).  Costs a copy of the layer weights while both exist."""
-    layers = params["layers"]
-    n = jax.tree.leaves(layers)[0].shape[0]
-    return dict(params, layers=[jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)])
+    slicing made a decode step 1.5x slower).  Costs a copy of the layer weights while both exist;
+    `delete_stacked` (for a caller that owns `params`) frees each stacked array as soon as its
+    slices exist, so the extra memory is one stacked tensor at a time."""
+    leaves, treedef = jax.tree.flatten(params["layers"])
+    n = leaves[0].shape[0]
+    per_leaf = []
+    for a in leaves:
+        per_leaf.append([a[i] for i in range(n)])
+        if delete_stacked and sum(b is a for b in leaves) == 1:  # not a tensor that also sits elsewhere
+            a.delete()
+    layers = [jax.tree.unflatten(treedef, [sl[i] for sl in per_leaf]) for i in range(n)]
+    return dict(params, layers=layers)
 
 
 def extend(cfg: ModelConfig, params, cache: KVCache, tokens: jax.Array, new_mask: jax.Array, *, fresh: bool = False):
@@ -481,6 +489,8 @@ def load_generator(ckpt: str, *, dtype: str = "float32", tensor: int = 1, tokeni
         params = jax.jit(quant.quantize_params, out_shardings=out, donate_argnums=0)(params)
         log.info("int8 weights (per-channel scales; embedding, LayerNorms and biases as loaded): parameters "
                  "%.1f MiB -> %.1f MiB", before / 2**20, quant.nbytes(params) / 2**20)
+    if not cfg.scan_layers:  # ours alone: free each stacked weight once it is split
+        params = unstack_layers(params, delete_stacked=True)
     return Generator(cfg, params, mesh=mesh, tokenizer=tokenizer)
 
 

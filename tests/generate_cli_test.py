@@ -52,9 +52,9 @@ def test_input_output_jsonl_equals_library(ckpt, tmp_path, neox_tokenizer_path, 
     assert main(args + ["--overwrite"]) == 0 and out.read_text() == before  # same seed, same text
     calls = []
     unstack = G.unstack_layers
-    monkeypatch.setattr(G, "unstack_layers", lambda p: calls.append(1) or unstack(p))
+    monkeypatch.setattr(G, "unstack_layers", lambda p, **kw: calls.append(kw) or unstack(p, **kw))
     assert main(args + ["--overwrite", "--layers", "unrolled"]) == 0 and out.read_text() == before  # same tokens
-    assert calls == [1]  # the weights were held per layer, the steps ran unrolled
+    assert calls == [{"delete_stacked": True}]  # weights held per layer (split once, on load), steps unrolled
 
 
 def test_prompt_and_interactive_streaming(ckpt, neox_tokenizer_path, monkeypatch, capsys):
