@@ -124,8 +124,8 @@ def _fake_deepspeed_v06():
 def _write_zero_v06(step_dir, L, master, exp_avg, exp_avg_sq, *, parallel, dp, bf16):
     """DeepSpeed >= 0.6 (`stage_1_and_2.py`) / BF16_Optimizer files: each group aligned to 2 x dp
     elements and cut into dp equal contiguous partitions; the masters without the tail padding
-    (BF16_Optimizer files: with it, and group_paddings, and no zero_stage), the moments padded, Adam's step in the state dict;
-    param_shapes per group in mp_rank_XX_model_states.pt."""
+    (BF16_Optimizer files: with it, and group_paddings, and no zero_stage), the moments padded,
+    Adam's step in the state dict; param_shapes per group in mp_rank_XX_model_states.pt."""
     ranks = [neox_rank_tensors(master, L, TP, seed=1, parallel=parallel),
              neox_rank_tensors(exp_avg, L, TP, parallel=False), neox_rank_tensors(exp_avg_sq, L, TP, parallel=False)]
     order = [(0, "word_embeddings.weight")] + [(ll, p) for ll in range(2, L + 2) for p in LAYER_ORDER] + \

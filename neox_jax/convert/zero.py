@@ -1,4 +1,4 @@
-"""GPT-NeoX training state from DeepSpeed ZeRO-1 optimizer files: float32 master weights, Adam
+"""GPT-NeoX training state from DeepSpeed ZeRO-1/2 optimizer files: float32 master weights, Adam
 moments and counters, to continue a GPT-NeoX run (Pythia, 20B) where it stopped.
 
 Format (DeeperSpeed 0.3.15, which GPT-NeoX v1.0 pins and which trained Pythia and 20B; ZeRO stage 1,
@@ -52,8 +52,8 @@ Checked against files DeepSpeed 0.19.8 itself wrote (tests/fixtures/deepspeed_ze
 data-parallel 2; float32, bf16, fp16 with skipped steps, parameter_alignment, GPT-NeoX's pipeline
 layout with two stages, and two tensor-parallel ranks; ZeRO-2 in float32 and in bf16), bit for bit
 against DeepSpeed's own safe_get_full_fp32_param / safe_get_full_optimizer_state (per TP rank,
-before the merge), and the counters and loss scaler against its live engine.  DeeperSpeed 0.3.15's files, and the TP merge,
-are checked against the published layout only.
+before the merge), and the counters and loss scaler against its live engine.  DeeperSpeed
+0.3.15's files, and the TP merge, are checked against the published layout only.
 
 The loss scaler (and, in newer files, the ZeRO stage enum and the slice mappings) are pickled
 DeepSpeed classes: they are read through stand-ins allow-listed under DeepSpeed's names, with
