@@ -122,10 +122,10 @@ def _fake_deepspeed_v06():
 
 
 def _write_zero_v06(step_dir, L, master, exp_avg, exp_avg_sq, *, parallel, dp, bf16):
-    """DeepSpeed >= 0.6 (`stage_1_and_2.py`) / bf16 optimizer files: each group aligned to 2 x dp
-    elements and cut into dp equal contiguous partitions; the masters without the tail padding (bf16
-    files: with it, and group_paddings), the moments padded, Adam's step in the state dict;
-    param_shapes per group in mp_rank_XX_model_states.pt."""
+    """DeepSpeed >= 0.6 (`stage_1_and_2.py`) / BF16_Optimizer files: each group aligned to 2 x dp
+    elements and cut into dp equal contiguous partitions; the masters without the tail padding
+    (BF16_Optimizer files: with it, and group_paddings, and no zero_stage), the moments padded,
+    Adam's step in the state dict; param_shapes per group in mp_rank_XX_model_states.pt."""
     ranks = [neox_rank_tensors(master, L, TP, seed=1, parallel=parallel),
              neox_rank_tensors(exp_avg, L, TP, parallel=False), neox_rank_tensors(exp_avg_sq, L, TP, parallel=False)]
     order = [(0, "word_embeddings.weight")] + [(ll, p) for ll in range(2, L + 2) for p in LAYER_ORDER] + \
@@ -155,11 +155,11 @@ def _write_zero_v06(step_dir, L, master, exp_avg, exp_avg_sq, *, parallel, dp, b
                 osd = {"dynamic_loss_scale": not bf16, "overflow": False, "clip_grad": CLIP,
                        "base_optimizer_state": {"state": per_rank[r]["state"],
                                                 "param_groups": [{"lr": LR, "params": [g]} for g in range(2)]},
-                       "single_partition_of_fp32_groups": per_rank[r]["single"], "zero_stage": stage(1),
+                       "single_partition_of_fp32_groups": per_rank[r]["single"],
                        "group_paddings": per_rank[r]["pad"], "partition_count": [dp, dp], "ds_version": "0.16.5",
                        "param_slice_mappings": per_rank[r]["maps"]}
-                if not bf16:
-                    osd["loss_scaler"] = scaler
+                if not bf16:  # BF16_Optimizer saves neither a scaler nor the ZeRO stage
+                    osd.update(loss_scaler=scaler, zero_stage=stage(1))
                 torch.save({"optimizer_state_dict": osd, "ds_config": {}, "ds_version": "0.16.5"},
                            step_dir / f"{'bf16_' if bf16 else ''}zero_pp_rank_{r}_mp_rank_{tp:02d}_optim_states.pt")
     finally:
@@ -437,9 +437,10 @@ def _ds_reference(variant):
     return ref, DS_FIXTURES / variant / "save" / f"global_step{int(ref['iteration'])}", scaler
 
 
-@pytest.mark.parametrize("variant", ["fp32", "bf16", "aligned", "fp16", "pipe"])
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "aligned", "fp16", "pipe", "zero2", "bf16_zero2"])
 def test_reader_matches_deepspeed_on_its_own_files(variant):
-    """Files DeepSpeed 0.19.8 wrote itself (ZeRO-1, data-parallel 2; tests/fixtures/deepspeed_zero1/
+    """Files DeepSpeed 0.19.8 wrote itself (ZeRO-1, and ZeRO-2 in float32 and bf16 with GPT-NeoX's
+    overlap_comm / contiguous_gradients settings; data-parallel 2; tests/fixtures/deepspeed_zero1/
     make.py): per parameter, our float32 master and Adam moments equal, bit for bit, what DeepSpeed's
     safe_get_full_fp32_param / safe_get_full_optimizer_state reported for the live engine; the
     iteration, applied updates and Adam step equal its global_steps, global_steps - skipped_steps
@@ -454,6 +455,11 @@ def test_reader_matches_deepspeed_on_its_own_files(variant):
     if variant != "fp32":  # one layer a stage: the no-decay group padded by 2 on data-parallel rank 1
         assert all(o["group_paddings"] == [0, 0] if "_rank_0_" in f else o["group_paddings"][1] == 2
                    for f, o in osds.items()), {f: o["group_paddings"] for f, o in osds.items()}
+    # ZeRO-2: stage_1_and_2.py's ZeroStageEnum.gradients, in `bf16_` files for bf16 (BF16_Optimizer, bf16/,
+    # saves no stage)
+    stage = 2 if variant.endswith("zero2") else None if variant == "bf16" else 1
+    assert {o.get("zero_stage") for o in osds.values()} == {stage}
+    assert all(f.startswith("bf16_") == variant.startswith("bf16") for f in osds)
     aligned = any(any(map(any, o.get("param_alignment_paddings", []))) for o in osds.values())
     assert aligned == (variant == "aligned")
     zs = read_zero(step_dir.parent)
@@ -463,7 +469,7 @@ def test_reader_matches_deepspeed_on_its_own_files(variant):
     assert (zs.iteration, zs.updates, zs.adam_step) == (int(ref["iteration"]), updates, updates)
     assert (zs.dp, zs.tp, zs.pp, zs.loss_scale) == (2, 1, 2 if variant == "pipe" else 1, scaler)
     names = {k.split("/", 1)[1] for k in ref.files if k.startswith("master/")}
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(variant, torch.float32)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16_zero2": torch.bfloat16}.get(variant, torch.float32)
     pipe = variant.startswith("pipe")
     assert zs.reader.layout == ("pipeline" if pipe else "sequential")
     seen = set()
@@ -504,11 +510,12 @@ def test_tensor_parallel_pieces_match_deepspeed():
     assert len(list(zs.arrays())) == len(zs.reader.entries())
 
 
-@pytest.mark.parametrize("variant", ["fp32", "fp16"])
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "bf16_zero2"])
 def test_init_from_neox_on_deepspeed_files(variant, caplog):
     """`train.init_from_neox` on runs DeepSpeed 0.19.8 saved: the train state's params, Adam moments
     and count, iteration and update count are DeepSpeed's (bit for bit); with dynamic loss scaling,
-    the fp16 run's scaler state is DeepSpeed's and the float32 run's static scaler is not taken."""
+    the fp16 run's scaler state is DeepSpeed's and the float32 and bf16 ZeRO-2 runs' static scalers
+    are not taken."""
     from neox_jax.convert.neox import NeoxReader
     from neox_jax.train.optimizer import init_loss_scale
     from neox_jax.tree import flatten

@@ -1,4 +1,4 @@
-"""GPT-NeoX training state from DeepSpeed ZeRO-1 optimizer files: float32 master weights, Adam
+"""GPT-NeoX training state from DeepSpeed ZeRO-1/2 optimizer files: float32 master weights, Adam
 moments and counters, to continue a GPT-NeoX run (Pythia, 20B) where it stopped.
 
 Format (DeeperSpeed 0.3.15, which GPT-NeoX v1.0 pins and which trained Pythia and 20B; ZeRO stage 1,
@@ -34,8 +34,9 @@ it takes at start-up and restarts at every resume, which changes Adam's bias cor
 
 Newer runs (DeepSpeed >= 0.6, DeeperSpeed 2 and 3, i.e. GPT-NeoX since 2023; ZeRO-1 or 2, and the
 `bf16_zero_pp_rank_...` files of bf16 runs) keep one contiguous partition per rank and group:
-`single_partition_of_fp32_groups[g]` (tail padding removed; kept in bf16 files, whose
-`group_paddings` say how much), the moments in a torch optimizer state dict
+`single_partition_of_fp32_groups[g]` (tail padding removed; kept only by BF16_Optimizer, whose
+`bf16_` files have no `zero_stage` and whose `group_paddings` say how much: a bf16 ZeRO-2 run's
+`bf16_` files are stage_1_and_2.py's, padding removed), the moments in a torch optimizer state dict
 (`base_optimizer_state["state"][g]`, padded to the partition: cut to the master's length) with
 Adam's own `step`, which is then used as is, and `param_shapes` as a list per group, in buffer
 order, in `mp_rank_XX_model_states.pt`.  The ranks' partitions concatenate to the group's buffer,
@@ -49,10 +50,10 @@ each parameter inside the flat buffer (in buffer order; non-zero with
 
 Checked against files DeepSpeed 0.19.8 itself wrote (tests/fixtures/deepspeed_zero1: ZeRO-1,
 data-parallel 2; float32, bf16, fp16 with skipped steps, parameter_alignment, GPT-NeoX's pipeline
-layout with two stages, and two tensor-parallel ranks), bit for bit against DeepSpeed's own
-safe_get_full_fp32_param / safe_get_full_optimizer_state (per TP rank, before the merge), and the
-counters and loss scaler against its live engine.  DeeperSpeed 0.3.15's files, and the TP merge,
-are checked against the published layout only.
+layout with two stages, and two tensor-parallel ranks; ZeRO-2 in float32 and in bf16), bit for bit
+against DeepSpeed's own safe_get_full_fp32_param / safe_get_full_optimizer_state (per TP rank,
+before the merge), and the counters and loss scaler against its live engine.  DeeperSpeed
+0.3.15's files, and the TP merge, are checked against the published layout only.
 
 The loss scaler (and, in newer files, the ZeRO stage enum and the slice mappings) are pickled
 DeepSpeed classes: they are read through stand-ins allow-listed under DeepSpeed's names, with
@@ -186,7 +187,8 @@ class _Files:
 def _piece(osd: dict, where: tuple, kind: int, path: Path):
     """One piece of a flat group buffer as a 1-D torch view: kind 0 the float32 master, 1 exp_avg,
     2 exp_avg_sq; `where` (group, interval) for a DeepSpeed 0.3 sub-partition, (group,) for a newer
-    rank partition (bf16 files: the master without its tail padding; the moments cut to the master)."""
+    rank partition (BF16_Optimizer files: the master without its tail padding; the moments cut to
+    the master)."""
     try:
         if len(where) == 2:
             g, c = where
@@ -195,7 +197,7 @@ def _piece(osd: dict, where: tuple, kind: int, path: Path):
             return osd["base_optimizer_state"][g][c][_MOMENTS[kind - 1]]
         g, = where
         master = osd["single_partition_of_fp32_groups"][g]
-        if path.name.startswith("bf16_") and osd.get("group_paddings"):
+        if _padded_master(osd, path):
             master = master[:master.numel() - int(osd["group_paddings"][g])]
         if kind == 0:
             return master
@@ -203,6 +205,14 @@ def _piece(osd: dict, where: tuple, kind: int, path: Path):
     except (IndexError, KeyError, TypeError, AttributeError) as e:
         at = f"group {where[0]} interval {where[1]}" if len(where) == 2 else f"group {where[0]}"
         raise CheckpointError(f"{path}: {at}: no piece ({e!r})") from None
+
+
+def _padded_master(osd: dict, path: Path) -> bool:
+    """Whether a newer file's masters keep their tail padding: only BF16_Optimizer's (`bf16_` files
+    without `zero_stage`).  bf16 runs under stage_1_and_2.py (ZeRO-2, or ZeRO-1 without float32
+    gradient accumulation) write `bf16_` files too, but with `zero_stage` and the padding removed,
+    as every precision does there."""
+    return path.name.startswith("bf16_") and "zero_stage" not in osd and bool(osd.get("group_paddings"))
 
 
 def _adam_state(osd: dict, g: int) -> dict:
@@ -302,7 +312,8 @@ def _pieces_v06(files: list[Path], sds: list, osds: list[dict], model_states: Pa
                 ) -> tuple[list[list[str]], dict, list, int | None]:
     """DeepSpeed >= 0.6 / DeeperSpeed 2-3 ZeRO-1/2 (`stage_1_and_2.py`, and `bf16_` files), also
     DeeperSpeed 0.3's ZeRO-2: one contiguous partition per rank and group; the moments may carry the
-    partition's tail padding (cut to the master's length), bf16 files the master too (group_paddings)."""
+    partition's tail padding (cut to the master's length), BF16_Optimizer files the master too
+    (group_paddings)."""
     if isinstance(sds[0].get("param_shapes"), dict):  # DeeperSpeed 0.3 ZeRO-2: flat, named_parameters order
         shapes = _shapes(sds[0]["param_shapes"])
         groups = _split_groups(list(shapes), len(osds[0]["single_partition_of_fp32_groups"]), files[0])
