@@ -160,7 +160,8 @@ def unstack_layers(params, *, delete_stacked: bool = False):
     return dict(params, layers=layers)
 
 
-def extend(cfg: ModelConfig, params, cache: KVCache, tokens: jax.Array, new_mask: jax.Array, *, fresh: bool = False):
+def extend(cfg: ModelConfig, params, cache: KVCache, tokens: jax.Array, new_mask: jax.Array, *,
+           fresh: bool = False):
     """Run tokens [B, S] (new_mask [B, S]: false for left padding) after the cached ones.
 
     Returns (float32 logits [B, V] of the last position, the updated cache).  The caller makes
@@ -197,7 +198,8 @@ def extend(cfg: ModelConfig, params, cache: KVCache, tokens: jax.Array, new_mask
             new.append(kv)
         k_new, v_new = (jnp.stack(t) for t in zip(*new))
     at = (0, 0, 0, cache.index, 0)
-    k_all, v_all = jax.lax.dynamic_update_slice(cache.k, k_new, at), jax.lax.dynamic_update_slice(cache.v, v_new, at)
+    k_all = jax.lax.dynamic_update_slice(cache.k, k_new, at)
+    v_all = jax.lax.dynamic_update_slice(cache.v, v_new, at)
     cache = KVCache(
         k=constrain(k_all, CACHE_AXES, DECODE_RULES),
         v=constrain(v_all, CACHE_AXES, DECODE_RULES),

@@ -47,9 +47,9 @@ def register(sub) -> None:
     p.add_argument("--tensor", type=int, default=1,
                    help="tensor-parallel devices: weights and KV cache split by heads/columns (default 1)")
     p.add_argument("--layers", choices=("scan", "unrolled"),
-                   help="each decode step's layers in a lax.scan, or unrolled with the weights held per layer "
-                        "(longer compile; 5-25%% faster per token on the development CPU, docs/generate.md) (default: the "
-                        "checkpoint's model.scan_layers)")
+                   help="each decode step's layers in a lax.scan, or unrolled with the weights held per "
+                        "layer (longer compile; 5-25%% faster per token on the development CPU, "
+                        "docs/generate.md) (default: the checkpoint's model.scan_layers)")
     p.add_argument("--tokenizer", help="HF tokenizers JSON or sentencepiece .model "
                                        "(default: ../shared/data/20B_tokenizer.json)")
     p.add_argument("--output", help="OUT.jsonl (default: print)")
