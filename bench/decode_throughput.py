@@ -49,8 +49,6 @@ def _timed(fn, repeats=1):
 
 def ours(cfg, params, tokens, new, repeats):
     B, P = tokens.shape
-    if not cfg.scan_layers:
-        params = unstack_layers(params)  # as Generator holds them: each layer's weights where they lie
     mask = jnp.ones((B, P), bool)
     active = jnp.ones((B,), bool)
     rows = jnp.arange(B, dtype=jnp.int32)
@@ -162,9 +160,10 @@ def main():
           f"prompt {args.prompt}, {args.new} new tokens, greedy; JAX {jax.__version__} on "
           f"{jax.devices()[0].device_kind} ({len(jax.devices())} device(s)), torch {torch.__version__} on {device}"
           f" with {torch.get_num_threads()} threads")
-    if args.layers == "unrolled":
-        cfg = cfg.replace(scan_layers=False)
+    if args.layers == "unrolled":  # the weights held per layer, as Generator holds them (split once, here)
+        cfg, ours_params = cfg.replace(scan_layers=False), unstack_layers(ours_params)
     both = args.layers == "both"
+    unrolled_params = unstack_layers(ours_params) if both else None
     print(f"ours: layers {'scan and unrolled' if both else args.layers}")
     header = f"{'batch':>5} | {'ours prefill tok/s':>18} {'ours decode ms/step':>20} | " \
              + (f"{'unrolled prefill tok/s':>22} {'unrolled decode ms/step':>23} | " if both else "") + \
@@ -181,7 +180,8 @@ def main():
                "new": args.new, "device": jax.devices()[0].device_kind, "ours_prefill_tok_s": B * args.prompt / pre,
                "ours_decode_ms_step": step * 1e3, "scan_layers": cfg.scan_layers}
         if both:
-            upre, ustep, utoks = ours(cfg.replace(scan_layers=False), ours_params, tokens, args.new, args.repeats)
+            upre, ustep, utoks = ours(cfg.replace(scan_layers=False), unrolled_params, tokens, args.new,
+                                     args.repeats)
             # the same program in another order of operations: greedy paths may part after a near tie
             agree = float(np.mean(np.all(utoks[:, :16] == toks[:, :16], axis=1)))
             row += f"{B * args.prompt / upre:>22,.0f} {ustep * 1e3:>23.2f} | "
