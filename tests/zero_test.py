@@ -8,6 +8,7 @@ pickled class.  Our train step continues from those files and must follow torch'
 step for step; with fresh moments instead it must not (the check has teeth)."""
 
 import collections
+import re
 import sys
 import types
 from pathlib import Path
@@ -371,7 +372,8 @@ def _metrics(run_dir) -> list[dict]:
 def test_train_command_continues_at_the_checkpoint_iteration(stopped_run, tmp_path, capsys, caplog):
     """`neox-jax train --set train.init_from_neox=...`: the run starts at the checkpoint's iteration
     (metrics from step K on), and two processes x 4 devices (jax.distributed, each process reading
-    the files and placing its own shards) continue exactly as one process x 8 devices; an
+    half of the tensors and sending them to the other's devices) continue exactly as one process x 8
+    devices; an
     architecture that differs is one error line before anything is written."""
     from neox_jax.cli import main
     from processes import local_sh
@@ -392,6 +394,10 @@ def test_train_command_continues_at_the_checkpoint_iteration(stopped_run, tmp_pa
     r, logs = local_sh(two_yaml, tmp_path / "two", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:] + logs[-3000:]
     assert "2 processes, 4 local / 8 global devices" in r.stderr and f"iteration {K} (data position)" in r.stderr
+    # each process read its own half of the tensors (and sent them to the other's devices)
+    m = re.search(r"read in 2 parts, one per process: (\d+), (\d+) tensors", r.stderr)
+    assert m and int(m.group(1)) + int(m.group(2)) == 12 * cfg.num_layers + 4 and min(map(int, m.groups())) > 0, \
+        r.stderr[-3000:]
     two = _metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [K, K + 1]
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5)
@@ -510,12 +516,16 @@ def test_tensor_parallel_pieces_match_deepspeed():
     assert len(list(zs.arrays())) == len(zs.reader.entries())
 
 
-@pytest.mark.parametrize("variant", ["fp32", "fp16", "bf16_zero2"])
-def test_init_from_neox_on_deepspeed_files(variant, caplog):
+@pytest.mark.parametrize("variant,readers", [("fp32", 1), ("fp16", 1), ("bf16_zero2", 1), ("fp32", 2),
+                                             ("bf16_zero2", 4)])
+def test_init_from_neox_on_deepspeed_files(variant, readers, caplog):
     """`train.init_from_neox` on runs DeepSpeed 0.19.8 saved: the train state's params, Adam moments
     and count, iteration and update count are DeepSpeed's (bit for bit); with dynamic loss scaling,
     the fp16 run's scaler state is DeepSpeed's and the float32 and bf16 ZeRO-2 runs' static scalers
-    are not taken."""
+    are not taken.  readers > 1: the devices of a data 1 x fsdp 2 x tensor 2 (or 1 x 4 x 2) mesh split
+    into that many readers in an order unlike the mesh's, as processes would be: each tensor read
+    once, by one reader, and sent to the others' devices (4 readers: more than the layers, so some
+    rounds leave readers idle)."""
     from neox_jax.convert.neox import NeoxReader
     from neox_jax.train.optimizer import init_loss_scale
     from neox_jax.tree import flatten
@@ -526,10 +536,23 @@ def test_init_from_neox_on_deepspeed_files(variant, caplog):
     run = from_sections({"model": cfg.to_dict(), "data": {"path": "unused", "seq_length": 8},
                          "optimizer": {"lr": 1e-2, "loss_scale": "dynamic"},
                          "train": {"steps": 100, "batch_size": 2, "init_from_neox": str(save)}})
-    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    groups = None
+    if readers == 1:
+        mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    else:
+        mesh = make_mesh(1, readers, 2, devices=jax.devices()[:2 * readers])
+        devices = list(mesh.devices.flat)[::-1]  # readers' devices in another order than the mesh's
+        groups = [devices[i::readers] for i in range(readers)]
     opt = S.make_optimizer(run)
     with jax.set_mesh(mesh), caplog.at_level("INFO", logger="neox_jax"):
-        state = jax.device_get(neox_state.load(run, str(save), opt, S.state_shardings(run, mesh, opt)))
+        state = jax.device_get(neox_state.load(run, str(save), opt, S.state_shardings(run, mesh, opt),
+                                               groups=groups))
+    if readers > 1:
+        with NeoxReader(save) as r:
+            count = len(r.entries())
+        m = re.search(r"read in (\d+) parts, one per process: ([\d, ]+) tensors", caplog.text)
+        got = [int(c) for c in m.group(2).split(", ")]
+        assert int(m.group(1)) == readers and sum(got) == count and max(got) - min(got) <= 1, (got, count)
     updates = int(ref["global_steps"]) - int(ref["skipped_steps"])
     assert (int(state.step), int(state.updates), int(state.opt_state[0].count)) == (int(ref["iteration"]),
                                                                                       updates, updates)

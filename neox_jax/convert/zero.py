@@ -133,12 +133,13 @@ class ZeroState:
     _tensors: dict = dataclasses.field(repr=False, default_factory=dict)  # (ll, param) -> [tp] _Slice
     _files: "_Files" = dataclasses.field(repr=False, default_factory=lambda: _Files())
 
-    def arrays(self) -> Iterator[tuple[Entry, np.ndarray, np.ndarray, np.ndarray]]:
-        """(entry, float32 master, exp_avg, exp_avg_sq) for each of our (name, layer) slices, our
-        layout, read from the files as they are yielded (one at a time in host memory)."""
+    def arrays(self, entries: list[Entry] | None = None) -> Iterator[tuple[Entry, np.ndarray, np.ndarray, np.ndarray]]:
+        """(entry, float32 master, exp_avg, exp_avg_sq) for each of our (name, layer) slices (all of
+        them, or `entries` of `reader.entries()` in the order given), our layout, read from the files as
+        they are yielded (one at a time in host memory)."""
         r = self.reader
         try:
-            for e in r.entries():
+            for e in (r.entries() if entries is None else entries):
                 ll, param, kind = r._where(e.name, e.layer)
                 parts = self._tensors.get((ll, param))
                 if parts is None or any(p is None for p in parts):

@@ -7,15 +7,24 @@ the same data position and learning rate GPT-NeoX would have continued with.
 Bounded host memory: the state arrives one tensor at a time (one layer's slice of a stacked
 parameter, merged over tensor-parallel ranks; convert/zero.py maps the files and copies only that),
 and each is placed at once: `jax.make_array_from_callback` puts it on the devices with its layer's
-sharding (so every process builds only its own shards; every process reads the files), and a
-jitted, donating update writes it into its layer of the stacked array, which lives only on the
-devices.  The host holds about one layer's largest matrix (master and two moments, float32) plus
-the mapped pages convert/zero.py allows, whatever the model size; the devices, the state itself.
+sharding, and a jitted, donating update writes it into its layer of the stacked array, which lives
+only on the devices.  The host holds about one layer's largest matrix (master and two moments,
+float32) plus the mapped pages convert/zero.py allows, whatever the model size; the devices, the
+state itself.
+
+Read once, however many processes: with P processes the tensors are dealt out round robin (P
+layers of one parameter at a time, each to another process; the unstacked ones in turn), so each
+process reads about 1/P of the files' bytes.  A round's tensors meet on the devices: an [P, ...]
+array whose row p lives on process p's devices (split over them), moved to every device's shard of
+the target sharding by `jax.device_put` (one collective; the devices' order differs from the
+training mesh's, which device_put handles and jit does not), then scattered into the stacked array
+by layer.  The log says how many tensors and bytes each process read.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from pathlib import Path
 from typing import Callable
@@ -24,8 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ..convert.formats import Entry
 from ..errors import CheckpointError, UserError
 from ..tree import flatten, unflatten
 from .config import RunConfig
@@ -66,14 +76,31 @@ def _layer_sharding(sharding: NamedSharding) -> NamedSharding:
     return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
 
 
-def _place(zs, num_layers: int, targets: list[dict]) -> list[dict]:
-    """Each (name, layer) tensor of the three float32 trees (master, exp_avg, exp_avg_sq) from `zs`,
-    placed as it is read: [{flat name: jax.Array}] with the shardings of `targets`."""
-    out: list[dict] = [{}, {}, {}]
-    layers: dict[str, set] = {}
-    for e, *arrays in zs.arrays():
+def _check_names(zs, targets: list[dict]) -> None:
+    for e in zs.reader.entries():
         if e.name not in targets[0]:
             raise CheckpointError(f"{zs.reader.step_dir}: {e.label} is not a parameter of the model being trained")
+
+
+def _check_complete(zs, num_layers: int, targets: list[dict], out: list[dict]) -> None:
+    layers: dict[str, set] = {}
+    for e in zs.reader.entries():
+        if e.layer is not None:
+            layers.setdefault(e.name, set()).add(e.layer)
+    missing = sorted(set(targets[0]) - set(out[0]))
+    short = sorted(n for n, got in layers.items() if len(got) != num_layers)
+    if missing or short:
+        what = missing[0] if missing else f"{short[0]} (layers {sorted(layers[short[0]])} of {num_layers})"
+        raise CheckpointError(f"{zs.reader.step_dir}: the optimizer state has no {what}")
+
+
+def _place(zs, num_layers: int, targets: list[dict]) -> list[dict]:
+    """Each (name, layer) tensor of the three float32 trees (master, exp_avg, exp_avg_sq) from `zs`,
+    read by this process and placed as it is read: [{flat name: jax.Array}] with the shardings of
+    `targets`."""
+    _check_names(zs, targets)
+    out: list[dict] = [{}, {}, {}]
+    for e, *arrays in zs.arrays():
         for tree, target, arr in zip(out, targets, arrays):
             sharding = target[e.name]
             if e.layer is None:
@@ -83,18 +110,129 @@ def _place(zs, num_layers: int, targets: list[dict]) -> list[dict]:
                 tree[e.name] = _zeros((num_layers, *arr.shape), sharding)()
             one = _put(arr, _layer_sharding(sharding))
             tree[e.name] = _setter(sharding)(tree[e.name], one, np.int32(e.layer))
-        if e.layer is not None:
-            layers.setdefault(e.name, set()).add(e.layer)
-    missing = sorted(set(targets[0]) - set(out[0]))
-    short = sorted(n for n, got in layers.items() if len(got) != num_layers)
-    if missing or short:
-        what = missing[0] if missing else f"{short[0]} (layers {sorted(layers[short[0]])} of {num_layers})"
-        raise CheckpointError(f"{zs.reader.step_dir}: the optimizer state has no {what}")
+    _check_complete(zs, num_layers, targets, out)
     return out
 
 
-def load(run: RunConfig, path: str, opt: optax.GradientTransformation, shardings: TrainState) -> TrainState:
-    """The train state of the GPT-NeoX checkpoint at `path`, placed with `shardings`."""
+def readers(mesh: Mesh) -> list[list]:
+    """The mesh's devices grouped by process, in process order: each group's process reads the
+    tensors dealt to it (`_place_shared`)."""
+    by: dict[int, list] = {}
+    for d in mesh.devices.flat:
+        by.setdefault(d.process_index, []).append(d)
+    return [by[p] for p in sorted(by)]
+
+
+def deal(entries: list[Entry], n: int) -> list[list[Entry | None]]:
+    """Rounds of `entries` for n readers: row r of a round is reader r's tensor (None: nothing).  A
+    stacked parameter goes n layers at a time, the others one per round; the reader to start each
+    round turns, so every reader gets about as many tensors as any other."""
+    rounds: list[list[Entry | None]] = []
+    turn = itertools.count()
+    stacked: dict[str, list[Entry]] = {}
+    for e in entries:
+        if e.layer is None:
+            row: list[Entry | None] = [None] * n
+            row[next(turn) % n] = e
+            rounds.append(row)
+        else:
+            stacked.setdefault(e.name, []).append(e)
+    for group in stacked.values():
+        for i in range(0, len(group), n):
+            row = [None] * n
+            for e in group[i:i + n]:
+                row[next(turn) % n] = e
+            rounds.append(row)
+    return rounds
+
+
+def _rows(rows: dict[int, np.ndarray], shape: tuple[int, ...], groups: list[list]) -> jax.Array:
+    """[len(groups), *shape] float32 with row r on group r's devices (split over them along the first
+    axis they divide, else copied to each); `rows` holds the rows this process has (others zeros)."""
+    n = len(groups[0])
+    mesh = Mesh(np.array(groups, dtype=object).reshape(len(groups), n), ("reader", "local"))
+    axis = next((a for a, size in enumerate(shape) if size % n == 0), None)
+    spec = ["reader"] + [None] * len(shape)
+    if axis is not None:
+        spec[1 + axis] = "local"
+    sharding = NamedSharding(mesh, PartitionSpec(*spec))
+    full = (len(groups), *shape)
+
+    def piece(idx):
+        r = idx[0].start or 0
+        if r not in rows:
+            return np.zeros(sharding.shard_shape(full), np.float32)
+        return rows[r][idx[1:]][None]
+
+    return jax.make_array_from_callback(full, sharding, piece)
+
+
+@functools.cache
+def _scatter(sharding):
+    """stacked, [n, ...] rows, [n] layers -> stacked with those layers replaced (index num_layers:
+    dropped; the old buffer donated)."""
+    return jax.jit(lambda full, rows, at: full.at[at].set(rows, mode="drop"), out_shardings=sharding,
+                   donate_argnums=0)
+
+
+@functools.cache
+def _take(sharding):
+    return jax.jit(lambda rows, r: rows[r], out_shardings=sharding)
+
+
+def _place_shared(zs, num_layers: int, targets: list[dict], groups: list[list]) -> list[dict]:
+    """As `_place`, but each tensor is read by one reader (a process: `groups` are its devices, as
+    `readers` lists them) and sent to the others' devices (module docstring); this process reads for
+    the groups whose devices it holds."""
+    _check_names(zs, targets)
+    n = len(groups)
+    mine = [r for r, g in enumerate(groups) if g[0].process_index == jax.process_index()]
+    rounds = deal(zs.reader.entries(), n)
+    stream = zs.arrays([row[r] for row in rounds for r in mine if row[r] is not None])
+    read = np.zeros((n, 2), np.float64)  # per reader: tensors, bytes (the three float32 trees)
+    out: list[dict] = [{}, {}, {}]
+    try:
+        for row in rounds:
+            got: dict[int, list[np.ndarray]] = {}
+            for r in mine:
+                if row[r] is not None:
+                    e, *arrays = next(stream)
+                    assert (e.name, e.layer) == (row[r].name, row[r].layer), (e, row[r])
+                    got[r] = arrays
+                    read[r] += (1, sum(a.nbytes for a in arrays))
+            first = next(e for e in row if e is not None)
+            for k, (tree, target) in enumerate(zip(out, targets)):
+                sharding = target[first.name]
+                mesh, spec = sharding.mesh, tuple(sharding.spec)
+                rows = _rows({r: a[k] for r, a in got.items()}, first.shape, groups)
+                if first.layer is None:
+                    owner = next(r for r, e in enumerate(row) if e is not None)
+                    spread = jax.device_put(rows, NamedSharding(mesh, PartitionSpec(None, *spec)))
+                    tree[first.name] = _take(sharding)(spread, np.int32(owner))
+                    continue
+                if first.name not in tree:
+                    tree[first.name] = _zeros((num_layers, *first.shape), sharding)()
+                spread = jax.device_put(rows, NamedSharding(mesh, PartitionSpec(None, *spec[1:])))
+                at = np.array([num_layers if e is None else e.layer for e in row], np.int32)
+                tree[first.name] = _scatter(sharding)(tree[first.name], spread, at)
+    finally:
+        stream.close()  # drops the file mappings
+    _check_complete(zs, num_layers, targets, out)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        read = np.asarray(multihost_utils.process_allgather(read)).sum(axis=0)
+    log.info("the optimizer state was read in %d parts, one per process: %s tensors, %s GiB (master and "
+             "moments)", n, ", ".join(str(int(c)) for c in read[:, 0]),
+             ", ".join(f"{b / 2**30:.3g}" for b in read[:, 1]))
+    return out
+
+
+def load(run: RunConfig, path: str, opt: optax.GradientTransformation, shardings: TrainState,
+         groups: list[list] | None = None) -> TrainState:
+    """The train state of the GPT-NeoX checkpoint at `path`, placed with `shardings`.  `groups`: the
+    readers' devices (default `readers(mesh)`, one group per process; a test may split one process's
+    devices to run the shared reading in one process)."""
     from ..convert.zero import read_zero
 
     zs = read_zero(path)
@@ -104,7 +242,14 @@ def load(run: RunConfig, path: str, opt: optax.GradientTransformation, shardings
     adam, *rest = shardings.opt_state
     if not isinstance(adam, optax.ScaleByAdamState):
         raise TypeError(f"the optimizer's first state is {type(adam).__name__}, expected Adam's")
-    placed = _place(zs, zs.reader.config.num_layers, [flatten(shardings.params), flatten(adam.mu), flatten(adam.nu)])
+    targets = [flatten(shardings.params), flatten(adam.mu), flatten(adam.nu)]
+    groups = readers(next(iter(targets[0].values())).mesh) if groups is None else groups
+    if len(groups) > 1 and len({len(g) for g in groups}) > 1:
+        log.warning("processes hold %s devices of the mesh (unequal): every process reads the whole optimizer "
+                    "state", sorted({len(g) for g in groups}))
+        groups = groups[:1]
+    L = zs.reader.config.num_layers
+    placed = _place(zs, L, targets) if len(groups) == 1 else _place_shared(zs, L, targets, groups)
     params, mu, nu = (unflatten(t) for t in placed)
     updates = _put(np.int32(zs.updates), shardings.updates)
     empty = jax.eval_shape(opt.init, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params))
