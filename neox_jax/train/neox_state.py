@@ -167,6 +167,13 @@ def _rows(rows: dict[int, np.ndarray], shape: tuple[int, ...], groups: list[list
     return jax.make_array_from_callback(full, sharding, piece)
 
 
+def _spread(rows: jax.Array, mesh: Mesh, spec: tuple) -> jax.Array:
+    """`rows` on every device of `mesh`, each row split by `spec`: an all-gather over the readers.
+    Waited for before the next is started: with several in flight, two CPU processes' (gloo)
+    collectives deadlocked (pythia-160m's shapes, bench/neox_state_memory.py --processes 2)."""
+    return jax.block_until_ready(jax.device_put(rows, NamedSharding(mesh, PartitionSpec(None, *spec))))
+
+
 @functools.cache
 def _scatter(sharding):
     """stacked, [n, ...] rows, [n] layers -> stacked with those layers replaced (index num_layers:
@@ -207,14 +214,12 @@ def _place_shared(zs, num_layers: int, targets: list[dict], groups: list[list]) 
                 rows = _rows({r: a[k] for r, a in got.items()}, first.shape, groups)
                 if first.layer is None:
                     owner = next(r for r, e in enumerate(row) if e is not None)
-                    spread = jax.device_put(rows, NamedSharding(mesh, PartitionSpec(None, *spec)))
-                    tree[first.name] = _take(sharding)(spread, np.int32(owner))
+                    tree[first.name] = _take(sharding)(_spread(rows, mesh, spec), np.int32(owner))
                     continue
                 if first.name not in tree:
                     tree[first.name] = _zeros((num_layers, *first.shape), sharding)()
-                spread = jax.device_put(rows, NamedSharding(mesh, PartitionSpec(None, *spec[1:])))
                 at = np.array([num_layers if e is None else e.layer for e in row], np.int32)
-                tree[first.name] = _scatter(sharding)(tree[first.name], spread, at)
+                tree[first.name] = _scatter(sharding)(tree[first.name], _spread(rows, mesh, spec[1:]), at)
     finally:
         stream.close()  # drops the file mappings
     _check_complete(zs, num_layers, targets, out)
