@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch (default 8)")
     ap.add_argument("--fp32-allreduce", action="store_true",
                     help="model.fp32_allreduce: weight/bias gradients float32 out of their matmuls")
+    ap.add_argument("--bias-grad", choices=["fused", "separate"], default="fused",
+                    help="model.bias_grad: the bias gradients summed inside the kernel making the output "
+                         "gradient (fused, XLA's choice) or by a float32 reduction of their own (separate)")
     ap.add_argument("--loss-chunk", type=int, default=256,
                     help="positions per cross-entropy chunk (train.loss_chunk; 0 = the whole sequence)")
     ap.add_argument("--grad-accum", type=int, default=1,
@@ -169,7 +172,7 @@ def model_config(args, parallel: bool | None = None, attention: str | None = Non
     cfg = load_config(args.model)
     changes: dict[str, Any] = {"compute_dtype": args.dtype, "attention": attention or args.attention_resolved,
                                "param_dtype": "float32", "fp32_allreduce": args.fp32_allreduce,
-                               "scan_layers": args.scan_layers}
+                               "bias_grad": args.bias_grad, "scan_layers": args.scan_layers}
     if args.remat != "preset":
         changes["remat"] = args.remat
     if parallel is None:
@@ -308,7 +311,8 @@ def job_ours(args, parallel: bool | None) -> dict[str, Any]:
     out = {"side": "ours", "use_parallel_residual": cfg.use_parallel_residual, "attention": cfg.attention,
            "remat": cfg.remat, "dtype": cfg.compute_dtype, "global_batch": B, "micro_batch": run.micro_batch,
            "grad_accum": run.train.grad_accum, "loss_chunk": run.train.loss_chunk,
-           "fp32_allreduce": cfg.fp32_allreduce, "scan_layers": cfg.scan_layers, "seq": args.seq,
+           "fp32_allreduce": cfg.fp32_allreduce, "bias_grad": cfg.bias_grad, "scan_layers": cfg.scan_layers,
+           "seq": args.seq,
            "tokens_per_step": B * args.seq, "step_ms": step_s * 1e3, "step_ms_all": [t * 1e3 for t in times],
            "first_step_s": warm[0] if warm else None, "compile_s": compile_s,
            "compile_how": "AOT .lower().compile()", "init_s": init_s,
@@ -583,8 +587,8 @@ def worker_main(args) -> int:
 # ============================================================================ orchestration
 
 
-JOB_ARGS = ("model", "seq", "micro_batch", "grad_accum", "loss_chunk", "fp32_allreduce", "steps", "warmup", "dtype",
-            "remat", "lr", "seed", "attention_resolved", "parallel_default", "scan_layers")
+JOB_ARGS = ("model", "seq", "micro_batch", "grad_accum", "loss_chunk", "fp32_allreduce", "bias_grad", "steps",
+            "warmup", "dtype", "remat", "lr", "seed", "attention_resolved", "parallel_default", "scan_layers")
 
 
 def job_env(job: dict[str, Any], xla_extra: list[str]) -> dict[str, str]:

@@ -37,6 +37,7 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # the one list of dtype names
 RUN_DTYPES = ("float32", "bfloat16")  # what score / generate / eval compute in
 ATTENTION_IMPLS = ("xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_attn", "save_proj")
+BIAS_GRADS = ("fused", "separate")
 INIT_SCHEMES = ("small_wang", "normal")
 
 # HF `hidden_act` spellings -> ours.
@@ -81,6 +82,9 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots (save matmul outputs) | dots_attn (dots + cuDNN attention) | save_proj
     fp32_allreduce: bool = False  # weight/bias gradients leave their matmuls in float32, so data-parallel
     #                               reduction and accumulation run in float32 (GPT-NeoX fp32_allreduce)
+    bias_grad: str = "fused"  # fused: XLA sums a dense layer's bias gradient inside the kernel that makes the
+    #                           output gradient (GELU / rotary backward); separate: that gradient is written
+    #                           first and summed in float32 by a reduction of its own (model.dense)
     init: str = "small_wang"  # small_wang (Pythia <= 2.8B, 20B) | normal (Pythia 6.9B/12B)
     init_std: float = 0.02  # std of the "normal" scheme
 
@@ -128,6 +132,7 @@ class ModelConfig:
              "remat dots_attn saves cuDNN attention's forward outputs: it needs attention cudnn "
              f"(with attention {self.attention!r} use remat dots)")
         need(self.init in INIT_SCHEMES, f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
+        need(self.bias_grad in BIAS_GRADS, f"bias_grad must be one of {BIAS_GRADS}, got {self.bias_grad!r}")
         for f in ("use_parallel_residual", "tie_word_embeddings", "scan_layers"):
             need(isinstance(getattr(self, f), bool), f"{f} must be true or false")
 

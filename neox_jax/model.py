@@ -347,19 +347,52 @@ def dense(cfg: ModelConfig, spec: str, x: Array, p: Params) -> Array:
     accumulator instead of rounding it to bf16, and the bias gradient is summed in float32.  Under
     data parallelism those per-device partial sums are what XLA's partitioner all-reduces, so this
     is GPT-NeoX's `fp32_allreduce` (Pythia-1B trained with it); it also keeps gradient accumulation
-    over micro-batches free of bf16 rounding.  Without it the partial sums are reduced in bf16."""
+    over micro-batches free of bf16 rounding.  Without it the partial sums are reduced in bf16.
+
+    `bias_grad: separate`: the bias gradient is summed in float32 by a reduction kernel of its own,
+    after the output gradient is written (`_bias_sum`).  XLA otherwise folds that sum into the
+    kernel making the output gradient (the GELU backward for fc_in, the rotary backward and q/k/v
+    concatenation for qkv), where it runs as a column reduction over batch x sequence rows: on an
+    H200 that kernel took 0.54 ms of a pythia-1.4b layer, against about 0.22 ms to read and write its
+    tensors once (bench/throughput_notes.md)."""
     dtype, precision = _numerics(cfg)
+    separate = cfg.bias_grad == "separate"
     if wide_grads(cfg) and not isinstance(p["kernel"], Int8):
-        return _dense_wide_grads(spec, dtype, precision, x, p["kernel"], p["bias"])
-    return jnp.einsum(spec, x, weight(p["kernel"], dtype), precision=precision) + p["bias"].astype(dtype)
+        return _dense_wide_grads(spec, dtype, precision, separate, x, p["kernel"], p["bias"])
+    y = jnp.einsum(spec, x, weight(p["kernel"], dtype), precision=precision)
+    if separate:
+        return _add_bias(y.ndim - p["bias"].ndim, y, p["bias"])
+    return y + p["bias"].astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _dense_wide_grads(spec, dtype, precision, x, w, b):
-    return _dense_wide_grads_fwd(spec, dtype, precision, x, w, b)[0]
+def _bias_sum(g: Array, lead: int) -> Array:
+    """The bias gradient: `g` summed over its `lead` leading dims in float32, by its own reduction
+    (the optimization barrier keeps XLA from fusing the sum into the kernel that produces g)."""
+    return jnp.sum(jax.lax.optimization_barrier(g), axis=tuple(range(lead)), dtype=jnp.float32)
 
 
-def _dense_wide_grads_fwd(spec, dtype, precision, x, w, b):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _add_bias(lead: int, y: Array, b: Array) -> Array:
+    return y + b.astype(y.dtype)
+
+
+def _add_bias_fwd(lead, y, b):
+    return _add_bias(lead, y, b), jnp.zeros((), b.dtype)
+
+
+def _add_bias_bwd(lead, b_like, g):
+    return g, _bias_sum(g, lead).astype(b_like.dtype)
+
+
+_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _dense_wide_grads(spec, dtype, precision, separate, x, w, b):
+    return _dense_wide_grads_fwd(spec, dtype, precision, separate, x, w, b)[0]
+
+
+def _dense_wide_grads_fwd(spec, dtype, precision, separate, x, w, b):
     wc = w.astype(dtype)
     out = jnp.einsum(spec, x, wc, precision=precision) + b.astype(dtype)
     return out, (x, wc, jnp.zeros((), w.dtype), jnp.zeros((), b.dtype))
@@ -374,12 +407,12 @@ def _wide_backward(spec: str, precision, x, wc, g):
     return dx, dw
 
 
-def _dense_wide_grads_bwd(spec, dtype, precision, res, g):
+def _dense_wide_grads_bwd(spec, dtype, precision, separate, res, g):
     x, wc, w_like, b_like = res
     dx, dw = _wide_backward(spec, precision, x, wc, g)
     inputs, out_spec = spec.split("->")
     lead = sum(c in inputs.split(",")[0] for c in out_spec)  # output dims from x; the bias covers the rest
-    db = jnp.sum(g.astype(jnp.float32), axis=tuple(range(lead)))
+    db = _bias_sum(g, lead) if separate else jnp.sum(g.astype(jnp.float32), axis=tuple(range(lead)))
     return dx.astype(x.dtype), dw.astype(w_like.dtype), db.astype(b_like.dtype)
 
 
@@ -429,9 +462,15 @@ def _dot_attention_xla(q, k, v, mask, precision):
     return jnp.einsum("bnst,btnh->bsnh", probs, v, precision=precision)
 
 
+def target_backend() -> str:
+    """The backend the model is traced for: JAX's default (bench/gpu_aot.py, which compiles for a GPU
+    on a machine without one, replaces this)."""
+    return jax.default_backend()
+
+
 def _dot_attention_cudnn(q, k, v, mask, causal_only: bool):
-    if jax.default_backend() != "gpu":
-        raise UserError(f"attention=cudnn needs an NVIDIA GPU; this process runs on {jax.default_backend()!r} "
+    if target_backend() != "gpu":
+        raise UserError(f"attention=cudnn needs an NVIDIA GPU; this process runs on {target_backend()!r} "
                         "(set model.attention to xla)")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise UserError(f"attention=cudnn needs bfloat16/float16 compute, got {q.dtype}")

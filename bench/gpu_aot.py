@@ -1,0 +1,284 @@
+"""The train step compiled for an H100 or H200 on a machine without a GPU: XLA's GPU program, read here.
+
+What the lent GPU sessions cannot afford (minutes of device time) is reading which kernels XLA makes
+of our step.  JAX compiles for a GPU it does not have when given a target description
+(`jax.experimental.topologies.get_topology_desc(platform="cuda", target_config=...)`): the GPU
+plugin and cuDNN's library must be importable, no driver or device is needed.  This script builds
+the step `bench/train_throughput.py` times (same options), lowers it for a (1,1,1) mesh on that
+target, compiles it, and prints:
+
+  the compile's memory analysis   arguments and temporaries, as XLA's GPU buffer assignment has them
+  per loop (layer scans, the loss's chunk loop, trip counts) and outside them: every kernel-level
+                                  instruction (fusion, custom call, copy) with its kind, its output
+                                  shape and the bytes it must move (operands + outputs; a slice of a
+                                  stacked [L, ...] operand counts 1/L), and that traffic's time at
+                                  --bandwidth (the floor a bandwidth-bound kernel cannot beat)
+  totals per category             GEMMs (FLOPs), attention, elementwise (kLoop), reductions
+                                  (kInput), slices and updates of stacked buffers (dynamic-slice
+                                  fusions: memcpy on the device), other
+
+The floors are not timings: set them beside a profile (bench/profile_step.py) to see which kernels
+run far from bandwidth.  XLA's autotuner does not run without a device (GEMM configs are defaults),
+and the GPU machine's jax (0.11) may fuse a little differently from this one.
+
+Setup (outside the project's environment: these are GPU packages, a few hundred MB):
+
+    python -m pip install --no-deps --target /work/aotlib "jax-cuda12-plugin==$(python -c 'import jax; print(jax.__version__)')" \
+        "jax-cuda12-pjrt==$(python -c 'import jax; print(jax.__version__)')" nvidia-cudnn-cu12
+    JAX_PLATFORMS=cpu PYTHONPATH=/work/aotlib:. python bench/gpu_aot.py --target h200 --remat dots_attn \
+        --hlo /tmp/step_h200.txt.gz --json /tmp/step_h200.json
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host backend; the program is compiled for the target
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_throughput as TT  # noqa: E402  (the benchmark's option parser and builders)
+
+# gpu_device_info of the two cards (nvidia-smi / CUDA device properties; bandwidth and memory as sold)
+_TARGETS = {
+    "h100": dict(name="NVIDIA H100 80GB HBM3", memory=85_520_809_984, bandwidth=3.35e12),
+    "h200": dict(name="NVIDIA H200", memory=150_754_820_096, bandwidth=4.8e12),
+}
+
+
+def target_config(kind: str) -> str:
+    t = _TARGETS[kind]
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {int(t['bandwidth'])}
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: {t['memory']}
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{
+    major: 9
+  }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{
+  major: 9
+  minor: 7
+}}
+runtime_version {{
+  major: 12
+  minor: 8
+}}
+device_description_str: "{t['name']}"
+"""
+
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8}
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+_COMP = re.compile(r"^(?:ENTRY )?%(\S+) \((.*)\) -> (.*) \{$")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) (fusion|custom-call|copy|while|dot|convolution)\((.*)$")
+
+
+def arrays(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in _ARRAY.findall(text)]
+
+
+def nbytes(items, layers: int | None = None) -> int:
+    """Bytes of (dtype, shape) items; an array whose leading dim is `layers` (a stacked buffer a
+    layer loop slices or updates in place) counts one layer."""
+    total = 0
+    for t, shape in items:
+        n = math.prod(shape) * _BYTES.get(t, 4)
+        if layers and len(shape) > 1 and shape[0] == layers:
+            n //= layers
+        total += n
+    return total
+
+
+def category(op: str, kind: str, name: str, target: str) -> str:
+    if op == "custom-call":
+        if "cudnn$fmha" in target or "fmha" in target:
+            return "attention"
+        if "gemm" in target.lower() or "cublas" in target.lower():
+            return "gemm"
+        return "other"
+    if op in ("dot", "convolution") or name.startswith(("gemm_fusion", "cublas")) or "__triton_gemm" in kind:
+        return "gemm"
+    if op == "copy" or "dynamic_slice_fusion" in kind or "dynamic_update_slice" in name and kind == "kCustom":
+        return "slice/copy"
+    return {"kLoop": "elementwise", "kInput": "reduction"}.get(kind, "other")
+
+
+def analyse(hlo: str, layers: int, bandwidth: float) -> dict:
+    """Per computation reached by a while loop (and the entry): its kernel-level instructions."""
+    comps: dict[str, list[str]] = {}
+    sigs: dict[str, str] = {}
+    cur = None
+    entry = None
+    for line in hlo.splitlines():
+        m = _COMP.match(line)
+        if m:
+            cur = m.group(1)
+            comps[cur], sigs[cur] = [], m.group(2)
+            if line.startswith("ENTRY"):
+                entry = cur
+            continue
+        if line.startswith("}"):
+            cur = None
+        elif cur:
+            comps[cur].append(line)
+    trips = {entry: 1}
+    order = [entry]
+    for name in order:  # breadth-first over while loops (nested trip counts multiply)
+        for line in comps[name]:
+            if " while(" in line:
+                body = re.search(r"body=%([\w.\-]+)", line).group(1)
+                n = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+                trips[body] = trips[name] * (int(n.group(1)) if n else 1)
+                order.append(body)
+    loops, totals = [], defaultdict(lambda: {"calls": 0, "bytes": 0, "floor_ms": 0.0, "flops": 0})
+    for name in order:
+        rows = []
+        for line in comps[name]:
+            m = _INSTR.match(line)
+            if not m or m.group(3) == "while":
+                continue
+            iname, out, op, rest = m.groups()
+            kind = (re.search(r"kind=(\w+)", rest) or re.search(r'"kind":"(\w+)"', rest))
+            kind = kind.group(1) if kind else ""
+            ctarget = re.search(r'custom_call_target="([^"]+)"', rest)
+            ctarget = ctarget.group(1) if ctarget else ""
+            custom_name = re.search(r'"name":"(\w+)"', rest)
+            if kind == "kCustom" and custom_name:
+                kind = f"kCustom:{custom_name.group(1)}"
+            called = re.search(r"calls=%([\w.\-]+)", rest)
+            ins = arrays(sigs[called.group(1)]) if called and called.group(1) in sigs else \
+                arrays(rest.split("),")[0])
+            outs = arrays(out)
+            if "dynamic_update_slice" in iname and any(o in ins for o in outs):  # the updated buffer is not moved
+                ins = [a for a in ins if a not in outs]
+            per_layer = layers if trips[name] > 1 else None
+            b = nbytes(ins, per_layer) + nbytes(outs, per_layer)
+            cat = category(op, kind, iname, ctarget)
+            flops = _dot_flops(sigs[called.group(1)], comps[called.group(1)]) if cat == "gemm" and called else 0
+            rows.append({"name": iname, "op": op, "kind": kind or ctarget, "category": cat, "out": out[:120],
+                         "bytes": b, "floor_us": b / bandwidth * 1e6, "flops": flops})
+            t = totals[cat]
+            t["calls"] += trips[name]
+            t["bytes"] += b * trips[name]
+            t["floor_ms"] += b / bandwidth * 1e3 * trips[name]
+            t["flops"] += flops * trips[name]
+        loops.append({"computation": name, "trips": trips[name], "kernels": rows})
+    return {"loops": loops, "totals": dict(totals)}
+
+
+def _dot_flops(signature: str, lines: list[str]) -> int:
+    """2 x output elements x contracted size of the `dot` in a fused computation (its operands'
+    shapes from the computation's parameters and instructions)."""
+    shapes = {n: a for n, a in re.findall(r"(\S+): ((?:pred|[suf]\d+|bf16)\[[\d,]*\])", signature)}
+    for ln in lines:
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = ((?:pred|[suf]\d+|bf16)\[[\d,]*\])", ln)
+        if m:
+            shapes[m.group(1)] = m.group(2)
+    for ln in lines:
+        m = re.match(r"\s*(?:ROOT )?%\S+ = (\S+) dot\(%([^,]+), %([^)]+)\)", ln)
+        if not m or m.group(2) not in shapes:
+            continue
+        out, lhs = arrays(m.group(1))[0][1], arrays(shapes[m.group(2)])[0][1]
+        contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ln)
+        k = math.prod(lhs[int(d)] for d in contract.group(1).split(",") if d) if contract else 1
+        return 2 * math.prod(out) * k
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = TT.build_parser()
+    ap.description = __doc__
+    ap.add_argument("--target", choices=sorted(_TARGETS), default="h200")
+    ap.add_argument("--hlo", default="", help="write the compiled GPU program (HLO text, gzipped) here")
+    ap.add_argument("--top", type=int, default=30, help="non-GEMM kernels to list, by traffic x trips")
+    args = ap.parse_args(argv)
+    import jax
+    import numpy as np
+    from jax.experimental import topologies
+
+    import neox_jax.model as M
+    from neox_jax.sharding import make_mesh
+    from neox_jax.train import state as S
+    from neox_jax.train import step as T
+
+    try:
+        topo = topologies.get_topology_desc(platform="cuda", target_config=target_config(args.target),
+                                            topology="1x1x1")
+    except Exception as e:  # noqa: BLE001  (no plugin: say how to get one)
+        raise SystemExit(f"gpu_aot: no CUDA compiler for a deviceless target ({type(e).__name__}: {e}); install "
+                         "jax-cuda12-plugin and jax-cuda12-pjrt of this jax version and nvidia-cudnn-cu12 "
+                         "(see this script's docstring)") from None
+    args.attention_resolved = "cudnn" if args.attention == "auto" else args.attention
+    args.parallel_default = {"true": True, "false": False}.get(args.parallel_residual)
+    M.target_backend = lambda: "gpu"  # trace cuDNN attention for the GPU being compiled for
+    cfg = TT.model_config(args)
+    run = TT.run_config(args, cfg)
+    mesh = make_mesh(1, 1, 1, devices=topo.devices)
+    opt = S.make_optimizer(run)
+    sh = S.state_shardings(run, mesh, opt)
+    state = S.abstract_state(run, opt, sh)
+    with jax.set_mesh(mesh):
+        batch = {"tokens": jax.ShapeDtypeStruct((run.train.batch_size, args.seq + 1), np.int32,
+                                                sharding=T.batch_sharding(mesh))}
+        lowered = T.make_train_step(run, mesh, opt, sh).lower(state, batch)
+        t0 = time.perf_counter()
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - t0
+    hlo = compiled.as_text()
+    mem = compiled.memory_analysis()
+    bw = _TARGETS[args.target]["bandwidth"]
+    res = analyse(hlo, cfg.num_layers, bw)
+    res.update(target=args.target, compile_s=compile_s, jax=jax.__version__,
+               settings={"model": args.model, "seq": args.seq, "micro_batch": args.micro_batch, "remat": cfg.remat,
+                         "attention": cfg.attention, "dtype": cfg.compute_dtype, "bias_grad": cfg.bias_grad,
+                         "loss_chunk": run.train.loss_chunk, "scan_layers": cfg.scan_layers},
+               memory={"argument_bytes": mem.argument_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
+                       "output_bytes": mem.output_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes})
+    print(f"{_TARGETS[args.target]['name']} (deviceless, jax {jax.__version__}): {args.model} seq {args.seq} "
+          f"mb {args.micro_batch} remat {cfg.remat} attention {cfg.attention} bias_grad {cfg.bias_grad} "
+          f"loss_chunk {run.train.loss_chunk}; compiled in {compile_s:.1f} s")
+    print(f"memory: arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB, temporaries "
+          f"{mem.temp_size_in_bytes / 2**30:.2f} GiB")
+    print(f"{'category':<12} {'calls':>6} {'GB moved':>9} {'floor ms':>9} {'TFLOP':>7}")
+    for cat, t in sorted(res["totals"].items(), key=lambda kv: -kv[1]["floor_ms"]):
+        print(f"{cat:<12} {t['calls']:>6} {t['bytes'] / 1e9:>9.2f} {t['floor_ms']:>9.2f} {t['flops'] / 1e12:>7.1f}")
+    rows = [(r["floor_us"] * loop["trips"] / 1e3, loop["trips"], r) for loop in res["loops"] for r in loop["kernels"]
+            if r["category"] not in ("gemm", "attention")]
+    print(f"\nnon-GEMM kernels by floor x trips (bandwidth {bw / 1e12:.1f} TB/s):")
+    print(f"{'ms/step':>8} {'trips':>5} {'MB':>8}  {'category':<12} name -> output")
+    for ms, trips, r in sorted(rows, key=lambda x: -x[0])[:args.top]:
+        print(f"{ms:8.2f} {trips:5d} {r['bytes'] / 1e6:8.1f}  {r['category']:<12} {r['name']} -> {r['out'][:70]}")
+    if args.hlo:
+        with gzip.open(args.hlo, "wt") as f:
+            f.write(hlo)
+        print(f"compiled program: {args.hlo}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
