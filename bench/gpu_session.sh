@@ -14,20 +14,25 @@
 # finished.
 #
 # Third session's stages (sessions one and two: bench/results/h200-2026-11-2{6,7}/; predictions are
-# written in bench/throughput_notes.md, "Third GPU session", before any of these ran):
-#   u1  decode, layers in a scan vs unrolled with the weights held per layer (generate --layers)
+# written in bench/throughput_notes.md, "Third GPU session", before any of these ran; the order was
+# rechecked after reading the step's GPU program without a GPU, bench/gpu_aot.py):
 #   t0  train, dots_attn, micro-batch 8: this session's baseline (session two: 54.0k tokens/s)
 #   t1  t0 with the layers unrolled (train_throughput --no-scan-layers)
-#   r1  the LayerNorm backward alone, in four formulations (bench/reductions.py)
-#   p1  profile of t0 with the full kernel table and the optimized HLO (which fusion is which kernel)
+#   t5  t0 with the bias gradients summed apart (--bias-grad separate)
+#   t6  the best setting (remat none, micro-batch 24, whole-sequence cross-entropy) unrolled, with
+#       the bias gradients apart: the candidate for the issue's 65k
+#   s1  the issue's measurement (cudnn-vs-xla check, ours, HF + torch.compile; HF eager left out) with
+#       ours at micro-batch 8 in the same candidate setting (remat none, whole-sequence cross-entropy,
+#       unrolled, bias gradients apart)
+#   p2  profile of t6's setting with the optimized HLO (the kernels' times beside gpu_aot's floors)
+#   u1  decode, layers in a scan vs unrolled with the weights held per layer (generate --layers)
+#   t3  the best setting with the scan and the bias gradients apart (t6 without the unrolling)
+#   p1  profile of t0 (as session two's, for the floors' calibration)
 #   u2  decode (scan) with --xla_gpu_enable_dynamic_slice_fusion=true
 #   t2  t0 with --xla_gpu_enable_dynamic_slice_fusion=true
-#   p2  profile of the best setting so far (remat none, micro-batch 24, whole-sequence cross-entropy)
 #   u3  decode (scan) with XLA's own full unrolling of the layer loop
-#   s1  the issue's measurement (cudnn-vs-xla check, ours, HF + torch.compile; HF eager left out) with
-#       our best micro-batch-8 setting (remat none, whole-sequence cross-entropy: never measured together)
-#   t3  the best setting with the layers unrolled
 #   u4  decode with int8 weights, scan and unrolled
+#   r1  the LayerNorm backward alone, in four formulations (bench/reductions.py)
 #   t4  the one flag session two did not reach (highest-priority async stream)
 #
 # GPU (what the lent machine runs; nothing to install):
@@ -81,21 +86,24 @@ stage() {  # stage NAME CAP_S SCRIPT ARGS...   (the script gets --json WORK/NAME
 tt=train_throughput.py
 ours=(--sides ours --no-check-attention)
 best=(--remat none --micro-batch 24 --loss-chunk 0)
+cand=(--no-scan-layers --bias-grad separate)
 dsf=--xla_gpu_enable_dynamic_slice_fusion=true
 dec=(--gpu --no-hf --batches 1,32 --new 128)
-stage u1_decode_layers 150 decode_throughput.py "${dec[@]}" --layers both --timeout 140
 stage t0_dots_attn 70 $tt "$@" "${ours[@]}" --remat dots_attn --job-timeout 60
-stage t1_unrolled 200 $tt "$@" "${ours[@]}" --remat dots_attn --no-scan-layers --job-timeout 190
-stage r1_ln_backward 60 reductions.py
+stage t1_unrolled 190 $tt "$@" "${ours[@]}" --remat dots_attn --no-scan-layers --job-timeout 180
+stage t5_bias_separate 70 $tt "$@" "${ours[@]}" --remat dots_attn --bias-grad separate --job-timeout 60
+stage t6_best_candidate 240 $tt "$@" "${ours[@]}" "${best[@]}" "${cand[@]}" --job-timeout 230
+stage s1_issue_best_mb8 300 $tt "$@" --sides ours,hf-compile --remat none --loss-chunk 0 "${cand[@]}" --job-timeout 200
+stage p2_profile_best 150 profile_step.py "$@" "${best[@]}" "${cand[@]}" --steps 2 --hlo "$work/p2_profile_best_hlo.txt.gz"
+stage u1_decode_layers 150 decode_throughput.py "${dec[@]}" --layers both --timeout 140
+stage t3_best_scan_bias 120 $tt "$@" "${ours[@]}" "${best[@]}" --bias-grad separate --job-timeout 110
 stage p1_profile 90 profile_step.py "$@" --remat dots_attn --steps 3 --hlo "$work/p1_profile_hlo.txt.gz"
 XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$dsf" stage u2_decode_dsf 90 decode_throughput.py "${dec[@]}" --timeout 80
 XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$dsf" stage t2_dsf 70 $tt "$@" "${ours[@]}" --remat dots_attn --job-timeout 60
-stage p2_profile_best 100 profile_step.py "$@" "${best[@]}" --steps 2 --hlo "$work/p2_profile_best_hlo.txt.gz"
 XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL" \
   stage u3_decode_xla_unroll 100 decode_throughput.py "${dec[@]}" --timeout 90
-stage s1_issue_best_mb8 300 $tt "$@" --sides ours,hf-compile --remat none --loss-chunk 0 --job-timeout 200
-stage t3_best_unrolled 240 $tt "$@" "${ours[@]}" "${best[@]}" --no-scan-layers --job-timeout 230
 stage u4_decode_int8 120 decode_throughput.py "${dec[@]}" --int8 --layers both --timeout 110
+stage r1_ln_backward 60 reductions.py
 XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_highest_priority_async_stream=true" \
   stage t4_flag_priority_stream 70 $tt "$@" "${ours[@]}" --job-timeout 60
 echo "=== done after ${SECONDS}s" | tee -a "$log"

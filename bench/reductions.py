@@ -1,10 +1,11 @@
 """The LayerNorm backward of one GPT-NeoX layer, alone, in a few formulations: which one XLA runs fastest.
 
-Session two's profile of the pythia-1.4b train step (bench/throughput_notes.md) spends 31 ms of a
-304 ms step in reductions; the largest, `input_convert_multiply_reduce_fusion` (24 calls, 13 ms), is
-0.54 ms per layer, where reading its inputs once would take about 0.06 ms.  The likely cause: the
-LayerNorm parameter gradients sum [R, D] products over the R = batch x sequence rows (a column
-reduction), and XLA's column reductions are slow for R >> D.
+Written when session two's largest non-GEMM kernel, `input_convert_multiply_reduce_fusion` (24 calls,
+13 ms of a 304 ms step), was taken for the LayerNorm's parameter gradients.  Reading the compiled
+GPU program (bench/gpu_aot.py, bench/throughput_notes.md) showed it is the MLP's GELU backward with
+the fc_in bias gradient folded in (`model.bias_grad` is that lever); the LayerNorms' own column
+reductions are standalone kernels that ran near bandwidth (0.05 ms each).  This script still measures
+the LayerNorm backward's formulations, at the end of the GPU session's list.
 
 Times, at pythia-1.4b's shapes (R = 8 x 2048 rows, D = 2048, bf16 activations, float32 statistics),
 the backward of the two LayerNorms of a parallel block (they share their input x), each formulation
