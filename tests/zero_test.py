@@ -434,13 +434,55 @@ def test_inspect_reports_the_optimizer_files(stopped_run, capsys):
 
 
 DS_FIXTURES = Path(__file__).parent / "fixtures" / "deepspeed_zero1"
+DS03_FIXTURE = Path(__file__).parent / "fixtures" / "deeperspeed_0315"
 
 
 def _ds_reference(variant):
-    """DeepSpeed's report for a fixture: (arrays, step directory, {scaler key: value} or None)."""
-    ref = np.load(DS_FIXTURES / variant / "reference.npz")
+    """DeepSpeed's report for a fixture: (arrays, step directory, {scaler key: value} or None);
+    variant "deeperspeed_0315" is tests/fixtures/deeperspeed_0315, the others deepspeed_zero1/'s."""
+    folder = DS03_FIXTURE if variant == "deeperspeed_0315" else DS_FIXTURES / variant
+    ref = np.load(folder / "reference.npz")
     scaler = {k[len("scaler/"):]: float(ref[k]) for k in ref.files if k.startswith("scaler/")} or None
-    return ref, DS_FIXTURES / variant / "save" / f"global_step{int(ref['iteration'])}", scaler
+    return ref, folder / "save" / f"global_step{int(ref['iteration'])}", scaler
+
+
+def test_reader_matches_deeperspeed_0315_on_its_own_files():
+    """Files DeeperSpeed 0.3.15 (tag v1.0, GPT-NeoX v1.0's pin, which saved Pythia and 20B) wrote
+    itself: its engine and FP16_DeepSpeedZeroOptimizer_Stage1, fp16 with the dynamic loss scaler (4
+    of 12 steps overflowed), elastic checkpoint, data-parallel 2, GPT-NeoX's sequential names
+    (`sequential.LL.<param>`) and two parameter groups, cut into 23 and 2 communication intervals
+    (tests/fixtures/deeperspeed_0315/make.py).  Per parameter, our float32 master and Adam moments
+    equal, bit for bit, what the live optimizer held (its fp32 sub-partitions and their Adam state,
+    placed by its own element map); iteration, applied updates and the loss scaler state are its
+    engine's; the weights are the masters rounded to float16.  The files keep no Adam step (it is in
+    the param group: DeeperSpeed's warm-up step plus the updates, which zero.py does not claim)."""
+    ref, step_dir, scaler = _ds_reference("deeperspeed_0315")
+    sds = [torch_load(step_dir / f"zero_pp_rank_{d}_mp_rank_00_optim_states.pt", extra_globals=_DS_GLOBALS)
+           for d in range(2)]
+    osds = [sd["optimizer_state_dict"] for sd in sds]
+    assert all(o["zero_stage"] == 1 and o["partition_count"] == 2 and o["num_comm_intervals_per_group"] == [23, 2]
+               for o in osds)
+    assert all(next(iter(sd["param_shapes"])) == "sequential.0.word_embeddings.weight" for sd in sds)
+    # rank 1's last sub-partitions: 20 of 32 values in the decay group, none (all padding) in the other
+    assert [[t.numel() for t in g][-1] for g in osds[1]["local_sub_partitions_of_fp32_groups"]] == [20, 0]
+    assert all(set(s) == {"exp_avg", "exp_avg_sq"} for o in osds for g in o["base_optimizer_state"] for s in g)
+    zs = read_zero(step_dir.parent)
+    updates = int(ref["global_steps"]) - int(ref["skipped_steps"])
+    assert (int(ref["skipped_steps"]), updates) == (4, 8)
+    assert {int(ref[k]) for k in ref.files if k.startswith("step/")} == {updates + 1}
+    assert (zs.iteration, zs.updates, zs.adam_step) == (int(ref["iteration"]), updates, None)
+    assert (zs.dp, zs.tp, zs.pp, zs.loss_scale, zs.reader.layout) == (2, 1, 1, scaler, "sequential")
+    seen = set()
+    for e, *got in zs.arrays():
+        ll, param, _ = zs.reader._where(e.name, e.layer)
+        name = f"sequential.{ll}.{param}"
+        for kind, ours in zip(("master", "exp_avg", "exp_avg_sq"), got):
+            np.testing.assert_array_equal(to_torch(e.name, ours, zs.reader.config), ref[f"{kind}/{name}"],
+                                          err_msg=f"{kind} {name}")
+        weight = ref[f"master/{name}"].astype(np.float16)
+        np.testing.assert_array_equal(zs.reader.read_torch(e), weight, err_msg=name)
+        seen.add(name)
+    assert seen == {k.split("/", 1)[1] for k in ref.files if k.startswith("master/")}
 
 
 @pytest.mark.parametrize("variant", ["fp32", "bf16", "aligned", "fp16", "pipe", "zero2", "bf16_zero2"])
@@ -517,7 +559,7 @@ def test_tensor_parallel_pieces_match_deepspeed():
 
 
 @pytest.mark.parametrize("variant,readers", [("fp32", 1), ("fp16", 1), ("bf16_zero2", 1), ("fp32", 2),
-                                             ("bf16_zero2", 4)])
+                                             ("bf16_zero2", 4), ("deeperspeed_0315", 2)])
 def test_init_from_neox_on_deepspeed_files(variant, readers, caplog):
     """`train.init_from_neox` on runs DeepSpeed 0.19.8 saved: the train state's params, Adam moments
     and count, iteration and update count are DeepSpeed's (bit for bit); with dynamic loss scaling,
