@@ -53,14 +53,15 @@ data-parallel 2; float32, bf16, fp16 with skipped steps, parameter_alignment, GP
 layout with two stages, and two tensor-parallel ranks; ZeRO-2 in float32 and in bf16), bit for bit
 against DeepSpeed's own safe_get_full_fp32_param / safe_get_full_optimizer_state (per TP rank,
 before the merge), and the counters and loss scaler against its live engine.  DeeperSpeed 0.3.15's
-layout is checked against files its own engine and FP16_DeepSpeedZeroOptimizer_Stage1 wrote
-(tests/fixtures/deeperspeed_0315: tag v1.0 run on CPU with CUDA calls shimmed, data-parallel 2, fp16
-with 4 of 12 steps skipped, elastic checkpoint, GPT-NeoX's sequential names, groups cut into 23 and 2
-communication intervals, one sub-partition all padding and saved empty), bit for bit against the
-optimizer's own fp32 sub-partitions and Adam state, and the counters and loss scaler against its
-engine; its files' Adam step (not saved) is the group's, the applied updates plus the warm-up step
-(checked).  Its pipeline and tensor-parallel files, and the TP merge, are checked against the
-published layout only.
+layout is checked against files its own engines and FP16_DeepSpeedZeroOptimizer_Stage1 wrote
+(tests/fixtures/deeperspeed_0315: tag v1.0 run on CPU with CUDA calls shimmed, fp16 with 4 of 12
+steps skipped, elastic checkpoint, every group cut into several communication intervals, some
+sub-partitions all padding and saved empty; GPT-NeoX's sequential names with 2 data-parallel ranks,
+and 20B's pipeline layout with 2 stages x 2 tensor-parallel x 2 data-parallel ranks), bit for bit
+against the optimizer's own fp32 sub-partitions and Adam state (per TP rank, before the merge), and
+the counters and loss scaler against its engine; its files' Adam step (not saved) is the group's, the
+applied updates plus the warm-up step (checked).  The TP merge is checked against the published
+layout only.
 
 The loss scaler (and, in newer files, the ZeRO stage enum and the slice mappings) are pickled
 DeepSpeed classes: they are read through stand-ins allow-listed under DeepSpeed's names, with
