@@ -434,13 +434,98 @@ def test_inspect_reports_the_optimizer_files(stopped_run, capsys):
 
 
 DS_FIXTURES = Path(__file__).parent / "fixtures" / "deepspeed_zero1"
+DS03_FIXTURE = Path(__file__).parent / "fixtures" / "deeperspeed_0315"
 
 
 def _ds_reference(variant):
-    """DeepSpeed's report for a fixture: (arrays, step directory, {scaler key: value} or None)."""
-    ref = np.load(DS_FIXTURES / variant / "reference.npz")
+    """DeepSpeed's report for a fixture: (arrays, step directory, {scaler key: value} or None);
+    variant "deeperspeed_0315/V" is tests/fixtures/deeperspeed_0315/V, the others deepspeed_zero1/'s."""
+    folder = DS03_FIXTURE.parent / variant if variant.startswith("deeperspeed_0315/") else DS_FIXTURES / variant
+    ref = np.load(folder / "reference.npz")
     scaler = {k[len("scaler/"):]: float(ref[k]) for k in ref.files if k.startswith("scaler/")} or None
-    return ref, DS_FIXTURES / variant / "save" / f"global_step{int(ref['iteration'])}", scaler
+    return ref, folder / "save" / f"global_step{int(ref['iteration'])}", scaler
+
+
+def _ds03_files(step_dir, mp, intervals, first, last):
+    """DeeperSpeed 0.3.15's two optimizer files of model rank mp: elastic ZeRO-1 over 2 data-parallel
+    ranks, `intervals` communication intervals per group, the stage's parameters from `first` on; rank
+    1's last sub-partition of the no-decay group holding `last` values (0: all padding, saved empty);
+    Adam state as apex keeps it."""
+    sds = [torch_load(step_dir / f"zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt", extra_globals=_DS_GLOBALS)
+           for d in range(2)]
+    osds = [sd["optimizer_state_dict"] for sd in sds]
+    assert all(o["zero_stage"] == 1 and o["partition_count"] == 2 and o["num_comm_intervals_per_group"] == intervals
+               for o in osds), [o["num_comm_intervals_per_group"] for o in osds]
+    assert all(next(iter(sd["param_shapes"])) == first for sd in sds)
+    assert osds[1]["local_sub_partitions_of_fp32_groups"][1][-1].numel() == last
+    assert all(set(s) == {"exp_avg", "exp_avg_sq"} for o in osds for g in o["base_optimizer_state"] for s in g)
+
+
+def _ds03_counters(zs, ref, scaler, skipped):
+    """Iteration, applied updates and loss scaler as DeeperSpeed's engine kept them; no Adam step in the
+    files (DeeperSpeed's, in the param group, is its warm-up step plus the updates: checked)."""
+    updates = int(ref["global_steps"]) - int(ref["skipped_steps"])
+    assert (int(ref["iteration"]), int(ref["skipped_steps"])) == (12, skipped)
+    assert {int(ref[k]) for k in ref.files if k.startswith("step/")} == {updates + 1}
+    assert (zs.iteration, zs.updates, zs.adam_step, zs.loss_scale) == (12, updates, None, scaler)
+
+
+def test_reader_matches_deeperspeed_0315_on_its_own_files():
+    """Files DeeperSpeed 0.3.15 (tag v1.0, GPT-NeoX v1.0's pin, which saved Pythia and 20B) wrote
+    itself: its engine and FP16_DeepSpeedZeroOptimizer_Stage1, fp16 with the dynamic loss scaler (4
+    of 12 steps overflowed), elastic checkpoint, data-parallel 2, GPT-NeoX's sequential names
+    (`sequential.LL.<param>`, pipe-parallel-size 0) and two parameter groups, cut into 23 and 2
+    communication intervals (tests/fixtures/deeperspeed_0315/make.py, sequential/).  Per parameter,
+    our float32 master and Adam moments equal, bit for bit, what the live optimizer held (its fp32
+    sub-partitions and their Adam state, placed by its own element map); the weights are the masters
+    rounded to float16.  (The reader put the LayerNorm weights of sequential names into the decayed
+    group and refused these files.)"""
+    ref, step_dir, scaler = _ds_reference("deeperspeed_0315/sequential")
+    _ds03_files(step_dir, 0, [23, 2], "sequential.0.word_embeddings.weight", 0)
+    zs = read_zero(step_dir.parent)
+    _ds03_counters(zs, ref, scaler, 4)
+    assert (zs.dp, zs.tp, zs.pp, zs.reader.layout) == (2, 1, 1, "sequential")
+    seen = set()
+    for e, *got in zs.arrays():
+        ll, param, _ = zs.reader._where(e.name, e.layer)
+        name = f"sequential.{ll}.{param}"
+        for kind, ours in zip(("master", "exp_avg", "exp_avg_sq"), got):
+            np.testing.assert_array_equal(to_torch(e.name, ours, zs.reader.config), ref[f"{kind}/{name}"],
+                                          err_msg=f"{kind} {name}")
+        np.testing.assert_array_equal(zs.reader.read_torch(e), ref[f"master/{name}"].astype(np.float16),
+                                      err_msg=name)
+        seen.add(name)
+    assert seen == {k.split("/", 1)[1] for k in ref.files if k.startswith("master/")}
+
+
+def test_deeperspeed_0315_pipeline_and_tensor_parallel_pieces():
+    """20B's layout from DeeperSpeed 0.3.15 itself (make.py, pipe_tp/): its PipelineEngine over a
+    PipelineModule with GPT-NeoX's topology, 2 stages x 2 tensor-parallel x 2 data-parallel ranks
+    (8 processes), `LL.<param>` names, `layer_LL-model_TT` weight files, optimizer files under model
+    rank = stage x 2 + tensor rank, each stage's own parameters; fp16, 4 of 12 steps skipped.  Each
+    tensor-parallel rank's piece of every parameter (the ranks' slices differ) equals, bit for bit,
+    what that rank's optimizer held; its weight file holds the masters rounded to float16.  The merge
+    across ranks is not checked here (the model does not all-reduce, so replicated copies differ)."""
+    ref, step_dir, scaler = _ds_reference("deeperspeed_0315/pipe_tp")
+    for mp in range(4):
+        _ds03_files(step_dir, mp, [26, 2] if mp < 2 else [26, 3],
+                    "0.word_embeddings.weight" if mp < 2 else "3.input_layernorm.weight", 0 if mp < 2 else 24)
+    zs = read_zero(step_dir.parent)
+    _ds03_counters(zs, ref, scaler, 4)
+    assert (zs.dp, zs.tp, zs.pp, zs.reader.layout) == (2, 2, 2, "pipeline")
+    seen = set()
+    for (ll, param), parts in zs._tensors.items():
+        assert len(parts) == 2
+        for t, piece in enumerate(parts):
+            key = f"{ll}.{param}/tp{t}"
+            for i, kind in enumerate(("master", "exp_avg", "exp_avg_sq")):
+                np.testing.assert_array_equal(piece.read(zs._files, i), ref[f"{kind}/{key}"], err_msg=f"{kind} {key}")
+            np.testing.assert_array_equal(zs.reader._rank_tensors(ll, param)[t].numpy(),
+                                          ref[f"master/{key}"].astype(np.float16), err_msg=key)
+            seen.add(key)
+    assert seen == {k.split("/", 1)[1] for k in ref.files if k.startswith("master/")}
+    assert not any(np.array_equal(ref[k], ref[k[:-1] + "1"]) for k in ref.files if k.endswith("/tp0"))
+    assert len(list(zs.arrays())) == len(zs.reader.entries())
 
 
 @pytest.mark.parametrize("variant", ["fp32", "bf16", "aligned", "fp16", "pipe", "zero2", "bf16_zero2"])
@@ -517,7 +602,7 @@ def test_tensor_parallel_pieces_match_deepspeed():
 
 
 @pytest.mark.parametrize("variant,readers", [("fp32", 1), ("fp16", 1), ("bf16_zero2", 1), ("fp32", 2),
-                                             ("bf16_zero2", 4)])
+                                             ("bf16_zero2", 4), ("deeperspeed_0315/sequential", 2)])
 def test_init_from_neox_on_deepspeed_files(variant, readers, caplog):
     """`train.init_from_neox` on runs DeepSpeed 0.19.8 saved: the train state's params, Adam moments
     and count, iteration and update count are DeepSpeed's (bit for bit); with dynamic loss scaling,

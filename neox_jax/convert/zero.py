@@ -52,8 +52,16 @@ Checked against files DeepSpeed 0.19.8 itself wrote (tests/fixtures/deepspeed_ze
 data-parallel 2; float32, bf16, fp16 with skipped steps, parameter_alignment, GPT-NeoX's pipeline
 layout with two stages, and two tensor-parallel ranks; ZeRO-2 in float32 and in bf16), bit for bit
 against DeepSpeed's own safe_get_full_fp32_param / safe_get_full_optimizer_state (per TP rank,
-before the merge), and the counters and loss scaler against its live engine.  DeeperSpeed
-0.3.15's files, and the TP merge, are checked against the published layout only.
+before the merge), and the counters and loss scaler against its live engine.  DeeperSpeed 0.3.15's
+layout is checked against files its own engines and FP16_DeepSpeedZeroOptimizer_Stage1 wrote
+(tests/fixtures/deeperspeed_0315: tag v1.0 run on CPU with CUDA calls shimmed, fp16 with 4 of 12
+steps skipped, elastic checkpoint, every group cut into several communication intervals, some
+sub-partitions all padding and saved empty; GPT-NeoX's sequential names with 2 data-parallel ranks,
+and 20B's pipeline layout with 2 stages x 2 tensor-parallel x 2 data-parallel ranks), bit for bit
+against the optimizer's own fp32 sub-partitions and Adam state (per TP rank, before the merge), and
+the counters and loss scaler against its engine; its files' Adam step (not saved) is the group's, the
+applied updates plus the warm-up step (checked).  The TP merge is checked against the published
+layout only.
 
 The loss scaler (and, in newer files, the ZeRO stage enum and the slice mappings) are pickled
 DeepSpeed classes: they are read through stand-ins allow-listed under DeepSpeed's names, with
@@ -114,8 +122,11 @@ def optim_file(dp: int, mp: int) -> str:
 
 
 def no_decay(name: str) -> bool:
-    """GPT-NeoX's second parameter group (no weight decay): LayerNorm parameters and biases."""
-    return name.endswith("bias") or name.split(".", 1)[-1].startswith(_NORM_MODULES)
+    """GPT-NeoX's second parameter group (no weight decay): LayerNorm parameters and biases.  `name` as in
+    param_shapes, "LL.<param>" or (no pipeline parallelism) "sequential.LL.<param>"."""
+    m = _NAME.match(name)
+    param = m.group(2) if m else name
+    return param.endswith("bias") or param.startswith(_NORM_MODULES)
 
 
 @dataclasses.dataclass
