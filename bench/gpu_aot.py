@@ -17,6 +17,9 @@ target, compiles it, and prints:
                                   (kInput), slices and updates of stacked buffers (dynamic-slice
                                   fusions: memcpy on the device), other
 
+With --decode-batch N it compiles the KV-cached decode loop (`generate.decode`, bf16 weights) for N
+rows instead; --no-scan-layers then holds the weights per layer, as `generate --layers unrolled` does.
+
 The floors are not timings: set them beside a profile (bench/profile_step.py) to see which kernels
 run far from bandwidth.  XLA's autotuner does not run without a device (GEMM configs are defaults),
 and the GPU machine's jax (0.11) may fuse a little differently from this one.
@@ -208,12 +211,48 @@ def _dot_flops(signature: str, lines: list[str]) -> int:
     return 0
 
 
+def decode_program(args, devices):
+    """(model config, compiled `generate.decode`: greedy, --decode-batch rows, a 128-token prompt and
+    128 new tokens, bf16 weights as `model.inference_params` keeps them; --no-scan-layers: the
+    weights held per layer, as `generate --layers unrolled` holds them)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from neox_jax import model as M
+    from neox_jax.config import load_config
+    from neox_jax.generate import Sampling, decode, prefill, unstack_layers
+
+    cfg = load_config(args.model).replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    rep = NamedSharding(Mesh(np.array(devices[:1]), ("d",)), PartitionSpec())
+
+    def on_target(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
+
+    params = jax.eval_shape(lambda: M.init_params(cfg, 0))
+    if not args.scan_layers:
+        cfg, params = cfg.replace(scan_layers=False), jax.eval_shape(unstack_layers, params)
+    B, P, new = args.decode_batch, 128, 128
+    ins = [jax.ShapeDtypeStruct((B, P), jnp.int32), jax.ShapeDtypeStruct((B, P), bool),
+           jax.ShapeDtypeStruct((B,), bool), jax.ShapeDtypeStruct((B,), jnp.int32),
+           jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((1,), jnp.int32)]
+    params, ins = jax.tree.map(on_target, params), [on_target(x) for x in ins]
+    state = jax.eval_shape(lambda *a: prefill(cfg, Sampling(), *a, max_new=new), params, *ins)
+    lowered = decode.lower(cfg, Sampling(), params, jax.tree.map(on_target, state), ins[3], ins[4], ins[5],
+                           on_target(jax.ShapeDtypeStruct((), jnp.int32)))
+    return cfg, lowered.compile()
+
+
 def main(argv=None) -> int:
     ap = TT.build_parser()
     ap.description = __doc__
     ap.add_argument("--target", choices=sorted(_TARGETS), default="h200")
     ap.add_argument("--hlo", default="", help="write the compiled GPU program (HLO text, gzipped) here")
     ap.add_argument("--top", type=int, default=30, help="non-GEMM kernels to list, by traffic x trips")
+    ap.add_argument("--decode-batch", type=int, default=0,
+                    help="compile the KV-cached decode loop (generate.decode) for this many rows instead of the "
+                         "train step (bf16 weights; --no-scan-layers: weights held per layer)")
     args = ap.parse_args(argv)
     import jax
     import numpy as np
@@ -231,6 +270,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"gpu_aot: no CUDA compiler for a deviceless target ({type(e).__name__}: {e}); install "
                          "jax-cuda12-plugin and jax-cuda12-pjrt of this jax version and nvidia-cudnn-cu12 "
                          "(see this script's docstring)") from None
+    if args.decode_batch:
+        t0 = time.perf_counter()
+        cfg, compiled = decode_program(args, topo.devices)
+        return report(args, cfg, compiled, time.perf_counter() - t0,
+                      f"decode, batch {args.decode_batch}, layers {'scan' if cfg.scan_layers else 'unrolled'}")
     args.attention_resolved = "cudnn" if args.attention == "auto" else args.attention
     args.parallel_default = {"true": True, "false": False}.get(args.parallel_residual)
     M.target_backend = lambda: "gpu"  # trace cuDNN attention for the GPU being compiled for
@@ -247,19 +291,24 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
+    return report(args, cfg, compiled, compile_s,
+                  f"train step, seq {args.seq} mb {args.micro_batch} remat {cfg.remat} attention {cfg.attention} "
+                  f"bias_grad {cfg.bias_grad} loss_chunk {run.train.loss_chunk} "
+                  f"layers {'scan' if cfg.scan_layers else 'unrolled'}")
+
+
+def report(args, cfg, compiled, compile_s: float, what: str) -> int:
+    import jax
+
     hlo = compiled.as_text()
     mem = compiled.memory_analysis()
     bw = _TARGETS[args.target]["bandwidth"]
     res = analyse(hlo, cfg.num_layers, bw)
-    res.update(target=args.target, compile_s=compile_s, jax=jax.__version__,
-               settings={"model": args.model, "seq": args.seq, "micro_batch": args.micro_batch, "remat": cfg.remat,
-                         "attention": cfg.attention, "dtype": cfg.compute_dtype, "bias_grad": cfg.bias_grad,
-                         "loss_chunk": run.train.loss_chunk, "scan_layers": cfg.scan_layers},
+    res.update(target=args.target, compile_s=compile_s, jax=jax.__version__, model=args.model, program=what,
                memory={"argument_bytes": mem.argument_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
                        "output_bytes": mem.output_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes})
-    print(f"{_TARGETS[args.target]['name']} (deviceless, jax {jax.__version__}): {args.model} seq {args.seq} "
-          f"mb {args.micro_batch} remat {cfg.remat} attention {cfg.attention} bias_grad {cfg.bias_grad} "
-          f"loss_chunk {run.train.loss_chunk}; compiled in {compile_s:.1f} s")
+    print(f"{_TARGETS[args.target]['name']} (deviceless, jax {jax.__version__}): {args.model} {what}; compiled in "
+          f"{compile_s:.1f} s")
     print(f"memory: arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB, temporaries "
           f"{mem.temp_size_in_bytes / 2**30:.2f} GiB")
     print(f"{'category':<12} {'calls':>6} {'GB moved':>9} {'floor ms':>9} {'TFLOP':>7}")
@@ -267,7 +316,8 @@ def main(argv=None) -> int:
         print(f"{cat:<12} {t['calls']:>6} {t['bytes'] / 1e9:>9.2f} {t['floor_ms']:>9.2f} {t['flops'] / 1e12:>7.1f}")
     rows = [(r["floor_us"] * loop["trips"] / 1e3, loop["trips"], r) for loop in res["loops"] for r in loop["kernels"]
             if r["category"] not in ("gemm", "attention")]
-    print(f"\nnon-GEMM kernels by floor x trips (bandwidth {bw / 1e12:.1f} TB/s):")
+    print(f"\nnon-GEMM kernels by floor x trips (bandwidth {bw / 1e12:.1f} TB/s; a decode loop's trips are "
+          f"per token):")
     print(f"{'ms/step':>8} {'trips':>5} {'MB':>8}  {'category':<12} name -> output")
     for ms, trips, r in sorted(rows, key=lambda x: -x[0])[:args.top]:
         print(f"{ms:8.2f} {trips:5d} {r['bytes'] / 1e6:8.1f}  {r['category']:<12} {r['name']} -> {r['out'][:70]}")

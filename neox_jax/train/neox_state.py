@@ -14,7 +14,7 @@ state itself.
 
 Read once, however many processes: with P processes the tensors are dealt out round robin (P
 layers of one parameter at a time, each to another process; the unstacked ones in turn), so each
-process reads about 1/P of the files' bytes.  A round's tensors meet on the devices: an [P, ...]
+process reads about 1/P of the files' bytes.  A round's tensors meet on the devices: a [P, ...]
 array whose row p lives on process p's devices (split over them), moved to every device's shard of
 the target sharding by `jax.device_put` (one collective; the devices' order differs from the
 training mesh's, which device_put handles and jit does not), then scattered into the stacked array
