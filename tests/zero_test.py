@@ -470,25 +470,34 @@ def _ds03_counters(zs, ref, scaler, skipped):
     assert (zs.iteration, zs.updates, zs.adam_step, zs.loss_scale) == (12, updates, None, scaler)
 
 
-def test_reader_matches_deeperspeed_0315_on_its_own_files():
+@pytest.mark.parametrize("variant", ["sequential", "pipe1"])
+def test_reader_matches_deeperspeed_0315_on_its_own_files(variant):
     """Files DeeperSpeed 0.3.15 (tag v1.0, GPT-NeoX v1.0's pin, which saved Pythia and 20B) wrote
     itself: its engine and FP16_DeepSpeedZeroOptimizer_Stage1, fp16 with the dynamic loss scaler (4
-    of 12 steps overflowed), elastic checkpoint, data-parallel 2, GPT-NeoX's sequential names
-    (`sequential.LL.<param>`, pipe-parallel-size 0) and two parameter groups, cut into 23 and 2
-    communication intervals (tests/fixtures/deeperspeed_0315/make.py, sequential/).  Per parameter,
-    our float32 master and Adam moments equal, bit for bit, what the live optimizer held (its fp32
-    sub-partitions and their Adam state, placed by its own element map); the weights are the masters
-    rounded to float16.  (The reader put the LayerNorm weights of sequential names into the decayed
-    group and refused these files.)"""
-    ref, step_dir, scaler = _ds_reference("deeperspeed_0315/sequential")
-    _ds03_files(step_dir, 0, [23, 2], "sequential.0.word_embeddings.weight", 0)
+    of 12 steps overflowed), elastic checkpoint, data-parallel 2, GPT-NeoX's two parameter groups
+    (tests/fixtures/deeperspeed_0315/make.py).  sequential/: its DeepSpeedEngine, GPT-NeoX's sequential
+    names (`sequential.LL.<param>`, pipe-parallel-size 0), 1 layer, groups cut into 23 and 2
+    communication intervals.  pipe1/: Pythia's layout, its PipelineEngine over a one-stage
+    PipelineModule (pipe-parallel-size 1, model-parallel-size 1), `LL.<param>` names, 2 layers in
+    `layer_LL-model_00` weight files, 42 and 3 intervals.  Per parameter, our float32 master and Adam
+    moments equal, bit for bit, what the live optimizer held (its fp32 sub-partitions and their Adam
+    state, placed by its own element map); the weights are the masters rounded to float16.  (The
+    reader put the LayerNorm weights of sequential names into the decayed group and refused the
+    sequential files.)"""
+    ref, step_dir, scaler = _ds_reference(f"deeperspeed_0315/{variant}")
+    pipe = variant == "pipe1"
+    _ds03_files(step_dir, 0, [42, 3] if pipe else [23, 2],
+                f"{'' if pipe else 'sequential.'}0.word_embeddings.weight", 35 if pipe else 0)
+    if pipe:
+        assert sorted(f.name for f in step_dir.glob("layer_*")) == [
+            f"layer_{ll:02d}-model_00-model_states.pt" for ll in (0, 2, 3, 5, 6)]
     zs = read_zero(step_dir.parent)
     _ds03_counters(zs, ref, scaler, 4)
-    assert (zs.dp, zs.tp, zs.pp, zs.reader.layout) == (2, 1, 1, "sequential")
+    assert (zs.dp, zs.tp, zs.pp, zs.reader.layout) == (2, 1, 1, "pipeline" if pipe else "sequential")
     seen = set()
     for e, *got in zs.arrays():
         ll, param, _ = zs.reader._where(e.name, e.layer)
-        name = f"sequential.{ll}.{param}"
+        name = f"{ll}.{param}" if pipe else f"sequential.{ll}.{param}"
         for kind, ours in zip(("master", "exp_avg", "exp_avg_sq"), got):
             np.testing.assert_array_equal(to_torch(e.name, ours, zs.reader.config), ref[f"{kind}/{name}"],
                                           err_msg=f"{kind} {name}")
@@ -602,10 +611,12 @@ def test_tensor_parallel_pieces_match_deepspeed():
 
 
 @pytest.mark.parametrize("variant,readers", [("fp32", 1), ("fp16", 1), ("bf16_zero2", 1), ("fp32", 2),
-                                             ("bf16_zero2", 4), ("deeperspeed_0315/sequential", 2)])
+                                             ("bf16_zero2", 4), ("deeperspeed_0315/sequential", 2),
+                                             ("deeperspeed_0315/pipe1", 2)])
 def test_init_from_neox_on_deepspeed_files(variant, readers, caplog):
-    """`train.init_from_neox` on runs DeepSpeed 0.19.8 saved: the train state's params, Adam moments
-    and count, iteration and update count are DeepSpeed's (bit for bit); with dynamic loss scaling,
+    """`train.init_from_neox` on runs DeepSpeed 0.19.8 saved, and DeeperSpeed 0.3.15 (sequential names;
+    pipe1: Pythia's layout, a one-stage PipelineModule): the train state's params, Adam moments and
+    count, iteration and update count are DeepSpeed's (bit for bit); with dynamic loss scaling,
     the fp16 run's scaler state is DeepSpeed's and the float32 and bf16 ZeRO-2 runs' static scalers
     are not taken.  readers > 1: the devices of a data 1 x fsdp 2 x tensor 2 (or 1 x 4 x 2) mesh split
     into that many readers in an order unlike the mesh's, as processes would be: each tensor read
@@ -654,5 +665,6 @@ def test_init_from_neox_on_deepspeed_files(variant, readers, caplog):
             ll, param, _ = r._where(e.name, e.layer)
             for kind, tree in zip(("master", "exp_avg", "exp_avg_sq"), trees):
                 ours = tree[e.name] if e.layer is None else tree[e.name][e.layer]
-                want = ref[f"{kind}/sequential.{ll}.{param}"]
+                prefix = "" if r.layout == "pipeline" else "sequential."
+                want = ref[f"{kind}/{prefix}{ll}.{param}"]
                 np.testing.assert_array_equal(to_torch(e.name, np.asarray(ours), cfg), want, err_msg=f"{kind} {e.label}")

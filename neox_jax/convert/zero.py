@@ -57,11 +57,14 @@ layout is checked against files its own engines and FP16_DeepSpeedZeroOptimizer_
 (tests/fixtures/deeperspeed_0315: tag v1.0 run on CPU with CUDA calls shimmed, fp16 with 4 of 12
 steps skipped, elastic checkpoint, every group cut into several communication intervals, some
 sub-partitions all padding and saved empty; GPT-NeoX's sequential names with 2 data-parallel ranks,
+Pythia's layout (pipe-parallel-size 1, model-parallel-size 1: a one-stage PipelineModule, `LL.<param>`
+names, `layer_LL-model_00` weight files, `mp_rank_00` optimizer files) with 2 data-parallel ranks,
 and 20B's pipeline layout with 2 stages x 2 tensor-parallel x 2 data-parallel ranks), bit for bit
 against the optimizer's own fp32 sub-partitions and Adam state (per TP rank, before the merge), and
 the counters and loss scaler against its engine; its files' Adam step (not saved) is the group's, the
-applied updates plus the warm-up step (checked).  The TP merge is checked against the published
-layout only.
+applied updates plus the warm-up step (checked).  Without tensor parallelism (sequential and Pythia's
+layouts) that holds for the whole read, through `read_zero` and `init_from_neox`; the TP merge is
+checked against the published layout only.
 
 The loss scaler (and, in newer files, the ZeRO stage enum and the slice mappings) are pickled
 DeepSpeed classes: they are read through stand-ins allow-listed under DeepSpeed's names, with
