@@ -24,12 +24,12 @@ The floors are not timings: set them beside a profile (bench/profile_step.py) to
 run far from bandwidth.  XLA's autotuner does not run without a device (GEMM configs are defaults),
 and the GPU machine's jax (0.11) may fuse a little differently from this one.
 
-Setup (outside the project's environment: these are GPU packages, a few hundred MB):
+The GPU packages it needs (JAX's CUDA plugin, cuDNN's library) are what `launch/setup.sh` installs
+into VENV/gpu-target for `neox-jax plan --target` (neox_jax/train/gpu_target.py):
 
-    python -m pip install --no-deps --target /work/aotlib "jax-cuda12-plugin==$(python -c 'import jax; print(jax.__version__)')" \
-        "jax-cuda12-pjrt==$(python -c 'import jax; print(jax.__version__)')" nvidia-cudnn-cu12
-    JAX_PLATFORMS=cpu PYTHONPATH=/work/aotlib:. python bench/gpu_aot.py --target h200 --remat dots_attn \
+    PYTHONPATH=. .venv/bin/python bench/gpu_aot.py --target h200 --remat dots_attn \
         --hlo /tmp/step_h200.txt.gz --json /tmp/step_h200.json
+    PYTHONPATH=. .venv/bin/python bench/gpu_aot.py --decode-batch 1 --no-scan-layers
 """
 
 from __future__ import annotations
@@ -37,60 +37,18 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
 import re
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host backend; the program is compiled for the target
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from neox_jax.train import gpu_target  # noqa: E402
+
+gpu_target.use_packages()  # before jax: the CUDA plugin's cuDNN bindings load with it
 import train_throughput as TT  # noqa: E402  (the benchmark's option parser and builders)
-
-# gpu_device_info of the two cards (nvidia-smi / CUDA device properties; bandwidth and memory as sold)
-_TARGETS = {
-    "h100": dict(name="NVIDIA H100 80GB HBM3", memory=85_520_809_984, bandwidth=3.35e12),
-    "h200": dict(name="NVIDIA H200", memory=150_754_820_096, bandwidth=4.8e12),
-}
-
-
-def target_config(kind: str) -> str:
-    t = _TARGETS[kind]
-    return f"""gpu_device_info {{
-  threads_per_block_limit: 1024
-  threads_per_warp: 32
-  shared_memory_per_block: 49152
-  shared_memory_per_core: 233472
-  threads_per_core_limit: 2048
-  core_count: 132
-  fpus_per_core: 128
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
-  memory_bandwidth: {int(t['bandwidth'])}
-  l2_cache_size: 52428800
-  clock_rate_ghz: 1.98
-  device_memory_size: {t['memory']}
-  shared_memory_per_block_optin: 232448
-  cuda_compute_capability {{
-    major: 9
-  }}
-  registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}}
-platform_name: "CUDA"
-dnn_version_info {{
-  major: 9
-  minor: 7
-}}
-runtime_version {{
-  major: 12
-  minor: 8
-}}
-device_description_str: "{t['name']}"
-"""
-
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
           "s64": 8, "u64": 8, "f64": 8}
@@ -247,7 +205,7 @@ def decode_program(args, devices):
 def main(argv=None) -> int:
     ap = TT.build_parser()
     ap.description = __doc__
-    ap.add_argument("--target", choices=sorted(_TARGETS), default="h200")
+    ap.add_argument("--target", choices=sorted(gpu_target.CARDS), default="h200")
     ap.add_argument("--hlo", default="", help="write the compiled GPU program (HLO text, gzipped) here")
     ap.add_argument("--top", type=int, default=30, help="non-GEMM kernels to list, by traffic x trips")
     ap.add_argument("--decode-batch", type=int, default=0,
@@ -256,38 +214,31 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import jax
     import numpy as np
-    from jax.experimental import topologies
 
     import neox_jax.model as M
     from neox_jax.sharding import make_mesh
     from neox_jax.train import state as S
     from neox_jax.train import step as T
 
-    try:
-        topo = topologies.get_topology_desc(platform="cuda", target_config=target_config(args.target),
-                                            topology="1x1x1")
-    except Exception as e:  # noqa: BLE001  (no plugin: say how to get one)
-        raise SystemExit(f"gpu_aot: no CUDA compiler for a deviceless target ({type(e).__name__}: {e}); install "
-                         "jax-cuda12-plugin and jax-cuda12-pjrt of this jax version and nvidia-cudnn-cu12 "
-                         "(see this script's docstring)") from None
+    devices = gpu_target.devices(args.target, 1)
     if args.decode_batch:
         t0 = time.perf_counter()
-        cfg, compiled = decode_program(args, topo.devices)
+        cfg, compiled = decode_program(args, devices)
         return report(args, cfg, compiled, time.perf_counter() - t0,
                       f"decode, batch {args.decode_batch}, layers {'scan' if cfg.scan_layers else 'unrolled'}")
     args.attention_resolved = "cudnn" if args.attention == "auto" else args.attention
     args.parallel_default = {"true": True, "false": False}.get(args.parallel_residual)
-    M.target_backend = lambda: "gpu"  # trace cuDNN attention for the GPU being compiled for
     cfg = TT.model_config(args)
     run = TT.run_config(args, cfg)
-    mesh = make_mesh(1, 1, 1, devices=topo.devices)
+    mesh = make_mesh(1, 1, 1, devices=devices)
     opt = S.make_optimizer(run)
     sh = S.state_shardings(run, mesh, opt)
     state = S.abstract_state(run, opt, sh)
     with jax.set_mesh(mesh):
         batch = {"tokens": jax.ShapeDtypeStruct((run.train.batch_size, args.seq + 1), np.int32,
                                                 sharding=T.batch_sharding(mesh))}
-        lowered = T.make_train_step(run, mesh, opt, sh).lower(state, batch)
+        with M.compiling_for("gpu"):  # cuDNN attention traced for the GPU being compiled for
+            lowered = T.make_train_step(run, mesh, opt, sh).lower(state, batch)
         t0 = time.perf_counter()
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
@@ -302,12 +253,12 @@ def report(args, cfg, compiled, compile_s: float, what: str) -> int:
 
     hlo = compiled.as_text()
     mem = compiled.memory_analysis()
-    bw = _TARGETS[args.target]["bandwidth"]
+    bw = gpu_target.CARDS[args.target]["bandwidth"]
     res = analyse(hlo, cfg.num_layers, bw)
     res.update(target=args.target, compile_s=compile_s, jax=jax.__version__, model=args.model, program=what,
                memory={"argument_bytes": mem.argument_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
                        "output_bytes": mem.output_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes})
-    print(f"{_TARGETS[args.target]['name']} (deviceless, jax {jax.__version__}): {args.model} {what}; compiled in "
+    print(f"{gpu_target.CARDS[args.target]['name']} (deviceless, jax {jax.__version__}): {args.model} {what}; compiled in "
           f"{compile_s:.1f} s")
     print(f"memory: arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB, temporaries "
           f"{mem.temp_size_in_bytes / 2**30:.2f} GiB")

@@ -10,11 +10,18 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/pip" install -q -U pip
 fi
 stamp="$VENV/.neox_jax_installed"
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml launch/setup.sh | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # The CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
   "$VENV/bin/pip" install -q torch==2.13.0
   "$VENV/bin/pip" install -q -e ".[test]"
+  # `neox-jax plan --target h100|h200` compiles with XLA's GPU compiler on any machine (no GPU): JAX's CUDA
+  # plugin of this jax version and cuDNN's library, kept in VENV/gpu-target apart from the environment
+  # (installed there, the plugin would make JAX look for a GPU at every start).  About 1.2 GB.
+  jaxver=$("$VENV/bin/python" -c 'import jax; print(jax.__version__)')
+  rm -rf "$VENV/gpu-target"
+  "$VENV/bin/pip" install -q --no-deps --target "$VENV/gpu-target" "jax-cuda12-plugin==$jaxver" \
+    "jax-cuda12-pjrt==$jaxver" nvidia-cudnn-cu12==9.28.0.42
   echo "$want" > "$stamp"
 fi
 echo "environment ready: $VENV ($("$VENV/bin/python" -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__)'))"

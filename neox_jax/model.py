@@ -24,6 +24,7 @@ checkpoints, converters and the train step pass around.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any
@@ -462,10 +463,23 @@ def _dot_attention_xla(q, k, v, mask, precision):
     return jnp.einsum("bnst,btnh->bsnh", probs, v, precision=precision)
 
 
+_TARGET: list[str] = []  # set by `compiling_for`
+
+
+@contextlib.contextmanager
+def compiling_for(backend: str):
+    """Trace the model for `backend` ("gpu") rather than JAX's default one: for compiling a GPU
+    program on a machine without a GPU (`neox-jax plan --target`, bench/gpu_aot.py)."""
+    _TARGET.append(backend)
+    try:
+        yield
+    finally:
+        _TARGET.pop()
+
+
 def target_backend() -> str:
-    """The backend the model is traced for: JAX's default (bench/gpu_aot.py, which compiles for a GPU
-    on a machine without one, replaces this)."""
-    return jax.default_backend()
+    """The backend the model is traced for: JAX's default, or what `compiling_for` says."""
+    return _TARGET[-1] if _TARGET else jax.default_backend()
 
 
 def _dot_attention_cudnn(q, k, v, mask, causal_only: bool):

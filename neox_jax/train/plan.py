@@ -270,6 +270,7 @@ class Plan:
     collectives: dict[str, dict[str, int]]
     compile_s: float
     device_memory: int | None = None
+    target: str = "cpu"  # what the program was compiled for: simulated CPU devices, or a GPU card (gpu_target)
 
     @property
     def fits(self) -> bool | None:
@@ -297,13 +298,17 @@ def per_node_sizes(total: tuple[int, int, int], dcn: tuple[int, int, int]) -> tu
 
 
 def plan(run, mesh_shape: tuple[int, int, int] | None = None, devices: list | None = None,
-         device_memory: int | None = None, nodes: int | None = None) -> Plan:
+         device_memory: int | None = None, nodes: int | None = None, target: str = "cpu") -> Plan:
     """Compile `run`'s train step for `devices` (default: all) on `mesh_shape` (total sizes; default:
     run.mesh's per-node sizes), the devices split into `nodes` consecutive blocks (default: what the
-    config's mesh.dcn_* factors make, dcn_data 0 counting one) joined by a hybrid mesh as in training."""
+    config's mesh.dcn_* factors make, dcn_data 0 counting one) joined by a hybrid mesh as in training.
+    `target`: "cpu", or the GPU card `devices` describe (gpu_target.devices), traced for a GPU."""
+    import contextlib
+
     import jax
 
     from .. import flops
+    from ..model import compiling_for
     from ..sharding import dcn_factors, make_mesh
     from . import state as S
     from . import step as T
@@ -335,14 +340,18 @@ def plan(run, mesh_shape: tuple[int, int, int] | None = None, devices: list | No
         batch = {"tokens": jax.ShapeDtypeStruct((B, S_len + 1), np.int32, sharding=T.batch_sharding(mesh))}
         if run.data.segment_ids:
             batch["segment_ids"] = batch["tokens"]
-        lowered = T.make_train_step(run, mesh, opt, sh).lower(state, batch)
+        with compiling_for("gpu") if target != "cpu" else contextlib.nullcontext():
+            lowered = T.make_train_step(run, mesh, opt, sh).lower(state, batch)
         t0 = time.perf_counter()
-        compiled, partitioned = compile_with_partitioned_module(lowered, "jit_step")
+        if target == "cpu":
+            compiled, partitioned = compile_with_partitioned_module(lowered, "jit_step")
+            ratio = unwidened_ratio(partitioned)
+        else:  # the GPU compiler keeps bf16 collectives bf16: the compiled program's bytes are the real ones
+            compiled, ratio = lowered.compile(), dict.fromkeys(COLLECTIVES, 1.0)
         compile_s = time.perf_counter() - t0
-        ratio = unwidened_ratio(partitioned)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}  # none from a deviceless GPU compile
     n = mesh.size
     collectives, dot_flops = analyse_hlo(compiled.as_text(), partition_nodes)
     for k, c in collectives.items():
@@ -362,7 +371,7 @@ def plan(run, mesh_shape: tuple[int, int, int] | None = None, devices: list | No
         + mem.temp_size_in_bytes,
         flops_hlo=dot_flops, flops_xla=float(cost.get("flops", float("nan"))),
         flops_model=flops.train_flops_per_token(run.model, S_len) * B * S_len / n,
-        collectives=collectives, compile_s=compile_s, device_memory=device_memory)
+        collectives=collectives, compile_s=compile_s, device_memory=device_memory, target=target)
 
 
 def _gib(b: float) -> str:
@@ -375,7 +384,8 @@ def format_plan(p: Plan) -> str:
         f"mesh {mesh} = {p.devices} devices"
         + (f" on {p.nodes} nodes of {p.devices // p.nodes}" if p.nodes > 1 else "")
         + f"; batch {p.global_batch} x {p.seq_length} "
-        f"(micro-batch {p.micro_batch}); compute {p.compute_dtype}, remat {p.remat}; compiled in {p.compile_s:.1f} s",
+        f"(micro-batch {p.micro_batch}); compute {p.compute_dtype}, remat {p.remat}; compiled in {p.compile_s:.1f} s "
+        + ("for simulated CPU devices" if p.target == "cpu" else f"by XLA's GPU compiler for {p.target} devices"),
         "per device:",
         f"  parameters (float32)     {_gib(p.param_bytes)}",
         f"  optimizer state          {_gib(p.optimizer_bytes)}",
@@ -392,8 +402,9 @@ def format_plan(p: Plan) -> str:
     ]
     for k, c in p.collectives.items():
         if c["count"]:
-            lines.append(f"    {k:<20} {c['count']:>6} x, {_gib(c['bytes'])} as compiled for CPU, "
-                         f"{_gib(c['bytes_accelerator'])} on GPU/TPU (bf16 not widened)")
+            lines.append(f"    {k:<20} {c['count']:>6} x, " + (
+                f"{_gib(c['bytes'])} as compiled for CPU, {_gib(c['bytes_accelerator'])} on GPU/TPU (bf16 not widened)"
+                if p.target == "cpu" else _gib(c["bytes"])))
             if p.nodes > 1:
                 lines.append(f"      {'across nodes':<18} {c['across_nodes_count']:>6} x, "
                              f"{_gib(c['across_nodes_bytes_accelerator'])} on GPU/TPU"
@@ -413,7 +424,8 @@ def register(sub) -> None:
                     "and temporary bytes (XLA's memory analysis), a peak estimate and whether it fits "
                     "--device-memory, FLOPs per step (XLA's count and the model formula), and the collectives "
                     "in the compiled program by kind with their bytes (loops counted per iteration). The CPU "
-                    "backend's buffer assignment differs from GPU/TPU: treat temporaries as an estimate.")
+                    "backend's buffer assignment differs from GPU/TPU: treat temporaries as an estimate, or "
+                    "compile for the GPU itself with --target (no GPU needed; see neox_jax/train/gpu_target.py).")
     p.add_argument("config", nargs="+", help="run YAML, or GPT-NeoX YAML file(s)")
     p.add_argument("--devices", type=int, required=True, metavar="N", help="devices to plan for")
     p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
@@ -423,7 +435,12 @@ def register(sub) -> None:
                    help="the devices are K nodes of N/K (default: what mesh.dcn_* make, dcn_data 0 counting "
                         "one); the mesh is the hybrid mesh training builds, and each collective kind also "
                         "reports what crosses nodes")
-    p.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 80GiB, 96GB")
+    p.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 80GiB, 96GB (default with "
+                                                              "--target: the card's)")
+    p.add_argument("--target", choices=["cpu", "h100", "h200"], default="cpu",
+                   help="compile for simulated CPU devices (default), or with XLA's GPU compiler for H100 / H200 "
+                        "devices (cuDNN attention as configured; buffer assignment as on the card: needs JAX's "
+                        "CUDA plugin and cuDNN's library, not a GPU)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a key, e.g. --set model.remat=full --set train.batch_size=64 (repeatable)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
@@ -454,7 +471,19 @@ def _run_plan(args) -> None:
         raise UserError(f"--nodes must be >= 1, got {args.nodes}")
     mesh = _mesh_arg(args.mesh)
     memory = parse_size(args.device_memory) if args.device_memory else None
+    if args.target != "cpu":
+        from . import gpu_target
+
+        gpu_target.use_packages()
     run = load_run_config(args.config, args.set, num_devices=args.devices)
+    if args.target != "cpu":
+        m = run.mesh
+        nodes = args.nodes or max(m.dcn_data, 1) * m.dcn_fsdp * m.dcn_tensor
+        devices = gpu_target.devices(args.target, args.devices, nodes)
+        memory = memory or gpu_target.CARDS[args.target]["memory"]
+        result = plan(run, mesh, devices, memory, nodes=nodes, target=gpu_target.CARDS[args.target]["name"])
+        print(json.dumps(result.to_dict()) if args.json else format_plan(result))
+        return
     if run.model.attention == "cudnn":  # planned with XLA attention (see the caveats above)
         remat = "dots" if run.model.remat == "dots_attn" else run.model.remat
         run = dataclasses.replace(run, model=run.model.replace(attention="xla", remat=remat))
