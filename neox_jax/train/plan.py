@@ -265,7 +265,7 @@ class Plan:
     temp_bytes: int
     peak_bytes: int
     flops_hlo: float
-    flops_xla: float
+    flops_xla: float | None  # None: XLA gave no cost analysis (a deviceless GPU compile)
     flops_model: float
     collectives: dict[str, dict[str, int]]
     compile_s: float
@@ -369,7 +369,7 @@ def plan(run, mesh_shape: tuple[int, int, int] | None = None, devices: list | No
         alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
         peak_bytes=mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
         + mem.temp_size_in_bytes,
-        flops_hlo=dot_flops, flops_xla=float(cost.get("flops", float("nan"))),
+        flops_hlo=dot_flops, flops_xla=float(cost["flops"]) if "flops" in cost else None,
         flops_model=flops.train_flops_per_token(run.model, S_len) * B * S_len / n,
         collectives=collectives, compile_s=compile_s, device_memory=device_memory, target=target)
 
@@ -396,8 +396,8 @@ def format_plan(p: Plan) -> str:
         + ("" if p.device_memory is None else
            f"   {'fits' if p.fits else 'DOES NOT FIT'} in {_gib(p.device_memory)}"),
         f"  FLOPs per step           {p.flops_hlo:.3e} matmul FLOPs in the HLO (loops x trip count, with "
-        f"recomputation); {p.flops_model:.3e} model formula; [XLA cost_analysis {p.flops_xla:.3e}: "
-        "loop bodies counted once]",
+        f"recomputation); {p.flops_model:.3e} model formula"
+        + ("" if p.flops_xla is None else f"; [XLA cost_analysis {p.flops_xla:.3e}: loop bodies counted once]"),
         "  collectives per step     " + ("none" if not any(c["count"] for c in p.collectives.values()) else ""),
     ]
     for k, c in p.collectives.items():
