@@ -25,6 +25,8 @@
 #       ours at micro-batch 8 in the same candidate setting (remat none, whole-sequence cross-entropy,
 #       unrolled, bias gradients apart)
 #   p2  profile of t6's setting with the optimized HLO (the kernels' times beside gpu_aot's floors)
+#   m2  pythia-160m, ours (the candidate setting at micro-batch 8) vs HF + torch.compile (session one: 0.94x)
+#   m1  pythia-6.9b, ours, remat full, micro-batch 8 (plan --target h200: 107.6 GiB, fits at 0.90)
 #   u1  decode, layers in a scan vs unrolled with the weights held per layer (generate --layers)
 #   t3  the best setting with the scan and the bias gradients apart (t6 without the unrolling)
 #   p1  profile of t0 (as session two's, for the floors' calibration)
@@ -95,6 +97,10 @@ stage t5_bias_separate 70 $tt "$@" "${ours[@]}" --remat dots_attn --bias-grad se
 stage t6_best_candidate 240 $tt "$@" "${ours[@]}" "${best[@]}" "${cand[@]}" --job-timeout 230
 stage s1_issue_best_mb8 300 $tt "$@" --sides ours,hf-compile --remat none --loss-chunk 0 "${cand[@]}" --job-timeout 200
 stage p2_profile_best 150 profile_step.py "$@" "${best[@]}" "${cand[@]}" --steps 2 --hlo "$work/p2_profile_best_hlo.txt.gz"
+stage m2_pythia160m 150 $tt "$@" --model pythia-160m --sides ours,hf-compile --remat none --loss-chunk 0 "${cand[@]}" \
+  --job-timeout 90
+stage m1_pythia6.9b 150 $tt "$@" "${ours[@]}" --model pythia-6.9b --remat full --micro-batch 8 \
+  --job-timeout 140
 stage u1_decode_layers 150 decode_throughput.py "${dec[@]}" --layers both --timeout 140
 stage t3_best_scan_bias 120 $tt "$@" "${ours[@]}" "${best[@]}" --bias-grad separate --job-timeout 110
 stage p1_profile 90 profile_step.py "$@" --remat dots_attn --steps 3 --hlo "$work/p1_profile_hlo.txt.gz"
