@@ -97,9 +97,18 @@ stage t5_bias_separate 70 $tt "$@" "${ours[@]}" --remat dots_attn --bias-grad se
 stage t6_best_candidate 240 $tt "$@" "${ours[@]}" "${best[@]}" "${cand[@]}" --job-timeout 230
 stage s1_issue_best_mb8 300 $tt "$@" --sides ours,hf-compile --remat none --loss-chunk 0 "${cand[@]}" --job-timeout 200
 stage p2_profile_best 150 profile_step.py "$@" "${best[@]}" "${cand[@]}" --steps 2 --hlo "$work/p2_profile_best_hlo.txt.gz"
-stage m2_pythia160m 150 $tt "$@" --model pythia-160m --sides ours,hf-compile --remat none --loss-chunk 0 "${cand[@]}" \
+if ! nvidia-smi -L >/dev/null 2>&1; then  # real model sizes: not for the CPU smoke run
+  gpu_only() {
+    if [[ -n $from && $1 != "$from" ]]; then stage "$@"; return; fi  # (stage says it is skipped for FROM)
+    from=
+    echo "=== stage $1 skipped: no GPU (real model sizes)" | tee -a "$log"
+  }
+else
+  gpu_only() { stage "$@"; }
+fi
+gpu_only m2_pythia160m 150 $tt "$@" --model pythia-160m --sides ours,hf-compile --remat none --loss-chunk 0 "${cand[@]}" \
   --job-timeout 90
-stage m1_pythia6.9b 150 $tt "$@" "${ours[@]}" --model pythia-6.9b --remat full --micro-batch 8 \
+gpu_only m1_pythia6.9b 150 $tt "$@" "${ours[@]}" --model pythia-6.9b --remat full --micro-batch 8 \
   --job-timeout 140
 stage u1_decode_layers 150 decode_throughput.py "${dec[@]}" --layers both --timeout 140
 stage t3_best_scan_bias 120 $tt "$@" "${ours[@]}" "${best[@]}" --bias-grad separate --job-timeout 110
