@@ -26,6 +26,11 @@ nothing is allocated.  From the compiled SPMD program (one program = one device)
                                        split into consecutive node blocks and the mesh is the hybrid
                                        mesh training builds, so this is what crosses the slow network
 
+With `--target h100|h200` the program is compiled by XLA's GPU compiler instead, for devices of that
+card described to it (gpu_target.py; no GPU needed): GPU fusion, buffer assignment and collectives,
+cuDNN attention as configured, so the memory analysis is the card's (checked against a measured
+H200 peak).  The rest of this docstring is about the default, simulated CPU devices.
+
 Caveats: the program is compiled by XLA's CPU backend, whose fusion and buffer assignment differ from
 the GPU and TPU backends (the cuDNN attention kernel becomes plain XLA attention here), so temporaries
 are an estimate, usually within tens of percent; parameter, optimizer and collective numbers follow
