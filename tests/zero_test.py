@@ -461,6 +461,25 @@ def _ds03_files(step_dir, mp, intervals, first, last):
     assert all(set(s) == {"exp_avg", "exp_avg_sq"} for o in osds for g in o["base_optimizer_state"] for s in g)
 
 
+def _assert_equals_reference(zs, ref, pipe: bool, low) -> None:
+    """Every tensor `read_zero` gives (master, exp_avg, exp_avg_sq; HF layout) equals the reference
+    file's bit for bit, the weights GPT-NeoX's reader takes from the weight files equal the masters
+    rounded to `low` (a torch dtype), and the reference has no tensor the reader missed.  Names as
+    param_shapes has them: `LL.<param>` (pipe) or `sequential.LL.<param>`."""
+    names = {k.split("/", 1)[1] for k in ref.files if k.startswith("master/")}
+    seen = set()
+    for e, *got in zs.arrays():
+        ll, param, _ = zs.reader._where(e.name, e.layer)
+        name = f"{ll}.{param}" if pipe else f"sequential.{ll}.{param}"
+        for kind, ours in zip(("master", "exp_avg", "exp_avg_sq"), got):
+            np.testing.assert_array_equal(to_torch(e.name, ours, zs.reader.config), ref[f"{kind}/{name}"],
+                                          err_msg=f"{kind} {name}")
+        weight = torch.from_numpy(ref[f"master/{name}"]).to(low).float().numpy()
+        np.testing.assert_array_equal(zs.reader.read_torch(e).astype(np.float32), weight, err_msg=name)
+        seen.add(name)
+    assert seen == names, names ^ seen
+
+
 def _ds03_counters(zs, ref, scaler, skipped):
     """Iteration, applied updates and loss scaler as DeeperSpeed's engine kept them; no Adam step in the
     files (DeeperSpeed's, in the param group, is its warm-up step plus the updates: checked)."""
@@ -494,17 +513,7 @@ def test_reader_matches_deeperspeed_0315_on_its_own_files(variant):
     zs = read_zero(step_dir.parent)
     _ds03_counters(zs, ref, scaler, 4)
     assert (zs.dp, zs.tp, zs.pp, zs.reader.layout) == (2, 1, 1, "pipeline" if pipe else "sequential")
-    seen = set()
-    for e, *got in zs.arrays():
-        ll, param, _ = zs.reader._where(e.name, e.layer)
-        name = f"{ll}.{param}" if pipe else f"sequential.{ll}.{param}"
-        for kind, ours in zip(("master", "exp_avg", "exp_avg_sq"), got):
-            np.testing.assert_array_equal(to_torch(e.name, ours, zs.reader.config), ref[f"{kind}/{name}"],
-                                          err_msg=f"{kind} {name}")
-        np.testing.assert_array_equal(zs.reader.read_torch(e), ref[f"master/{name}"].astype(np.float16),
-                                      err_msg=name)
-        seen.add(name)
-    assert seen == {k.split("/", 1)[1] for k in ref.files if k.startswith("master/")}
+    _assert_equals_reference(zs, ref, pipe, torch.float16)
 
 
 def test_deeperspeed_0315_pipeline_and_tensor_parallel_pieces():
@@ -568,21 +577,10 @@ def test_reader_matches_deepspeed_on_its_own_files(variant):
     assert (int(ref["skipped_steps"]) > 0) == (variant == "fp16") and steps == {updates}
     assert (zs.iteration, zs.updates, zs.adam_step) == (int(ref["iteration"]), updates, updates)
     assert (zs.dp, zs.tp, zs.pp, zs.loss_scale) == (2, 1, 2 if variant == "pipe" else 1, scaler)
-    names = {k.split("/", 1)[1] for k in ref.files if k.startswith("master/")}
     low = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16_zero2": torch.bfloat16}.get(variant, torch.float32)
     pipe = variant.startswith("pipe")
     assert zs.reader.layout == ("pipeline" if pipe else "sequential")
-    seen = set()
-    for e, *got in zs.arrays():
-        ll, param, _ = zs.reader._where(e.name, e.layer)
-        name = f"{ll}.{param}" if pipe else f"sequential.{ll}.{param}"
-        for kind, ours in zip(("master", "exp_avg", "exp_avg_sq"), got):
-            np.testing.assert_array_equal(to_torch(e.name, ours, zs.reader.config), ref[f"{kind}/{name}"],
-                                          err_msg=f"{kind} {name}")
-        weight = torch.from_numpy(ref[f"master/{name}"]).to(low).float().numpy()
-        np.testing.assert_array_equal(zs.reader.read_torch(e).astype(np.float32), weight, err_msg=name)
-        seen.add(name)
-    assert seen == names, names ^ seen
+    _assert_equals_reference(zs, ref, pipe, low)
 
 
 def test_tensor_parallel_pieces_match_deepspeed():
