@@ -302,6 +302,12 @@ def per_node_sizes(total: tuple[int, int, int], dcn: tuple[int, int, int]) -> tu
     return tuple(out)  # type: ignore[return-value]
 
 
+def default_nodes(run) -> int:
+    """The node count the config's mesh.dcn_* factors make (dcn_data 0 counting one)."""
+    m = run.mesh
+    return max(m.dcn_data, 1) * m.dcn_fsdp * m.dcn_tensor
+
+
 def plan(run, mesh_shape: tuple[int, int, int] | None = None, devices: list | None = None,
          device_memory: int | None = None, nodes: int | None = None, target: str = "cpu") -> Plan:
     """Compile `run`'s train step for `devices` (default: all) on `mesh_shape` (total sizes; default:
@@ -321,7 +327,7 @@ def plan(run, mesh_shape: tuple[int, int, int] | None = None, devices: list | No
 
     devices = list(devices if devices is not None else jax.devices())
     m = run.mesh
-    nodes = nodes or max(m.dcn_data, 1) * m.dcn_fsdp * m.dcn_tensor
+    nodes = nodes or default_nodes(run)
     try:
         if nodes < 1 or len(devices) % nodes:
             raise ValueError(f"{len(devices)} devices do not split into {nodes} nodes")
@@ -482,23 +488,22 @@ def _run_plan(args) -> None:
         gpu_target.use_packages()
     run = load_run_config(args.config, args.set, num_devices=args.devices)
     if args.target != "cpu":
-        m = run.mesh
-        nodes = args.nodes or max(m.dcn_data, 1) * m.dcn_fsdp * m.dcn_tensor
+        nodes = args.nodes or default_nodes(run)
         devices = gpu_target.devices(args.target, args.devices, nodes)
         memory = memory or gpu_target.CARDS[args.target]["memory"]
         result = plan(run, mesh, devices, memory, nodes=nodes, target=gpu_target.CARDS[args.target]["name"])
-        print(json.dumps(result.to_dict()) if args.json else format_plan(result))
-        return
-    if run.model.attention == "cudnn":  # planned with XLA attention (see the caveats above)
-        remat = "dots" if run.model.remat == "dots_attn" else run.model.remat
-        run = dataclasses.replace(run, model=run.model.replace(attention="xla", remat=remat))
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
-    import jax
+    else:
+        if run.model.attention == "cudnn":  # planned with XLA attention (see the caveats above)
+            remat = "dots" if run.model.remat == "dots_attn" else run.model.remat
+            run = dataclasses.replace(run, model=run.model.replace(attention="xla", remat=remat))
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
+        import jax
 
-    jax.config.update("jax_platforms", "cpu")
-    cpus = jax.devices("cpu")
-    if len(cpus) < args.devices:
-        raise UserError(f"JAX already started with {len(cpus)} CPU devices; run `neox-jax plan` in a fresh process")
-    result = plan(run, mesh, cpus[:args.devices], memory, nodes=args.nodes)
+        jax.config.update("jax_platforms", "cpu")
+        cpus = jax.devices("cpu")
+        if len(cpus) < args.devices:
+            raise UserError(f"JAX already started with {len(cpus)} CPU devices; run `neox-jax plan` in a fresh "
+                            "process")
+        result = plan(run, mesh, cpus[:args.devices], memory, nodes=args.nodes)
     print(json.dumps(result.to_dict()) if args.json else format_plan(result))
