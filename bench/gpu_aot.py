@@ -50,15 +50,14 @@ from neox_jax.train import gpu_target  # noqa: E402
 gpu_target.use_packages()  # before jax: the CUDA plugin's cuDNN bindings load with it
 import train_throughput as TT  # noqa: E402  (the benchmark's option parser and builders)
 
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8}
-_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+from neox_jax.train.plan import _DTYPE_BYTES, _SHAPE, analyse_hlo  # noqa: E402  (plan's HLO reading)
+
 _COMP = re.compile(r"^(?:ENTRY )?%(\S+) \((.*)\) -> (.*) \{$")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) (fusion|custom-call|copy|while|dot|convolution)\((.*)$")
 
 
 def arrays(text: str) -> list[tuple[str, tuple[int, ...]]]:
-    return [(t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in _ARRAY.findall(text)]
+    return [(t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in _SHAPE.findall(text)]
 
 
 def nbytes(items, layers: int | None = None) -> int:
@@ -66,7 +65,7 @@ def nbytes(items, layers: int | None = None) -> int:
     layer loop slices or updates in place) counts one layer."""
     total = 0
     for t, shape in items:
-        n = math.prod(shape) * _BYTES.get(t, 4)
+        n = math.prod(shape) * _DTYPE_BYTES.get(t, 4)
         if layers and len(shape) > 1 and shape[0] == layers:
             n //= layers
         total += n
@@ -114,7 +113,7 @@ def analyse(hlo: str, layers: int, bandwidth: float) -> dict:
                 n = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
                 trips[body] = trips[name] * (int(n.group(1)) if n else 1)
                 order.append(body)
-    loops, totals = [], defaultdict(lambda: {"calls": 0, "bytes": 0, "floor_ms": 0.0, "flops": 0})
+    loops, totals = [], defaultdict(lambda: {"calls": 0, "bytes": 0, "floor_ms": 0.0})
     for name in order:
         rows = []
         for line in comps[name]:
@@ -138,35 +137,14 @@ def analyse(hlo: str, layers: int, bandwidth: float) -> dict:
             per_layer = layers if trips[name] > 1 else None
             b = nbytes(ins, per_layer) + nbytes(outs, per_layer)
             cat = category(op, kind, iname, ctarget)
-            flops = _dot_flops(sigs[called.group(1)], comps[called.group(1)]) if cat == "gemm" and called else 0
             rows.append({"name": iname, "op": op, "kind": kind or ctarget, "category": cat, "out": out[:120],
-                         "bytes": b, "floor_us": b / bandwidth * 1e6, "flops": flops})
+                         "bytes": b, "floor_us": b / bandwidth * 1e6})
             t = totals[cat]
             t["calls"] += trips[name]
             t["bytes"] += b * trips[name]
             t["floor_ms"] += b / bandwidth * 1e3 * trips[name]
-            t["flops"] += flops * trips[name]
         loops.append({"computation": name, "trips": trips[name], "kernels": rows})
-    return {"loops": loops, "totals": dict(totals)}
-
-
-def _dot_flops(signature: str, lines: list[str]) -> int:
-    """2 x output elements x contracted size of the `dot` in a fused computation (its operands'
-    shapes from the computation's parameters and instructions)."""
-    shapes = {n: a for n, a in re.findall(r"(\S+): ((?:pred|[suf]\d+|bf16)\[[\d,]*\])", signature)}
-    for ln in lines:
-        m = re.match(r"\s*(?:ROOT )?%(\S+) = ((?:pred|[suf]\d+|bf16)\[[\d,]*\])", ln)
-        if m:
-            shapes[m.group(1)] = m.group(2)
-    for ln in lines:
-        m = re.match(r"\s*(?:ROOT )?%\S+ = (\S+) dot\(%([^,]+), %([^)]+)\)", ln)
-        if not m or m.group(2) not in shapes:
-            continue
-        out, lhs = arrays(m.group(1))[0][1], arrays(shapes[m.group(2)])[0][1]
-        contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ln)
-        k = math.prod(lhs[int(d)] for d in contract.group(1).split(",") if d) if contract else 1
-        return 2 * math.prod(out) * k
-    return 0
+    return {"loops": loops, "totals": dict(totals), "matmul_flops": analyse_hlo(hlo)[1]}
 
 
 def decode_program(args, devices):
@@ -262,9 +240,10 @@ def report(args, cfg, compiled, compile_s: float, what: str) -> int:
           f"{compile_s:.1f} s")
     print(f"memory: arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB, temporaries "
           f"{mem.temp_size_in_bytes / 2**30:.2f} GiB")
-    print(f"{'category':<12} {'calls':>6} {'GB moved':>9} {'floor ms':>9} {'TFLOP':>7}")
+    print(f"matmul FLOPs per step {res['matmul_flops'] / 1e12:.1f} T (loops x trip counts; cuDNN attention not counted)")
+    print(f"{'category':<12} {'calls':>6} {'GB moved':>9} {'floor ms':>9}")
     for cat, t in sorted(res["totals"].items(), key=lambda kv: -kv[1]["floor_ms"]):
-        print(f"{cat:<12} {t['calls']:>6} {t['bytes'] / 1e9:>9.2f} {t['floor_ms']:>9.2f} {t['flops'] / 1e12:>7.1f}")
+        print(f"{cat:<12} {t['calls']:>6} {t['bytes'] / 1e9:>9.2f} {t['floor_ms']:>9.2f}")
     rows = [(r["floor_us"] * loop["trips"] / 1e3, loop["trips"], r) for loop in res["loops"] for r in loop["kernels"]
             if r["category"] not in ("gemm", "attention")]
     print(f"\nnon-GEMM kernels by floor x trips (bandwidth {bw / 1e12:.1f} TB/s; a decode loop's trips are "
