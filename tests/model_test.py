@@ -223,6 +223,31 @@ def test_chunked_target_logprobs_equal_full_softmax():
     np.testing.assert_allclose(np.asarray(chunked), ref, atol=2e-5)
 
 
+def test_target_logit_lse_gradient_is_the_softmax_and_onehot_in_float64():
+    """The cross-entropy's own backward (`target_logit_lse`, one elementwise pass) against the float64
+    derivative written out: d/dx [a·x[t] + b·logsumexp(x)] = b·softmax(x) + a·onehot(t).  Logits span
+    ±60 (where exp overflows unless shifted), every target once at vocabulary index 0 and V-1."""
+    rs = np.random.RandomState(11)
+    B, S, V = 3, 7, 61
+    x = (rs.randn(B, S, V) * 20).astype(np.float32)
+    t = rs.randint(0, V, (B, S)).astype(np.int32)
+    t[0, 0], t[0, 1] = 0, V - 1
+    a, b = rs.randn(B, S).astype(np.float32), rs.randn(B, S).astype(np.float32)
+
+    def f(x):
+        tgt, lse = M.target_logit_lse(x, jnp.asarray(t))
+        return jnp.sum(a * tgt + b * lse)
+
+    grad = np.asarray(jax.jit(jax.grad(f))(jnp.asarray(x)))
+    x64 = x.astype(np.float64)
+    lse = np.log(np.exp(x64 - x64.max(-1, keepdims=True)).sum(-1)) + x64.max(-1)
+    ref = b[..., None] * np.exp(x64 - lse[..., None]) + a[..., None] * (np.arange(V) == t[..., None])
+    np.testing.assert_allclose(grad, ref, rtol=1e-5, atol=1e-6)
+    tgt, out_lse = jax.jit(M.target_logit_lse)(jnp.asarray(x), jnp.asarray(t))
+    np.testing.assert_array_equal(np.asarray(tgt), np.take_along_axis(x, t[..., None], -1)[..., 0])
+    np.testing.assert_allclose(np.asarray(out_lse), lse, rtol=1e-6)
+
+
 def neox_era_rotary(positions: torch.Tensor, R: int, base: float, dtype: torch.dtype):
     """cos/sin as GPT-NeoX's RotaryEmbedding computed them after DeepSpeed's module.half() (fp16 runs) or
     in the bf16 branch (reference 1.7, gpt-neox #1003): inv_freq buffer, positions and angles in the model

@@ -68,24 +68,38 @@ def _vocab_parallel_logits_lse(cfg, params, h, targets, mesh: Mesh, chunk: int):
     rows = logical_to_spec(("batch",))[0]
 
     def local(h, w, t):
-        V_local = w.shape[0] if tied else w.shape[1]
-        lo = jax.lax.axis_index("tensor") * V_local
+        lo = jax.lax.axis_index("tensor") * (w.shape[0] if tied else w.shape[1])
 
         def one(hh, tt):
-            logits = M.head_logits(cfg, eq, hh, w, None)
-            m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), "tensor")
-            sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1), "tensor")
-            idx = tt - lo
-            here = (idx >= 0) & (idx < V_local)
-            tgt = jnp.take_along_axis(logits, jnp.clip(idx, 0, V_local - 1)[..., None], axis=-1)[..., 0]
-            tgt = jax.lax.psum(jnp.where(here, tgt, 0.0), "tensor")
-            return tgt, jnp.log(sum_exp) + m
+            return _split_vocab_target_logit_lse(M.head_logits(cfg, eq, hh, w, None), tt - lo)
 
         return M.over_position_chunks(one, h, t, chunk)
 
     w_spec = P("tensor", None) if tied else P(None, "tensor")
     return jax.shard_map(local, mesh=mesh, in_specs=(P(rows, None, None), w_spec, P(rows, None)),
                          out_specs=(P(rows, None), P(rows, None)))(h, w, targets)
+
+
+@jax.custom_vjp
+def _split_vocab_target_logit_lse(logits: Float[Array, "B S Vt"], idx: Int[Array, "B S"]):
+    """`model.target_logit_lse` inside the shard_map, for this tensor shard's block of the vocabulary
+    (`idx` = target − the block's first id; outside [0, Vt) on the other shards): the max, the sum of
+    exponentials and the target logit reduced over `tensor`.  The backward is the same single local
+    pass, g_lse · exp(logits − lse) + g_target · onehot, with no collective."""
+    return _split_vocab_fwd(logits, idx)[0]
+
+
+def _split_vocab_fwd(logits, idx):
+    V_local = logits.shape[-1]
+    m = jax.lax.pmax(jnp.max(logits, axis=-1), "tensor")
+    lse = jnp.log(jax.lax.psum(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1), "tensor")) + m
+    here = (idx >= 0) & (idx < V_local)
+    tgt = jnp.take_along_axis(logits, jnp.clip(idx, 0, V_local - 1)[..., None], axis=-1)[..., 0]
+    tgt = jax.lax.psum(jnp.where(here, tgt, 0.0), "tensor")
+    return (tgt, lse), (logits, idx, lse)
+
+
+_split_vocab_target_logit_lse.defvjp(_split_vocab_fwd, M.target_logit_lse_bwd)
 
 
 def token_scores(run: RunConfig, params, inputs: Int[Array, "B S"], targets: Int[Array, "B S"],
