@@ -29,6 +29,7 @@
 #   m2  pythia-160m, ours (the candidate setting at micro-batch 8) vs HF + torch.compile (session one: 0.94x)
 #   m1  pythia-6.9b, ours, remat full, micro-batch 8 (plan --target h200: 107.6 GiB, fits at 0.90)
 #   u1  decode, layers in a scan vs unrolled with the weights held per layer (generate --layers)
+#   u5  decode unrolled, with the token loop in CUDA graphs (command buffers for WHILE and CONDITIONAL)
 #   t3  the best setting with the scan and the bias gradients apart (t6 without the unrolling)
 #   p1  profile of t0 (as session two's, for the floors' calibration)
 #   u2  decode (scan) with --xla_gpu_enable_dynamic_slice_fusion=true
@@ -91,6 +92,7 @@ ours=(--sides ours --no-check-attention)
 best=(--remat none --micro-batch 24 --loss-chunk 0)
 cand=(--no-scan-layers --bias-grad separate)
 dsf=--xla_gpu_enable_dynamic_slice_fusion=true
+cmdbuf=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
 dec=(--gpu --no-hf --batches 1,32 --new 128)
 stage t0_dots_attn 70 $tt "$@" "${ours[@]}" --remat dots_attn --job-timeout 60
 stage t1_unrolled 190 $tt "$@" "${ours[@]}" --remat dots_attn --no-scan-layers --job-timeout 180
@@ -114,6 +116,10 @@ gpu_only m2_pythia160m 150 $tt "$@" --model pythia-160m --sides ours,hf-compile 
 gpu_only m1_pythia6.9b 150 $tt "$@" "${ours[@]}" --model pythia-6.9b --remat full --micro-batch 8 \
   --job-timeout 140
 stage u1_decode_layers 150 decode_throughput.py "${dec[@]}" --layers both --timeout 140
+# the token loop as a CUDA graph with conditional nodes (XLA's defaults plus WHILE and CONDITIONAL): no host
+# round trip for the loop predicate between tokens
+XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$cmdbuf" stage u5_decode_while_graph 100 decode_throughput.py "${dec[@]}" \
+  --layers unrolled --timeout 90
 stage t3_best_scan_bias 120 $tt "$@" "${ours[@]}" "${best[@]}" --bias-grad separate --job-timeout 110
 stage p1_profile 90 profile_step.py "$@" --remat dots_attn --steps 3 --hlo "$work/p1_profile_hlo.txt.gz"
 XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$dsf" stage u2_decode_dsf 90 decode_throughput.py "${dec[@]}" --timeout 80
