@@ -10,8 +10,10 @@ target, compiles it, and prints:
   the compile's memory analysis   arguments and temporaries, as XLA's GPU buffer assignment has them
   per loop (layer scans, the loss's chunk loop, trip counts) and outside them: every kernel-level
                                   instruction (fusion, custom call, copy) with its kind, its output
-                                  shape and the bytes it must move (operands + outputs; a slice of a
-                                  stacked [L, ...] operand counts 1/L), and that traffic's time at
+                                  shape and the bytes it must move (operands + outputs; inside a
+                                  loop a stacked [L, ...] operand counts 1/L; an operand the kernel
+                                  only slices or gathers from counts those slices, since 2026-11-27
+                                  evening), and that traffic's time at
                                   --bandwidth (the floor a bandwidth-bound kernel cannot beat)
   totals per category             GEMMs (FLOPs), attention, elementwise (kLoop), reductions
                                   (kInput), slices and updates of stacked buffers (dynamic-slice
@@ -72,6 +74,38 @@ def nbytes(items, layers: int | None = None) -> int:
     return total
 
 
+_DEF = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][\w\-]*)\((.*)$")
+_SLICING = ("slice", "dynamic-slice", "gather")
+
+
+def sliced_reads(body: list[str]) -> dict[int, int]:
+    """{parameter index: bytes read} for the parameters of a fused computation that it only slices or
+    gathers from (through bitcasts and converts): a kernel reads those elements, not the whole
+    operand (the target logit gathered from the [B, S, V] logits; one layer's KV cache sliced from
+    the stacked cache)."""
+    params, alias, users = {}, {}, defaultdict(list)
+    for line in body:
+        m = _DEF.match(line)
+        if not m:
+            continue
+        name, typ, op, rest = m.groups()
+        if op == "parameter":
+            params[name] = (int(re.match(r"\d+", rest).group(0)), _DTYPE_BYTES.get(arrays(typ)[0][0], 4))
+            continue
+        operands = [alias.get(o, o) for o in re.findall(r"%([\w.\-]+)", rest.split(")")[0])]
+        if op in ("bitcast", "convert") and len(operands) == 1 and operands[0] in params:
+            alias[name] = operands[0]
+            continue
+        for i, o in enumerate(operands):
+            users[o].append((op, i, typ))
+    reads = {}
+    for name, (index, width) in params.items():
+        uses = users.get(name, [])
+        if uses and all(op in _SLICING and i == 0 for op, i, _ in uses):
+            reads[index] = sum(math.prod(shape) * width for _, _, typ in uses for _, shape in arrays(typ))
+    return reads
+
+
 def category(op: str, kind: str, name: str, target: str) -> str:
     if op == "custom-call":
         if "cudnn$fmha" in target or "fmha" in target:
@@ -129,13 +163,16 @@ def analyse(hlo: str, layers: int, bandwidth: float) -> dict:
             if kind == "kCustom" and custom_name:
                 kind = f"kCustom:{custom_name.group(1)}"
             called = re.search(r"calls=%([\w.\-]+)", rest)
-            ins = arrays(sigs[called.group(1)]) if called and called.group(1) in sigs else \
-                arrays(rest.split("),")[0])
+            fused = called.group(1) if called and called.group(1) in sigs else None
+            ins = arrays(sigs[fused]) if fused else arrays(rest.split("),")[0])
+            reads = sliced_reads(comps[fused]) if fused else {}
             outs = arrays(out)
-            if "dynamic_update_slice" in iname and any(o in ins for o in outs):  # the updated buffer is not moved
-                ins = [a for a in ins if a not in outs]
             per_layer = layers if trips[name] > 1 else None
-            b = nbytes(ins, per_layer) + nbytes(outs, per_layer)
+            # (a dynamic-update-slice moves its update, not the buffer it updates in place)
+            in_place = "dynamic_update_slice" in iname and any(a in outs for a in ins)
+            b_in = sum(reads[i] if i in reads else 0 if in_place and a in outs else nbytes([a], per_layer)
+                       for i, a in enumerate(ins))
+            b = 2 * b_in if in_place else b_in + nbytes(outs, per_layer)
             cat = category(op, kind, iname, ctarget)
             rows.append({"name": iname, "op": op, "kind": kind or ctarget, "category": cat, "out": out[:120],
                          "bytes": b, "floor_us": b / bandwidth * 1e6})
