@@ -12,8 +12,9 @@ target, compiles it, and prints:
                                   instruction (fusion, custom call, copy) with its kind, its output
                                   shape and the bytes it must move (operands + outputs; inside a
                                   loop a stacked [L, ...] operand counts 1/L; an operand the kernel
-                                  only slices or gathers from counts those slices, since 2026-11-27
-                                  evening), and that traffic's time at
+                                  only slices or gathers from counts those slices: throughput_notes'
+                                  tables before "The floors' counting, refined" counted it whole),
+                                  and that traffic's time at
                                   --bandwidth (the floor a bandwidth-bound kernel cannot beat)
   totals per category             GEMMs (FLOPs), attention, elementwise (kLoop), reductions
                                   (kInput), slices and updates of stacked buffers (dynamic-slice

@@ -225,13 +225,15 @@ def test_chunked_target_logprobs_equal_full_softmax():
 
 def test_target_logit_lse_gradient_is_the_softmax_and_onehot_in_float64():
     """The cross-entropy's own backward (`target_logit_lse`, one elementwise pass) against the float64
-    derivative written out: d/dx [a·x[t] + b·logsumexp(x)] = b·softmax(x) + a·onehot(t).  Logits span
-    ±60 (where exp overflows unless shifted), every target once at vocabulary index 0 and V-1."""
+    derivative written out: d/dx [a·x[t] + b·logsumexp(x)] = b·softmax(x) + a·onehot(t).  Logits of
+    up to ±100 (float32 exp overflows above 88.7 unless shifted), one of them a row's target; targets
+    at the vocabulary's first and last index."""
     rs = np.random.RandomState(11)
     B, S, V = 3, 7, 61
-    x = (rs.randn(B, S, V) * 20).astype(np.float32)
+    x = (rs.randn(B, S, V) * 30).astype(np.float32)
     t = rs.randint(0, V, (B, S)).astype(np.int32)
     t[0, 0], t[0, 1] = 0, V - 1
+    x[1, 2, t[1, 2]], x[2, 3, 5] = 100.0, -100.0
     a, b = rs.randn(B, S).astype(np.float32), rs.randn(B, S).astype(np.float32)
 
     def f(x):
