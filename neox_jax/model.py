@@ -182,12 +182,12 @@ def param_axes(cfg: ModelConfig) -> Params:
 # ----------------------------------------------------------------------------- math
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _layer_norm(x, p: Params, eps: float, dtype):
-    return _layer_norm_fwd(x, p, eps, dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _layer_norm(x, p: Params, eps: float, dtype, keep_stats: bool):
+    return _layer_norm_fwd(x, p, eps, dtype, keep_stats)[0]
 
 
-def _layer_norm_fwd(x, p, eps, dtype):
+def _layer_norm_fwd(x, p, eps, dtype, keep_stats):
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -197,13 +197,16 @@ def _layer_norm_fwd(x, p, eps, dtype):
     return out, (x, mean, rstd, p)
 
 
-def _layer_norm_bwd(eps, dtype, res, g):
+def _layer_norm_bwd(eps, dtype, keep_stats, res, g):
     x, mean, rstd, p = res
-    # The saved statistics, not recomputed: without the barrier XLA's GPU fusion recomputes mean and
-    # 1/std from x inside the backward's kernels, and a kernel holding that row reduction cannot be
-    # fused into the scale gradient's column sum, so g·normalised(x) was written out in float32 and
-    # read back (pythia-1.4b at micro-batch 24: 49 such kernels, 8.2 ms of H200 traffic a step).
-    mean, rstd = jax.lax.optimization_barrier((mean, rstd))
+    if keep_stats:
+        # The saved statistics, not recomputed: without the barrier XLA's GPU fusion recomputes mean
+        # and 1/std from x inside the backward's kernels, and a kernel holding that row reduction
+        # cannot be fused into the scale gradient's column sum, so g·normalised(x) was written out in
+        # float32 and read back (pythia-1.4b at micro-batch 24: 49 such kernels, 8.2 ms of H200
+        # traffic a step).  On the CPU backend the recomputing fusion is the faster one (the demo's
+        # pythia-14m step ran 7% slower with the barrier), so only programs traced for a GPU get it.
+        mean, rstd = jax.lax.optimization_barrier((mean, rstd))
     y = (x.astype(jnp.float32) - mean) * rstd
     g = g.astype(jnp.float32)
     lead = tuple(range(g.ndim - 1))
@@ -224,7 +227,7 @@ def layer_norm(x: Float[Array, "... D"], p: Params, eps: float, dtype) -> Float[
     saves only the input and the float32 mean and 1/std per position: plain autodiff of the float32
     formula keeps three float32 [..., D] intermediates per LayerNorm, 12 bytes per element, which
     made `remat: none` hold about 20 GB more than needed for pythia-1.4b at 8 x 2048 tokens."""
-    return _layer_norm(x, {"scale": p["scale"], "bias": p["bias"]}, eps, dtype)
+    return _layer_norm(x, {"scale": p["scale"], "bias": p["bias"]}, eps, dtype, target_backend() == "gpu")
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)  # 0.7978845608...

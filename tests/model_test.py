@@ -384,6 +384,29 @@ def test_dots_attn_needs_cudnn_attention():
         load_config("configs/tiny.yaml").replace(remat="dots_attn")
 
 
+def test_layer_norm_backward_traced_for_a_gpu_reads_the_saved_statistics():
+    """Traced for a GPU (`compiling_for("gpu")`, as `plan --target` and bench/gpu_aot.py trace), the
+    LayerNorm backward puts its saved mean and 1/std behind an optimization barrier (XLA's GPU fusion
+    otherwise recomputes them and writes the scale gradient's product out; bench/throughput_notes.md,
+    lever 15); for the CPU it does not.  The gradients are the same either way (run here on CPU)."""
+    rs = np.random.RandomState(8)
+    x = jnp.asarray(rs.randn(4, 16, 32).astype(np.float32) * 3 + 1)
+    p = {"scale": jnp.asarray(rs.randn(32).astype(np.float32)), "bias": jnp.asarray(rs.randn(32).astype(np.float32))}
+    g = jnp.asarray(rs.randn(4, 16, 32).astype(np.float32))
+
+    def traced():  # a new function each time: JAX's trace cache does not know the target backend
+        def grads(x, p):
+            return jax.vjp(lambda x, p: M.layer_norm(x, p, 1e-5, jnp.float32), x, p)[1](g)
+        return str(jax.make_jaxpr(grads)(x, p)), jax.jit(grads).lower(x, p).compile()(x, p)
+
+    cpu_jaxpr, cpu = traced()
+    with M.compiling_for("gpu"):
+        gpu_jaxpr, gpu = traced()
+    assert "optimization_barrier" in gpu_jaxpr and "optimization_barrier" not in cpu_jaxpr
+    for a, b in zip(jax.tree.leaves(cpu), jax.tree.leaves(gpu)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
 def test_embedding_gradient_of_repeated_tokens_is_summed_in_float32():
     """bf16 compute: the embedding rows are looked up in bf16, but a token's gradient over its 4096
     occurrences is summed in float32 (NumPy float64 re-derivation of the same bf16 cotangents); a bf16
