@@ -44,8 +44,9 @@ EPS = 1e-5
 
 
 def fused(x, mean, rstd, p1, p2, g1, g2):
-    dx1, d1 = _layer_norm_bwd(EPS, jnp.bfloat16, (x, mean, rstd, p1), g1)
-    dx2, d2 = _layer_norm_bwd(EPS, jnp.bfloat16, (x, mean, rstd, p2), g2)
+    keep = jax.default_backend() == "gpu"  # as the train step traces it (`model.layer_norm`)
+    dx1, d1 = _layer_norm_bwd(EPS, jnp.bfloat16, keep, (x, mean, rstd, p1), g1)
+    dx2, d2 = _layer_norm_bwd(EPS, jnp.bfloat16, keep, (x, mean, rstd, p2), g2)
     return dx1 + dx2, d1, d2
 
 
