@@ -38,13 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neox_jax.model import _layer_norm_bwd
+from neox_jax.model import _layer_norm_bwd, target_backend
 
 EPS = 1e-5
 
 
 def fused(x, mean, rstd, p1, p2, g1, g2):
-    keep = jax.default_backend() == "gpu"  # as the train step traces it (`model.layer_norm`)
+    keep = target_backend() == "gpu"  # the switch `model.layer_norm` passes
     dx1, d1 = _layer_norm_bwd(EPS, jnp.bfloat16, keep, (x, mean, rstd, p1), g1)
     dx2, d2 = _layer_norm_bwd(EPS, jnp.bfloat16, keep, (x, mean, rstd, p2), g2)
     return dx1 + dx2, d1, d2
