@@ -471,23 +471,23 @@ def _dot_attention_xla(q, k, v, mask, precision):
     return jnp.einsum("bnst,btnh->bsnh", probs, v, precision=precision)
 
 
-_TARGET: list[str] = []  # set by `compiling_for`
+# The backend the model is traced for, when not JAX's default.  A JAX user context, so that jit's
+# trace and compile caches key on it: a function traced for the CPU and then under
+# `compiling_for("gpu")` is traced again, not served the CPU trace.
+_TARGET = jax.make_user_context(default_value=None)
 
 
 @contextlib.contextmanager
 def compiling_for(backend: str):
     """Trace the model for `backend` ("gpu") rather than JAX's default one: for compiling a GPU
     program on a machine without a GPU (`neox-jax plan --target`, bench/gpu_aot.py)."""
-    _TARGET.append(backend)
-    try:
+    with _TARGET(backend):
         yield
-    finally:
-        _TARGET.pop()
 
 
 def target_backend() -> str:
     """The backend the model is traced for: JAX's default, or what `compiling_for` says."""
-    return _TARGET[-1] if _TARGET else jax.default_backend()
+    return _TARGET.value or jax.default_backend()
 
 
 def _dot_attention_cudnn(q, k, v, mask, causal_only: bool):

@@ -394,14 +394,19 @@ def test_layer_norm_backward_traced_for_a_gpu_reads_the_saved_statistics():
     p = {"scale": jnp.asarray(rs.randn(32).astype(np.float32)), "bias": jnp.asarray(rs.randn(32).astype(np.float32))}
     g = jnp.asarray(rs.randn(4, 16, 32).astype(np.float32))
 
-    def traced():  # a new function each time: JAX's trace cache does not know the target backend
-        def grads(x, p):
-            return jax.vjp(lambda x, p: M.layer_norm(x, p, 1e-5, jnp.float32), x, p)[1](g)
-        return str(jax.make_jaxpr(grads)(x, p)), jax.jit(grads).lower(x, p).compile()(x, p)
+    def grads(x, p):
+        return jax.vjp(lambda x, p: M.layer_norm(x, p, 1e-5, jnp.float32), x, p)[1](g)
+
+    jitted = jax.jit(grads)  # one function for both: the target is part of JAX's trace cache key
+
+    def traced():
+        return str(jitted.trace(x, p).jaxpr), jitted.lower(x, p).compile()(x, p)
 
     cpu_jaxpr, cpu = traced()
     with M.compiling_for("gpu"):
         gpu_jaxpr, gpu = traced()
+        assert "optimization_barrier" in str(jax.make_jaxpr(grads)(x, p))
+    assert "optimization_barrier" not in traced()[0]  # and back
     assert "optimization_barrier" in gpu_jaxpr and "optimization_barrier" not in cpu_jaxpr
     for a, b in zip(jax.tree.leaves(cpu), jax.tree.leaves(gpu)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
