@@ -271,9 +271,9 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
         with _undo_on_error(ow):
             run.save(run_dir / "config.yaml")
     barrier("neox_jax.train.run_dir_ready")  # no process opens the checkpoints before the directory exists
-    with _undo_on_error(ow):
+    with _undo_on_error(ow), contextlib.ExitStack() as on_exit:  # closes what _train opened, on any error too
         return _train(run, run_dir, ow, progress=progress, resuming=resuming, resume_fallback=resume_fallback,
-                      mesh=mesh, datasets=(train_ds, valid_ds))
+                      mesh=mesh, datasets=(train_ds, valid_ds), on_exit=on_exit)
 
 
 @contextlib.contextmanager
@@ -286,7 +286,7 @@ def _undo_on_error(ow: Overwrite):
 
 
 def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resuming: bool,
-           resume_fallback: bool, mesh, datasets) -> dict:
+           resume_fallback: bool, mesh, datasets, on_exit: contextlib.ExitStack) -> dict:
     train_ds, valid_ds = datasets
     lead = jax.process_index() == 0
     cfg, t = run.model, run.train
@@ -340,7 +340,7 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
 
     flops_per_token = flops.train_flops_per_token(cfg, S)
     peak = peak_flops(jax.devices()[0].device_kind, t.peak_tflops)
-    metrics = Metrics(run_dir, enabled=lead, tensorboard=t.tensorboard)
+    metrics = on_exit.enter_context(contextlib.closing(Metrics(run_dir, enabled=lead, tensorboard=t.tensorboard)))
     loader = Loader(train_ds, B, start_step=start, num_steps=t.steps, segment_ids=run.data.segment_ids,
                     eod_id=run.data.eod_id, prefetch=run.data.prefetch)
     bar = None

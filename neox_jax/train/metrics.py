@@ -42,14 +42,16 @@ def _clean(v: Any) -> Any:
 
 
 class Metrics:
+    """The TensorBoard writer is opened at the first scalar: tensorboardX's writer registers an exit
+    handler that, if nothing was ever written, starts its queue's thread at interpreter exit, which
+    Python 3.12 refuses (a traceback after the one-line error of a run that failed at its first
+    step).  `close` is idempotent; the loop calls it on success and on every error."""
+
     def __init__(self, run_dir: Path, *, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
         self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
+        self._tb_dir = run_dir / "tensorboard" if enabled and tensorboard else None
         self._tb = None
-        if enabled and tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, record: dict[str, Any], *, scalars: bool = True) -> None:
         if not self.enabled:
@@ -57,7 +59,11 @@ class Metrics:
         rec = {k: _clean(v) for k, v in record.items()}
         self._jsonl.write(json.dumps(rec) + "\n")
         self._jsonl.flush()
-        if self._tb is not None and scalars:
+        if self._tb_dir is not None and scalars:
+            if self._tb is None:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(self._tb_dir))
             prefix = "valid" if "valid_loss" in rec else "train"
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -66,5 +72,8 @@ class Metrics:
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
+            self._jsonl = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        self.enabled = False
