@@ -84,6 +84,7 @@ def export_saved_model(ckpt: str, out: str, *, dtype: str | None = None, cache_l
         if T > cfg.max_position_embeddings:
             raise UserError(f"--cache-len {T} exceeds the context of {checkpoint.resolve(ckpt)} "
                             f"(max_position_embeddings {cfg.max_position_embeddings})")
+        check_tensorflow_runs_jax2tf()  # before the checkpoint is read: a SavedModel nothing could run
         cfg, params = checkpoint.load_params(ckpt, dtype=dtype)
         cfg = cfg.replace(attention="xla", compute_dtype=dtype or cfg.compute_dtype)
         params = inference_params(cfg, params)  # stored as the forward reads them: no cast per call
@@ -153,6 +154,29 @@ def _decode_checks(index, T: int):
 
     return [tf.debugging.assert_less(index, T, message=f"decode: the cache is full (index must be < cache "
                                                        f"length {T})")]
+
+
+def check_tensorflow_runs_jax2tf() -> None:
+    """Run a one-line shape-polymorphic jax2tf function in TensorFlow; refuse (one line) when TF
+    cannot.  jax2tf serializes StableHLO of a version about four weeks older than the running jax,
+    and TensorFlow's bundled XLA reads only versions up to its own: jax 0.11.2's artifacts (StableHLO
+    1.18) fail to load in TensorFlow 2.21 (1.13.7) at the first call, after the export had written a
+    SavedModel that nothing can run.  (jax 0.10.2 with TensorFlow 2.21, and jax 0.11.2 with tf-nightly
+    2.23, work.)"""
+    import jax
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    f = tf.function(jax2tf.convert(lambda x: x + 1, polymorphic_shapes=["(b,)"], with_gradient=False),
+                    autograph=False, input_signature=[tf.TensorSpec([None], tf.int32)])
+    try:
+        f(tf.constant([1], tf.int32))
+    except tf.errors.OpError as e:
+        lines = [ln.strip() for ln in str(e.message).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "deserialize" in ln.lower()), lines[0] if lines else type(e).__name__)
+        raise UserError(f"TensorFlow {tf.__version__} cannot run what jax {jax.__version__}'s jax2tf writes "
+                        f"({why[:200]}): use a TensorFlow whose XLA is as new as this jax's (jax 0.11 needs "
+                        "TensorFlow newer than 2.21) or an older jax") from None
 
 
 def _save(path: Path, params, sigs: dict[str, _Signature]) -> None:

@@ -128,6 +128,31 @@ def test_refusals(exported, tmp_path, capsys):
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "nothing" in r.stderr, r.stderr
 
 
+def test_tensorflow_that_cannot_read_jax2tf_is_refused_before_writing(exported, tf, tmp_path, capsys, monkeypatch):
+    """TensorFlow 2.21 cannot load what jax 0.11.2's jax2tf serializes (StableHLO 1.18 against its
+    1.13.7; found on the GPU machine's versions, launch/test_gpu_versions.sh): the SavedModel would be
+    written and fail at its first call.  `export` runs a tiny jax2tf function first and refuses with
+    one line naming both versions, writing nothing.  Here TensorFlow's load error is raised in place of
+    the real one (the versions in this environment agree)."""
+    import jax
+    from jax.experimental import jax2tf
+
+    _, root = exported
+
+    def unreadable(fn, **kw):
+        def call(*args):
+            raise tf.errors.InvalidArgumentError(None, None, "Graph execution error:\n\nCannot deserialize "
+                                                 "computation: UNKNOWN: unregistered operation 'vhlo.custom_call_v2'")
+        return call
+
+    monkeypatch.setattr(jax2tf, "convert", unreadable)
+    assert main(["export", str(root / "ck"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("neox-jax: error: ") and err.count("\n") == 1, err
+    assert f"TensorFlow {tf.__version__}" in err and f"jax {jax.__version__}" in err and "deserialize" in err, err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 @pytest.mark.parametrize("how", ["dtype-option", "checkpoint-compute-dtype"])
 def test_bfloat16_export_is_as_close_to_float32_as_hf_bfloat16(exported, tf, tmp_path, record_property, how):
     """bf16 compute and KV cache, two ways: `--dtype bfloat16` (every parameter cast to bf16 on
