@@ -18,7 +18,8 @@
 # rechecked after reading the step's GPU program without a GPU, bench/gpu_aot.py):
 #   t0  train, dots_attn, micro-batch 8: this session's baseline (session two: 54.0k tokens/s)
 #   t6  the best setting (remat none, micro-batch 24, whole-sequence cross-entropy) unrolled, with
-#       the bias gradients apart: the candidate for the 65k
+#       the bias gradients apart: the candidate for the 65k (on an H100 80GB: micro-batch 16,
+#       as for p2 and t3, and m1 is skipped; the card is read from nvidia-smi)
 #   s1  the measurement (ours and HF + torch.compile; HF eager and the attention check, which
 #       passed twice, left out for time) with ours at micro-batch 8 in the candidate setting (remat
 #       none, whole-sequence cross-entropy, unrolled, bias gradients apart)
@@ -89,7 +90,18 @@ stage() {  # stage NAME CAP_S SCRIPT ARGS...   (the script gets --json WORK/NAME
 
 tt=train_throughput.py
 ours=(--sides ours --no-check-attention)
-best=(--remat none --micro-batch 24 --loss-chunk 0)
+# The card's memory sets the micro-batch of the remat-none stages (t6, p2, t3): 24 on an H200 (gpu_aot --target
+# h200: 15.8 + 84.8 GiB); an H100 80GB (0.90 of it: 71.7 GiB) gets 16 (gpu_aot --target h100: 15.8 + 52.1 GiB)
+# and no m1 (pythia-6.9b's float32 weights and AdamW moments alone are 83 GB).
+mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -dc 0-9)
+big_mb=24
+small_card=
+if [[ -n $mem_mib ]] && ((mem_mib < 100000)); then
+  big_mb=16
+  small_card=1
+fi
+echo "=== card memory ${mem_mib:-?} MiB: remat-none stages at micro-batch $big_mb" | tee -a "$log"
+best=(--remat none --micro-batch "$big_mb" --loss-chunk 0)
 cand=(--no-scan-layers --bias-grad separate)
 dsf=--xla_gpu_enable_dynamic_slice_fusion=true
 cmdbuf=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
@@ -113,8 +125,17 @@ else
 fi
 gpu_only m2_pythia160m 150 $tt "$@" --model pythia-160m --sides ours,hf-compile --remat none --loss-chunk 0 "${cand[@]}" \
   --job-timeout 90
-gpu_only m1_pythia6.9b 150 $tt "$@" "${ours[@]}" --model pythia-6.9b --remat full --micro-batch 8 \
-  --job-timeout 140
+if [[ -n $small_card ]]; then
+  if [[ -n $from && $from != m1_pythia6.9b ]]; then
+    echo "=== stage m1_pythia6.9b skipped: FROM=$from" | tee -a "$log"
+  else
+    from=
+    echo "=== stage m1_pythia6.9b skipped: ${mem_mib} MiB card" | tee -a "$log"
+  fi
+else
+  gpu_only m1_pythia6.9b 150 $tt "$@" "${ours[@]}" --model pythia-6.9b --remat full --micro-batch 8 \
+    --job-timeout 140
+fi
 stage u1_decode_layers 150 decode_throughput.py "${dec[@]}" --layers both --timeout 140
 # the token loop as a CUDA graph with conditional nodes (XLA's defaults plus WHILE and CONDITIONAL): no host
 # round trip for the loop predicate between tokens
