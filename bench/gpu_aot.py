@@ -80,30 +80,46 @@ _SLICING = ("slice", "dynamic-slice", "gather")
 
 
 def sliced_reads(body: list[str]) -> dict[int, int]:
-    """{parameter index: bytes read} for the parameters of a fused computation that it only slices or
-    gathers from (through bitcasts and converts): a kernel reads those elements, not the whole
-    operand (the target logit gathered from the [B, S, V] logits; one layer's KV cache sliced from
-    the stacked cache)."""
-    params, alias, users = {}, {}, defaultdict(list)
+    """{parameter index: bytes read} for the parameters of a fused computation of which it reads only
+    a part: the elements each value's users need, from the root (all of its output) back to the
+    parameters.  A slice or gather needs its output's elements of operand 0; an op whose output has
+    as many elements as the operand (elementwise ops, converts, bitcasts, reshapes, transposes) needs
+    as many of it as its own output is needed; any other use needs the whole operand.  So a kernel
+    that adds the QKV bias to the whole [B, S, 3, N, H] output and then slices q counts q's elements
+    of it (the rotary forward); the target logit gathered from the [B, S, V] logits counts one value
+    a row; one layer's KV cache sliced from the stacked cache counts that layer."""
+    defs, params = [], {}
     for line in body:
         m = _DEF.match(line)
         if not m:
             continue
         name, typ, op, rest = m.groups()
+        shape = arrays(typ)
+        size = math.prod(shape[0][1]) if len(shape) == 1 else None  # None: a tuple (a multi-output root)
         if op == "parameter":
-            params[name] = (int(re.match(r"\d+", rest).group(0)), _DTYPE_BYTES.get(arrays(typ)[0][0], 4))
-            continue
-        operands = [alias.get(o, o) for o in re.findall(r"%([\w.\-]+)", rest.split(")")[0])]
-        if op in ("bitcast", "convert") and len(operands) == 1 and operands[0] in params:
-            alias[name] = operands[0]
-            continue
+            params[name] = (int(re.match(r"\d+", rest).group(0)), _DTYPE_BYTES.get(shape[0][0], 4))
+        operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0]) if op != "parameter" else []
+        defs.append((name, op, size, operands, line.lstrip().startswith("ROOT")))
+    sizes = {name: size for name, _, size, _, _ in defs}
+    need: dict[str, float] = defaultdict(float)
+    for name, op, size, operands, root in reversed(defs):  # users come after their operands
+        if root:
+            need[name] = size if size is not None else math.inf
+        own = min(need[name], size) if size is not None else need[name]
         for i, o in enumerate(operands):
-            users[o].append((op, i, typ))
+            so = sizes.get(o)
+            if so is None:
+                continue
+            if op in _SLICING and i == 0 and size is not None:
+                need[o] += size * (own / size if size else 0)
+            elif size is not None and size == so:
+                need[o] += own
+            else:
+                need[o] += so
     reads = {}
     for name, (index, width) in params.items():
-        uses = users.get(name, [])
-        if uses and all(op in _SLICING and i == 0 for op, i, _ in uses):
-            reads[index] = sum(math.prod(shape) * width for _, _, typ in uses for _, shape in arrays(typ))
+        if sizes[name] and need[name] < sizes[name]:
+            reads[index] = int(need[name]) * width
     return reads
 
 
