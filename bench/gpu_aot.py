@@ -12,8 +12,10 @@ target, compiles it, and prints:
                                   instruction (fusion, custom call, copy) with its kind, its output
                                   shape and the bytes it must move (operands + outputs; inside a
                                   loop a stacked [L, ...] operand counts 1/L; an operand the kernel
-                                  only slices or gathers from counts those slices: throughput_notes'
-                                  tables before "The floors' counting, refined" counted it whole),
+                                  slices or gathers from, directly or after elementwise ops, counts
+                                  the elements read: throughput_notes' tables before "The floors'
+                                  counting, refined" counted it whole, and the rotary forward's
+                                  slice after the bias add whole until "The GPU machine's versions"),
                                   and that traffic's time at
                                   --bandwidth (the floor a bandwidth-bound kernel cannot beat)
   totals per category             GEMMs (FLOPs), attention, elementwise (kLoop), reductions
