@@ -112,10 +112,8 @@ def sliced_reads(body: list[str]) -> dict[int, int]:
             so = sizes.get(o)
             if so is None:
                 continue
-            if op in _SLICING and i == 0 and size is not None:
-                need[o] += size * (own / size if size else 0)
-            elif size is not None and size == so:
-                need[o] += own
+            if (op in _SLICING and i == 0 and size is not None) or size == so:
+                need[o] += own  # a slice reads as many elements as it writes
             else:
                 need[o] += so
     reads = {}

@@ -88,6 +88,15 @@ stage() {  # stage NAME CAP_S SCRIPT ARGS...   (the script gets --json WORK/NAME
   tar -cf "$out/stages.tar.tmp" -C "$work" . && mv "$out/stages.tar.tmp" "$out/stages.tar"
 }
 
+skip() {  # skip NAME WHY: a stage that cannot run here (a FROM before it still skips it as FROM)
+  if [[ -n $from && $1 != "$from" ]]; then
+    echo "=== stage $1 skipped: FROM=$from" | tee -a "$log"
+    return
+  fi
+  from=
+  echo "=== stage $1 skipped: $2" | tee -a "$log"
+}
+
 tt=train_throughput.py
 ours=(--sides ours --no-check-attention)
 # The card's memory sets the micro-batch of the remat-none stages (t6, p2, t3): 24 on an H200 (gpu_aot --target
@@ -115,23 +124,14 @@ stage t1_unrolled 190 $tt "$@" "${ours[@]}" --remat dots_attn --no-scan-layers -
 stage t5_bias_separate 70 $tt "$@" "${ours[@]}" --remat dots_attn --bias-grad separate --job-timeout 60
 stage p2_profile_best 150 profile_step.py "$@" "${best[@]}" "${cand[@]}" --steps 2 --hlo "$work/p2_profile_best_hlo.txt.gz"
 if ! nvidia-smi -L >/dev/null 2>&1; then  # real model sizes: not for the CPU smoke run
-  gpu_only() {
-    if [[ -n $from && $1 != "$from" ]]; then stage "$@"; return; fi  # (stage says it is skipped for FROM)
-    from=
-    echo "=== stage $1 skipped: no GPU (real model sizes)" | tee -a "$log"
-  }
+  gpu_only() { skip "$1" "no GPU (real model sizes)"; }
 else
   gpu_only() { stage "$@"; }
 fi
 gpu_only m2_pythia160m 150 $tt "$@" --model pythia-160m --sides ours,hf-compile --remat none --loss-chunk 0 "${cand[@]}" \
   --job-timeout 90
 if [[ -n $small_card ]]; then
-  if [[ -n $from && $from != m1_pythia6.9b ]]; then
-    echo "=== stage m1_pythia6.9b skipped: FROM=$from" | tee -a "$log"
-  else
-    from=
-    echo "=== stage m1_pythia6.9b skipped: ${mem_mib} MiB card" | tee -a "$log"
-  fi
+  skip m1_pythia6.9b "${mem_mib} MiB card"
 else
   gpu_only m1_pythia6.9b 150 $tt "$@" "${ours[@]}" --model pythia-6.9b --remat full --micro-batch 8 \
     --job-timeout 140
