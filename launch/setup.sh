@@ -20,7 +20,8 @@ fi
 stamp="$VENV/.neox_jax_installed"
 want=$(cat pyproject.toml launch/setup.sh ${CONSTRAINTS:+"$CONSTRAINTS"} | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  # The CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
+  # The CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.  (With
+  # NEOX_JAX_CONSTRAINTS, the torch they pin, whichever build that is.)
   "$VENV/bin/pip" install -q "${pin[@]}" "$torch_req"
   "$VENV/bin/pip" install -q "${pin[@]}" -e ".[test]"
   # `neox-jax plan --target h100|h200` compiles with XLA's GPU compiler on any machine (no GPU): JAX's CUDA
