@@ -11,7 +11,7 @@ Times, at pythia-1.4b's shapes (R = 8 x 2048 rows, D = 2048, bf16 activations, f
 the backward of the two LayerNorms of a parallel block (they share their input x), each formulation
 jitted alone:
 
-    fused      `model._layer_norm_bwd` twice (what the train step runs)
+    fused      `ops._layer_norm_bwd` twice (what the train step runs)
     two_stage  the parameter gradients summed over blocks of 128 rows first, then over the blocks
                (a [R/128, 128, D] reshape; XLA may merge the two reductions back into one)
     gemv       the parameter gradients as matrix-vector products: ones[R] @ (g * y) and ones[R] @ g in
@@ -38,13 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neox_jax.model import _layer_norm_bwd, target_backend
+from neox_jax.model import target_backend
+from neox_jax.ops import _layer_norm_bwd
 
 EPS = 1e-5
 
 
 def fused(x, mean, rstd, p1, p2, g1, g2):
-    keep = target_backend() == "gpu"  # the switch `model.layer_norm` passes
+    keep = target_backend() == "gpu"  # the keep_stats `model.layer_norm` passes
     dx1, d1 = _layer_norm_bwd(EPS, jnp.bfloat16, keep, (x, mean, rstd, p1), g1)
     dx2, d2 = _layer_norm_bwd(EPS, jnp.bfloat16, keep, (x, mean, rstd, p2), g2)
     return dx1 + dx2, d1, d2

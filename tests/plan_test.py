@@ -84,7 +84,7 @@ def test_sharded_plan_equals_a_real_sharded_state_on_one_device():
 
 def test_bf16_fsdp_gathers_are_counted_in_bf16():
     """bf16 compute on (1, 8, 1): every weight is cast on its own shard before FSDP gathers it
-    (`model.cast_on_shards`), so the partitioned program gathers bfloat16: 2 bytes per gathered
+    (`ops.cast_on_shards`), so the partitioned program gathers bfloat16: 2 bytes per gathered
     parameter, half of what the CPU backend (which widens bf16 collectives to float32) compiles."""
     raw = {"model": {"preset": "tiny", "max_position_embeddings": 64, "vocab_size": 4096,
                      "tokenizer_vocab_size": 4096, "compute_dtype": "bfloat16"},

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from .. import model as M
+from .. import ops
 from ..sharding import constrain, logical_to_spec
 from .config import RunConfig
 from .optimizer import clip_by_global_norm, lr_at, update_loss_scale
@@ -63,7 +64,7 @@ def _vocab_parallel_logits_lse(cfg, params, h, targets, mesh: Mesh, chunk: int):
         # cast on the shards, so the fsdp gather into the shard_map moves compute-dtype bytes; with
         # fp32_allreduce the float32 weight goes in and `head_logits` casts the local block (its
         # gradient then leaves the shard_map, and is reduced over the batch axes, in float32)
-        w = M.cast_on_shards(w, dtype, axes)
+        w = ops.cast_on_shards(w, dtype, axes)
     eq = "bsd,vd->bsv" if tied else "bsd,dv->bsv"
     rows = logical_to_spec(("batch",))[0]
 
@@ -82,7 +83,7 @@ def _vocab_parallel_logits_lse(cfg, params, h, targets, mesh: Mesh, chunk: int):
 
 @jax.custom_vjp
 def _split_vocab_target_logit_lse(logits: Float[Array, "B S Vt"], idx: Int[Array, "B S"]):
-    """`model.target_logit_lse` inside the shard_map, for this tensor shard's block of the vocabulary
+    """`ops.target_logit_lse` inside the shard_map, for this tensor shard's block of the vocabulary
     (`idx` = target − the block's first id; outside [0, Vt) on the other shards): the max, the sum of
     exponentials and the target logit reduced over `tensor`.  The backward is the same single local
     pass, g_lse · exp(logits − lse) + g_target · onehot, with no collective."""
@@ -99,7 +100,7 @@ def _split_vocab_fwd(logits, idx):
     return (tgt, lse), (logits, idx, lse)
 
 
-_split_vocab_target_logit_lse.defvjp(_split_vocab_fwd, M.target_logit_lse_bwd)
+_split_vocab_target_logit_lse.defvjp(_split_vocab_fwd, ops.target_logit_lse_bwd)
 
 
 def token_scores(run: RunConfig, params, inputs: Int[Array, "B S"], targets: Int[Array, "B S"],
