@@ -61,7 +61,6 @@ def _peak_kb(how: str) -> int:
 
 
 def _setup(args):
-    import jax
 
     from neox_jax.sharding import make_mesh
     from neox_jax.train.config import from_sections

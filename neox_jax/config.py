@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import ConfigError, UserError
+from .errors import ConfigError
 from .values import CHECKS, Fields
 
 log = logging.getLogger(__name__)

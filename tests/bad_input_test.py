@@ -17,7 +17,6 @@ convert_fixtures.py) and its native GPT-NeoX twin, an indexed dataset written by
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil

@@ -5,7 +5,6 @@ own contiguous half of every global batch, checked by content against GPT-NeoX's
 import json
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path

@@ -17,7 +17,6 @@ from neox_jax import flops
 from neox_jax.train import state as S
 from neox_jax.train.config import from_sections
 from neox_jax.sharding import make_mesh
-from neox_jax.train.config import MeshConfig
 from neox_jax.sharding import dcn_factors
 from neox_jax.train.plan import analyse_hlo, collective_groups, parse_size, per_node_sizes, plan
 

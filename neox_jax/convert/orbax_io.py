@@ -284,7 +284,6 @@ class OrbaxReader(Reader):
             t = self.arrays[name]
 
             def load(t=t, name=name):
-                where = self.path / "params"
                 if self.per_layer[name] and t.ndim > 0:
                     return (self._checked(name, i, self._fetch(t[i], f"{name}[{i}]")) for i in range(t.shape[0]))
                 whole = self._fetch(t, name)

@@ -145,7 +145,6 @@ def run_config_from_neox(raw: Mapping[str, Any], *, where: str = "neox config",
                            **({"init_std": f.float("init_method_std")} if "init_method_std" in d else {}))
 
     opt = f.sub("optimizer")
-    opt_block = opt.data
     kind = opt.str("type", "Adam")
     if kind.lower() not in ("adam", "adamw"):
         raise ConfigError(f"{_where(where, 'optimizer.type')} = {kind!r}: only Adam / AdamW are supported")
