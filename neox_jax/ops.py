@@ -66,7 +66,8 @@ def _layer_norm_bwd(eps, dtype, keep_stats, res, g):
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-def layer_norm(x: Float[Array, "... D"], p, eps: float, dtype, keep_stats: bool = False) -> Float[Array, "... D"]:
+def layer_norm(x: Float[Array, "... D"], p, eps: float, dtype,
+               keep_stats: bool = False) -> Float[Array, "... D"]:
     """LayerNorm of x with p {"scale", "bias"} [D], statistics in float32; output in `dtype`.
 
     The backward is written out (as Apex's and PyTorch's fused LayerNorm kernels do) so that autodiff
@@ -76,6 +77,7 @@ def layer_norm(x: Float[Array, "... D"], p, eps: float, dtype, keep_stats: bool 
     keep_stats: the backward reads the saved statistics behind an optimization barrier instead of
     letting XLA recompute them (faster on GPUs, slower on the CPU backend; see `_layer_norm_bwd`)."""
     return _layer_norm(x, {"scale": p["scale"], "bias": p["bias"]}, eps, dtype, keep_stats)
+
 
 _GELU_C = math.sqrt(2.0 / math.pi)  # 0.7978845608...
 
