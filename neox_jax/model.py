@@ -40,8 +40,8 @@ from jaxtyping import Array, Bool, Float, Int
 from .config import FLOAT_DTYPES, ModelConfig
 from .errors import UserError
 from . import ops
-from .ops import (add_bias, cast_on_shards, dense_wide_grads, einsum_f32_out, embed_lookup, gelu, head_wide_grads,
-                  target_logit_lse)
+from .ops import (add_bias, cast_on_shards, dense_wide_grads, einsum_f32_out, embed_lookup, gelu,
+                  head_wide_grads, target_logit_lse)
 from .quant import Int8, weight
 from .sharding import constrain, tree_shardings
 from .tree import count_params, flatten, unflatten  # noqa: F401  (re-exported for callers)
