@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -333,5 +334,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `neox-jax` executable (and `python -m neox_jax`): `main`, then the process exits with its
+    status.  After an interrupt (130) or SIGTERM (143) it leaves without interpreter finalization:
+    the signal can land while XLA still runs work on its own threads (an asynchronous dispatch, a
+    compile), and tearing the runtime down under them crashed the process with SIGSEGV in most
+    tries (9 of 12 for `init` at 4.5 s).  Every command's cleanup has run by then (the temporaries
+    are gone, the one-line message printed), so nothing that finalization would do is lost.  A
+    SIGTERM landing while `main` restores the old handlers is reported the same way."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("neox-jax: interrupted", file=sys.stderr)
+        code = 130
+    except Terminated:
+        print("neox-jax: terminated", file=sys.stderr)
+        code = 143
+    if code in (130, 143):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -3,8 +3,10 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -182,6 +184,30 @@ def test_interrupt_inside_a_gc_callback_is_not_lost():
         gc.callbacks.remove(callback)
         sys.unraisablehook = old_hook
     assert inside == ["start"]
+
+
+def test_interrupt_while_xla_works_exits_130_without_a_crash(tmp_path):
+    """Ctrl-C while a decode runs on XLA's threads: exit 130 after the one line, not SIGSEGV during
+    interpreter shutdown (which `python -c "...sys.exit(main())"`, the old entry point, did in about
+    half of such tries here).  Three interrupts at different moments of the generation."""
+    ck = tmp_path / "ck"
+    assert main(["-q", "init", "tiny", str(ck)]) == 0
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    for delay in (0.3, 0.8, 1.5):
+        p = subprocess.Popen([sys.executable, "-m", "neox_jax", "generate", str(ck), "--prompt", "hello",
+                              "--max-new-tokens", "200"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, env=env)
+        seen = []
+        for line in p.stderr:  # the decode program's log line: loading and compiling are under way
+            seen.append(line)
+            if "decode:" in line:
+                break
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        err = "".join(seen) + p.stderr.read()
+        p.wait(timeout=60)
+        assert p.returncode == 130 and err.strip().splitlines()[-1] == "neox-jax: interrupted", (delay, err)
+        assert "Segmentation" not in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("argv, line", [
