@@ -24,7 +24,7 @@ DOCUMENTED = {
     ("init",): ["--seed", "--set", "--overwrite"],
     ("score",): ["--input", "--output", "--dtype", "--batch-size", "--tokenizer", "--context", "--overwrite"],
     ("convert",): ["--to", "--dtype", "--tp", "--verify", "--overwrite", "--max-shard-size", "--neox-config",
-                   "--step", "--json"],
+                   "--step", "--neox-names", "--json"],
     ("inspect",): ["--json", "--no-hash", "--neox-config"],
     ("diff",): ["--rtol", "--per-layer", "--json", "--neox-config-a", "--neox-config-b"],
     ("data", "preprocess"): ["--output-prefix", "--tokenizer", "--append-eod", "--workers", "--dtype", "--strict",

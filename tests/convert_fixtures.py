@@ -228,15 +228,31 @@ def write_neox(model, root: Path, *, tp: int, layout: str = "pipeline", step: in
     return root
 
 
-def read_neox_independent(root: Path, tp: int, L: int, parallel: bool = True) -> dict[str, np.ndarray]:
+# GPT-NeoX's ParallelMLP parameter names since its #1212 (Sep 2024) -> v1.0/v2.0's (and HF's)
+CURRENT_MLP = {"mlp.linear1.weight": "mlp.dense_h_to_4h.weight", "mlp.linear1.bias": "mlp.dense_h_to_4h.bias",
+               "mlp.linear2.weight": "mlp.dense_4h_to_h.weight", "mlp.linear2.bias": "mlp.dense_4h_to_h.bias"}
+
+
+def read_neox_independent(root: Path, tp: int, L: int, parallel: bool = True,
+                          names: str = "current") -> dict[str, np.ndarray]:
     """Merge a pipeline-layout NeoX checkpoint into an HF state dict (fp32) by the published rules,
-    without neox_jax: the reference for checking our --to neox output."""
+    without neox_jax: the reference for checking our --to neox output.  names: what the layer files
+    must hold, "current" (GPT-NeoX HEAD: mlp.linear1/linear2, no rotary inv_freq) or "legacy"
+    (v1.0/v2.0: mlp.dense_h_to_4h/dense_4h_to_h and an inv_freq buffer)."""
     step = (root / "latest").read_text().strip()
     d = root / step
 
     def load(ll):
-        return [torch.load(d / f"layer_{ll:02d}-model_{r:02d}-model_states.pt", weights_only=True)
-                for r in range(tp)]
+        out = [torch.load(d / f"layer_{ll:02d}-model_{r:02d}-model_states.pt", weights_only=True)
+               for r in range(tp)]
+        if 2 <= ll < L + 2:
+            for s in out:
+                if names == "current":
+                    assert set(CURRENT_MLP) <= set(s) and not set(CURRENT_MLP.values()) & set(s), sorted(s)
+                    assert "attention.rotary_emb.inv_freq" not in s
+                else:
+                    assert not set(CURRENT_MLP) & set(s) and "attention.rotary_emb.inv_freq" in s, sorted(s)
+        return [{CURRENT_MLP.get(k, k): v for k, v in s.items()} for s in out]
 
     def f32(t):
         return t.float().numpy()
@@ -253,7 +269,6 @@ def read_neox_independent(root: Path, tp: int, L: int, parallel: bool = True) ->
             sd[f"gpt_neox.layers.{i}.{p}"] = (sum(parts) if parallel else sum(parts) / tp).float().numpy()
         for p in NORMS:
             sd[f"gpt_neox.layers.{i}.{p}"] = (sum(s[p].double() for s in ranks) / tp).float().numpy()
-        assert all("attention.rotary_emb.inv_freq" in s for s in ranks)
     fin = load(L + 3)
     sd["gpt_neox.final_layer_norm.weight"] = (sum(s["norm.weight"].double() for s in fin) / tp).float().numpy()
     sd["gpt_neox.final_layer_norm.bias"] = (sum(s["norm.bias"].double() for s in fin) / tp).float().numpy()

@@ -10,6 +10,7 @@ import math
 import shutil
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -102,16 +103,18 @@ def test_orbax_neox_tp2_orbax_bit_identical(tmp_path, model):
     layer = torch.load(step / "layer_02-model_01-model_states.pt", weights_only=True)
     assert layer["attention.query_key_value.weight"].shape == (3 * 64 // 2, 64)
     assert layer["attention.dense.weight"].shape == (64, 32)
-    assert layer["attention.rotary_emb.inv_freq"].dtype == torch.float16
+    assert layer["mlp.linear1.weight"].shape == (4 * 64 // 2, 64)  # GPT-NeoX's current names (the default)
     assert all(v.dtype == torch.float16 for v in layer.values())
     # row-parallel biases: identical copies of b / TP on every rank, as real checkpoints hold them
     layer0 = torch.load(step / "layer_02-model_00-model_states.pt", weights_only=True)
-    for key in ("attention.dense.bias", "mlp.dense_4h_to_h.bias"):
+    for key, hf in (("attention.dense.bias",) * 2, ("mlp.linear2.bias", "mlp.dense_4h_to_h.bias")):
         assert torch.equal(layer[key], layer0[key]), key
-        assert torch.equal(layer[key].double() * 2, torch.tensor(ref[f"gpt_neox.layers.0.{key}"]).double()), key
+        assert torch.equal(layer[key].double() * 2, torch.tensor(ref[f"gpt_neox.layers.0.{hf}"]).double()), key
 
     # what GPT-NeoX's tools/ckpts/convert_neox_to_hf.py reads: the YAML keys and mp_rank args
     y = yaml.safe_load((step / "configs" / "neox_jax.yml").read_text())
+    # GPT-NeoX declares rotary_emb_base an int: its NeoXArgs type check refuses 10000.0
+    assert type(y["rotary-emb-base"]) is int and y["rotary-emb-base"] == load_params(tmp_path / "orb")[0].rotary_emb_base
     for key in ("hidden-size", "num-layers", "num-attention-heads", "max-position-embeddings", "rotary-pct",
                 "rotary-emb-base", "gpt-j-residual", "layernorm-epsilon", "no-weight-tying", "model-parallel-size",
                 "pipe-parallel-size", "make-vocab-size-divisible-by", "vocab-file", "tokenizer-type"):
@@ -128,17 +131,22 @@ def test_orbax_neox_tp2_orbax_bit_identical(tmp_path, model):
 
 
 def test_neox_to_neox_retp_and_bf16(tmp_path, model):
-    """TP 4 -> TP 2 re-sharding (and a dtype cast) keeps the model: logits checked by --verify."""
+    """TP 4 -> TP 2 re-sharding (and a dtype cast) keeps the model: logits checked by --verify; the
+    legacy (v1.0/v2.0) names once, then the current ones, each read back by the independent merge."""
     root = write_neox(model, tmp_path / "neox", tp=4)
-    assert main(["convert", str(root), str(tmp_path / "nx2"), "--to", "neox", "--tp", "2", "--verify"]) == 0
-    merged = read_neox_independent(tmp_path / "nx2", tp=2, L=model.config.num_hidden_layers)
+    assert main(["convert", str(root), str(tmp_path / "nx2"), "--to", "neox", "--tp", "2", "--verify",
+                 "--neox-names", "legacy"]) == 0
+    merged = read_neox_independent(tmp_path / "nx2", tp=2, L=model.config.num_hidden_layers, names="legacy")
     ref = hf_state_numpy(model)
     for k in ref:
         assert np.array_equal(merged[k], ref[k]), k
     assert main(["convert", str(tmp_path / "nx2"), str(tmp_path / "nxb"), "--to", "neox", "--dtype", "bfloat16",
                  "--verify"]) == 0
     layer = torch.load(tmp_path / "nxb" / "global_step1000" / "layer_03-model_00-model_states.pt", weights_only=True)
-    assert layer["mlp.dense_h_to_4h.weight"].dtype == torch.bfloat16
+    assert layer["mlp.linear1.weight"].dtype == torch.bfloat16
+    merged = read_neox_independent(tmp_path / "nxb", tp=1, L=model.config.num_hidden_layers)
+    for k in ref:
+        np.testing.assert_array_equal(merged[k], ref[k].astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=k)
 
 
 def test_vocab_divisor_reproduces_the_padded_vocabulary():
@@ -201,9 +209,9 @@ def test_row_parallel_bias_that_does_not_split_exactly(tmp_path):
         for i in range(L):
             ranks = [torch.load(step / f"layer_{i + 2:02d}-model_{r:02d}-model_states.pt", weights_only=True)
                      for r in range(tp)]
-            for key in ("attention.dense.bias", "mlp.dense_4h_to_h.bias"):
-                b = torch.tensor(ref[f"gpt_neox.layers.{i}.{key}"]).half()
-                if f"gpt_neox.layers.{i}.{key}" in odd:  # fallback: b on rank 0, -0.0 elsewhere
+            for key, hf in (("attention.dense.bias",) * 2, ("mlp.linear2.bias", "mlp.dense_4h_to_h.bias")):
+                b = torch.tensor(ref[f"gpt_neox.layers.{i}.{hf}"]).half()
+                if f"gpt_neox.layers.{i}.{hf}" in odd:  # fallback: b on rank 0, -0.0 elsewhere
                     assert torch.equal(ranks[0][key].view(torch.int16), b.view(torch.int16)), (tp, i, key)
                     for r in range(1, tp):
                         assert torch.equal(ranks[r][key].view(torch.int16),
@@ -250,13 +258,15 @@ def test_neox_config_option(tmp_path, model, capsys):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_inv_freq_buffers_written_by_to_neox(tmp_path, dtype):
-    """Every layer file of every rank carries attention.rotary_emb.inv_freq as GPT-NeoX v1.0's
-    RotaryEmbedding registers it, 1 / base ** (arange(0, R, 2).float() / R), in the checkpoint dtype
-    (DeepSpeed's module.half() casts buffers too); R = rotary dims, not head_dim."""
+    """--neox-names legacy: every layer file of every rank carries attention.rotary_emb.inv_freq as
+    GPT-NeoX v1.0's RotaryEmbedding registers it, 1 / base ** (arange(0, R, 2).float() / R), in the
+    checkpoint dtype (DeepSpeed's module.half() casts buffers too); R = rotary dims, not head_dim.
+    (GPT-NeoX since its #1168 keeps the buffer out of the state dict, and a strict load refuses it:
+    the current names write none, checked by read_neox_independent.)"""
     m = tiny_hf(12, fp16_values=True, layers=2, hidden=64, heads=4, rotary_pct=0.5, base=5000.0)
     save_hf(m, tmp_path / "hf", dtype=torch.float16)
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "nx"), "--to", "neox", "--tp", "2",
-                 "--dtype", dtype]) == 0
+                 "--dtype", dtype, "--neox-names", "legacy"]) == 0
     R = 8  # head_dim 16 x rotary_pct 0.5
     ref = 1.0 / (5000.0 ** (torch.arange(0, R, 2).float() / R))
     tdt = getattr(torch, dtype)

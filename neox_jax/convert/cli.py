@@ -31,6 +31,10 @@ def register(sub) -> None:
     p.add_argument("--neox-config", action="append", metavar="YML",
                    help="GPT-NeoX YAML for a native SRC without global_stepN/configs/ (repeatable, merged in order)")
     p.add_argument("--step", type=int, help="--to neox: the global_stepN tag (default: the source's step, or 0)")
+    p.add_argument("--neox-names", choices=("current", "legacy"), default="current",
+                   help="--to neox: layer files for GPT-NeoX since Sep 2024 (current: mlp.linear1/linear2, no "
+                        "rotary inv_freq) or for v1.0/v2.0, which trained Pythia and 20B (legacy: "
+                        "mlp.dense_h_to_4h/dense_4h_to_h, inv_freq kept); default current"),
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=_run_convert)
 
@@ -68,10 +72,11 @@ def _run_convert(args):
         raise UserError(f"--max-shard-size applies to --to hf only (not --to {args.to})")
     if "--tp" in args.typed and args.to != "neox":  # even --tp 1: HF and Orbax checkpoints have no TP degree
         raise UserError(f"--tp {args.tp}: applies to --to neox only (not --to {args.to})")
+    if "--neox-names" in args.typed and args.to != "neox":
+        raise UserError(f"--neox-names {args.neox_names}: applies to --to neox only (not --to {args.to})")
     res = convert(args.src, args.dst, to=args.to, dtype=args.dtype, tp=args.tp, verify=args.verify,
                   overwrite=args.overwrite, max_shard_size=args.max_shard_size or "5GB",
-                  neox_config=args.neox_config,
-                  step=args.step)
+                  neox_config=args.neox_config, step=args.step, neox_names=args.neox_names)
     if args.json:
         print(to_json({"dst": str(res.dst), "from": res.src_format, "to": res.dst_format, "rows": res.rows,
                        "seconds": res.seconds, "verify": res.verify}))

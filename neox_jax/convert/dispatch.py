@@ -74,7 +74,7 @@ def open_reader(path: str | os.PathLike, fmt: str | None = None, *, neox_config:
 
 
 def make_writer(fmt: str, tmp: Path, reader, entries: list, *, dst: Path, tp: int, max_shard_size: int,
-                step: int | None):
+                step: int | None, neox_names: str = "current"):
     """The Writer for fmt, writing `entries` (from `reader`) into the temporary directory tmp."""
     cfg = reader.config
     if fmt == "orbax":
@@ -90,5 +90,5 @@ def make_writer(fmt: str, tmp: Path, reader, entries: list, *, dst: Path, tp: in
         from .neox import NeoxWriter
 
         st = step if step is not None else int(reader.extras.get("step", 0))
-        return NeoxWriter(tmp, cfg, entries, tp=tp, step=st, final_dst=dst, extras=reader.extras)
+        return NeoxWriter(tmp, cfg, entries, tp=tp, step=st, final_dst=dst, extras=reader.extras, names=neox_names)
     raise UserError(f"--to {fmt!r}: expected one of {FORMATS}")

@@ -28,8 +28,9 @@ copies merge exactly.  The writer splits by the inverse rules; a parallel-residu
 bias b becomes TP identical copies of b/TP, as in real checkpoints, whenever that is exact (TP a
 power of two and no fp16/bf16 underflow: the rank sum, which GPT-NeoX's forward pass and every
 converter compute, then gives b back bit for bit); otherwise rank 0 gets b and the other ranks
-(negative) zeros, which sums to b exactly in any dtype.  Layer files get fresh `inv_freq` buffers (the v1.0
-converter copies them); `mp_rank_TT` files get the `args` GPT-NeoX's `save_ds_checkpoint` writes.
+(negative) zeros, which sums to b exactly in any dtype.  Layer files use the MLP names of the GPT-NeoX
+they are for (`--neox-names`: current, or legacy v1.0/v2.0 with fresh `inv_freq` buffers, which the v1.0
+converter copies); `mp_rank_TT` files get the `args` GPT-NeoX's `save_ds_checkpoint` writes.
 
 Files are read with `torch.load(weights_only=True, mmap=True)`: pickles that would need arbitrary
 classes are refused (numpy arrays, found in `np_rng_state`, are allow-listed data).
@@ -72,6 +73,13 @@ NEOX_GLOBAL = {
 NEW_NAMES = {"mlp.linear1.weight": "mlp.dense_h_to_4h.weight", "mlp.linear1.bias": "mlp.dense_h_to_4h.bias",
              "mlp.linear2.weight": "mlp.dense_4h_to_h.weight", "mlp.linear2.bias": "mlp.dense_4h_to_h.bias"}
 IGNORED = ("attention.rotary_emb.inv_freq", "attention.bias", "attention.masked_bias")
+# What the writer's layer files hold for each GPT-NeoX generation (`convert --neox-names`):
+#   current  GPT-NeoX since #1212 (Sep 2024): mlp.linear1 / mlp.linear2, and no rotary inv_freq (a
+#            non-persistent buffer since #1168, Mar 2024: a strict load refuses it as unexpected)
+#   legacy   v1.0 / v2.0, the code Pythia and 20B were trained with: mlp.dense_h_to_4h /
+#            mlp.dense_4h_to_h, and inv_freq in every layer file (a persistent buffer there)
+NEOX_NAMES = ("current", "legacy")
+_TO_CURRENT = {old: new for new, old in NEW_NAMES.items()}
 
 _LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt$")
 _MP_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
@@ -415,7 +423,9 @@ def neox_yaml(cfg: ModelConfig, tp: int, dtype: str, vocab_file: str | None, tok
         "max-position-embeddings": cfg.max_position_embeddings,
         "pos-emb": "rotary",
         "rotary-pct": cfg.rotary_pct,
-        "rotary-emb-base": cfg.rotary_emb_base,
+        # an int where it is one: GPT-NeoX declares rotary_emb_base an int, and its YAML type check
+        # fails on 10000.0 (found running GPT-NeoX's own loader on our output)
+        "rotary-emb-base": int(cfg.rotary_emb_base) if float(cfg.rotary_emb_base).is_integer() else cfg.rotary_emb_base,
         "norm": "layernorm",
         "layernorm-epsilon": cfg.layer_norm_eps,
         "gpt-j-residual": cfg.use_parallel_residual,
@@ -450,7 +460,10 @@ class NeoxWriter(Writer):
     layout = "torch"
 
     def __init__(self, tmp: Path, cfg: ModelConfig, entries: list[Entry], *, tp: int = 1, step: int = 0,
-                 final_dst: Path | None = None, extras: dict | None = None):
+                 final_dst: Path | None = None, extras: dict | None = None, names: str = "current"):
+        if names not in NEOX_NAMES:
+            raise CheckpointError(f"--neox-names {names!r}: expected one of {NEOX_NAMES}")
+        self.names = names
         N, F, V = cfg.num_heads, cfg.intermediate_size, cfg.vocab_size
         for what, n in (("num_heads", N), ("intermediate_size", F), ("vocab_size", V)):
             if n % tp:
@@ -496,13 +509,15 @@ class NeoxWriter(Writer):
         import torch
 
         ranks = self.buf.pop(ll)
-        if 2 <= ll <= self.L + 1:
+        if 2 <= ll <= self.L + 1 and self.names == "legacy":
             freq = numpy_to_torch(inv_freq(self.cfg, self.dtype_of[ll]))
             for sd in ranks:
                 sd["attention.rotary_emb.inv_freq"] = freq.clone()
         for r, sd in enumerate(ranks):
             order = [p for p, _ in NEOX_LAYER.values()] + ["attention.rotary_emb.inv_freq"]
             ordered = {k: sd[k] for k in sorted(sd, key=lambda k: order.index(k) if k in order else -1)}
+            if self.names == "current":
+                ordered = {_TO_CURRENT.get(k, k): v for k, v in ordered.items()}
             torch.save(ordered, self.dir / layer_file(ll, r))
         self.expected.pop(ll)
 

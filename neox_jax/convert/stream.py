@@ -48,7 +48,8 @@ def _progress(entries, desc):
 
 def convert(src: str, dst: str, *, to: str = "orbax", dtype: str | None = None, tp: int = 1,
             verify: bool = False, overwrite: bool = False, max_shard_size: str | int = "5GB",
-            neox_config: list[str] | None = None, step: int | None = None) -> ConvertResult:
+            neox_config: list[str] | None = None, step: int | None = None,
+            neox_names: str = "current") -> ConvertResult:
     if to not in FORMATS:
         raise UserError(f"--to {to!r}: expected one of {FORMATS}")
     if tp < 1:
@@ -81,7 +82,7 @@ def convert(src: str, dst: str, *, to: str = "orbax", dtype: str | None = None, 
             try:
                 tmp = out.path
                 writer = make_writer(to, tmp, reader, out_entries, dst=dst_p, tp=tp, max_shard_size=shard,
-                                     step=step)
+                                     step=step, neox_names=neox_names)
                 log.info("converting %s -> %s (%s, %d tensors)", reader.describe(), dst, to, len(entries))
                 rows: dict[tuple[str, str], dict] = {}
                 for e, oe in zip(_progress(entries, f"{reader.fmt}->{to}"), out_entries):
