@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .config import RUN_DTYPES
 from .errors import Terminated, UsageError, UserError
+from .values import seed_option
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,8 @@ def _add_init(sub):
                                    "as a neox-jax checkpoint directory.")
     p.add_argument("config", help="YAML preset path or name (e.g. configs/tiny.yaml, pythia-70m)")
     p.add_argument("dst", help="checkpoint directory to create")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the initialisation (default 0)")
+    p.add_argument("--seed", type=seed_option, default=0,
+                   help="random seed of the initialisation, 0 to 2**32 - 1 (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set model.num_layers=4 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DST")

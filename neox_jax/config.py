@@ -56,6 +56,14 @@ def _yaml_problem(e: Exception) -> str:
     return where + str(getattr(e, "problem", None) or e.__class__.__name__)
 
 
+def _read_text(p: Path) -> str:
+    """A config file's text; one that is not UTF-8 is refused naming the file (OSError passes)."""
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     # --- architecture (decides the parameter tree) ---
@@ -119,8 +127,10 @@ class ModelConfig:
         need(self.rotary_emb_base > 0, "rotary_emb_base must be positive")
         need(self.layer_norm_eps > 0, "layer_norm_eps must be positive")
         need(self.hidden_act in HIDDEN_ACTS, f"hidden_act must be one of {HIDDEN_ACTS}, got {self.hidden_act!r}")
+        need(self.tokenizer_vocab_size >= 0,
+             f"tokenizer_vocab_size must be >= 0 (0: vocab_size), got {self.tokenizer_vocab_size}")
         need(
-            0 <= self.tokenizer_vocab_size <= self.vocab_size,
+            self.tokenizer_vocab_size <= self.vocab_size,
             f"tokenizer_vocab_size {self.tokenizer_vocab_size} exceeds vocab_size {self.vocab_size}",
         )
         for f in ("param_dtype", "compute_dtype"):
@@ -132,6 +142,7 @@ class ModelConfig:
              "remat dots_attn saves cuDNN attention's forward outputs: it needs attention cudnn "
              f"(with attention {self.attention!r} use remat dots)")
         need(self.init in INIT_SCHEMES, f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
+        need(self.init_std > 0, f"init_std must be positive, got {self.init_std}")
         need(self.bias_grad in BIAS_GRADS, f"bias_grad must be one of {BIAS_GRADS}, got {self.bias_grad!r}")
         for f in ("use_parallel_residual", "tie_word_embeddings", "scan_layers"):
             need(isinstance(getattr(self, f), bool), f"{f} must be true or false")
@@ -234,7 +245,7 @@ def load_config(path_or_preset: str | os.PathLike, overrides: list[str] | tuple[
     if not p.exists():
         raise ConfigError(f"{p}: no such config file")
     try:
-        raw = yaml.safe_load(p.read_text())  # JSON is YAML
+        raw = yaml.safe_load(_read_text(p))  # JSON is YAML
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML/JSON ({_yaml_problem(e)})") from None
     if not isinstance(raw, dict):
@@ -243,7 +254,7 @@ def load_config(path_or_preset: str | os.PathLike, overrides: list[str] | tuple[
         extra = sorted(set(raw) - {"model"})
         if extra:
             raise ConfigError(f"{p}: unknown top-level section(s) {extra} (known: ['model'])")
-        raw = raw["model"]
+        raw = Fields(raw, str(p)).mapping("model")
     raw = dict(raw)
     for item in overrides:
         k, v = parse_override(item)
@@ -437,7 +448,7 @@ def from_neox_yaml(src: str | os.PathLike | Mapping[str, Any] | list, *, tokeniz
         raw = {}
         for p in paths:
             try:
-                part = yaml.safe_load(Path(p).read_text())
+                part = yaml.safe_load(_read_text(Path(p)))
             except OSError as e:
                 raise ConfigError(f"{p}: cannot read GPT-NeoX YAML ({e.strerror})") from None
             except yaml.YAMLError as e:

@@ -12,10 +12,14 @@ refused), a mapping a mapping.  A wrong value raises `ConfigError` naming the fi
 
 `nullable=True` lets an explicit `null` mean the default, for keys whose writers use null that way
 (GPT-NeoX's `padded-vocab-size`, HF's `rope_scaling`).
+
+Values with a range of their own: `check_seed` (and `seed_option`, a `--seed` option's argparse type),
+`check_weights` (blend weights), `check_split` (GPT-NeoX's `split` string, e.g. "969,30,1").
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from typing import Any, Mapping
@@ -48,9 +52,16 @@ def check_float(v: Any, name: str) -> float:
     """A finite int or float (or a YAML 1.2 exponent float like '1e-06'), never a bool or other string."""
     if isinstance(v, str) and _EXP_FLOAT.match(v):
         v = float(v.replace("_", ""))
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(_to_float(v)):
         raise _error(f"{name} must be a finite number, got {describe(v)}")
     return float(v)
+
+
+def _to_float(v: int | float) -> float:
+    try:
+        return float(v)
+    except OverflowError:  # an int beyond float's range
+        return math.inf
 
 
 def check_bool(v: Any, name: str) -> bool:
@@ -63,6 +74,63 @@ def check_str(v: Any, name: str) -> str:
     if not isinstance(v, str):
         raise _error(f"{name} must be a string, got {describe(v)}")
     return v
+
+
+# numpy's RandomState (the data order) takes seeds in [0, 2**32 - 1]; a JAX key (parameter init,
+# sampling) keeps only a seed's low 32 bits, so larger seeds would repeat smaller ones
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(v: Any, name: str) -> int:
+    v = check_int(v, name)
+    if not 0 <= v <= SEED_MAX:
+        raise _error(f"{name} must be in [0, 2**32 - 1], got {v}")
+    return v
+
+
+def seed_option(text: str) -> int:
+    """The argparse `type` of a `--seed` option: an int in [0, 2**32 - 1]."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{v} is outside [0, 2**32 - 1]")
+    return v
+
+
+def _weights(v: list | tuple) -> list[float] | None:
+    """v as floats when every one is a finite number >= 0 and their sum is positive and finite."""
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        return None
+    w = [_to_float(x) for x in v]
+    return w if all(0 <= x < math.inf for x in w) and 0 < sum(w) < math.inf else None
+
+
+def check_weights(v: Any, name: str) -> list[float]:
+    """Blend weights: finite numbers >= 0, not all zero (each is divided by their sum)."""
+    if not isinstance(v, (list, tuple)):
+        raise _error(f"{name} must be a list, got {describe(v)}")
+    w = _weights(v)
+    if w is None:
+        raise _error(f"{name} {describe(list(v))}: weights must be finite numbers >= 0, not all zero")
+    return w
+
+
+def check_split(v: Any, name: str) -> list[float]:
+    """GPT-NeoX's `split` string, "969,30,1" or "969/30/1": train, valid and test weights (finite, >= 0, not
+    all zero); missing ones are 0 and more than three are ignored, as in GPT-NeoX's
+    `get_train_valid_test_split_`."""
+    text = check_str(v, name)
+    sep = "," if "," in text else "/" if "/" in text else None
+    try:
+        splits = [float(s) for s in (text.split(sep) if sep else [text])]
+    except ValueError:
+        raise _error(f"{name} {text!r}: expected numbers like 995,4,1") from None
+    w = _weights((splits + [0.0, 0.0])[:3])
+    if w is None or _weights(splits) is None:
+        raise _error(f"{name} {text!r}: weights must be finite numbers >= 0, not all zero")
+    return w
 
 
 CHECKS = {int: check_int, float: check_float, bool: check_bool, str: check_str}

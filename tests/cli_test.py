@@ -216,6 +216,14 @@ def test_interrupt_while_xla_works_exits_130_without_a_crash(tmp_path):
     (["convert"], "convert: the following arguments are required: src, dst (see neox-jax convert --help)"),
     (["data", "order", "--seed", "x"], "data order: argument --seed: invalid int value: 'x' "
                                        "(see neox-jax data order --help)"),
+    # seeds: numpy's RandomState takes [0, 2**32 - 1]; a JAX key keeps only the low 32 bits
+    (["data", "order", "--seed", "-1"], "data order: argument --seed: -1 is outside [0, 2**32 - 1] "
+                                        "(see neox-jax data order --help)"),
+    (["data", "order", "--seed", "4294967296"], "data order: argument --seed: 4294967296 is outside [0, 2**32 - 1]"),
+    (["init", "tiny", "ck", "--seed", "99999999999999999999999"],
+     "init: argument --seed: 99999999999999999999999 is outside [0, 2**32 - 1] (see neox-jax init --help)"),
+    (["generate", "ck", "--prompt", "a", "--temperature", "1", "--seed", "99999999999999999999999"],
+     "generate: argument --seed: 99999999999999999999999 is outside [0, 2**32 - 1]"),
     (["data", "order", "--data-prefix", "p", "--steps", "0", "--bogus", "1"],
      "data order: unrecognized arguments: --bogus 1"),
     (["data"], "data: the following arguments are required: DATA_COMMAND"),
@@ -235,6 +243,12 @@ def test_usage_errors_are_one_line_naming_the_command(argv, line, capsys):
     lines = out.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("neox-jax: error: ") and line in lines[0], out.err
     assert "usage:" not in out.err
+
+
+def test_seed_bounds_are_accepted():
+    for seed in ("0", "4294967295"):
+        args = build_parser().parse_args(["data", "order", "--data-prefix", "p", "--steps", "0", "--seed", seed])
+        assert args.seed == int(seed)
 
 
 def test_usage_error_in_a_fresh_process_is_one_line():

@@ -104,6 +104,9 @@ def test_large_presets_build_abstractly(name):
         (dict(remat="everything"), "remat must be one of"),
         (dict(compute_dtype="int8"), "compute_dtype"),
         (dict(vocab_size=0), "vocab_size must be a positive int"),
+        (dict(init_std=-1.0), "init_std must be positive"),
+        (dict(init_std=0.0), "init_std must be positive"),
+        (dict(tokenizer_vocab_size=-1), r"tokenizer_vocab_size must be >= 0"),
     ],
 )
 def test_invalid_values_are_refused(changes, match):
@@ -120,6 +123,26 @@ def test_unknown_yaml_keys_are_refused(tmp_path):
     p.write_text("model:\n  vocab_size: 128\n  hidden_size: 64\n  num_layers: 2\n  num_heads: 4\ntrainer: {}\n")
     with pytest.raises(ConfigError, match="unknown top-level section"):
         load_config(p)
+
+
+def test_model_section_must_be_a_mapping(tmp_path):
+    p = tmp_path / "c.yaml"
+    for text, got in (("model: 5\n", "got 5"), ("model:\n", "got null"), ("model: [1]\n", "got [1]")):
+        p.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load_config(p)
+        assert str(p) in str(e.value) and "model must be a mapping" in str(e.value) and got in str(e.value)
+
+
+def test_non_utf8_config_files_are_refused_naming_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"model: {vocab_size: 64, hidden_size: 8, num_layers: 1, num_heads: 2}\n# \xff\xfe\n")
+    with pytest.raises(ConfigError, match=rf"{p}: not UTF-8 text \(byte 0xff at offset 71\)"):
+        load_config(p)
+    n = tmp_path / "n.yml"
+    n.write_bytes(b'{"num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "pos-emb": "rotary"}\n# \xff\n')
+    with pytest.raises(ConfigError, match=rf"{n}: not UTF-8 text"):
+        from_neox_yaml(n)
 
 
 def test_overrides():

@@ -240,6 +240,22 @@ def test_train_dataset_routes(tmp_path):
         build_train_dataset([str(tmp_path / "t")], S)
 
 
+@pytest.mark.parametrize("split", ["nan,1,1", "inf,1,1", "1,nan", "-1,2,3", "0,0,0", "1,1,1,-1", "1e308,1e308,1"])
+def test_split_weights_must_be_finite_non_negative_and_not_all_zero(split):
+    with pytest.raises(UserError) as e:
+        train_valid_test_split(split, 80)
+    assert str(e.value) == f"--split {split!r}: weights must be finite numbers >= 0, not all zero"
+
+
+@pytest.mark.parametrize("weights", [[float("nan"), 1.0], [float("inf"), 1.0], [-1.0, 2.0], [0.0, 0.0]])
+def test_blend_weights_must_be_finite_non_negative_and_not_all_zero(tmp_path, weights):
+    with pytest.raises(UserError, match=r"weights must be finite numbers >= 0, not all zero"):
+        weighted_num_samples(weights, 1000)
+    write_corpus(tmp_path / "a", [30] * 10)
+    with pytest.raises(UserError, match=r"weights must be finite numbers >= 0, not all zero"):
+        build_train_dataset([str(tmp_path / "a")] * 2, S, train_iters=2, batch=2, weights=weights)
+
+
 def test_preshuffled_dataset(tmp_path):
     rows = np.random.RandomState(0).randint(0, 50000, size=(12, S + 1)).astype(np.uint16)
     with IndexedDatasetWriter(tmp_path / "document", np.uint16) as w:

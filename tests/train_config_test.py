@@ -121,9 +121,51 @@ def test_ints_are_accepted_for_floats_and_lists_for_tuples():
     ({"checkpoint": {"preset": "gpt3"}}, ["checkpoint.preset", "gpt3"]),
     ({"checkpoint": {"steps": [4, -1]}}, ["checkpoint.steps"]),
     ({"checkpoint": {"keep_last": -2}}, ["checkpoint.keep_last"]),
+    # seeds: numpy's RandomState takes [0, 2**32 - 1]; a JAX key keeps only the low 32 bits
+    ({"data": {"path": "x", "seed": -1}}, ["data.seed", "-1"]),
+    ({"data": {"path": "x", "seed": 2**32}}, ["data.seed", "4294967296"]),
+    ({"train": {"seed": 10**23}}, ["train.seed", str(10**23)]),
+    ({"train": {"seed": -1}}, ["train.seed", "-1"]),
+    # split and blend weights: finite, >= 0, not all zero
+    ({"data": {"path": "x", "split": "nan,1,1"}}, ["data.split", "'nan,1,1'", "finite"]),
+    ({"data": {"path": "x", "split": "inf,1,1"}}, ["data.split", "'inf,1,1'"]),
+    ({"data": {"path": "x", "split": "-1,2,3"}}, ["data.split", "'-1,2,3'", ">= 0"]),
+    ({"data": {"path": "x", "split": "0,0,0"}}, ["data.split", "not all zero"]),
+    ({"data": {"path": "x", "split": "a,b"}}, ["data.split", "'a,b'"]),
+    ({"data": {"train_paths": ["a", "b"], "train_weights": [float("nan"), 1.0]}}, ["data.train_weights[0]", "nan"]),
+    ({"data": {"train_paths": ["a", "b"], "train_weights": [-1, 2]}}, ["data.train_weights", "-1.0", ">= 0"]),
+    ({"data": {"train_paths": ["a", "b"], "train_weights": [0, 0]}}, ["data.train_weights", "not all zero"]),
+    ({"data": {"train_paths": ["a"], "valid_paths": ["v"], "valid_weights": [-2]}}, ["data.valid_weights"]),
+    # every float of the sections is finite
+    ({"optimizer": {"lr": float("inf")}}, ["optimizer.lr", "finite", "inf"]),
+    ({"optimizer": {"weight_decay": float("inf")}}, ["optimizer.weight_decay", "inf"]),
+    ({"optimizer": {"clip": float("nan")}}, ["optimizer.clip", "nan"]),
+    ({"optimizer": {"z_loss": float("inf")}}, ["optimizer.z_loss", "inf"]),
+    ({"optimizer": {"lr": 10**400}}, ["optimizer.lr", "finite"]),
+    ({"train": {"peak_tflops": float("inf")}}, ["train.peak_tflops", "inf"]),
+    ({"checkpoint": {"every_minutes": float("nan")}}, ["checkpoint.every_minutes", "nan"]),
 ])
 def test_values_are_validated(sections, names):
     _refused(_base(**sections), *names)
+
+
+@pytest.mark.parametrize("item,names", [
+    ("optimizer.lr=.inf", ["optimizer.lr", "inf"]), ("optimizer.weight_decay=.inf", ["optimizer.weight_decay"]),
+    ("optimizer.clip=.inf", ["optimizer.clip"]), ("data.split=nan,1,1", ["data.split"]),
+    ("data.seed=-1", ["data.seed"]), ("train.seed=99999999999999999999999", ["train.seed"]),
+])
+def test_set_refuses_out_of_range_values_by_name(tmp_path, item, names):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(_write(tmp_path / "run.yaml", _base()), [item])
+    for n in names:
+        assert n in str(e.value), (n, str(e.value))
+
+
+def test_non_utf8_run_config_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(yaml.safe_dump(_base()).encode() + b"# \xff\xfe\n")
+    with pytest.raises(ConfigError, match=rf"{path}: not UTF-8 text"):
+        load_run_config(path)
 
 
 def test_no_model_section_is_refused():
@@ -692,6 +734,9 @@ def _changed(raw: dict, changes: dict, drop=()) -> dict:
     return out
 
 
+_DATA_PATHS = ("train-data-paths", "valid-data-paths", "test-data-paths")
+
+
 @pytest.mark.parametrize("changes,drop,names", [
     ({"foo-bar": 1}, (), [r"foo[-_]bar"]),
     ({"rotary_emb_dim": 8}, (), ["rotary_emb_dim"]),
@@ -709,6 +754,13 @@ def _changed(raw: dict, changes: dict, drop=()) -> dict:
     ({"attention-config": [[["local"], 6]]}, (), ["local"]),
     ({"fp16": {"enabled": True, "consecutive_hysteresis": True}}, (), ["consecutive_hysteresis"]),
     ({"precision": "fp8"}, ("fp16",), ["fp8"]),
+    ({"seed": -1}, (), [r"seed must be in \[0, 2\*\*32 - 1\]"]),
+    ({"seed": 2**64}, (), [r": seed must be in", "18446744073709551616"]),
+    ({"data-path": "x", "split": "nan,1,1"}, _DATA_PATHS, [r": split 'nan,1,1'", "finite"]),
+    ({"data-path": "x", "split": "1,-1,1"}, _DATA_PATHS, [r": split '1,-1,1'", ">= 0"]),
+    ({"train-data-paths": ["a", "b"], "train-data-weights": [1, -1]}, (), ["train_data_weights"]),
+    ({"train-data-paths": ["a"], "valid-data-paths": ["v"], "valid-data-weights": [0]}, (),
+     ["valid_data_weights"]),
 ])
 def test_neox_yaml_refusals_by_name(tmp_path, changes, drop, names):
     with pytest.raises(ConfigError) as e:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..values import check_split, check_weights, seed_option
 
 
 def register(sub) -> None:
@@ -105,7 +106,8 @@ def _add_order(sub) -> None:
     n.add_argument("--train-iters", type=int, help="derive num_samples as GPT-NeoX does: "
                                                    "ceil(iters*batch*weight*1.005) per prefix, or "
                                                    "iters*batch with --split")
-    p.add_argument("--seed", type=int, default=1234, help="GPT-NeoX's data seed (default 1234, Pythia's)")
+    p.add_argument("--seed", type=seed_option, default=1234,
+                   help="GPT-NeoX's data seed, 0 to 2**32 - 1 (default 1234, Pythia's)")
     p.add_argument("--batch", type=int, default=1024, help="global batch size (samples per step)")
     p.add_argument("--steps", required=True, help="A:B (steps A..B-1) or a single step A")
     p.add_argument("--weights", type=float, nargs="+", help="blend weights, one per prefix (default equal)")
@@ -145,6 +147,10 @@ def _parse_steps(text: str) -> range:
 def _build_order_dataset(args, limit: int):
     from .order import PreshuffledDataset, build_train_dataset
 
+    if args.weights is not None:
+        check_weights(args.weights, "--weights")
+    if args.split is not None:
+        check_split(args.split, "--split")
     if args.weights is not None and len(args.data_prefix) == len(args.weights) == 1 and not args.preshuffled:
         raise UserError(f"--weights {' '.join(map(str, args.weights))}: has no effect with one --data-prefix "
                         "(a blend of one dataset)")

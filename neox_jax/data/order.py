@@ -46,6 +46,7 @@ import numpy as np
 
 from .. import atomic
 from ..errors import UserError, one_line
+from ..values import check_split, check_weights
 from .indexed import IndexedDataset, strip_prefix
 
 _INT32_MAX = np.iinfo(np.int32).max
@@ -202,15 +203,8 @@ def _check_cached(paths, maps, n: int, n_doc_idx: int, n_items: int, sizes: np.n
 
 def train_valid_test_split(splits_string: str, size: int) -> list[int]:
     """NeoX's `get_train_valid_test_split_`: document boundaries [0, a, b, size] from e.g. "995,4,1"."""
-    sep = "," if "," in splits_string else "/" if "/" in splits_string else None
-    try:
-        splits = [float(s) for s in (splits_string.split(sep) if sep else [splits_string])]
-    except ValueError:
-        raise UserError(f"--split {splits_string!r}: expected numbers like 995,4,1") from None
-    splits = (splits + [0.0, 0.0])[:3]
+    splits = check_split(splits_string, "--split")
     total = sum(splits)
-    if total <= 0:
-        raise UserError(f"--split {splits_string!r}: weights must sum to a positive number")
     index = [0]
     for s in (x / total for x in splits):
         index.append(index[-1] + int(round(s * float(size))))
@@ -220,9 +214,8 @@ def train_valid_test_split(splits_string: str, size: int) -> list[int]:
 
 def weighted_num_samples(weights: Sequence[float], num_samples: int) -> tuple[list[float], list[int]]:
     """NeoX's `get_normalized_weights_and_num_samples`: w/sum(w), ceil(num_samples * w * 1.005)."""
+    weights = check_weights(weights, "dataset weights")
     total = sum(weights)
-    if total <= 0:
-        raise UserError("dataset weights must sum to a positive number")
     norm = [w / total for w in weights]
     return norm, [int(math.ceil(num_samples * w * 1.005)) for w in norm]
 

@@ -24,8 +24,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from ..config import ConfigError, ModelConfig, _yaml_problem, load_config
+from ..config import ConfigError, ModelConfig, _read_text, _yaml_problem, load_config
 from ..config import from_dict as model_from_dict
+from ..values import check_float, check_seed, check_split, check_weights
 
 SCHEDULES = ("neox_2022", "neox_2023")
 DECAY_STYLES = ("cosine", "linear", "exponential", "constant")
@@ -48,13 +49,14 @@ def _load_yaml(text: str) -> Any:
 
 
 def _check_fields(obj) -> None:
-    """Type-check a section's fields (ints are not bools, floats accept ints, tuples from lists)."""
+    """Type-check a section's fields (ints are not bools, floats accept ints and must be finite, tuples from
+    lists)."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         v, t = getattr(obj, f.name), hints[f.name]
         name = f"{_SECTION_OF[type(obj)]}.{f.name}"
-        if t is float and isinstance(v, int) and not isinstance(v, bool):
-            object.__setattr__(obj, f.name, float(v))
+        if t is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+            object.__setattr__(obj, f.name, check_float(v, name))  # not NaN or infinite
         elif typing.get_origin(t) is tuple:
             if isinstance(v, (str, int, float)) and not isinstance(v, bool):
                 v = (v,)
@@ -62,9 +64,9 @@ def _check_fields(obj) -> None:
                 raise ConfigError(f"{name} must be a list, got {v!r}")
             item = typing.get_args(t)[0]
             conv = []
-            for x in v:
-                if item is float and isinstance(x, int) and not isinstance(x, bool):
-                    x = float(x)
+            for i, x in enumerate(v):
+                if item is float and isinstance(x, (int, float)) and not isinstance(x, bool):
+                    x = check_float(x, f"{name}[{i}]")
                 if not isinstance(x, item) or isinstance(x, bool):
                     raise ConfigError(f"{name} must be a list of {item.__name__}, got {v!r}")
                 conv.append(x)
@@ -136,6 +138,11 @@ class DataConfig:
                                                     "with data.path the valid split comes from data.split")
         _need(self.seq_length >= 2, f"data.seq_length must be >= 2, got {self.seq_length}")
         _need(self.eod_id >= 0, "data.eod_id must be >= 0")
+        check_seed(self.seed, "data.seed")
+        check_split(self.split, "data.split")
+        for key in ("train_weights", "valid_weights"):
+            if getattr(self, key):
+                check_weights(getattr(self, key), f"data.{key}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +204,7 @@ class TrainConfig:
     def __post_init__(self):
         _check_fields(self)
         _need(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        check_seed(self.seed, "train.seed")
         _need(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size and grad_accum must be >= 1")
         _need(self.batch_size % self.grad_accum == 0,
               f"train.batch_size {self.batch_size} is not divisible by train.grad_accum {self.grad_accum}")
@@ -367,7 +375,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
-        raw = _load_yaml(p.read_text())
+        raw = _load_yaml(_read_text(p))
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config ({e.strerror})") from None
     except yaml.YAMLError as e:

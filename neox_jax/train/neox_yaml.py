@@ -24,7 +24,7 @@ import logging
 from typing import Any, Mapping
 
 from ..config import _NEOX_MATH_ALLOWED, _NEOX_READ, ConfigError, from_neox_yaml
-from ..values import Fields
+from ..values import Fields, check_seed, check_split, check_weights
 
 log = logging.getLogger(__name__)
 
@@ -192,11 +192,12 @@ def run_config_from_neox(raw: Mapping[str, Any], *, where: str = "neox config",
     else:
         raise ConfigError(f"{where}: no train_batch_size; the global batch is micro-batch x "
                           "gradient_accumulation_steps x data-parallel devices, which needs the mesh")
+    seed = check_seed(f.int("seed", 1234), f.name("seed"))
     train = {
         "steps": f.int("train_iters"),
         "batch_size": batch,
         "grad_accum": gas,
-        "seed": f.int("seed", 1234),
+        "seed": seed,
         "eval_every": f.int("eval_interval", 1000),
         "eval_steps": f.int("eval_iters", 100),
     }
@@ -204,21 +205,24 @@ def run_config_from_neox(raw: Mapping[str, Any], *, where: str = "neox config",
         train["log_every"] = f.int("log_interval")
 
     data: dict[str, Any] = {"seq_length": f.int("seq_length", 0, nullable=True) or model.max_position_embeddings,
-                            "seed": f.int("seed", 1234),
+                            "seed": seed,
                             "mask_eod_loss": f.bool("eod_mask_loss", False)}
     if d.get("train_data_paths"):
         data["train_paths"] = list(d["train_data_paths"])
         if d.get("train_data_weights"):
-            data["train_weights"] = f.list("train_data_weights", float)
+            data["train_weights"] = check_weights(f.list("train_data_weights", float), f.name("train_data_weights"))
         if d.get("valid_data_paths"):
             data["valid_paths"] = list(d["valid_data_paths"])
             if d.get("valid_data_weights"):
-                data["valid_weights"] = f.list("valid_data_weights", float)
+                data["valid_weights"] = check_weights(f.list("valid_data_weights", float),
+                                                      f.name("valid_data_weights"))
     elif d.get("data_path"):
         data["path"] = str(d["data_path"])
         data["split"] = str(d.get("split", "969, 30, 1"))
     elif "split" in d:
         data["split"] = str(d["split"])
+    if "split" in data:
+        check_split(data["split"], f.name("split"))
     # neither data_path nor train_data_paths (GPT-NeoX's configs/pythia/*.yml leave them to
     # local_setup.yml): `--set data.path=...` or `--set data.train_paths=[...]` may still give them;
     # DataConfig refuses the run if nothing does.

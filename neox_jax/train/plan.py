@@ -44,6 +44,7 @@ also given as GPU/TPU would move them: scaled by that module's ratio of real to 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tempfile
 import time
@@ -149,12 +150,19 @@ def crosses_nodes(line: str, node_of: Sequence[int]) -> bool | None:
 def parse_size(text: str) -> int:
     """'80GiB' / '80 GB' / '16e9' -> bytes (GiB = 2^30, GB = 10^9)."""
     m = re.fullmatch(r"\s*([\d.]+(?:e\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.I)
-    if not m:
+    try:
+        number = float(m.group(1)) if m else None
+    except ValueError:  # '1.2.3'
+        number = None
+    if number is None:
         raise UserError(f"--device-memory {text!r}: expected a size such as 80GiB, 96GB or 16e9")
     unit = (m.group(2) or "B").upper()
     mult = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(float(m.group(1)) * mult)
+    size = number * mult
+    if not 1 <= size < math.inf:
+        raise UserError(f"--device-memory {text!r}: must be a finite size of at least one byte")
+    return int(size)
 
 
 def _shape_bytes(text: str, async_start: bool = False) -> int:
