@@ -7,11 +7,14 @@ tokens 0..W-1; every later window predicts the next (up to W) unscored tokens, e
 preceding context as fits (the W tokens just before it).  Every token is scored exactly once.
 
 Windows are right-padded to a few bucket lengths and batched; with a causal mask the padding never
-influences real positions, so no padding mask is needed.
+influences real positions, so no padding mask is needed.  A batch holds `batch_size` rows, or as many
+as there are windows when they are fewer (chosen once per run: each shape compiles once); XLA or NumPy
+running out of memory for one is a one-line error asking for a smaller --batch-size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -50,6 +53,38 @@ def check_batch_size(batch_size: int, option: str = "--batch-size") -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"{option} {batch_size}: must be at least 1")
     return batch_size
+
+
+def check_scorable(docs: Sequence[Sequence[int]], source: str) -> None:
+    """Refuse documents with no token to score (each has fewer than 2 tokens, or there are none)."""
+    if not docs:
+        raise UserError(f"{source}: nothing to score (no documents)")
+    if all(len(d) < 2 for d in docs):
+        raise UserError(f"{source}: nothing to score (every document has fewer than 2 tokens)")
+
+
+def batch_rows(batch_size: int, n: int) -> int:
+    """Rows of every batch of a run of `n` rows: `batch_size`, or `n` when fewer (never padding beyond the
+    work: a short input at --batch-size 2048 would allocate and score 2048 rows)."""
+    return max(1, min(batch_size, n))
+
+
+@contextlib.contextmanager
+def out_of_memory(batch_size: int, rows: int, length: int, what: str = "windows"):
+    """A batch too big for the device (XLA's RESOURCE_EXHAUSTED) or the host (MemoryError) as one
+    UserError line asking for a smaller --batch-size; any other error passes unchanged."""
+    try:
+        yield
+    except MemoryError:
+        kind = "MemoryError"
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        kind = "RESOURCE_EXHAUSTED"
+    else:
+        return
+    raise UserError(f"--batch-size {batch_size}: out of memory scoring {rows} {what} of {length} tokens "
+                    f"at once ({kind}); try a smaller --batch-size")
 
 
 def rolling_windows(doc: int, tokens: Sequence[int], W: int) -> Iterator[Window]:
@@ -140,15 +175,17 @@ def score_continuations(
     scorer = make_greedy_scorer(cfg)
     out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
     bar = _progress(len(rows), progress, "loglikelihood")
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
+    B = batch_rows(batch_size, len(rows))
+    for s in range(0, len(order), B):
+        idx = order[s : s + B]
         L = _bucket(len(rows[idx[0]][0]), W)
-        inp = np.zeros((batch_size, L), np.int32)
-        tgt = np.zeros((batch_size, L), np.int32)
-        for r, j in enumerate(idx):
-            inp[r, : len(rows[j][0])] = rows[j][0]
-            tgt[r, : len(rows[j][1])] = rows[j][1]
-        lp, greedy = (np.asarray(x) for x in scorer(params, jnp.asarray(inp), jnp.asarray(tgt)))
+        with out_of_memory(batch_size, B, L, "requests"):
+            inp = np.zeros((B, L), np.int32)
+            tgt = np.zeros((B, L), np.int32)
+            for r, j in enumerate(idx):
+                inp[r, : len(rows[j][0])] = rows[j][0]
+                tgt[r, : len(rows[j][1])] = rows[j][1]
+            lp, greedy = (np.asarray(x) for x in scorer(params, jnp.asarray(inp), jnp.asarray(tgt)))
         for r, j in enumerate(idx):
             n, k = len(rows[j][0]), rows[j][2]
             out[j] = (float(np.sum(lp[r, n - k : n], dtype=np.float64)), bool(np.all(greedy[r, n - k : n])))
@@ -184,16 +221,18 @@ def score_documents(
     order = sorted(range(len(windows)), key=lambda j: _bucket(len(windows[j].inputs), W))
     bar = _progress(len(windows), progress, "score")
     results: dict[int, np.ndarray] = {}
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
+    B = batch_rows(batch_size, len(windows))
+    for s in range(0, len(order), B):
+        idx = order[s : s + B]
         L = max(_bucket(len(windows[j].inputs), W) for j in idx)
-        inp = np.zeros((batch_size, L), np.int32)
-        tgt = np.zeros((batch_size, L), np.int32)
-        for r, j in enumerate(idx):
-            w = windows[j]
-            inp[r, : len(w.inputs)] = w.inputs
-            tgt[r, : len(w.targets)] = w.targets
-        lp = np.asarray(scorer(params, jnp.asarray(inp), jnp.asarray(tgt)))
+        with out_of_memory(batch_size, B, L):
+            inp = np.zeros((B, L), np.int32)
+            tgt = np.zeros((B, L), np.int32)
+            for r, j in enumerate(idx):
+                w = windows[j]
+                inp[r, : len(w.inputs)] = w.inputs
+                tgt[r, : len(w.targets)] = w.targets
+            lp = np.asarray(scorer(params, jnp.asarray(inp), jnp.asarray(tgt)))
         for r, j in enumerate(idx):
             w = windows[j]
             results[j] = lp[r, len(w.targets) - w.keep : len(w.targets)]

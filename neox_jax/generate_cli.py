@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .config import FLOAT_DTYPES, RUN_DTYPES
 from .errors import UserError
-from .jsonl import read_jsonl
+from .jsonl import check_utf8, read_jsonl
+from .values import seed_option
 
 
 def register(sub) -> None:
@@ -32,7 +33,8 @@ def register(sub) -> None:
                    help="0 (default) means greedy (--top-k/--top-p need a temperature > 0)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (each prompt draws from its own stream)")
+    p.add_argument("--seed", type=seed_option, default=0,
+                   help="sampling seed, 0 to 2**32 - 1 (each prompt draws from its own stream)")
     p.add_argument("--stop", action="extend", nargs="+", default=[], metavar="STR",
                    help="stop strings: the completion ends before the first one")
     p.add_argument("--ignore-eod", action="store_true", help="do not stop at the end-of-document token")
@@ -128,6 +130,7 @@ def _run_generate(args):
     elif args.prompt is not None:
         if not args.prompt:
             raise UserError("--prompt is empty")
+        check_utf8(args.prompt, "--prompt", from_bytes=True)
         texts, prompts = [args.prompt], [tok.encode(args.prompt)]
     if args.input:
         from .checkpoint import read_config
@@ -202,6 +205,16 @@ class _Streamer:
             self.shown = len(text)
 
 
+def _stdin_line() -> str:
+    """The next line of standard input ('' at its end), read as bytes where it has them: a line that is
+    not UTF-8 comes back with its bad bytes as PEP 383 escapes (for `check_utf8` to name), whatever the
+    locale's error handler, and never stops the reading of the lines after it."""
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a text stream without bytes below it (io.StringIO)
+        return sys.stdin.readline()
+    return raw.readline().decode("utf-8", "surrogateescape")
+
+
 def _interactive(gen, tok, kw):
     tty = sys.stdin.isatty()
     seed = kw.pop("seed")
@@ -209,17 +222,17 @@ def _interactive(gen, tok, kw):
         kw["seed"] = seed + turn  # a new stream of random numbers per prompt
         if tty:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        line = _stdin_line()
         if not line:
             break
         prompt = line.rstrip("\n")
         if not prompt:
             continue
-        ids = tok.encode(prompt)
         streamer = _Streamer(tok, kw["stop_strings"])
         try:
+            ids = tok.encode(check_utf8(prompt, "prompt 0", from_bytes=True))
             result = gen.generate([ids], batch_size=1, on_token=streamer, **kw)[0]
-        except UserError as e:  # a prompt the model cannot take (too long, ...): say so, keep the session
+        except UserError as e:  # a prompt that is not UTF-8 or too long, ...: say so, keep the session
             why = str(e).removeprefix("prompt 0: ")
             print(f"neox-jax: skipped input line {turn + 1}: {why}", file=sys.stderr)
             continue

@@ -410,6 +410,18 @@ def symlinked_run_dir(d: Path) -> Path:
     return d / "r"
 
 
+def order(fx, *extra: str, prefixes: int = 1) -> list[str]:
+    """`data order` over the fixture dataset (`prefixes` times: a blend), steps 0, without cached maps."""
+    return ["data", "order", "--data-prefix", *[str(fx["ds"])] * prefixes, "--seq-length", "16", "--num-samples",
+            ",".join(["10"] * prefixes), "--steps", "0", "--batch", "1", "--no-cache", *extra]
+
+
+def blend_set(fx, weights: str) -> list[str]:
+    """--set items turning the fixture run into a blend of the dataset with itself, with these weights."""
+    return ["--set", "data.path=''", "--set", f"data.train_paths=[{fx['ds']}, {fx['ds']}]", "--set",
+            f"data.train_weights={weights}"]
+
+
 def file_parent(d: Path, name: str) -> Path:
     (d / "afile").write_text("not a directory")
     return d / "afile" / name
@@ -722,6 +734,38 @@ CASES = [
                                            S(symlinked_file(d, "r.json")), "--overwrite"], ["r.json", "symbolic link"]),
     ("eval-output-unwritable", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(fx["docs"]), "--output",
                                               S(file_parent(d, "r.json"))], ["afile"]),
+    # ---- a JSON "\\ud800" escape (valid JSON, json.dumps writes one) or argv bytes that are not UTF-8 (Python
+    # carries them as lone surrogates): no tokenizer takes the text
+    ("score-text-lone-surrogate", lambda fx, d: ["score", S(fx["ck"]), "--input", S(lines(
+        d, "in.jsonl", {"text": "ok"}, {"text": "a\ud800b"})), "--tokenizer", S(fx["tok"])],
+     ["in.jsonl:2", "'text'", "unpaired surrogate"]),
+    ("eval-perplexity-lone-surrogate", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(lines(
+        d, "in.jsonl", {"text": "a\udfffb"})), "--tokenizer", S(fx["tok"]), "--output", S(d / "r.json")],
+     ["in.jsonl:1", "'text'", "unpaired surrogate"]),
+    ("eval-lambada-lone-surrogate", lambda fx, d: ["eval", S(fx["ck"]), "--lambada", S(lines(
+        d, "l.jsonl", {"text": "hello a\ud800b world"})), "--tokenizer", S(fx["tok"]), "--output", S(d / "r.json")],
+     ["l.jsonl:1", "'text'", "unpaired surrogate"]),
+    ("generate-input-lone-surrogate", lambda fx, d: ["generate", S(fx["ck"]), "--input", S(lines(
+        d, "p.jsonl", {"prompt_tokens": [1, 2]}, {"prompt": "a\ud800b"})), "--tokenizer", S(fx["tok"]),
+        "--output", S(d / "o.jsonl")], ["p.jsonl:2", "'prompt'", "unpaired surrogate"]),
+    ("generate-prompt-not-utf8", lambda fx, d: ["generate", S(fx["ck"]), "--prompt",
+                                                os.fsdecode(b"ab\xff\xfe"), "--tokenizer", S(fx["tok"])],
+     ["--prompt", "not UTF-8", "byte 0xff at offset 2"]),
+    # ---- eval --perplexity with no token to score is refused, as score refuses it
+    ("eval-perplexity-empty-jsonl", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(write(d, "in.jsonl", b"")),
+                                                   "--output", S(d / "r.json")], ["in.jsonl", "nothing to score"]),
+    ("eval-perplexity-empty-txt", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(write(d, "in.txt", b"")),
+                                                 "--tokenizer", S(fx["tok"]), "--output", S(d / "r.json")],
+     ["in.txt", "nothing to score"]),
+    ("eval-perplexity-no-tokens", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity",
+                                                 S(lines(d, "in.jsonl", {"tokens": []})), "--output", S(d / "r.json")],
+     ["in.jsonl", "nothing to score"]),
+    ("eval-perplexity-one-token", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(lines(
+        d, "in.jsonl", {"tokens": [5]}, {"tokens": []})), "--output", S(existing(d, "r.json")), "--overwrite"],
+     ["in.jsonl", "nothing to score"]),
+    ("eval-perplexity-blank-text", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity", S(lines(
+        d, "in.jsonl", {"text": "   "})), "--tokenizer", S(fx["tok"]), "--output", S(d / "r.json")],
+     ["in.jsonl", "nothing to score"]),
     # ---- init
     ("init-bool-as-string", lambda fx, d: ["init", S(REPO / "configs" / "tiny.yaml"), S(d / "ck"), "--set",
                                            "model.scan_layers=maybe"], ["scan_layers"]),
@@ -830,6 +874,55 @@ CASES = [
                                                 S(lines(d, "in.jsonl", {"text": ""}, ["a list"])), "--output",
                                                 S(d / "t.model"), "--vocab-size", "300"],
      ["in.jsonl", "no document"]),
+    # ---- found by the validation audit: seeds, split and blend weights, non-finite floats, model YAML
+    ("order-seed-negative", lambda fx, d: order(fx, "--seed", "-1"), ["--seed", "-1", "2**32 - 1"]),
+    ("order-seed-above-2-32", lambda fx, d: order(fx, "--seed", "4294967296"), ["--seed", "4294967296"]),
+    ("init-seed-huge", lambda fx, d: ["init", S(REPO / "configs" / "tiny.yaml"), S(d / "ck"), "--seed",
+                                      "99999999999999999999999"], ["init", "--seed", "99999999999999999999999"]),
+    ("generate-seed-huge", lambda fx, d: ["generate", S(fx["ck"]), "--input",
+                                          S(lines(d, "p.jsonl", {"prompt_tokens": [1, 2]})), "--max-new-tokens", "2",
+                                          "--temperature", "1", "--seed", "99999999999999999999999"],
+     ["generate", "--seed", "99999999999999999999999"]),
+    ("train-data-seed-negative", lambda fx, d: ["train", S(fx["run"]), "--run-dir", S(d / "r"), "--set",
+                                                "data.seed=-1"], ["run.yaml", "data.seed", "-1"]),
+    ("train-seed-huge", lambda fx, d: ["train", S(fx["run"]), "--run-dir", S(d / "r"), "--set",
+                                       "train.seed=99999999999999999999999"], ["run.yaml", "train.seed"]),
+    ("order-split-nan", lambda fx, d: order(fx, "--split", "nan,1,1"), ["--split 'nan,1,1'", "finite"]),
+    ("order-split-inf", lambda fx, d: order(fx, "--split", "inf,1,1"), ["--split 'inf,1,1'", "finite"]),
+    ("order-split-negative", lambda fx, d: order(fx, "--split=-1,2,3"), ["--split '-1,2,3'", ">= 0"]),
+    ("order-weights-nan", lambda fx, d: order(fx, "--weights", "nan", "1", prefixes=2), ["--weights", "nan"]),
+    ("order-weights-negative", lambda fx, d: order(fx, "--weights", "-1", "2", prefixes=2),
+     ["--weights", "-1.0", ">= 0"]),
+    ("eval-split-nan", lambda fx, d: ["eval", S(fx["ck"]), "--data-prefix", S(fx["ds"]), "--split", "nan,1,1",
+                                      "--output", S(d / "r.json")], ["--split 'nan,1,1'", "finite"]),
+    ("train-split-nan", lambda fx, d: ["train", S(fx["run"]), "--run-dir", S(d / "r"), "--set", "data.split=nan,1,1"],
+     ["run.yaml", "data.split 'nan,1,1'"]),
+    ("train-split-negative", lambda fx, d: ["train", S(fx["run"]), "--run-dir", S(d / "r"), "--set",
+                                            "data.split=-1,2,3"], ["run.yaml", "data.split '-1,2,3'", ">= 0"]),
+    ("train-weights-nan", lambda fx, d: ["train", S(fx["run"]), "--run-dir", S(d / "r"), *blend_set(fx, "[.nan, 1]")],
+     ["run.yaml", "data.train_weights", "nan"]),
+    ("train-weights-negative", lambda fx, d: ["train", S(fx["run"]), "--run-dir", S(d / "r"),
+                                              *blend_set(fx, "[-1, 2]")], ["run.yaml", "data.train_weights", ">= 0"]),
+    ("train-neox-yaml-split-inf", lambda fx, d: ["train", S(neox_train_cfg(fx, d, split="inf,1,1")), "--run-dir",
+                                                 S(d / "r")], ["neox.yml", "split 'inf,1,1'"]),
+    ("train-lr-inf", lambda fx, d: ["train", S(fx["run"]), "--run-dir", S(d / "r"), "--set", "optimizer.lr=.inf"],
+     ["run.yaml", "optimizer.lr", "finite"]),
+    ("train-weight-decay-inf", lambda fx, d: ["train", S(fx["run"]), "--run-dir", S(d / "r"), "--set",
+                                              "optimizer.weight_decay=.inf"], ["run.yaml", "optimizer.weight_decay"]),
+    ("init-config-not-utf8", lambda fx, d: ["init", S(write(d, "m.yaml", b"model: {vocab_size: 64, hidden_size: 8, "
+                                                                  b"num_layers: 1, num_heads: 2}\n# \xff\xfe\n")),
+                                            S(d / "ck")], ["m.yaml", "UTF-8"]),
+    ("train-config-not-utf8", lambda fx, d: ["train", S(write(d, "run.yaml", fx["run"].read_bytes() + b"# \xff\n")),
+                                             "--run-dir", S(d / "r")], ["run.yaml", "UTF-8"]),
+    ("init-model-not-a-mapping", lambda fx, d: ["init", S(model_yaml(d, "model: 5\n")), S(d / "ck")],
+     ["m.yaml", "model must be a mapping", "5"]),
+    ("init-init-std-negative", lambda fx, d: ["init", S(REPO / "configs" / "tiny.yaml"), S(d / "ck"), "--set",
+                                              "model.init_std=-1"], ["init_std", "positive"]),
+    ("init-tokenizer-vocab-size-negative", lambda fx, d: ["init", S(REPO / "configs" / "tiny.yaml"), S(d / "ck"),
+                                                          "--set", "model.tokenizer_vocab_size=-1"],
+     ["tokenizer_vocab_size", ">= 0"]),
+    ("plan-device-memory-zero", lambda fx, d: ["plan", S(fx["run"]), "--devices", "8", "--device-memory", "0GB"],
+     ["--device-memory '0GB'"]),
     # ---- an option typed where it has no effect (even at its default value): refused, naming both
     ("score-overwrite-without-output", lambda fx, d: ["score", S(fx["ck"]), "--input", S(fx["docs"]), "--overwrite"],
      ["score: --overwrite", "without --output"]),

@@ -161,3 +161,90 @@ def test_score_txt_input_skips_a_utf8_bom(tmp_path, neox_tokenizer_path):
     tokens, n_bytes = _read_documents(str(tmp_path / "bom.txt"), str(neox_tokenizer_path))
     ids = Tokenizer.from_file(str(neox_tokenizer_path)).encode(text).ids
     assert tokens == [ids] and n_bytes == len(text.encode("utf-8"))
+
+
+def test_score_text_surrogate_escapes(tmp_path, model_and_params, neox_tokenizer_path, capsys):
+    """JSON's surrogate escapes: a pair ("\\ud83d\\ude00", json.dumps' spelling of U+1F600) is the character
+    and scores as the tokenizers library encodes it; a lone one (valid JSON, but no text any tokenizer takes)
+    is one error line naming the file, line and key, before any work."""
+    from tokenizers import Tokenizer
+
+    from neox_jax.cli import _read_documents
+
+    _, cfg, params = model_and_params
+    pair = tmp_path / "pair.jsonl"
+    pair.write_text(json.dumps({"text": "smile \U0001F600 please"}) + "\n")
+    assert "\\ud83d\\ude00" in pair.read_text()
+    tokens, n_bytes = _read_documents(str(pair), str(neox_tokenizer_path))
+    assert tokens == [Tokenizer.from_file(str(neox_tokenizer_path)).encode("smile \U0001F600 please").ids]
+    assert n_bytes == len("smile \U0001F600 please".encode("utf-8"))
+    C.save_params(tmp_path / "ck", cfg, params)
+    lone = tmp_path / "lone.jsonl"
+    lone.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": "a\ud800b"}) + "\n")
+    capsys.readouterr()
+    assert main(["score", str(tmp_path / "ck"), "--input", str(lone), "--tokenizer", str(neox_tokenizer_path)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == [f"neox-jax: error: {lone}:2: 'text' holds an unpaired surrogate escape (not encodable as UTF-8)"]
+
+
+def test_batches_hold_no_more_rows_than_the_work(model_and_params, monkeypatch):
+    """A --batch-size above the number of windows (or requests) scores them in batches of that number, one
+    compiled shape per run, not padded to --batch-size (2048 rows for one short document took 11 GB): the
+    log-probs equal HF's and are the same numbers as a batch size of exactly that number gives."""
+    import neox_jax.evaluate as E
+
+    model, cfg, params = model_and_params
+    shapes = []
+
+    def spy(make):
+        def wrapped(cfg):
+            f = make(cfg)
+            return lambda p, inputs, targets: (shapes.append(inputs.shape), f(p, inputs, targets))[1]
+        return wrapped
+
+    monkeypatch.setattr(E, "make_scorer", spy(E.make_scorer))
+    monkeypatch.setattr(E, "make_greedy_scorer", spy(E.make_greedy_scorer))
+    rs = np.random.RandomState(3)
+    docs = [list(map(int, rs.randint(0, 300, n))) for n in (5, 2 * W + 3)]  # 1 + 3 windows
+    big = score_documents(cfg, params, docs, batch_size=4096)
+    assert {s[0] for s in shapes} == {4} and len(shapes) == 1, shapes
+    for d, lp in zip(docs, big):
+        assert np.max(np.abs(lp - hf_logprobs(model, d, W))) <= 1e-4
+    exact = score_documents(cfg, params, docs, batch_size=4)
+    assert all(np.array_equal(a, b) for a, b in zip(big, exact))
+    shapes.clear()
+    reqs = [(d[:-2], d[-2:]) for d in docs]
+    big = E.score_continuations(cfg, params, reqs, batch_size=4096)
+    assert [s[0] for s in shapes] == [2], shapes
+    assert big == E.score_continuations(cfg, params, reqs, batch_size=2)
+
+
+@pytest.mark.parametrize("command", ["score", "eval"])
+def test_out_of_memory_is_one_line(command, tmp_path, model_and_params, monkeypatch, capsys):
+    """XLA running out of memory for a batch (RESOURCE_EXHAUSTED, a multi-line JaxRuntimeError) is one error
+    line asking for a smaller --batch-size, and nothing is written."""
+    import jax
+
+    import neox_jax.evaluate as E
+
+    _, cfg, params = model_and_params
+    C.save_params(tmp_path / "ck", cfg, params)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"tokens": list(range(1, 40))}) + "\n")
+
+    def exhausted(cfg):
+        def score(params, inputs, targets):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                                             "68719476736 bytes.\nBufferAssignment OOM Debugging.\n...")
+        return score
+
+    monkeypatch.setattr(E, "make_scorer", exhausted)
+    out = tmp_path / "out.json"
+    argv = {"score": ["score", str(tmp_path / "ck"), "--input", str(inp)],
+            "eval": ["eval", str(tmp_path / "ck"), "--perplexity", str(inp)]}[command]
+    capsys.readouterr()
+    assert main(["-q", *argv, "--output", str(out), "--batch-size", "64"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("neox-jax: error: --batch-size 64: out of memory"), err
+    assert "RESOURCE_EXHAUSTED" in err[0] and "smaller --batch-size" in err[0], err
+    assert not out.exists()

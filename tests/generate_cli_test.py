@@ -145,3 +145,19 @@ def test_output_is_replaced_atomically(command, ckpt, tmp_path, neox_tokenizer_p
     assert synced[1].name.endswith(".tmp") and synced[1] != synced[0]  # a new name per operation
     first = json.loads(out.read_text()) if command == "eval" else json.loads(out.read_text().splitlines()[0])
     assert ("results" if command == "eval" else "completion") in first
+
+
+@pytest.mark.parametrize("errors", ["surrogateescape", "strict"])  # Python's stdin in a C/POSIX locale, others
+def test_interactive_line_not_utf8_is_skipped(errors, ckpt, neox_tokenizer_path, monkeypatch, capsys):
+    """A line of standard input that is not UTF-8 is refused on one line naming its first bad byte, whatever
+    the locale's error handler; the session goes on with the next line, completed as --prompt completes it."""
+    base = ["-q", "generate", str(ckpt), "--max-new-tokens", "4", "--tokenizer", str(neox_tokenizer_path)]
+    assert main(base + ["--prompt", "Hello there"]) == 0
+    expected = capsys.readouterr().out
+    stdin = io.TextIOWrapper(io.BytesIO(b"hi\xff\xfe\nHello there\n"), encoding="utf-8", errors=errors)
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert main(base + ["--interactive"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == expected
+    err = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert err == ["neox-jax: skipped input line 1: not UTF-8 (byte 0xff at offset 2)"], err

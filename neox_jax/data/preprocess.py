@@ -47,7 +47,7 @@ import numpy as np
 
 from ..atomic import test_pause
 from ..errors import UserError
-from ..jsonl import BOM, read_text, zst_lines
+from ..jsonl import BOM, SURROGATE, read_text, zst_lines
 from .indexed import IndexedDatasetWriter, best_fitting_dtype, strip_prefix
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -116,8 +116,7 @@ def _read_jsonl(path: Path, raw, stream, key: str, strict: bool,
                         f"{start + e.start})", strict)
             continue
         except UnicodeEncodeError:
-            _bad(stats, f"{path}: line {lineno} (offset {start}): text holds an unpaired surrogate "
-                        "escape (not encodable as UTF-8)", strict)
+            _bad(stats, f"{path}: line {lineno} (offset {start}): text {SURROGATE}", strict)
             continue
         except ValueError as e:
             _bad(stats, f"{path}: line {lineno} (offset {start}): {e}", strict)

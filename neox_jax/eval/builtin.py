@@ -78,12 +78,24 @@ def lambada(cfg: ModelConfig, params, tok, path: str | Path, *, batch_size: int 
     }
 
 
-def document_perplexity(cfg: ModelConfig, params, path: str | Path, tokenizer_path: str | None, *,
-                        batch_size: int = 8, window: int | None = None, progress: bool = False) -> dict:
+def perplexity_documents(path: str | Path, tokenizer_path: str | None) -> tuple[list[list[int]], int | None]:
+    """`--perplexity FILE`'s documents as token ids and, when every one came as text, their UTF-8 bytes
+    (as `score --input`'s); refused, as `score` refuses it, when no document has a token to score."""
     from ..cli import _read_documents
-    from ..evaluate import score_documents, summarize
+    from ..evaluate import check_scorable
 
     docs, n_bytes = _read_documents(str(path), tokenizer_path)
+    check_scorable(docs, str(path))
+    return docs, n_bytes
+
+
+def document_perplexity(cfg: ModelConfig, params, path: str | Path, tokenizer_path: str | None, *,
+                        batch_size: int = 8, window: int | None = None, progress: bool = False,
+                        documents: tuple[list[list[int]], int | None] | None = None) -> dict:
+    """Perplexity of `path`'s documents (`documents`: what `perplexity_documents` read from it already)."""
+    from ..evaluate import score_documents, summarize
+
+    docs, n_bytes = documents if documents is not None else perplexity_documents(path, tokenizer_path)
     lps = score_documents(cfg, params, docs, batch_size=batch_size, window=window, progress=progress,
                           source=str(path))
     return {"file": str(path), **summarize(lps, n_bytes)}
@@ -133,7 +145,7 @@ def indexed_perplexity(cfg: ModelConfig, params, prefix: str, *, split: str | No
     from tqdm import tqdm
 
     from ..data.indexed import IndexedDataset
-    from ..evaluate import make_scorer
+    from ..evaluate import batch_rows, make_scorer, out_of_memory
 
     S = seq_length or cfg.max_position_embeddings
     if S < 1 or S > cfg.max_position_embeddings:
@@ -148,12 +160,15 @@ def indexed_perplexity(cfg: ModelConfig, params, prefix: str, *, split: str | No
         raise UserError(f"{prefix}: token id {int(bad[0])} outside the vocabulary [0, {cfg.vocab_size})")
     scorer = make_scorer(cfg)
     total, count = 0.0, 0
-    for s in tqdm(range(0, len(samples), batch_size), disable=not progress, desc="perplexity", unit="batch"):
-        chunk = samples[s : s + batch_size]
+    B = batch_rows(batch_size, len(samples))  # never more rows than samples
+    for s in tqdm(range(0, len(samples), B), disable=not progress, desc="perplexity", unit="batch"):
+        chunk = samples[s : s + B]
         rows = len(chunk)
-        if rows < batch_size:  # one compiled shape: pad the last batch with copies, not counted
-            chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - rows, axis=0)])
-        lp = np.asarray(scorer(params, jnp.asarray(chunk[:, :-1]), jnp.asarray(chunk[:, 1:])), np.float64)[:rows]
+        if rows < B:  # one compiled shape: pad the last batch with copies, not counted
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], B - rows, axis=0)])
+        with out_of_memory(batch_size, B, S, "samples"):
+            lp = scorer(params, jnp.asarray(chunk[:, :-1]), jnp.asarray(chunk[:, 1:]))
+            lp = np.asarray(lp, np.float64)[:rows]
         total += float(lp.sum())
         count += lp.size
     return {

@@ -97,6 +97,10 @@ def _run_eval(args):
         from ..data.indexed import IndexedDataset
 
         IndexedDataset(args.data_prefix)  # a missing or broken dataset fails before the model loads
+        if args.split is not None:
+            from ..values import check_split
+
+            check_split(args.split, "--split")
     from ..checkpoint import read_config
     from ..evaluate import check_window
 
@@ -104,6 +108,8 @@ def _run_eval(args):
     check_window(args.context, model_cfg)
     if args.seq_length is not None:
         check_window(args.seq_length, model_cfg, "--seq-length")
+    # --perplexity's documents are read (and refused when there is nothing to score) before the model loads
+    documents = builtin.perplexity_documents(args.perplexity, args.tokenizer) if args.perplexity else None
     harness = manager = None
     if args.tasks:
         try:
@@ -124,7 +130,7 @@ def _run_eval(args):
         if args.perplexity:
             results["perplexity"] = builtin.document_perplexity(cfg, params, args.perplexity, args.tokenizer,
                                                                 batch_size=args.batch_size, window=args.context,
-                                                                progress=progress)
+                                                                progress=progress, documents=documents)
         if args.data_prefix:
             results["indexed_perplexity"] = builtin.indexed_perplexity(
                 cfg, params, args.data_prefix, split=args.split, part=args.split_part, seq_length=args.seq_length,
