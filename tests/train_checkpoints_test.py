@@ -176,9 +176,10 @@ def test_restore_onto_other_meshes(reference):
             np.testing.assert_array_equal(a, b)
 
 
-def test_truncated_array_file_then_fallback_on_another_mesh(reference, tmp_path):
+def test_truncated_array_file_then_fallback_on_another_mesh(reference, tmp_path, caplog):
     """A truncated array file in the newest step: one line naming it, exit 2, nothing changed;
-    --resume-fallback takes step 4 and training continues, here on mesh (8, 1, 1)."""
+    --resume-fallback takes step 4 and training continues, here on mesh (8, 1, 1); the damaged
+    step 8 is moved aside (kept, logged) and the retrained step 8 saved in its place, readable."""
     run_dir, cfg = reference
     r = _copy_run(run_dir, tmp_path / "r", keep_steps={4, 8})
     files = sorted((r / "checkpoints" / "8" / "params").rglob("d/*"), key=lambda p: -p.stat().st_size)
@@ -197,11 +198,28 @@ def test_truncated_array_file_then_fallback_on_another_mesh(reference, tmp_path)
     assert msg.startswith(f"{victim}: ") and "unreadable (OUT_OF_RANGE" in msg, msg  # the truncated file
     assert (r / "metrics.jsonl").read_text() == before
     raw["mesh"] = {"data": 8, "fsdp": 1, "tensor": 1}
-    out = train(from_sections(raw), r, resume_fallback=True)
+    truncated = victim.read_bytes()
+    with caplog.at_level("INFO", logger="neox_jax"):
+        out = train(from_sections(raw), r, resume_fallback=True)
     assert out["started_at"] == 4 and out["steps"] == STEPS
     # another mesh reduces in another order: equal to float32 rounding, not bit-for-bit
     np.testing.assert_allclose(losses(r), losses(run_dir), rtol=2e-5)
     assert losses(r)[:4] == losses(run_dir)[:4]
+    # the damaged step 8 was moved aside, untouched, and said so; step 8 was written anew
+    aside = r / "checkpoints" / "8.damaged"
+    assert (aside / victim.relative_to(r / "checkpoints" / "8")).read_bytes() == truncated
+    logged = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert f"moved aside to {aside.absolute()}" in logged and "not written again" not in logged, logged
+    assert out["checkpoint"] == str((r / "checkpoints" / "8").absolute())
+    assert tc.TrainCheckpoints(r / "checkpoints", read_only=True).steps() == [4, 8]
+    assert ckpt.resolve(r) == r / "checkpoints" / "8"
+    # the new step 8 reads, and holds the retrained parameters: next to the uninterrupted run's step 8
+    # (Adam on another mesh moves near-zero weights by rounding-sized amounts), far from its step 4
+    flat = lambda path: np.concatenate([np.ravel(x) for x in jax.tree.leaves(ckpt.load_params(path)[1])])  # noqa: E731
+    p8, ref8, ref4 = flat(r), flat(run_dir / "checkpoints" / "8"), flat(run_dir / "checkpoints" / "4")
+    assert np.linalg.norm(p8 - ref8) < 0.01 * np.linalg.norm(ref4 - ref8)
+    # and the run continues from it without --resume-fallback (nothing left to train)
+    assert train(from_sections(raw), r)["started_at"] == STEPS
 
 
 def test_sigkill_during_a_save(reference, tmp_path, caplog):

@@ -157,11 +157,12 @@ def test_non_finite_loss_stops_naming_the_step(corpus, tmp_path):
     assert not (tmp_path / "r" / "tensorboard").exists()
 
 
-@pytest.mark.parametrize("case", ["exists", "cudnn", "arch", "bad-set", "unknown-key", "no-data", "batch"])
+@pytest.mark.parametrize("case", ["exists", "cudnn", "arch", "bad-set", "unknown-key", "no-data", "batch",
+                                  "valid-too-small", "train-too-small", "vocab"])
 def test_errors_are_one_line(case, corpus, tmp_path):
     raw = raw_config(corpus, steps=2)
     args = []
-    expect = ""
+    expect = also = ""
     if case == "exists":
         (tmp_path / "r").mkdir()
         (tmp_path / "r" / "config.yaml").write_text("x: 1\n")
@@ -191,13 +192,52 @@ def test_errors_are_one_line(case, corpus, tmp_path):
         raw["train"]["batch_size"] = 6
         raw["train"]["grad_accum"] = 4
         expect = "not divisible by train.grad_accum"
+    elif case == "valid-too-small":  # the validation split of "2000,1,0" holds 15 samples of 65 tokens
+        raw["data"]["split"] = "2000,1,0"
+        expect = (f"{corpus}: the validation split (data.split '2000,1,0': documents [")
+        also = "has 15 samples of 65 tokens; train.eval_steps 2 x train.batch_size 8 need 16"
+    elif case == "train-too-small":  # and the training split of "1,2000,0" 15
+        raw["data"]["split"] = "1,2000,0"
+        expect = f"{corpus}: the training split (data.split '1,2000,0': documents [0, "
+        also = "has 15 samples of 65 tokens; train.steps 2 x train.batch_size 8 need 16"
+    elif case == "vocab":  # GPT-NeoX-20B token ids in a model of 512: refused before anything runs
+        raw["model"]["vocab_size"] = 512
+        raw["model"]["tokenizer_vocab_size"] = 0
+        data = IndexedDataset(corpus)  # an independent reader: the corpus does hold such ids
+        assert max(int(data[i].max()) for i in range(len(data))) >= 512
+        expect = f"{corpus}: token id "
+        also = " outside model.vocab_size 512"
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     before = sorted(p.name for p in tmp_path.iterdir())
     r = _cli("train", tmp_path / "run.yaml", "--run-dir", tmp_path / "r", *args)
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("neox-jax: error:")]
     assert r.returncode == 2 and len(err) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert expect in err[0], err[0]
+    assert expect in err[0] and also in err[0], err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing new written
+    if case in ("valid-too-small", "train-too-small", "vocab"):  # refused before compiling
+        assert "train step compiled" not in r.stderr, r.stderr
+    if case == "vocab":
+        assert int(err[0].split("token id ")[1].split()[0]) >= 512, err[0]
+
+
+def test_loader_checks_every_batch_for_token_ids_outside_the_vocabulary():
+    """A token id past the vocabulary in a later batch (or a negative one) is refused when the
+    loader produces that batch, naming the source; without vocab_size nothing is checked."""
+    from neox_jax.data.loader import Loader
+    from neox_jax.errors import UserError
+
+    rows = np.zeros((6, 5), np.int32)
+    rows[3, 2] = 10  # global batch 1 (rows 2, 3) of batch size 2
+    rows[5, 0] = -1  # global batch 2
+    with Loader(rows, 2, process_index=0, process_count=1, vocab_size=10, source="data/x") as ld:
+        assert next(ld)["tokens"].max() == 0
+        with pytest.raises(UserError, match=r"^data/x: token id 10 outside model.vocab_size 10$"):
+            next(ld)
+    with Loader(rows, 2, start_step=2, process_index=0, process_count=1, vocab_size=10, source="data/x") as ld:
+        with pytest.raises(UserError, match=r"^data/x: token id -1 outside model.vocab_size 10$"):
+            next(ld)
+    with Loader(rows, 2, process_index=0, process_count=1) as ld:
+        assert [int(b["tokens"].max()) for b in ld] == [0, 10, 0]
 
 
 def test_gpt_neox_yaml_trains(corpus, tmp_path):

@@ -23,6 +23,11 @@ Batches are dicts of NumPy arrays: `tokens` int32 [B/H, S+1] (inputs `tokens[:, 
 `tokens[:, 1:]`), and with `segment_ids=True` also `segment_ids` int32 [B/H, S+1]: 1 + the number of
 EOD tokens before each position in the row, so every document (ending with its EOD) is one segment,
 for per-document attention.  NeoX itself trains without segments (no per-document reset).
+
+Token range: with `vocab_size`, every batch is checked on the host as it is produced (a min and a
+max over the batch, negligible next to reading it): a token id outside [0, vocab_size) is a
+UserError naming `source` and the id (`check_token_range`), where it would otherwise index past
+the embedding and turn the loss into NaN.
 """
 
 from __future__ import annotations
@@ -64,16 +69,29 @@ def pack_documents(documents: Iterable[Iterable[int]], seq_length: int, eod_id: 
         buf = buf[start:]
 
 
+def check_token_range(tokens: np.ndarray, vocab_size: int, source: str,
+                      limit: str = "model.vocab_size") -> None:
+    """Refuse token ids outside [0, vocab_size): `SOURCE: token id N outside LIMIT V` (N the
+    largest id of the batch that is too large, else the smallest negative one)."""
+    if not tokens.size:
+        return
+    hi, lo = int(tokens.max()), int(tokens.min())
+    if hi >= vocab_size or lo < 0:
+        raise UserError(f"{source}: token id {hi if hi >= vocab_size else lo} outside {limit} {vocab_size}")
+
+
 class Loader:
     """Iterate this process's share of global batches `start_step, start_step + 1, ...` of `dataset`.
 
     `dataset`: anything with `__len__` and `__getitem__(i) -> int array [S+1]` (GPT2Dataset,
     BlendedDataset, PreshuffledDataset, a NumPy array of rows).  `process_index`/`process_count`
-    default to `jax.process_index()` / `jax.process_count()`."""
+    default to `jax.process_index()` / `jax.process_count()`.  `vocab_size`: check every batch's
+    token ids against it (`check_token_range`; `source` names the data in the error)."""
 
     def __init__(self, dataset, global_batch: int, *, start_step: int = 0, num_steps: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
-                 segment_ids: bool = False, eod_id: int = 0, prefetch: int = 4, num_threads: int = 2):
+                 segment_ids: bool = False, eod_id: int = 0, prefetch: int = 4, num_threads: int = 2,
+                 vocab_size: int | None = None, source: str = "dataset"):
         if process_index is None or process_count is None:
             import jax
 
@@ -89,6 +107,7 @@ class Loader:
         self.process_index, self.process_count = process_index, process_count
         self.local_batch = global_batch // process_count
         self.segment_ids, self.eod_id = segment_ids, eod_id
+        self.vocab_size, self.source = vocab_size, source
         available = len(dataset) // global_batch
         self.num_steps = available if num_steps is None else num_steps
         if self.num_steps > available:
@@ -106,6 +125,8 @@ class Loader:
         first = step * self.global_batch + self.process_index * self.local_batch
         tokens = np.stack([np.asarray(self.dataset[i], dtype=np.int32)
                            for i in range(first, first + self.local_batch)])
+        if self.vocab_size is not None:
+            check_token_range(tokens, self.vocab_size, self.source)
         out = {"tokens": tokens}
         if self.segment_ids:
             out["segment_ids"] = segment_ids_from_eod(tokens, self.eod_id)

@@ -35,7 +35,10 @@ are kept: the newest `keep_last` plus every multiple of `keep_every`.
 Reading (`TrainCheckpoints.restore`): every array is read straight into the sharding of the mesh
 asking for it, which may differ from the mesh that saved it (Orbax reads only the slices each
 device owns).  A damaged step (a truncated or unreadable array file) is a CheckpointError naming
-the file; with `--resume-fallback` the resume takes the newest older step that restores.
+the file; with `--resume-fallback` the resume takes the newest older step that restores, and the
+damaged newer steps are moved aside (`set_aside`: one rename each, to `STEP.damaged`, which no
+reader takes for a step) so that the retrained steps are saved in their place; nothing is deleted:
+a checkpoint that failed to restore for a passing reason (a file system hiccup) is still there.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from .. import atomic
 from .. import checkpoint as ckpt
 from ..checkpoint import CheckpointError
 from ..errors import UserError
@@ -169,6 +173,23 @@ class TrainCheckpoints:
 
     def step_dir(self, step: int) -> Path:
         return self.directory / str(step)
+
+    def set_aside(self, step: int) -> Path:
+        """Move the step directory of a checkpoint that cannot be restored out of the way (one
+        atomic rename to `STEP.damaged`, or `STEP.damaged-K` if that exists, fsynced), so that the
+        step can be saved again; returns where it went.  Process 0 only (the caller)."""
+        src = self.step_dir(step)
+        dst, k = self.directory / f"{step}.damaged", 1
+        while dst.exists() or dst.is_symlink():
+            dst, k = self.directory / f"{step}.damaged-{k}", k + 1
+        try:
+            with atomic.HeldSignals():
+                src.rename(dst)
+                atomic.fsync_path(self.directory)
+        except OSError as e:
+            raise CheckpointError(f"{src}: cannot move the damaged checkpoint aside to {dst} "
+                                  f"({e.strerror or e}); move or delete it, then resume again") from None
+        return dst
 
     # -- writing
 
@@ -409,13 +430,16 @@ def check_resumable(saved: RunConfig, run: RunConfig, where: str) -> None:
 def restore_latest(ckpts: TrainCheckpoints, run: RunConfig, abstract: TrainState, *,
                    fallback: bool = False) -> tuple[int, TrainState, dict]:
     """(step, state, loader state) of the newest complete checkpoint that restores; a damaged
-    newest one is an error unless `fallback`, which then takes the next older one (logged)."""
+    newest one is an error unless `fallback`, which then takes the next older one (logged) and
+    moves the damaged newer ones aside (`TrainCheckpoints.set_aside`; logged), so that the steps
+    trained again are saved in their place rather than skipped as existing."""
     if ckpts.incomplete:
         log.warning("%s: ignoring incomplete checkpoint(s) %s (a save was interrupted); removed",
                     ckpts.directory, ", ".join(ckpts.incomplete))
     steps = ckpts.steps()
     if not steps:
         raise UserError(f"{ckpts.directory}: no complete checkpoint to resume from")
+    damaged: list[int] = []
     for i, step in enumerate(reversed(steps)):
         where = str(ckpts.step_dir(step))
         check_resumable(ckpts.saved_run(step), run, where)
@@ -427,12 +451,32 @@ def restore_latest(ckpts: TrainCheckpoints, run: RunConfig, abstract: TrainState
                     len(steps) > 1 else ""
                 raise CheckpointError(f"{e}{hint}") from None
             log.warning("%s; falling back to the previous checkpoint", e)
+            damaged.append(step)
             continue
         if int(loader_state.get("step", -1)) != step or int(jax.device_get(state.step)) != step:
             raise CheckpointError(f"{where}: data position {loader_state.get('step')} and state step "
                                   f"{int(jax.device_get(state.step))} do not match the step directory")
+        if damaged:
+            _set_aside_damaged(ckpts, damaged, step)
         return step, state, loader_state
     raise AssertionError("unreachable")
+
+
+def _set_aside_damaged(ckpts: TrainCheckpoints, damaged: list[int], resumed: int) -> None:
+    """After a fallback to `resumed`: the damaged newer steps leave their step names (process 0
+    renames, every process then rereads the steps), so the retrained steps are saved anew."""
+    from ..distributed import barrier
+
+    if jax.process_index() == 0:
+        for step in sorted(damaged):
+            dst = ckpts.set_aside(step)
+            log.warning("%s: checkpoint of step %d cannot be restored; moved aside to %s (kept, not deleted: "
+                        "delete it once it is not needed), so that the step is trained again from step %d "
+                        "and its checkpoint written anew", ckpts.step_dir(step), step, dst, resumed)
+    barrier("neox_jax.train.damaged_set_aside")
+    if ckpts.steps()[-1] != resumed:
+        raise CheckpointError(f"{ckpts.step_dir(max(damaged))}: still a step directory after it was moved aside "
+                              "(another process writing here?)")
 
 
 def has_checkpoints(run_dir: Path) -> bool:

@@ -85,6 +85,49 @@ def build_datasets(run: RunConfig) -> tuple[Any, Any | None]:
     return train_ds, valid_ds
 
 
+def data_source(run: RunConfig, valid: bool = False) -> str:
+    """How errors name the training (or validation) data: the prefix, or the blend's key and prefixes."""
+    d = run.data
+    if d.path:
+        return d.path
+    key, paths = ("data.valid_paths", d.valid_paths) if valid else ("data.train_paths", d.train_paths)
+    return f"{key} ({', '.join(paths)})"
+
+
+def check_data(run: RunConfig, train_ds, valid_ds, first_step: int = 0) -> None:
+    """Before anything is compiled or written: each split holds the samples the run reads (train:
+    train.steps x train.batch_size; validation: train.eval_steps x train.batch_size), naming the
+    split and the keys that size it; and the first global batch of each holds only token ids below
+    model.vocab_size (every later batch is checked as the loader reads it)."""
+    from ..data.indexed import IndexedDataset
+    from ..data.order import train_valid_test_split
+
+    d, t = run.data, run.train
+    B, tokens = t.batch_size, d.seq_length + 1
+
+    def where(valid: bool) -> str:
+        if not d.path:
+            return f"{data_source(run, valid)}: the {'validation' if valid else 'training'} blend"
+        bounds = train_valid_test_split(d.split, len(IndexedDataset(d.path)))
+        a, b = (bounds[1], bounds[2]) if valid else (bounds[0], bounds[1])
+        return (f"{d.path}: the {'validation' if valid else 'training'} split (data.split {d.split!r}: "
+                f"documents [{a}, {b}))")
+
+    for ds, steps, key, valid in ((train_ds, t.steps, "train.steps", False),
+                                  (valid_ds, t.eval_steps, "train.eval_steps", True)):
+        if ds is None or len(ds) >= steps * B:
+            continue
+        change = "data.split, " if d.path else ""
+        raise UserError(f"{where(valid)} has {len(ds)} samples of {tokens} tokens; {key} {steps} x train.batch_size "
+                        f"{B} need {steps * B} (change {change}{key} or train.batch_size"
+                        + ("; train.eval_steps 0 turns validation off)" if valid else ")"))
+    for ds, step, valid in ((train_ds, first_step, False), (valid_ds, 0, True)):
+        if ds is not None and step * B + B <= len(ds):
+            with Loader(ds, B, num_steps=step + 1, process_index=0, process_count=1, num_threads=1,
+                        vocab_size=run.model.vocab_size, source=data_source(run, valid)) as probe:
+                probe.batch(step)
+
+
 # ----------------------------------------------------------------------------- setup
 
 
@@ -261,6 +304,7 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
         _check_arch(run, neox_state.read_config(run.train.init_from_neox),
                     f"train.init_from_neox {run.train.init_from_neox}")
     train_ds, valid_ds = build_datasets(run)
+    check_data(run, train_ds, valid_ds, 0 if resuming else run.train.start_step)
     mesh = _mesh(run)
     if not resuming:
         prepare_run_dir(run_dir, overwrite, create=False)
@@ -342,7 +386,8 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
     peak = peak_flops(jax.devices()[0].device_kind, t.peak_tflops)
     metrics = on_exit.enter_context(contextlib.closing(Metrics(run_dir, enabled=lead, tensorboard=t.tensorboard)))
     loader = Loader(train_ds, B, start_step=start, num_steps=t.steps, segment_ids=run.data.segment_ids,
-                    eod_id=run.data.eod_id, prefetch=run.data.prefetch)
+                    eod_id=run.data.eod_id, prefetch=run.data.prefetch, vocab_size=cfg.vocab_size,
+                    source=data_source(run))
     bar = None
     if progress and lead:
         from tqdm import tqdm
@@ -352,7 +397,8 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
     def evaluate(step: int) -> float:
         t0 = time.perf_counter()
         with Loader(valid_ds, B, num_steps=t.eval_steps, segment_ids=run.data.segment_ids,
-                    eod_id=run.data.eod_id) as vl, jax.set_mesh(mesh):
+                    eod_id=run.data.eod_id, vocab_size=cfg.vocab_size,
+                    source=data_source(run, valid=True)) as vl, jax.set_mesh(mesh):
             nll = n = 0.0
             for local in vl:
                 a, b = jax.device_get(eval_fn(state.params, global_batch_arrays(local, bsh, B)))
@@ -456,12 +502,12 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
                     valid_loss = evaluate(step + 1)
             if pending is not None:
                 finish(*pending)
-    except TrainingError:
-        ckpts.close()  # a save in flight still commits
-        raise
     except CheckpointError:  # a failed save: Orbax's threads end before the error is reported
         with contextlib.suppress(Exception):
             ckpts.close()
+        raise
+    except UserError:  # TrainingError, or bad data met by the loader (a token id past the vocabulary)
+        ckpts.close()  # a save in flight still commits
         raise
     finally:
         loader.close()
@@ -469,7 +515,11 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
             bar.close()
     done = int(jax.device_get(state.step))
     if eval_fn is not None:
-        valid_loss = evaluate(done)
+        try:
+            valid_loss = evaluate(done)
+        except UserError:
+            ckpts.close()
+            raise
     path = None
     if run.checkpoint.at_end or stopped or schedule.due(done):
         save(done)
