@@ -400,12 +400,38 @@ def check_destination(final: str | os.PathLike, overwrite: bool, *, directory: b
                 raise error(f"{final}: exists and is not empty (pass --overwrite to replace it)")
         else:
             raise error(f"{final}: exists (pass --overwrite to replace it)")
+    check_writable(final, error)
     if not final.parent.is_dir():
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise error(f"{final.parent}: cannot create the output directory ({e.strerror})") from None
     return final
+
+
+def check_writable(final: str | os.PathLike, error: type[UserError] = UserError) -> None:
+    """Refuse, before any work, an output whose directory (or, when that does not exist yet, its nearest
+    existing ancestor) this process cannot write: a read-only file system, or missing permissions.
+    Otherwise the first write, of a temporary at the very end, would be what fails."""
+    final = Path(final)
+    d = final.parent
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
+        raise error(f"{d}: not writable (cannot write {final})")
+
+
+def check_output(final: str | os.PathLike, overwrite: bool,
+                 inputs: Iterable[tuple[str, str | os.PathLike | None]] = ()) -> Path:
+    """The early checks of a command's output file (score, generate, eval, data order): it exists only
+    with --overwrite, is none of the command's `inputs` (`check_not_input`), and its directory is
+    writable.  Nothing is created; `Replacement` writes it at the end."""
+    out = Path(final)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: exists (pass --overwrite to replace it)")
+    check_not_input(out, inputs)
+    check_writable(out)
+    return out
 
 
 def check_not_input(final: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]], *,

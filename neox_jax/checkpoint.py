@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -323,7 +324,13 @@ def load_params(
 
     abstract = jax.tree.map(target, saved) if shardings is None else jax.tree.map(target, saved, shardings)
     with reading(p / "params", "restore failed (damaged or missing array data)"):
-        params = _ocp().StandardCheckpointer().restore((p / "params").resolve(), abstract)
+        try:
+            params = _ocp().StandardCheckpointer().restore((p / "params").resolve(), abstract)
+        except Exception as e:  # noqa: BLE001 - name the damaged tensor and file when tensorstore does
+            hit = damaged_array(e)
+            if hit is None:
+                raise
+            raise CheckpointError(f"{hit[0]}: tensor {hit[1]} unreadable ({hit[2]})") from None
     if verify:
         flat = flatten(params)
         spread = [n for n, x in flat.items() if not x.is_fully_addressable]
@@ -334,6 +341,39 @@ def load_params(
         if dtype is not None:
             params = cast_params(params, dtype)
     return cfg, params
+
+
+_TS_ERROR = re.compile(r"([A-Z_]{5,}): Error reading \"([^\"]+)\" in OCDBT database at local file "
+                       r"\"([^\"]+)\": ([^|\n]*)")
+
+
+def error_chain(e: BaseException, limit: int = 10) -> list[str]:
+    """The messages of `e` and of the exceptions it came from (cause or context), outermost first."""
+    chain: list[str] = []
+    x: BaseException | None = e
+    while x is not None and len(chain) < limit:
+        chain.append(str(x))
+        x = x.__cause__ or x.__context__
+    return chain
+
+
+def damaged_array(e: BaseException) -> tuple[Path, str, str] | None:
+    """(file, tensor, what went wrong) when an Orbax restore failed because tensorstore could not read
+    an array: it names the tensor and its OCDBT database somewhere in the exception chain; when it
+    reports a short read ("value of size N"), the data file of that size in the database is the
+    truncated one, and it is named instead.  None for any other failure."""
+    for text in error_chain(e):
+        m = _TS_ERROR.search(text)
+        if m:
+            code, tensor, db, detail = m.groups()
+            where = Path(db)
+            size = re.search(r"value of size (\d+)", detail)
+            if size:
+                hits = [f for f in where.rglob("*") if f.is_file() and f.stat().st_size == int(size.group(1))]
+                if len(hits) == 1:
+                    where = hits[0]
+            return where, tensor.split("/")[0], f"{code}: {detail.strip()[:200]}"
+    return None
 
 
 def cast_params(params: Any, dtype: str) -> Any:

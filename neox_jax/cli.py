@@ -208,13 +208,11 @@ def _run_score(args):
     from .checkpoint import read_config
     from .evaluate import check_batch_size, check_window
 
-    if args.output and Path(args.output).exists() and not args.overwrite:
-        raise UserError(f"{args.output}: exists (pass --overwrite to replace it)")
     if args.output:
-        from .atomic import check_not_input
+        from .atomic import check_output
 
-        check_not_input(args.output, [("--input", args.input), ("CKPT", args.ckpt),
-                                      ("--tokenizer", args.tokenizer)])
+        check_output(args.output, args.overwrite, [("--input", args.input), ("CKPT", args.ckpt),
+                                                   ("--tokenizer", args.tokenizer)])
     check_batch_size(args.batch_size)
     if not Path(args.input).exists():
         raise UserError(f"{args.input}: input file not found")

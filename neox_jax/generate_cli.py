@@ -95,15 +95,13 @@ def _run_generate(args):
     from .data.tokenizer import load_tokenizer
     from .generate import Sampling, load_generator
 
-    if args.output and Path(args.output).exists() and not args.overwrite:
-        raise UserError(f"{args.output}: exists (pass --overwrite to replace it)")
     if args.output and args.interactive:
         raise UserError("--output is not used with --interactive")
     if args.output:
-        from .atomic import check_not_input
+        from .atomic import check_output
 
-        check_not_input(args.output, [("--input", args.input), ("CKPT", args.ckpt),
-                                      ("--tokenizer", args.tokenizer)])
+        check_output(args.output, args.overwrite, [("--input", args.input), ("CKPT", args.ckpt),
+                                                   ("--tokenizer", args.tokenizer)])
     checks = (("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
                "a finite number >= 0"),
               ("--top-k", args.top_k, args.top_k >= 0, ">= 0"),

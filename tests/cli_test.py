@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -184,6 +185,30 @@ def test_interrupt_inside_a_gc_callback_is_not_lost():
         gc.callbacks.remove(callback)
         sys.unraisablehook = old_hook
     assert inside == ["start"]
+
+
+def test_unwritable_output_directory_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """An output in a directory this process cannot write (a read-only file system; os.access says so
+    even for root, as here by a stand-in) is one line naming the directory, before the checkpoint is
+    even looked at (it does not exist); it failed at the very end, naming an internal temporary."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if Path(p) == ro else real(p, mode, *a, **k))
+    docs = tmp_path / "d.jsonl"
+    docs.write_text('{"text": "hello"}\n')
+    none = str(tmp_path / "no-ckpt")
+    for argv in (["score", none, "--input", str(docs), "--output", str(ro / "s.jsonl")],
+                 ["generate", none, "--prompt", "a", "--output", str(ro / "g.jsonl")],
+                 ["eval", none, "--perplexity", str(docs), "--output", str(ro / "e.json")],
+                 ["data", "order", "--data-prefix", none, "--seq-length", "8", "--steps", "0", "--batch", "1",
+                  "--output", str(ro / "o.jsonl")],
+                 ["init", "tiny", str(ro / "ck")],
+                 ["convert", none, str(ro / "hf"), "--to", "hf"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"neox-jax: error: {ro}: not writable (cannot write {ro}/"), (argv, err)
+    assert list(ro.iterdir()) == []
 
 
 def test_interrupt_while_xla_works_exits_130_without_a_crash(tmp_path):

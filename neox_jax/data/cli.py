@@ -180,13 +180,11 @@ def _build_order_dataset(args, limit: int):
 def _run_order(args) -> None:
     steps = _parse_steps(args.steps)
     out = Path(args.output) if args.output else None
-    if out is not None and out.exists() and not args.overwrite:
-        raise UserError(f"{out}: exists (pass --overwrite to replace it)")
     if out is not None:
-        from ..atomic import check_not_input
+        from ..atomic import check_output
         from .indexed import prefix_inputs
 
-        check_not_input(out, [i for p in args.data_prefix for i in prefix_inputs(p)])
+        check_output(out, args.overwrite, [i for p in args.data_prefix for i in prefix_inputs(p)])
     if args.batch <= 0 or args.seq_length < 2:
         raise UserError("--batch must be positive and --seq-length at least 2")
     ds = _build_order_dataset(args, limit=steps.stop * args.batch)

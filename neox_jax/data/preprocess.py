@@ -232,6 +232,9 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str, tokenize
                progress: bool | None = None, chunk_docs: int = 256,
                chunk_chars: int = 1 << 20) -> PreprocessResult:
     """Tokenise `inputs` into `{output_prefix}_{key}_document.{bin,idx}` (see the module doc)."""
+    if not Path(strip_prefix(output_prefix)).name or str(output_prefix).endswith(("/", os.sep)):
+        raise UserError(f"--output-prefix {output_prefix!r}: needs a file name part (e.g. data/shakespeare), "
+                        f"not a directory alone")
     tok = load_tokenizer(tokenizer)
     dt = choose_dtype(tok, dtype)
     if append_eod and not tok.has_eod:

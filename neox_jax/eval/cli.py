@@ -63,18 +63,20 @@ def _run_eval(args):
     from ..generate import load_generator, mesh_context
     from . import builtin
 
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out}: exists (pass --overwrite to replace it)")
-    from ..atomic import check_not_input
+    from ..atomic import check_output
     from ..data.indexed import prefix_inputs
 
-    check_not_input(out, [("--lambada", args.lambada), ("--perplexity", args.perplexity), ("CKPT", args.ckpt),
-                          ("--tokenizer", args.tokenizer), ("--include-path", args.include_path),
-                          *(prefix_inputs(args.data_prefix) if args.data_prefix else [])])
+    out = check_output(args.output, args.overwrite,
+                       [("--lambada", args.lambada), ("--perplexity", args.perplexity), ("CKPT", args.ckpt),
+                        ("--tokenizer", args.tokenizer), ("--include-path", args.include_path),
+                        *(prefix_inputs(args.data_prefix) if args.data_prefix else [])])
     args.split_part = args.split_part or "valid"
     if not (args.tasks or args.lambada or args.perplexity or args.data_prefix):
         raise UserError("nothing to evaluate: give --tasks, --lambada, --perplexity and/or --data-prefix")
+    if args.tasks is not None and not _tasks(args):
+        raise UserError(f"--tasks {args.tasks!r}: no task name (comma-separated lm-eval task names)")
+    if args.include_path is not None and not Path(args.include_path).is_dir():
+        raise UserError(f"--include-path {args.include_path}: not a directory (of lm-eval task YAMLs)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     for opt in ("context", "seq_length", "max_samples"):

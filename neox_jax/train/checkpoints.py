@@ -346,31 +346,14 @@ def _first(e: BaseException) -> str:
     return f"{e.__class__.__name__}: {lines[0][:200]}" if lines else e.__class__.__name__
 
 
-_TS_ERROR = re.compile(r"([A-Z_]{5,}): Error reading \"([^\"]+)\" in OCDBT database at local file "
-                       r"\"([^\"]+)\": ([^|\n]*)")
-
-
 def _restore_error(step_dir: Path, step: int, e: BaseException) -> str:
-    """One line naming what is damaged.  Tensorstore names the tensor and its OCDBT database (in the
-    exception chain); when it reports a short read ("value of size N"), the data file of that size
-    in the database is the truncated one, and it is named instead."""
-    chain, x = [], e
-    while x is not None and len(chain) < 10:
-        chain.append(str(x))
-        x = x.__cause__ or x.__context__
-    for text in chain:
-        m = _TS_ERROR.search(text)
-        if m:
-            code, tensor, db, detail = m.groups()
-            where = Path(db)
-            size = re.search(r"value of size (\d+)", detail)
-            if size:
-                hits = [f for f in where.rglob("*") if f.is_file() and f.stat().st_size == int(size.group(1))]
-                if len(hits) == 1:
-                    where = hits[0]
-            return (f"{where}: checkpoint of step {step} cannot be restored: tensor {tensor.split('/')[0]} "
-                    f"unreadable ({code}: {detail.strip()[:200]})")
-    first = next((ln for ln in chain[-1].strip().splitlines() if ln.strip()), e.__class__.__name__)
+    """One line naming what is damaged (`checkpoint.damaged_array`), or the error's first line."""
+    hit = ckpt.damaged_array(e)
+    if hit:
+        where, tensor, what = hit
+        return f"{where}: checkpoint of step {step} cannot be restored: tensor {tensor} unreadable ({what})"
+    last = ckpt.error_chain(e)[-1]
+    first = next((ln for ln in last.strip().splitlines() if ln.strip()), e.__class__.__name__)
     return f"{step_dir}: checkpoint of step {step} cannot be restored ({first[:300]})"
 
 
