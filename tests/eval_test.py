@@ -178,6 +178,22 @@ def test_harness_backend_equals_hf_backend(both, record_property):
     assert any(generated) and len(set(generated)) > 1
 
 
+def test_a_task_lm_eval_cannot_build_is_one_line(setup, tmp_path, capsys):
+    """A local task whose data file is empty: lm-eval's dataset loading raises (StopIteration in
+    `datasets`), which is one line naming the task, not a traceback; nothing is written."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tmp_path / "empty.jsonl").write_text("")
+    (tasks / "empty_local.yaml").write_text(TASKS["piqa_local"].format(d=tmp_path).replace("piqa_local", "empty_local")
+                                            .replace("piqa.jsonl", "empty.jsonl"))
+    out = tmp_path / "r.json"
+    assert main(["-q", "eval", str(setup["ck"]), "--tasks", "empty_local", "--include-path", str(tasks),
+                 "--tokenizer", str(setup["tokenizer_path"]), "--output", str(out)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("neox-jax: error:")]
+    assert len(err) == 1 and err[0].startswith("neox-jax: error: --tasks empty_local: lm-eval stopped ("), err
+    assert not out.exists()
+
+
 def test_builtin_lambada_and_eval_cli(setup, both, tmp_path, capsys):
     hf, _ = both
     out = tmp_path / "results.json"

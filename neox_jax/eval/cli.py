@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..config import RUN_DTYPES
-from ..errors import UserError
+from ..errors import UserError, one_line
 
 
 def register(sub) -> None:
@@ -189,6 +189,18 @@ def _task_manager(args):
     return manager
 
 
+def _raised_in_neox_jax(e: BaseException) -> bool:
+    """Whether a frame of neox_jax (the backend lm-eval calls) is among those `e` went through below
+    `_run_harness`: then it is our error, reported as such, not a task's."""
+    package = Path(__file__).resolve().parents[1]
+    tb = e.__traceback__.tb_next if e.__traceback__ else None
+    while tb is not None:
+        if package in Path(tb.tb_frame.f_code.co_filename).resolve().parents:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _tasks(args) -> list[str]:
     return [t.strip() for t in args.tasks.split(",") if t.strip()]
 
@@ -200,9 +212,16 @@ def _run_harness(args, harness, manager, gen) -> dict:
     tasks = _tasks(args)
     lm = harness.NeoxJaxLM(generator=gen, batch_size=args.batch_size, max_length=args.context, seed=args.seed)
     lm.checkpoint = args.ckpt
-    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                                  task_manager=manager, log_samples=args.log_samples, random_seed=args.seed,
-                                  numpy_random_seed=args.seed, torch_random_seed=args.seed,
-                                  fewshot_random_seed=args.seed)
+    try:
+        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                                      task_manager=manager, log_samples=args.log_samples, random_seed=args.seed,
+                                      numpy_random_seed=args.seed, torch_random_seed=args.seed,
+                                      fewshot_random_seed=args.seed)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a task lm-eval cannot build or run: one line; our own bugs pass
+        if _raised_in_neox_jax(e):
+            raise
+        raise UserError(f"--tasks {','.join(tasks)}: lm-eval stopped ({one_line(e)})") from None
     keep = ("results", "groups", "versions", "n-shot", "higher_is_better", "n-samples", "configs", "samples")
     return json.loads(json.dumps({k: res[k] for k in keep if k in res}, default=handle_non_serializable))
