@@ -206,7 +206,7 @@ def _run_score(args):
     from .model import DTYPES, inference_params
 
     from .checkpoint import read_config
-    from .evaluate import check_batch_size, check_window
+    from .evaluate import check_batch_size, check_scorable, check_window
 
     if args.output:
         from .atomic import check_output
@@ -221,8 +221,7 @@ def _run_score(args):
     cfg = read_config(args.ckpt)  # options checked against the model before any work
     window = check_window(args.context, cfg)
     docs, n_bytes = _read_documents(args.input, args.tokenizer)
-    if all(len(d) < 2 for d in docs):
-        raise UserError(f"{args.input}: nothing to score (every document has fewer than 2 tokens)")
+    check_scorable(docs, args.input)
     cfg, params = load_params(args.ckpt, verify=args.verify)
     narrower = DTYPES[args.dtype].itemsize < DTYPES[cfg.param_dtype].itemsize
     cfg = cfg.replace(compute_dtype=args.dtype)
