@@ -1,12 +1,5 @@
 """Helpers for check_gpt_neox.sh that touch checkpoint files (run in the GPT-NeoX venv).
 
-  rename SRC DST [--keep-inv-freq]
-                   copy a pipeline-layout GPT-NeoX checkpoint, renaming the Pythia-era MLP names
-                   (mlp.dense_h_to_4h / mlp.dense_4h_to_h, what neox-jax --to neox writes) to the ones
-                   GPT-NeoX has used since #1212 (Sep 2024: mlp.linear1 / mlp.linear2) and dropping
-                   attention.rotary_emb.inv_freq (a non-persistent buffer at HEAD); everything else
-                   (mp_rank_* files, configs, latest, tokenizer) is copied unchanged.  --keep-inv-freq
-                   keeps inv_freq (for a YAML with rotary-save-freqs-buffer: true).
   fixyaml SRC_DIR DST_DIR [--save-freqs]
                    copy GPT-NeoX YAML files, writing a float rotary-emb-base that is a whole number as
                    an int (GPT-NeoX's NeoXArgs.validate_types declares it int and crashes on a float);
@@ -17,30 +10,11 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 import yaml
-
-RENAME = {"mlp.dense_h_to_4h.": "mlp.linear1.", "mlp.dense_4h_to_h.": "mlp.linear2."}
-
-
-def rename(src: str, dst: str, keep_inv_freq: bool = False) -> None:
-    src_p, dst_p = Path(src), Path(dst)
-    shutil.copytree(src_p, dst_p)
-    for f in sorted(dst_p.glob("global_step*/layer_*-model_*-model_states.pt")):
-        sd = torch.load(f, weights_only=True)
-        out = {}
-        for k, v in sd.items():
-            if k == "attention.rotary_emb.inv_freq" and not keep_inv_freq:
-                continue
-            for old, new in RENAME.items():
-                if k.startswith(old):
-                    k = new + k[len(old):]
-            out[k] = v
-        torch.save(out, f)
 
 
 def fixyaml(src: str, dst: str, save_freqs: bool = False) -> None:
@@ -93,9 +67,7 @@ def keys(d: str) -> None:
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    if cmd == "rename":
-        rename(args[0], args[1], "--keep-inv-freq" in args[2:])
-    elif cmd == "fixyaml":
+    if cmd == "fixyaml":
         fixyaml(args[0], args[1], "--save-freqs" in args[2:])
     elif cmd == "yamltypes":
         sys.exit(yamltypes(args))
