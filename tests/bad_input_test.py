@@ -345,6 +345,12 @@ def index_maps_out_of_range(fx, d):
     return prefix
 
 
+def vocab_ds(d) -> Path:
+    """A dataset holding token ids 700 and 600, past the fixture model's vocabulary of 512."""
+    write_indexed(d / "ds", [[1] * 10 + [700, 600] + [2] * 10 for _ in range(3)])
+    return d / "ds"
+
+
 def copy_ds(fx, d) -> Path:
     for ext in (".bin", ".idx"):
         shutil.copy(f"{fx['ds']}{ext}", d / f"ds{ext}")
@@ -731,6 +737,9 @@ CASES = [
     ("eval-perplexity-token-out-of-vocab", lambda fx, d: ["eval", S(fx["ck"]), "--perplexity",
                                                           S(lines(d, "in.jsonl", {"tokens": [1, 99999]})), "--output",
                                                           S(d / "r.json")], ["in.jsonl", "99999"]),
+    ("eval-data-prefix-token-out-of-vocab", lambda fx, d: ["eval", S(fx["ck"]), "--data-prefix", S(vocab_ds(d)),
+                                                           "--seq-length", "16", "--output", S(d / "r.json")],
+     ["ds: token id 700 outside the vocabulary [0, 512)"]),
     ("eval-max-samples-negative", lambda fx, d: ["eval", S(fx["ck"]), "--data-prefix", S(fx["ds"]), "--max-samples",
                                                  "-2", "--seq-length", "16", "--output", S(d / "r.json")],
      ["--max-samples"]),

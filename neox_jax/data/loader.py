@@ -69,15 +69,15 @@ def pack_documents(documents: Iterable[Iterable[int]], seq_length: int, eod_id: 
         buf = buf[start:]
 
 
-def check_token_range(tokens: np.ndarray, vocab_size: int, source: str,
-                      limit: str = "model.vocab_size") -> None:
-    """Refuse token ids outside [0, vocab_size): `SOURCE: token id N outside LIMIT V` (N the
-    largest id of the batch that is too large, else the smallest negative one)."""
+def check_token_range(tokens: np.ndarray, vocab_size: int, source: str, limit: str | None = None) -> None:
+    """Refuse token ids outside [0, vocab_size): `SOURCE: token id N outside LIMIT` (N the largest id
+    that is too large, else the smallest negative one; LIMIT by default `model.vocab_size V`)."""
     if not tokens.size:
         return
     hi, lo = int(tokens.max()), int(tokens.min())
     if hi >= vocab_size or lo < 0:
-        raise UserError(f"{source}: token id {hi if hi >= vocab_size else lo} outside {limit} {vocab_size}")
+        raise UserError(f"{source}: token id {hi if hi >= vocab_size else lo} outside "
+                        f"{limit or f'model.vocab_size {vocab_size}'}")
 
 
 class Loader:

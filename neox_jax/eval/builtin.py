@@ -145,6 +145,7 @@ def indexed_perplexity(cfg: ModelConfig, params, prefix: str, *, split: str | No
     from tqdm import tqdm
 
     from ..data.indexed import IndexedDataset
+    from ..data.loader import check_token_range
     from ..evaluate import batch_rows, make_scorer, out_of_memory
 
     S = seq_length or cfg.max_position_embeddings
@@ -155,9 +156,7 @@ def indexed_perplexity(cfg: ModelConfig, params, prefix: str, *, split: str | No
     samples = stream_samples(indexed, start, stop, S, max_samples)
     if len(samples) == 0:
         raise UserError(f"{prefix}: documents [{start}, {stop}) hold fewer than {S + 1} tokens: no sample")
-    bad = samples[(samples < 0) | (samples >= cfg.vocab_size)]
-    if bad.size:
-        raise UserError(f"{prefix}: token id {int(bad[0])} outside the vocabulary [0, {cfg.vocab_size})")
+    check_token_range(samples, cfg.vocab_size, prefix, f"the vocabulary [0, {cfg.vocab_size})")
     scorer = make_scorer(cfg)
     total, count = 0.0, 0
     B = batch_rows(batch_size, len(samples))  # never more rows than samples
