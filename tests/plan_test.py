@@ -162,6 +162,28 @@ def test_cli_plans_for_more_devices_than_the_machine_has(tmp_path):
     assert r.returncode == 2 and r.stderr == "neox-jax: error: mesh: 8 devices do not split into 3 nodes\n", r.stderr
     r = _cli("plan", cfg, "--devices", 8, "--device-memory", "lots")
     assert r.returncode == 2 and "--device-memory 'lots'" in r.stderr, r.stderr
+    r = _cli("plan", cfg, "--devices", 10**8)  # used to be killed for memory, with no message
+    assert r.returncode == 2 and r.stderr == "neox-jax: error: --devices must be in [1, 262144], got 100000000\n"
+
+
+def test_more_simulated_devices_than_the_machine_has_threads_is_one_line(monkeypatch):
+    """XLA's CPU client starts a thread per device; past this machine's thread limit it aborted in
+    pthread_create.  The limit read from /proc and RLIMIT_NPROC is the smallest of the three."""
+    import resource
+
+    from neox_jax.errors import UserError
+    from neox_jax.train import plan as P
+
+    limit, name = P.thread_limit()
+    known = [int(Path(f"/proc/sys/kernel/{n}").read_text()) for n in ("pid_max", "threads-max")]
+    soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    assert limit == min(known + ([soft] if soft != resource.RLIM_INFINITY else []))
+    P.check_simulable(limit - limit // 8)
+    with pytest.raises(UserError, match=rf"--devices {limit - limit // 8 + 1}: .* allows {limit} threads \({name}\)"):
+        P.check_simulable(limit - limit // 8 + 1)
+    monkeypatch.setattr(P, "thread_limit", lambda: (64, "ulimit -u"))
+    with pytest.raises(UserError, match=r"--devices 57: simulating that many CPU devices takes a thread each"):
+        P.check_simulable(57)
 
 
 def test_across_node_factors_and_sizes_within_a_node():

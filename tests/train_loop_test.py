@@ -157,6 +157,41 @@ def test_non_finite_loss_stops_naming_the_step(corpus, tmp_path):
     assert not (tmp_path / "r" / "tensorboard").exists()
 
 
+def test_a_run_that_failed_before_its_first_step_is_started_over(corpus, tmp_path):
+    """A fresh run that fails at its first step (NaN weights from --init-from) leaves its run directory
+    with config.yaml, an empty metrics.jsonl and no checkpoint; the same command without the bad
+    weights then trains there without --overwrite.  A directory with anything else in it (here a
+    notes file) is still refused."""
+    import jax
+    import jax.numpy as jnp
+
+    from neox_jax import model as M
+    from neox_jax.checkpoint import save_params
+    from neox_jax.config import from_dict
+
+    raw = raw_config(corpus, steps=2)
+    cfg = from_dict({**yaml.safe_load(open(ROOT / "configs" / "tiny.yaml"))["model"], **{
+        k: v for k, v in raw["model"].items() if k != "preset"}})
+    params = M.init_params(cfg, 0)
+    params["embed_out"]["kernel"] = params["embed_out"]["kernel"].at[0, 0].set(jnp.nan)
+    save_params(tmp_path / "nan", cfg, jax.device_get(params))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    run = tmp_path / "r"
+    r = _cli("train", tmp_path / "run.yaml", "--run-dir", run, "--init-from", tmp_path / "nan")
+    assert r.returncode == 2 and "loss nan" in r.stderr.strip().splitlines()[-1], r.stderr
+    assert (run / "config.yaml").is_file() and not (run / "metrics.jsonl").read_text()
+    (run / "notes.txt").write_text("mine\n")
+    r = _cli("train", tmp_path / "run.yaml", "--run-dir", run)
+    assert r.returncode == 2 and "run directory exists and is not empty" in r.stderr, r.stderr
+    (run / "notes.txt").unlink()
+    r = _cli("train", tmp_path / "run.yaml", "--run-dir", run)
+    assert r.returncode == 0, r.stderr
+    assert "stopped before its first step" in r.stderr and "starting it over" in r.stderr, r.stderr
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(x)] == [0, 1]
+    assert not list(tmp_path.glob("*aside*")) and sorted(p.name for p in tmp_path.iterdir()) == ["nan", "r", "run.yaml"]
+
+
 @pytest.mark.parametrize("case", ["exists", "cudnn", "arch", "bad-set", "unknown-key", "no-data", "batch",
                                   "valid-too-small", "train-too-small", "vocab"])
 def test_errors_are_one_line(case, corpus, tmp_path):
@@ -164,8 +199,9 @@ def test_errors_are_one_line(case, corpus, tmp_path):
     args = []
     expect = also = ""
     if case == "exists":
-        (tmp_path / "r").mkdir()
-        (tmp_path / "r" / "config.yaml").write_text("x: 1\n")
+        (tmp_path / "r").mkdir()  # a run that took a step (its metrics are kept: not started over)
+        (tmp_path / "r" / "config.yaml").write_text(yaml.safe_dump(raw))
+        (tmp_path / "r" / "metrics.jsonl").write_text('{"step": 0, "loss": 10.8}\n')
         expect = "run directory exists and is not empty"
     elif case == "cudnn":
         raw["model"]["attention"] = "cudnn"

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import yaml
 
 from .. import atomic
 from .. import checkpoint as ckpt
@@ -199,9 +200,12 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, *, create: bool = True) -> "
     filesystem); only process 0 creates."""
     aside = None
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
+        if not overwrite and not never_stepped(run_dir):
             raise UserError(f"{run_dir}: run directory exists and is not empty and has no complete "
                             "checkpoint to resume from (pass --overwrite to start over)")
+        if not overwrite and create:
+            log.info("%s: a run that stopped before its first step (a config.yaml, no step in metrics.jsonl, "
+                     "no checkpoint); starting it over", run_dir)
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"{run_dir}: not a neox-jax run directory (no config.yaml); refusing to delete it")
         if run_dir.is_symlink():
@@ -216,6 +220,25 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, *, create: bool = True) -> "
                 aside.restore()
             raise UserError(f"{run_dir}: cannot create the run directory ({e.strerror or e})") from None
     return Overwrite(run_dir, aside)
+
+
+def never_stepped(run_dir: Path) -> bool:
+    """Whether `run_dir` holds only what a run writes before its first step: the run's config.yaml,
+    an empty metrics.jsonl and an empty checkpoints/ (a run that failed or was killed while
+    compiling, say).  Such a directory is started over without --overwrite: nothing in it is lost."""
+    allowed = {"config.yaml", "metrics.jsonl", "checkpoints"}
+    entries = {p.name: p for p in run_dir.iterdir()}
+    if not set(entries) <= allowed or "config.yaml" not in entries or run_dir.is_symlink():
+        return False
+    try:
+        raw = yaml.safe_load(entries["config.yaml"].read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    if not (isinstance(raw, dict) and {"model", "train"} <= set(raw)):
+        return False  # not a neox-jax run's config
+    m, c = entries.get("metrics.jsonl"), entries.get("checkpoints")
+    return ((m is None or (m.is_file() and not m.is_symlink() and m.stat().st_size == 0))
+            and (c is None or (c.is_dir() and not c.is_symlink() and not any(c.iterdir()))))
 
 
 class Overwrite:

@@ -478,14 +478,48 @@ def _mesh_arg(text: str | None) -> tuple[int, int, int] | None:
     return sizes  # type: ignore[return-value]
 
 
+# The largest mesh planned at all, on either target: 2^18 devices, more than the largest machines
+# (--target h200 plans a data-parallel 2^18 in 20 s and 2.2 GB here); a larger --devices is refused
+# before JAX builds a device list of that length (10^8 used to be killed for memory, with no message).
+MAX_DEVICES = 1 << 18
+
+
+def thread_limit() -> tuple[int, str] | None:
+    """The most threads this machine lets a process start, and the setting that says so: the
+    smallest of kernel.pid_max, kernel.threads-max and RLIMIT_NPROC (None where none is known)."""
+    import resource
+
+    limits = []
+    for name in ("pid_max", "threads-max"):
+        try:
+            limits.append((int(Path(f"/proc/sys/kernel/{name}").read_text()), f"kernel.{name}"))
+        except (OSError, ValueError):
+            pass
+    soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    if soft != resource.RLIM_INFINITY:
+        limits.append((soft, "ulimit -u"))
+    return min(limits) if limits else None
+
+
+def check_simulable(devices: int) -> None:
+    """XLA's CPU client starts a thread for each simulated device: refuse, in one line, a count the
+    machine cannot start (it used to abort in pthread_create, or be killed for memory at 10^8),
+    keeping an eighth of the limit for everything else."""
+    limit = thread_limit()
+    if limit is not None and devices > limit[0] - limit[0] // 8:
+        raise UserError(f"--devices {devices}: simulating that many CPU devices takes a thread each, and this "
+                        f"machine allows {limit[0]} threads ({limit[1]}); plan on a machine that allows more, "
+                        "or with --target h100|h200")
+
+
 def _run_plan(args) -> None:
     import json
     import os
 
     from .config import load_run_config
 
-    if args.devices < 1:
-        raise UserError(f"--devices must be >= 1, got {args.devices}")
+    if not 1 <= args.devices <= MAX_DEVICES:
+        raise UserError(f"--devices must be in [1, {MAX_DEVICES}], got {args.devices}")
     if args.nodes is not None and args.nodes < 1:
         raise UserError(f"--nodes must be >= 1, got {args.nodes}")
     mesh = _mesh_arg(args.mesh)
@@ -504,6 +538,7 @@ def _run_plan(args) -> None:
         if run.model.attention == "cudnn":  # planned with XLA attention (see the caveats above)
             remat = "dots" if run.model.remat == "dots_attn" else run.model.remat
             run = dataclasses.replace(run, model=run.model.replace(attention="xla", remat=remat))
+        check_simulable(args.devices)
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
         import jax
