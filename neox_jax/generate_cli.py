@@ -119,6 +119,8 @@ def _run_generate(args):
         raise UserError(f"--seed {args.seed}: has no effect with greedy decoding (--temperature 0)")
     if "" in args.stop:
         raise UserError("--stop '': an empty stop string (it would be found before any generated text)")
+    for s in args.stop:  # text is compared as decoded: a stop string that is not UTF-8 could never match
+        check_utf8(s, "--stop", from_bytes=True)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
