@@ -56,6 +56,34 @@ def _yaml_problem(e: Exception) -> str:
     return where + str(getattr(e, "problem", None) or e.__class__.__name__)
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that gives a key twice (PyYAML keeps the last one,
+    silently: `lr: 1e-3` ... `lr: 1e-4` trained at 1e-4).  Merge keys (`<<: *base`) may still be
+    overridden, as YAML means them to be."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice (first on line {first + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, loader: type = UniqueKeyLoader):
+    """`text` parsed by `loader` (default `UniqueKeyLoader`); the project's one way to read YAML."""
+    return yaml.load(text, Loader=loader)
+
+
 def _read_text(p: Path) -> str:
     """A config file's text; one that is not UTF-8 is refused naming the file (OSError passes)."""
     try:
@@ -230,7 +258,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if key.startswith("model."):
         key = key[len("model."):]
     try:
-        return key, yaml.safe_load(value)
+        return key, load_yaml(value)
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {item!r}: value is not valid YAML ({_yaml_problem(e)})") from None
 
@@ -245,7 +273,7 @@ def load_config(path_or_preset: str | os.PathLike, overrides: list[str] | tuple[
     if not p.exists():
         raise ConfigError(f"{p}: no such config file")
     try:
-        raw = yaml.safe_load(_read_text(p))  # JSON is YAML
+        raw = load_yaml(_read_text(p))  # JSON is YAML
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML/JSON ({_yaml_problem(e)})") from None
     if not isinstance(raw, dict):
@@ -448,7 +476,7 @@ def from_neox_yaml(src: str | os.PathLike | Mapping[str, Any] | list, *, tokeniz
         raw = {}
         for p in paths:
             try:
-                part = yaml.safe_load(_read_text(Path(p)))
+                part = load_yaml(_read_text(Path(p)))
             except OSError as e:
                 raise ConfigError(f"{p}: cannot read GPT-NeoX YAML ({e.strerror})") from None
             except yaml.YAMLError as e:

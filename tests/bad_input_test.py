@@ -145,6 +145,13 @@ def neox_with(fx, d, **changes) -> Path:
     return src
 
 
+def neox_dup_key(fx, d) -> Path:
+    src = copy(fx, "neox", d)
+    yml = src / "global_step1000" / "configs" / "model.yml"
+    yml.write_text(yml.read_text() + "hidden-size: 4096\n")
+    return src
+
+
 def ck_with(fx, d, **changes) -> Path:
     ck = copy(fx, "ck", d)
     edit_json(ck / "config.json", **changes)
@@ -940,6 +947,19 @@ CASES = [
                                             S(d / "ck")], ["m.yaml", "UTF-8"]),
     ("train-config-not-utf8", lambda fx, d: ["train", S(write(d, "run.yaml", fx["run"].read_bytes() + b"# \xff\n")),
                                              "--run-dir", S(d / "r")], ["run.yaml", "UTF-8"]),
+    # a key given twice (PyYAML keeps the last one, silently): refused naming the key and both lines
+    ("init-config-duplicate-key", lambda fx, d: ["init", S(model_yaml(d, "model:\n  vocab_size: 64\n  hidden_size: 8\n"
+                                                                "  num_layers: 1\n  num_heads: 2\n  hidden_size: 16\n")),
+                                                 S(d / "ck")],
+     ["m.yaml", "line 6", "key 'hidden_size' given twice (first on line 3)"]),
+    ("train-config-duplicate-key", lambda fx, d: ["train", S(write(d, "run.yaml", fx["run"].read_bytes()
+                                                                   + b"optimizer: {lr: 1.0}\n")),
+                                                  "--run-dir", S(d / "r")], ["run.yaml", "key 'optimizer' given twice"]),
+    ("train-neox-yaml-duplicate-key", lambda fx, d: ["train", S(write(d, "neox.yml", neox_train_cfg(fx, d).read_bytes()
+                                                                      + b"train-iters: 5\n")), "--run-dir", S(d / "r")],
+     ["neox.yml", "key 'train-iters' given twice"]),
+    ("convert-neox-yaml-duplicate-key", lambda fx, d: ["convert", S(neox_dup_key(fx, d)), S(d / "dst")],
+     ["model.yml", "key 'hidden-size' given twice"]),
     ("init-model-not-a-mapping", lambda fx, d: ["init", S(model_yaml(d, "model: 5\n")), S(d / "ck")],
      ["m.yaml", "model must be a mapping", "5"]),
     ("init-init-std-negative", lambda fx, d: ["init", S(REPO / "configs" / "tiny.yaml"), S(d / "ck"), "--set",

@@ -356,3 +356,24 @@ def test_layer_norm_eps_is_read_from_neox_yaml(tmp_path, key):
 def test_modelconfig_roundtrip_dict():
     cfg = load_config("pythia-160m")
     assert ModelConfig(**cfg.to_dict()) == cfg
+
+
+def test_yaml_keys_given_twice_are_refused_and_merge_keys_still_override():
+    """PyYAML's safe_load keeps the last of two equal keys; the project's loader refuses them, naming
+    the key and both lines, in nested mappings too, while a YAML merge (`<<: *base`) may still be
+    overridden by a key of the mapping itself (what the merge key means)."""
+    import yaml
+
+    from neox_jax.config import load_yaml
+
+    assert yaml.safe_load("a: 1\na: 2\n") == {"a": 2}  # the behaviour being refused
+    with pytest.raises(yaml.YAMLError, match=r"key 'a' given twice \(first on line 1\)"):
+        load_yaml("a: 1\na: 2\n")
+    with pytest.raises(yaml.YAMLError, match=r"key 'lr' given twice \(first on line 2\)") as e:
+        load_yaml("optimizer:\n  lr: 1.0\n  wd: 0\n  lr: 2.0\n")
+    assert e.value.problem_mark.line == 3
+    with pytest.raises(yaml.YAMLError, match="key 1 given twice"):
+        load_yaml("{1: a, 1: b}")
+    assert load_yaml("base: &b {x: 1, y: 2}\nrun:\n  <<: *b\n  y: 3\n") == {"base": {"x": 1, "y": 2},
+                                                                          "run": {"x": 1, "y": 3}}
+    assert load_yaml("a: 1\nb: 1\nc: {a: 2}\n") == {"a": 1, "b": 1, "c": {"a": 2}}  # equal keys in other maps

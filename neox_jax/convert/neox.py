@@ -48,7 +48,7 @@ from typing import Any, Iterator
 import numpy as np
 import yaml
 
-from ..config import ModelConfig, from_neox_yaml
+from ..config import ModelConfig, _yaml_problem, from_neox_yaml, load_yaml
 from ..errors import CheckpointError, ConfigError
 from .formats import Entry, NativeTensor, Reader, Writer, check_slice, numpy_to_torch, torch_dtype_np, torch_load, \
     torch_to_numpy
@@ -168,9 +168,11 @@ def read_neox_yaml(files: list[Path]) -> dict:
     raw: dict = {}
     for f in files:
         try:
-            part = yaml.safe_load(Path(f).read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{f}: cannot read GPT-NeoX YAML ({e.__class__.__name__})") from None
+            part = load_yaml(Path(f).read_text())
+        except OSError as e:
+            raise ConfigError(f"{f}: cannot read GPT-NeoX YAML ({e.strerror or e.__class__.__name__})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{f}: not valid GPT-NeoX YAML ({_yaml_problem(e)})") from None
         if isinstance(part, dict):
             raw.update(part)
     return {str(k).replace("-", "_"): v for k, v in raw.items()}

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from ..config import ConfigError, ModelConfig, _read_text, _yaml_problem, load_config
+from ..config import ConfigError, ModelConfig, UniqueKeyLoader, _read_text, _yaml_problem, load_config, load_yaml
 from ..config import from_dict as model_from_dict
 from ..values import check_float, check_seed, check_split, check_weights
 
@@ -33,8 +33,8 @@ DECAY_STYLES = ("cosine", "linear", "exponential", "constant")
 LOSS_SCALES = ("none", "dynamic", "static")
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader (YAML 1.1) plus YAML 1.2's floats without a dot or exponent sign
+class _Loader(UniqueKeyLoader):
+    """PyYAML's safe loader (YAML 1.1), refusing a key given twice, plus YAML 1.2's floats without a dot or exponent sign
     (`3e-4`, `1e3`, `1.0e8`), which YAML 1.1 reads as strings: `--set optimizer.lr=3e-4` and
     `lr: 3e-4` in a run config mean the number."""
 
@@ -45,7 +45,7 @@ _Loader.add_implicit_resolver(
 
 
 def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+    return load_yaml(text, _Loader)
 
 
 def _check_fields(obj) -> None:
