@@ -222,6 +222,44 @@ def test_truncated_array_file_then_fallback_on_another_mesh(reference, tmp_path,
     assert train(from_sections(raw), r)["started_at"] == STEPS
 
 
+@pytest.mark.parametrize("damage", ["empty-marker", "marker-of-step-4", "run-json-a-list"])
+def test_a_damaged_marker_or_run_config_is_a_damaged_step(reference, tmp_path, damage, caplog):
+    """The newest step's neox_jax.json emptied (the resume used to go on from it; `generate` refused
+    it), or saying another step, or its run.json not a run config: one error naming that file, with
+    the --resume-fallback hint; with fallback the resume takes step 4 and moves step 8 aside."""
+    from neox_jax.sharding import make_mesh
+    from neox_jax.train.state import abstract_state, make_optimizer, state_shardings
+
+    run_dir, cfg = reference
+    r = _copy_run(run_dir, tmp_path / "r", keep_steps={4, 8})
+    s8 = r / "checkpoints" / "8"
+    if damage == "empty-marker":
+        victim, want = s8 / "neox_jax" / "neox_jax.json", "unreadable (JSONDecodeError"
+        victim.write_text("")
+    elif damage == "marker-of-step-4":
+        victim, want = s8 / "neox_jax" / "neox_jax.json", "kind 'train' and step 4; a training checkpoint of step 8"
+        victim.write_text((r / "checkpoints" / "4" / "neox_jax" / "neox_jax.json").read_text())
+    else:
+        victim, want = s8 / "run" / "run.json", "top level must be a mapping of sections, got list"
+        victim.write_text("[1, 2]")
+    if damage == "empty-marker":  # what generate / convert say of it (the reference for "damaged")
+        with pytest.raises(ckpt.CheckpointError, match="neox_jax.json: unreadable"):
+            ckpt.load_params(s8)
+    run = from_sections(yaml.safe_load(cfg.read_text()))
+    opt = make_optimizer(run)
+    abstract = abstract_state(run, opt, state_shardings(run, make_mesh(2, 2, 2), opt))
+    with pytest.raises(ckpt.CheckpointError) as e:
+        tc.restore_latest(tc.TrainCheckpoints(r / "checkpoints", run), run, abstract)
+    msg = str(e.value)
+    assert msg.startswith(f"{victim}: ") and want in msg and msg.endswith(
+        "(pass --resume-fallback to resume from the previous step)"), msg
+    with caplog.at_level("WARNING", logger="neox_jax"):
+        step, state, loader = tc.restore_latest(tc.TrainCheckpoints(r / "checkpoints", run), run, abstract,
+                                                fallback=True)
+    assert step == 4 and int(state.step) == 4 and loader["step"] == 4
+    assert sorted(p.name for p in (r / "checkpoints").iterdir()) == ["4", "8.damaged"]
+
+
 def test_sigkill_during_a_save(reference, tmp_path, caplog):
     """The save of step 8 stalls (tests/failing_save.py --hang: the loader item's commit future
     sleeps after the tmp directory is written); SIGKILL then: step 4 stays complete, the half-written step is no

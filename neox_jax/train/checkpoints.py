@@ -58,7 +58,7 @@ from .. import atomic
 from .. import checkpoint as ckpt
 from ..checkpoint import CheckpointError
 from ..errors import UserError
-from .config import CheckpointConfig, RunConfig, from_sections
+from .config import CheckpointConfig, ConfigError, RunConfig, from_sections
 from .state import TrainState
 
 log = logging.getLogger("neox_jax")
@@ -288,8 +288,24 @@ class TrainCheckpoints:
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{f}: unreadable ({e.__class__.__name__})") from None
 
+    def check_marker(self, step: int) -> None:
+        """`step`'s marker (`neox_jax/neox_jax.json`) is a training step's, of this step: what
+        `generate` and `convert` check before they read a step, checked before a resume too."""
+        d = self.step_dir(step)
+        try:
+            meta = ckpt.read_marker(d)
+        except ConfigError as e:  # a marker of the wrong shape (`{}`, a list)
+            raise CheckpointError(str(e)) from None
+        f = d / "neox_jax" / ckpt.MARKER
+        if meta.get("kind") != KIND or meta.get("step") != step:
+            raise CheckpointError(f"{f}: kind {meta.get('kind')!r} and step {meta.get('step')!r}; a training "
+                                  f"checkpoint of step {step} has kind {KIND!r} and step {step}")
+
     def saved_run(self, step: int) -> RunConfig:
-        return from_sections(self.read_json(step, "run"), where=str(self.step_dir(step) / "run" / "run.json"))
+        try:
+            return from_sections(self.read_json(step, "run"), where=str(self.step_dir(step) / "run" / "run.json"))
+        except ConfigError as e:  # a damaged run.json (a run config that would not load)
+            raise CheckpointError(str(e)) from None
 
     def restore(self, step: int, abstract: TrainState, *, params_only: bool = False) -> tuple[Any, dict]:
         """(state placed as `abstract`'s shardings say, loader state) of `step`; with params_only
@@ -425,8 +441,9 @@ def restore_latest(ckpts: TrainCheckpoints, run: RunConfig, abstract: TrainState
     damaged: list[int] = []
     for i, step in enumerate(reversed(steps)):
         where = str(ckpts.step_dir(step))
-        check_resumable(ckpts.saved_run(step), run, where)
-        try:
+        try:  # a damaged marker or run.json is a damaged step, as a damaged array is
+            ckpts.check_marker(step)
+            check_resumable(ckpts.saved_run(step), run, where)  # a UserError: another run, not damage
             state, loader_state = ckpts.restore(step, abstract)
         except CheckpointError as e:
             if not fallback or i == len(steps) - 1:

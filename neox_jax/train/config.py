@@ -335,6 +335,8 @@ def _model(raw: Any, where: str) -> ModelConfig:
 
 
 def from_sections(raw: Mapping[str, Any], where: str = "config") -> RunConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: top level must be a mapping of sections, got {type(raw).__name__}")
     unknown = sorted(set(raw) - {"model", *SECTIONS})
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {['model', *SECTIONS]}")
