@@ -5,6 +5,7 @@ and `neox-jax eval`.  Offline: local task YAMLs over JSONL files; nothing is dow
 import json
 import math
 import os
+import subprocess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -194,8 +195,12 @@ def test_a_task_lm_eval_cannot_build_is_one_line(setup, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_builtin_lambada_and_eval_cli(setup, both, tmp_path, capsys):
+def test_builtin_lambada_and_eval_cli(setup, both, tmp_path, capfd, monkeypatch):
+    """`eval` with LAMBADA, perplexity and an lm-eval task against HF; run outside a git repository,
+    where lm-eval's git lookup used to print "fatal: not a git repository" (git's own stderr)."""
     hf, _ = both
+    monkeypatch.chdir(tmp_path)
+    assert subprocess.run(["git", "rev-parse"], capture_output=True).returncode != 0  # not in a repository
     out = tmp_path / "results.json"
     args = ["-q", "eval", str(setup["ck"]), "--lambada", str(setup["root"] / "lambada.jsonl"), "--perplexity",
             str(setup["root"] / "docs.jsonl"), "--tasks", "piqa_local", "--include-path", str(setup["tasks"]),
@@ -207,6 +212,7 @@ def test_builtin_lambada_and_eval_cli(setup, both, tmp_path, capsys):
     assert res["results"]["lambada"]["perplexity"] == pytest.approx(ref["perplexity,none"], rel=1e-5)
     assert res["results"]["lm_eval"]["results"]["piqa_local"]["acc,none"] == hf["results"]["piqa_local"]["acc,none"]
     assert res["config"]["model"]["vocab_size"] == 50304 and res["config"]["args"]["batch_size"] == 4
+    assert "fatal:" not in capfd.readouterr().err
     # document perplexity: HF rolling windows of CONTEXT tokens, first token of each document unscored
     tok, model = setup["tok"], setup["model"]
     total, count = 0.0, 0
@@ -221,9 +227,9 @@ def test_builtin_lambada_and_eval_cli(setup, both, tmp_path, capsys):
             count += last + 1 - first
     assert res["results"]["perplexity"]["tokens_scored"] == count
     assert res["results"]["perplexity"]["perplexity"] == pytest.approx(math.exp(-total / count), rel=1e-5)
-    capsys.readouterr()
+    capfd.readouterr()
     assert main(args) == 2  # existing output untouched without --overwrite
-    assert "exists" in capsys.readouterr().err and json.loads(out.read_text()) == res
+    assert "exists" in capfd.readouterr().err and json.loads(out.read_text()) == res
 
 
 def test_indexed_split_perplexity(tmp_path, record_property):

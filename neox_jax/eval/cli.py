@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -205,6 +206,36 @@ def _tasks(args) -> list[str]:
     return [t.strip() for t in args.tasks.split(",") if t.strip()]
 
 
+def _git_hash_quietly() -> str | None:
+    """lm-eval's `get_git_commit_hash` runs `git describe --always` with git's stderr left on ours:
+    outside a git repository every `eval --tasks` printed "fatal: not a git repository".  The same
+    question, with git's stderr dropped (the hash is not in our results; lm-eval's own are kept)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+    except OSError:
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+@contextlib.contextmanager
+def _quiet_git():
+    import lm_eval.evaluator as ev
+
+    old = getattr(ev, "get_git_commit_hash", None)
+    if old is None:  # another lm-eval layout: nothing to quiet
+        yield
+        return
+    ev.get_git_commit_hash = _git_hash_quietly
+    try:
+        yield
+    finally:
+        ev.get_git_commit_hash = old
+
+
 def _run_harness(args, harness, manager, gen) -> dict:
     import lm_eval
     from lm_eval.utils import handle_non_serializable
@@ -213,10 +244,11 @@ def _run_harness(args, harness, manager, gen) -> dict:
     lm = harness.NeoxJaxLM(generator=gen, batch_size=args.batch_size, max_length=args.context, seed=args.seed)
     lm.checkpoint = args.ckpt
     try:
-        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                                      task_manager=manager, log_samples=args.log_samples, random_seed=args.seed,
-                                      numpy_random_seed=args.seed, torch_random_seed=args.seed,
-                                      fewshot_random_seed=args.seed)
+        with _quiet_git():
+            res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                                          task_manager=manager, log_samples=args.log_samples,
+                                          random_seed=args.seed, numpy_random_seed=args.seed,
+                                          torch_random_seed=args.seed, fewshot_random_seed=args.seed)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - a task lm-eval cannot build or run: one line; our own bugs pass
