@@ -34,9 +34,9 @@ LOSS_SCALES = ("none", "dynamic", "static")
 
 
 class _Loader(UniqueKeyLoader):
-    """PyYAML's safe loader (YAML 1.1), refusing a key given twice, plus YAML 1.2's floats without a dot or exponent sign
-    (`3e-4`, `1e3`, `1.0e8`), which YAML 1.1 reads as strings: `--set optimizer.lr=3e-4` and
-    `lr: 3e-4` in a run config mean the number."""
+    """PyYAML's safe loader (YAML 1.1), refusing a key given twice, plus YAML 1.2's floats without a
+    dot or exponent sign (`3e-4`, `1e3`, `1.0e8`), which YAML 1.1 reads as strings: `--set
+    optimizer.lr=3e-4` and `lr: 3e-4` in a run config mean the number."""
 
 
 _Loader.add_implicit_resolver(
