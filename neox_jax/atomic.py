@@ -409,10 +409,38 @@ def check_destination(final: str | os.PathLike, overwrite: bool, *, directory: b
     return final
 
 
+def shown(path: str | os.PathLike) -> str:
+    """`path` as a message shows it: bytes that are not UTF-8 (a command-line argument's PEP 383
+    escapes) as `\\xff`, not as the lone surrogates Python holds them as."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def check_name(final: str | os.PathLike, error: type[UserError] = UserError) -> None:
+    """Refuse an output name that is not UTF-8 (bytes of a command-line argument that no UTF-8 text can
+    hold), as given or as its absolute path (the current directory's name): tensorstore takes no such
+    path (`init`, `convert --to orbax` and `train` failed with a traceback after the work, leaving
+    temporaries), and JSON, YAML and the logs cannot name the output either."""
+    from .jsonl import check_utf8  # (jsonl imports nothing of ours but errors)
+
+    names = [os.fspath(final)]
+    try:
+        names.append(os.path.abspath(final))
+    except OSError:  # the current directory is gone: the name as given is all there is to check
+        pass
+    for p in names:
+        try:
+            check_utf8(str(p), shown(p), "the name", from_bytes=True)
+        except UserError as e:
+            raise error(f"{e}; an output name must be UTF-8 (Orbax, tensorstore and the JSON files that "
+                        "name outputs take no other)") from None
+
+
 def check_writable(final: str | os.PathLike, error: type[UserError] = UserError) -> None:
     """Refuse, before any work, an output whose directory (or, when that does not exist yet, its nearest
     existing ancestor) this process cannot write: a read-only file system, or missing permissions.
-    Otherwise the first write, of a temporary at the very end, would be what fails."""
+    Otherwise the first write, of a temporary at the very end, would be what fails.  A name that is
+    not UTF-8 is refused here too (`check_name`)."""
+    check_name(final, error)
     final = Path(final)
     d = final.parent
     while not d.exists() and d != d.parent:
@@ -452,6 +480,26 @@ def tmp_path(final: str | os.PathLike, op: str) -> Path:
     """Where operation `op` writes the new content of `final`."""
     final = Path(final)
     return final.parent / f".{final.name}.{TAG}-{op}.tmp"
+
+
+_TS_OS_ERROR = re.compile(r"\[os_error_code='?(\d+)'?\]")
+_TS_FILE = re.compile(r'Failed (?:writing|to open|to create)[^"]*"([^"]+)"')
+
+
+def io_error(exc: BaseException) -> tuple[str | None, str | None]:
+    """(the cause, the file) of an I/O error while writing, else (None, None): an OSError, or
+    tensorstore's error for one (a ValueError whose text ends `... No space left on device
+    [os_error_code='28']`; the cause then is the errno's own text, the file the one it failed writing)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or exc.__class__.__name__, getattr(exc, "filename", None)
+    text = str(exc)
+    m = _TS_OS_ERROR.search(text)
+    if m:
+        f = _TS_FILE.findall(text)
+        return os.strerror(int(m.group(1))), (f[-1] if f else None)
+    if "No space left on device" in text:
+        return os.strerror(errno.ENOSPC), None
+    return None, None
 
 
 class Replacement:
@@ -533,11 +581,10 @@ class Replacement:
             self.abort()
         if exc_type is None or isinstance(exc, UserError) or not isinstance(exc, Exception):
             return
-        io_error = isinstance(exc, OSError) or "No space left on device" in str(exc)
-        if not io_error:
+        what, where = io_error(exc)
+        if what is None:
             return
-        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no space left on device"
-        where = getattr(exc, "filename", None) or self.tmp(self.finals[0])
+        where = where or self.tmp(self.finals[0])
         after = ("the old output is untouched" if self.state == "aborted" else
                  "the new output is complete and the next neox-jax write here finishes publishing it")
         raise UserError(f"{self.finals[0]}: {what} while writing {where}; {after}") from None

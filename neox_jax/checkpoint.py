@@ -15,11 +15,17 @@ checkpoint, or none, at DST (neox_jax/atomic.py says exactly what is guaranteed)
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import os
 import re
 import secrets
+import sys
+import threading
+import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -184,14 +190,152 @@ def write_marker(directory: Path, cfg: ModelConfig, kind: str = "params", **extr
     (directory / MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
+class OrbaxErrorRecords(logging.Filter):
+    """On the `absl` logger (Orbax logs through absl) while an Orbax write runs: Orbax logs one failed
+    write from each of its threads (arrays, shardings, metadata, the commit), each record with a
+    traceback of some 70 lines, so one full disk printed about 250 lines before our one-line error.
+    The first ERROR record passes as one line (its message's first line, and the cause's first line
+    when the message does not hold it); later ERROR records are dropped (counted in `dropped`), and
+    any other record with a traceback keeps one line.  Told apart by level, not by file: absl's logger
+    is a plain `logging.Logger` when the CLI configured it before absl was imported, and every record's
+    pathname is then absl's own module.
+
+    It is also the `sys.unraisablehook` of that time (`unraisable`), which drops RuntimeError('Event
+    loop is closed'): after a write fails Orbax closes its event loop while tensorstore still completes
+    the other writes of that save, and each completion's callback into the closed loop is such an
+    error (a 6-line traceback each, 15 and more for one full disk), saying nothing beyond the failure
+    that is reported anyway.  `last_callback` is when the latest one came (time.monotonic)."""
+
+    def __init__(self, hook=None):
+        super().__init__()
+        self.first: str | None = None
+        self.dropped = 0
+        self.hook = hook or sys.unraisablehook
+        self.last_callback = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.levelno < logging.ERROR and exc is None:
+            return True
+        if record.levelno >= logging.ERROR and self.first is not None:
+            self.dropped += 1
+            return False
+        msg = (record.getMessage().strip().splitlines() or [""])[0]
+        cause = (str(exc).strip().splitlines() or [""])[0] if exc is not None else ""
+        if cause and cause not in msg:
+            msg = f"{msg} ({exc.__class__.__name__}: {cause})"
+        record.msg, record.args = msg, ()
+        record.exc_info = record.exc_text = record.stack_info = None
+        if record.levelno >= logging.ERROR:
+            self.first = msg
+        return True
+
+    def unraisable(self, u) -> None:
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            self.last_callback = time.monotonic()
+            return
+        self.hook(u)
+
+    def quiesce(self, idle_s: float = 0.25, timeout_s: float = 10.0) -> None:
+        """Wait until no closed-loop callback has come for idle_s (at most timeout_s): the writes that
+        tensorstore still had in flight when Orbax gave up have ended by then."""
+        start = time.monotonic()
+        while time.monotonic() - max(self.last_callback, start) < idle_s and time.monotonic() - start < timeout_s:
+            time.sleep(0.05)
+
+
+def raised_in_orbax(e: BaseException | None) -> bool:
+    """Whether `e` was raised in (or passed through) Orbax's code."""
+    tb = e.__traceback__ if e is not None else None
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _UnretrievedOrbaxErrors(logging.Filter):
+    """On the `asyncio` logger, for good: drops 'Task exception was never retrieved' (and the like) of
+    Orbax's writer tasks.  When one write of a save fails, Orbax's `gather` gives up on the others; each
+    of those that failed too (a full disk fails them all) is logged with its traceback when its task
+    is garbage-collected, often at exit, after our one-line error.  The save's failure is reported
+    already (the first error, by Orbax and by the command)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not ("never retrieved" in str(record.msg) and raised_in_orbax(exc))
+
+
+@contextlib.contextmanager
+def quiet_orbax_errors():
+    """For the duration of an Orbax write: its error records, and the closed-loop callbacks that follow
+    a failure, as `OrbaxErrorRecords` says.  Yields the filter."""
+    aio = logging.getLogger("asyncio")
+    if not any(isinstance(x, _UnretrievedOrbaxErrors) for x in aio.filters):
+        aio.addFilter(_UnretrievedOrbaxErrors())
+    f = OrbaxErrorRecords(sys.unraisablehook)
+    absl = logging.getLogger("absl")
+    absl.addFilter(f)
+    sys.unraisablehook = f.unraisable
+    try:
+        yield f
+    finally:
+        absl.removeFilter(f)
+        sys.unraisablehook = f.hook
+
+
+def _left_running(t: threading.Thread) -> bool:
+    """A thread that a failed Orbax write may have left at work: one of Orbax's own, or a worker of a
+    thread pool that has been shut down (the default executor of an event loop that Orbax closed on the
+    failure: a directory it was creating then, `array_metadatas`, appeared after the caller had deleted
+    the temporary directory).  The idle workers of a live pool are not waited for: they never end."""
+    if type(t).__module__.startswith("orbax"):
+        return True
+    target = getattr(t, "_target", None)
+    if getattr(target, "__module__", None) != "concurrent.futures.thread":
+        return False
+    args = getattr(t, "_args", ())
+    if not (args and isinstance(args[0], weakref.ref)):  # CPython's worker takes a weak reference to its
+        return False  # pool first; another layout: not waited for (an idle worker of a live pool never ends)
+    pool = args[0]()
+    return pool is None or bool(getattr(pool, "_shutdown", True))
+
+
+def settle_orbax_threads(before: set, timeout_s: float = 300.0) -> None:
+    """After a failed Orbax write: wait (up to timeout_s in all) for the threads it started (those not in
+    `before`) that may still write into its directory (`_left_running`), so that the caller deletes its
+    temporary directory after them and not under them.  Orbax's own threads first: a pool is shut down
+    when the thread whose event loop owns it ends.  Orbax's threads re-raise their error from join();
+    that error has been reported."""
+    deadline = time.monotonic() + timeout_s
+    joined: set = set()
+    while time.monotonic() < deadline:
+        running = [t for t in threading.enumerate() if t not in before and t not in joined
+                   and t is not threading.current_thread() and _left_running(t)]
+        if not running:
+            return
+        running.sort(key=lambda t: not type(t).__module__.startswith("orbax"))
+        for t in running:
+            try:
+                t.join(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                pass
+            joined.add(t)
+
+
 def orbax_save(ckptr, path: Path, tree: Any, **kw) -> None:
     """`ckptr.save(path, tree)` and wait for its background write, with SIGINT/SIGTERM held until that
     write has ended (then delivered): no write may outlive the temporary directory that the caller's
     Replacement deletes on the interrupt.  Holding is the only safe wait: an interrupt inside
     `save()` leaves its event loop's writer threads running unseen, and one inside the wait's
     `Thread.join` marks Orbax's still-running thread as finished (CPython's bpo-45274 handling), so
-    no later wait would wait for it.  An error is reported once the write has ended too."""
-    with atomic.HeldSignals(note="stopping once the checkpoint write in progress has ended"):
+    no later wait would wait for it.  An error is reported once the write has ended too: Orbax fails
+    the save as soon as one of its threads fails, so on a failure `ckptr` is closed and the threads
+    that save started are waited for (`settle_orbax_threads`).  Orbax's error records are one line
+    (`quiet_orbax_errors`): the caller reports the error itself."""
+    before = set(threading.enumerate())
+    with atomic.HeldSignals(note="stopping once the checkpoint write in progress has ended"), \
+            quiet_orbax_errors() as quiet:
         try:
             ckptr.save(path, tree, **kw)
             ckptr.wait_until_finished()
@@ -200,6 +344,13 @@ def orbax_save(ckptr, path: Path, tree: Any, **kw) -> None:
                 ckptr.wait_until_finished()
             except Exception:  # the save failed already; that error is the one reported
                 pass
+            try:
+                ckptr.close()  # its metadata writer's thread too
+            except Exception:
+                pass
+            settle_orbax_threads(before)
+            quiet.quiesce()
+            gc.collect()  # abandoned writer coroutines finalised now, not at exit (each printed a traceback)
             raise
 
 

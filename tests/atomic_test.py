@@ -224,6 +224,122 @@ def test_disk_full_during_convert_and_init(ckpts, tmp_path, capsys, monkeypatch)
     assert tree_bytes(dst) == before and leftovers(tmp_path) == []
 
 
+def _tiny_run_yaml(d: Path) -> Path:
+    f = d / "run.yaml"
+    f.write_text(json.dumps({  # JSON is YAML
+        "model": {"preset": "tiny", "num_layers": 1}, "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+        "data": {"path": str(d / "corpus"), "seq_length": 32}, "train": {"steps": 2, "batch_size": 2}}))
+    return f
+
+
+BAD = os.fsdecode(b"x\xff\xfe")  # what Python makes of a command-line argument with these bytes (PEP 383)
+
+
+@pytest.mark.parametrize("cmd", [
+    lambda fx, d: ["init", "tiny", str(d / BAD)],
+    lambda fx, d: ["convert", str(fx["ck"] / "ck0"), str(d / BAD), "--to", "orbax"],
+    lambda fx, d: ["convert", str(fx["ck"] / "ck0"), str(d / BAD), "--to", "hf"],
+    lambda fx, d: ["data", "preprocess", str(fx["corpus"] / "old.jsonl"), "--output-prefix", str(d / BAD),
+                   "--tokenizer", str(fx["tok"])],
+    lambda fx, d: ["score", str(fx["ck"] / "ck0"), "--input", str(fx["corpus"] / "old.jsonl"),
+                   "--tokenizer", str(fx["tok"]), "--output", str(d / BAD)],
+    lambda fx, d: ["train", str(_tiny_run_yaml(fx["ck"])), "--run-dir", str(d / BAD)],
+], ids=["init", "convert-orbax", "convert-hf", "preprocess", "score", "train"])
+def test_destination_name_not_utf8_is_refused(cmd, ckpts, corpus, neox_tokenizer_path, tmp_path, capsys):
+    """A destination whose name holds bytes that are not UTF-8: one line naming it (its bytes shown
+    as \\xff), before any work, and nothing written.  tensorstore takes no such path: `init` and
+    `convert --to orbax` failed with a traceback after the work (init, now and then, leaving its
+    temporary directory behind), `train` after training, at its first checkpoint."""
+    d = tmp_path / "out"
+    d.mkdir()
+    args = cmd({"ck": ckpts, "corpus": corpus, "tok": neox_tokenizer_path}, d)
+    assert main(args) == 2
+    line = one_error_line(capsys, "x\\xff\\xfe", "not UTF-8 (byte 0xff at offset")
+    assert line.startswith(f"neox-jax: error: {d}/x\\xff\\xfe"), line
+    assert os.listdir(d) == []
+
+
+def test_working_directory_not_utf8_is_refused(tmp_path, monkeypatch, capsys):
+    """A plain output name inside a working directory whose name is not UTF-8: the absolute path
+    (what tensorstore gets) is the one refused, named."""
+    cwd = Path(os.fsdecode(bytes(tmp_path) + b"/d\xe9"))
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert main(["init", "tiny", "ck"]) == 2
+    one_error_line(capsys, f"{tmp_path}/d\\xe9/ck: not UTF-8 (byte 0xe9 at offset {len(bytes(tmp_path)) + 2})")
+    assert os.listdir(cwd) == []
+
+
+def test_failed_orbax_save_waits_for_its_threads(tmp_path, monkeypatch):
+    """Orbax fails a save as soon as one of its threads fails, while others still work: here the
+    array writes fail at once (ENOSPC) while the directory for the arrays' metadata is being created
+    (slowed to 1 s).  That directory used to appear after the temporary directory had been deleted,
+    leaving `.ck.neox-jax-....tmp/params.orbax-checkpoint-tmp/array_metadatas` behind."""
+    import asyncio
+
+    import jax
+    from orbax.checkpoint._src.path import async_path
+    from orbax.checkpoint._src.serialization import serialization
+
+    async def slow_mkdir(path, parents=False, exist_ok=False, mode=None):
+        def mkdir():
+            time.sleep(1.0)
+            path.mkdir(parents=parents, exist_ok=exist_ok)
+        return await asyncio.to_thread(mkdir)
+
+    async def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(async_path, "mkdir", slow_mkdir)
+    monkeypatch.setattr(serialization, "async_serialize_from_host", full)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml").replace(num_layers=1)
+    dst = tmp_path / "ck"
+    dst.mkdir()
+    (dst / "old").write_text("old")
+    params = jax.tree.map(jax.numpy.asarray, random_params(cfg, 0))
+    with pytest.raises(UserError, match=f"^{dst}: No space left on device while writing .*; the old output is untouched$"):
+        save_params(dst, cfg, params, overwrite=True)
+    time.sleep(1.5)  # longer than the slowed mkdir
+    assert os.listdir(tmp_path) == ["ck"] and tree_bytes(dst) == {"old": b"old"}
+
+
+FSIZE = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as a full disk with ENOSPC
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2)
+from neox_jax.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def fsize_limited(limit: int, *args, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`neox-jax ARGS` with no file allowed to grow past `limit` bytes: a real failing write inside
+    Orbax and tensorstore (no small file system can be mounted here).  `env`: added to os.environ."""
+    return subprocess.run([sys.executable, "-c", FSIZE, str(limit), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("cmd", ["init", "convert"])
+def test_failed_orbax_write_is_a_few_lines(cmd, ckpts, tmp_path):
+    """A write that fails inside Orbax (every array file is over 1 MB, the limit): stderr is at most
+    4 lines (INFO, Orbax's first error as one line, ours), the last the one-line error naming the
+    destination and the cause; the old output untouched, no temporary left.  Orbax logged a traceback
+    from each of its threads and tensorstore's callbacks into the closed event loop one each: about
+    250 lines before our line (or, for a cause other than ENOSPC, a traceback, exit status 1)."""
+    dst = tmp_path / "dst"
+    shutil.copytree(ckpts / "ck1", dst)
+    before = tree_bytes(dst)
+    args = (["init", "tiny", dst, "--set", "model.num_layers=1"] if cmd == "init" else
+            ["convert", ckpts / "hf0", dst, "--to", "orbax"])
+    proc = fsize_limited(2**20, *args, "--overwrite")
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(err) <= 4, proc.stderr
+    assert err[-1].startswith(f"neox-jax: error: {dst}: {os.strerror(errno.EFBIG)} while writing {tmp_path}/.dst.neox-jax-"), err[-1]
+    assert err[-1].endswith("; the old output is untouched"), err[-1]
+    assert tree_bytes(dst) == before and leftovers(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------- checksums
 
 

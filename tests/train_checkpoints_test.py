@@ -4,6 +4,7 @@ SIGKILL in the middle of a save, a truncated array file (error naming it, then -
 --start-step against `neox-jax data order` (an independent path to the data), the readers of a
 step directory, and the one-line refusals."""
 
+import errno
 import json
 import os
 import re
@@ -603,3 +604,29 @@ def test_step_time_leaves_out_saving_and_validating(corpus, tmp_path, monkeypatc
     assert m, caplog.text
     assert float(m.group(2)) == pytest.approx(sum(ck) + ev[0]["eval_time"], abs=0.02)
     assert int(m.group(1)) > 8 * 32 * STEPS / (2 * sum(r["step_time"] for r in steps))  # not diluted by them
+
+
+def test_background_save_failing_inside_orbax_is_one_line(corpus, tmp_path):  # noqa: F811
+    """A checkpoint write that fails inside Orbax and tensorstore (no file may grow past 1 MB, and
+    every array file of the tiny model is larger): exit status 2, stderr holds no traceback and
+    besides the INFO lines at most Orbax's first error, as one line, and ours, last, naming the step
+    directory and the cause.  The save's threads re-raised their error from the join that waits for
+    them (a traceback, exit status 1), and each of Orbax's threads logged its traceback, tensorstore's
+    callbacks into Orbax's closed event loop and the writer tasks never collected one each: about
+    1200 lines for one full disk."""
+    from atomic_test import fsize_limited
+
+    raw = raw_config(corpus, mesh=(1, 1, 1), every_steps=2)
+    raw["train"]["steps"] = 2
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    r = tmp_path / "r"
+    proc = fsize_limited(2**20, "train", cfg, "--run-dir", r,
+                         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    others = [x for x in err if " INFO " not in x]
+    assert len(others) <= 2 and len([x for x in err if " ERROR " in x]) <= 1, proc.stderr
+    assert err[-1].startswith(f"neox-jax: error: {r / 'checkpoints' / '2'}: writing the checkpoint of step 2 "
+                              f"failed ({os.strerror(errno.EFBIG)}: {r / 'checkpoints'}/2.orbax-checkpoint-tmp/"), err[-1]
+    assert tc.TrainCheckpoints(r / "checkpoints", read_only=True).steps() == []

@@ -43,10 +43,10 @@ a checkpoint that failed to restore for a passing reason (a file system hiccup) 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -163,6 +163,10 @@ class TrainCheckpoints:
         self.started = 0.0  # when its write started (time.monotonic)
         self.closed = False
         _quiet_background_errors()
+        # from `save` until `wait` has collected that save: Orbax's error records of a failed write
+        # are one line, the first (`checkpoint.quiet_orbax_errors`)
+        self._quiet = contextlib.ExitStack()
+        self.quiet: ckpt.OrbaxErrorRecords | None = None
 
     # -- listing
 
@@ -213,9 +217,11 @@ class TrainCheckpoints:
         t1 = time.perf_counter()
         self.wait()  # the previous save, if it is still writing; its failure surfaces here
         t2 = time.perf_counter()
+        self.quiet = self._quiet.enter_context(ckpt.quiet_orbax_errors())  # until `wait` collects this save
         try:
             self.manager.save(step, args=args, force=True)
         except Exception as e:  # e.g. the step's temporary directory cannot be created
+            self._quiet.close()
             raise CheckpointError(self._failed(step, e)) from None
         self.writing, self.started = step, time.monotonic()
         t3 = time.perf_counter()
@@ -257,7 +263,12 @@ class TrainCheckpoints:
             self.manager.wait_until_finished()
         except Exception as e:
             _drain()
+            if self.quiet is not None:
+                self.quiet.quiesce()  # the writes tensorstore still had in flight
             raise CheckpointError(self._failed(step, e)) from None
+        finally:
+            self._quiet.close()  # Orbax's error records as they come again
+            self.quiet = None
 
     def _failed(self, step: int | None, e: BaseException) -> str:
         where = self.step_dir(step) if step is not None else self.directory
@@ -327,12 +338,15 @@ class TrainCheckpoints:
 
 
 class _BackgroundSaveError(logging.Filter):
-    """Orbax logs a failed background write with its traceback (from its save thread, then again
-    from `wait_until_finished`) before `TrainCheckpoints.wait` raises it as one line: its records
-    keep one line, the cause's first."""
+    """Orbax logs a failed background write with its traceback (from each of its save threads, then
+    again from `wait_until_finished`) before `TrainCheckpoints.wait` raises it as one line: its records
+    keep one line, the cause's first.  Told by the traceback, not by the record's file: absl's logger
+    is a plain `logging.Logger` when the CLI configured it before absl was imported, and every record's
+    pathname is then absl's own module."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None and "orbax" in record.pathname:
+        if record.exc_info and record.exc_info[1] is not None and (
+                "orbax" in record.pathname or ckpt.raised_in_orbax(record.exc_info[1])):
             first = (record.getMessage().splitlines() or [""])[0]
             record.msg, record.args = f"{first} ({_first(record.exc_info[1])})", ()
             record.exc_info = record.exc_text = None
@@ -348,16 +362,16 @@ def _quiet_background_errors() -> None:
 def _drain(timeout_s: float = 300.0) -> None:
     """After a failed write, let Orbax's other writer threads of that save end (they may still be
     writing other items into its temporary directory), so closing the manager or exiting the
-    interpreter does not pull their executors and event loops from under them."""
-    deadline = time.monotonic() + timeout_s
-    for t in threading.enumerate():
-        if t is not threading.current_thread() and type(t).__module__.startswith("orbax"):
-            t.join(max(0.0, deadline - time.monotonic()))
+    interpreter does not pull their executors and event loops from under them
+    (`checkpoint.settle_orbax_threads`; an Orbax thread's join() re-raises the thread's error, which
+    used to escape from here: a full disk ended `train` with a traceback and exit status 1)."""
+    ckpt.settle_orbax_threads(set(), timeout_s)
 
 
 def _first(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    what, where = atomic.io_error(e)  # an OSError, or tensorstore's text for one: "No space left on device"
+    if what is not None:
+        return f"{what}: {where}" if where else what
     lines = [ln for ln in str(e).splitlines() if ln.strip()]
     return f"{e.__class__.__name__}: {lines[0][:200]}" if lines else e.__class__.__name__
 

@@ -312,6 +312,7 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
     """Train `run`, writing into `run_dir`; returns a summary dict (also the last metrics line).
     A run directory with checkpoints is continued (`will_resume`)."""
     run_dir = Path(run_dir)
+    atomic.check_name(run_dir)  # a name tensorstore cannot take failed at the first checkpoint, after training
     _check_backend(run)
     lead = jax.process_index() == 0
     if lead:  # an --overwrite of this run directory that was killed is undone first (logged)
