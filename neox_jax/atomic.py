@@ -415,7 +415,7 @@ def shown(path: str | os.PathLike) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def check_name(final: str | os.PathLike, error: type[UserError] = UserError) -> None:
+def check_name(final: str | os.PathLike, error: type[UserError] = UserError, what: str = "an output name") -> None:
     """Refuse an output name that is not UTF-8 (bytes of a command-line argument that no UTF-8 text can
     hold), as given or as its absolute path (the current directory's name): tensorstore takes no such
     path (`init`, `convert --to orbax` and `train` failed with a traceback after the work, leaving
@@ -431,8 +431,8 @@ def check_name(final: str | os.PathLike, error: type[UserError] = UserError) -> 
         try:
             check_utf8(str(p), shown(p), "the name", from_bytes=True)
         except UserError as e:
-            raise error(f"{e}; an output name must be UTF-8 (Orbax, tensorstore and the JSON files that "
-                        "name outputs take no other)") from None
+            raise error(f"{e}; {what} must be UTF-8 (tensorstore, which Orbax writes and reads with, and the JSON files "
+                        "that name it take no other)") from None
 
 
 def check_writable(final: str | os.PathLike, error: type[UserError] = UserError) -> None:

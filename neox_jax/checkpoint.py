@@ -80,18 +80,23 @@ def _config_file(p: Path) -> Path:
         else p / "config" / "config.json"
 
 
+class PathNotUTF8(CheckpointError):
+    """A neox-jax checkpoint at a path that is not UTF-8, which tensorstore cannot open."""
+
+
 def resolve(path: str | os.PathLike) -> Path:
     """A checkpoint directory (params or training step), or a directory whose newest complete
     numbered step is one (a training run directory keeps its steps under `checkpoints/`; an
     unfinished save is only a temporary `STEP.orbax-checkpoint-tmp-*` there)."""
     p = Path(path)
-    if is_checkpoint(p):
-        return p
+    found = p if is_checkpoint(p) else None
     for d in (p, p / "checkpoints"):
-        if d.is_dir():
+        if found is None and d.is_dir():
             steps = sorted((int(c.name), c) for c in d.iterdir() if c.name.isdigit() and is_checkpoint(c))
-            if steps:
-                return steps[-1][1]
+            found = steps[-1][1] if steps else None
+    if found is not None:  # tensorstore opens no path that is not UTF-8: one line, not Orbax's traceback
+        atomic.check_name(found, PathNotUTF8, what="a checkpoint's path")
+        return found
     note = atomic.pending(p)
     if note:
         raise CheckpointError(note)

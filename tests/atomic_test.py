@@ -270,6 +270,29 @@ def test_working_directory_not_utf8_is_refused(tmp_path, monkeypatch, capsys):
     assert os.listdir(cwd) == []
 
 
+@pytest.mark.parametrize("cmd", ["inspect", "convert", "generate"])
+def test_checkpoint_at_a_path_not_utf8_is_one_line(cmd, ckpts, neox_tokenizer_path, tmp_path, capsys):
+    """A neox-jax checkpoint moved to a name that is not UTF-8: tensorstore cannot open it; readers
+    said "unreadable Orbax metadata (RuntimeError: Unable to cast ...)" after Orbax's logged traceback,
+    and `inspect` (which tries the other formats) "has config.json but no model.safetensors".  Now one
+    line naming the path; an HF checkpoint at such a path still reads (torch opens any name)."""
+    import shutil
+
+    src = Path(os.fsdecode(bytes(tmp_path) + b"/ck\xff"))
+    shutil.copytree(ckpts / "ck0", src)
+    args = {"inspect": ["inspect", str(src), "--no-hash"], "convert": ["convert", str(src), str(tmp_path / "hf"),
+                                                                       "--to", "hf"],
+            "generate": ["generate", str(src), "--prompt", "hi", "--tokenizer", str(neox_tokenizer_path)]}[cmd]
+    assert main(args) == 2
+    one_error_line(capsys, f"{tmp_path}/ck\\xff: not UTF-8 (byte 0xff at offset {len(bytes(tmp_path)) + 3}); "
+                   "a checkpoint's path must be UTF-8")
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(src)]
+    if cmd == "inspect":
+        hf = Path(os.fsdecode(bytes(tmp_path) + b"/hf\xff"))
+        shutil.copytree(ckpts / "hf0", hf)
+        assert main(["inspect", str(hf), "--no-hash"]) == 0
+
+
 def test_failed_orbax_save_waits_for_its_threads(tmp_path, monkeypatch):
     """Orbax fails a save as soon as one of its threads fails, while others still work: here the
     array writes fail at once (ENOSPC) while the directory for the arrays' metadata is being created

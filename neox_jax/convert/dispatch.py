@@ -24,7 +24,7 @@ _STEP_DIR = re.compile(r"global_step(\d+)$")
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    from ..checkpoint import resolve
+    from ..checkpoint import PathNotUTF8, resolve
 
     p = Path(path)
     if not p.exists():
@@ -34,6 +34,8 @@ def detect_format(path: str | os.PathLike) -> str:
     try:
         resolve(p)
         return "orbax"
+    except PathNotUTF8:
+        raise
     except CheckpointError:
         pass
     if (p / "config.json").exists() and (

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import atomic
 from ..errors import UserError
 from .dispatch import open_reader
 from .formats import Entry, Reader, dtype_name, human_bytes
@@ -61,7 +62,8 @@ def inspect_checkpoint(path: str, *, hashes: bool = True, neox_config: list[str]
             tensors.append({"name": name, "shape": list(shape), "dtype": dtype_name(dt), "norm": norm,
                             "sha256": sha, "bytes": int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize})
         info: dict[str, Any] = {
-            "format": r.fmt, "path": str(r.path), "description": r.describe(),
+            # (a path whose bytes are not UTF-8 is shown escaped, `\xff`: printing its surrogates failed)
+            "format": r.fmt, "path": atomic.shown(r.path), "description": atomic.shown(r.describe()),
             "config": cfg.arch_dict() | {"max_position_embeddings": cfg.max_position_embeddings,
                                          "tokenizer_vocab_size": cfg.tokenizer_vocab_size},
             "num_params": cfg.num_params(),
