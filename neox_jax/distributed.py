@@ -34,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
+import threading
 from typing import Mapping
 
 from .errors import UserError
@@ -182,6 +184,12 @@ def initialize(plan: Plan | None) -> None:
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX's preemption service installs its own SIGTERM handler, which only records a notice for
+    # `reached_preemption_sync_point` (not used here): a SIGTERM during setup or compilation was then
+    # swallowed and the run trained to its end (exit 0).  Off: SIGTERM stays ours in every phase (the
+    # CLI's Terminated, exit 143; the loop's stop flag and per-step vote during the steps).
+    jax.config.update("jax_enable_preemption_service", False)
+    sigterm = signal.getsignal(signal.SIGTERM)
     # seconds to wait for every process to reach the coordinator (JAX's default: 300)
     timeout = _int(os.environ.get(ENV_TIMEOUT, "300"), ENV_TIMEOUT)
     log.log(logging.INFO if plan.process_id in (None, 0) else logging.DEBUG,
@@ -198,6 +206,8 @@ def initialize(plan: Plan | None) -> None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise DistributedError(f"jax.distributed.initialize ({plan.describe()}) failed: {first}") from None
     _started = plan
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)  # ours again at the C level, whatever the runtime installed
     pid, n = jax.process_index(), jax.process_count()
     if pid != 0:
         logging.getLogger("neox_jax").setLevel(logging.WARNING)

@@ -137,6 +137,33 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, 
     assert sorted(int(d.name) for d in (tmp_path / "run" / "checkpoints").iterdir() if d.name.isdigit()) == [stop]
 
 
+def test_sigterm_during_setup_stops_every_process(tmp_path, prefix):
+    """SIGTERM to both processes after jax.distributed has started and before the first step (the run
+    directory's config.yaml is written; the steps are still compiling, with no compilation cache):
+    each exits 143 with `neox-jax: terminated`, as one process does.  JAX's preemption service
+    took SIGTERM from then on and only noted it: the run trained all its steps and exited 0."""
+    raw = _config(prefix, LONG)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    procs = two_processes(["-m", "neox_jax", "train", str(tmp_path / "run.yaml"), "--run-dir", str(tmp_path / "run")],
+                           pause=0.5)
+    try:
+        cfg, metrics = tmp_path / "run" / "config.yaml", tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and not cfg.exists():
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.02)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert not metrics.exists() or not metrics.read_text(), "the signal came after the first step: no test"
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 143, err[-3000:]
+        assert err.strip().splitlines()[-1] == "neox-jax: terminated", err[-3000:]
+
+
 def test_a_write_failing_in_one_process_stops_every_process(tmp_path, prefix, cache):
     """The background write of step 3 fails in process 1 only (a full local disk): Orbax's barriers
     then wait for each other until `checkpoint.write_timeout_s` (6 s here).  Both processes stop in
