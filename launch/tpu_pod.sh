@@ -25,7 +25,13 @@ cd "$REPO_DIR"
 export NEOX_JAX_DISTRIBUTED=auto
 exec $NEOX_JAX train "$CONFIG" --run-dir "$RUN_DIR" "$@"
 SCRIPT
-args=$(printf ' %q' "$@")
-env_line="REPO_DIR=$REPO_DIR CONFIG=$(printf %q "$CONFIG") RUN_DIR=$(printf %q "$RUN_DIR") NEOX_JAX=$(printf %q "$NEOX_JAX")"
+args=""
+if (($#)); then args=$(printf ' %q' "$@"); fi  # (printf with no arguments would give one empty one)
+case $REPO_DIR in  # quoted for the host's shell, a leading ~ left to it (the host's home)
+  "~") repo='"$HOME"' ;;
+  "~/"*) repo="\"\$HOME\"/$(printf %q "${REPO_DIR#"~/"}")" ;;
+  *) repo=$(printf %q "$REPO_DIR") ;;
+esac
+env_line="REPO_DIR=$repo CONFIG=$(printf %q "$CONFIG") RUN_DIR=$(printf %q "$RUN_DIR") NEOX_JAX=$(printf %q "$NEOX_JAX")"
 exec gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" ${PROJECT:+--project "$PROJECT"} --worker=all \
   --command "$env_line bash -c $(printf %q "$REMOTE") neox-jax$args"

@@ -82,8 +82,12 @@ def test_slurm_script_with_fake_srun(tmp_path):
                      for i in range(2)]
 
 
-def test_tpu_script_with_fake_gcloud(tmp_path):
-    """gcloud's --command, run here by bash, is what each TPU host runs."""
+@pytest.mark.parametrize("extra, repo", [(["--set", "train.steps=5"], None), ([], "~/my repo"),
+                                         (["--set", "train.name=a b"], "~"), ([], "plain")])
+def test_tpu_script_with_fake_gcloud(tmp_path, extra, repo):
+    """gcloud's --command, run here by bash, is what each TPU host runs.  With no extra options the
+    host's command line has none (it had one empty argument, which `train` refused); a REPO_DIR with
+    a space, under the host's home (~), is one directory there."""
     (tmp_path / "bin").mkdir()
     fake = _fake_neox(tmp_path)
     _exe(tmp_path / "bin" / "gcloud", '#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$OUT.args"\n'
@@ -92,11 +96,18 @@ def test_tpu_script_with_fake_gcloud(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEOX_JAX"))}
     env.update(PATH=f"{tmp_path / 'bin'}:{env['PATH']}", OUT=str(tmp_path / "out"), NEOX_JAX=str(fake),
                TPU_NAME="v5p-256", ZONE="us-east5-a", CONFIG="configs/x y.yaml", RUN_DIR="/mnt/runs/a",
-               REPO_DIR=str(tmp_path))
-    r = subprocess.run(["bash", str(LAUNCH / "tpu_pod.sh"), "--set", "train.steps=5"], capture_output=True,
-                       text=True, env=env, cwd=tmp_path)
+               REPO_DIR=str(tmp_path / "repo") if repo is None else repo, HOME=str(tmp_path / "home"))
+    host_repo = {None: tmp_path / "repo", "~/my repo": tmp_path / "home" / "my repo", "~": tmp_path / "home",
+                 "plain": tmp_path / "plain"}[repo]  # (relative: the host's login directory)
+    host_repo.mkdir(parents=True, exist_ok=True)
+    (host_repo / "here").write_text("")
+    # the fake neox-jax also records its working directory (REPO_DIR on the host) and its argument count
+    _exe(fake, '#!/usr/bin/env bash\necho "$NEOX_JAX_PROCESS_ID|$NEOX_JAX_NUM_PROCESSES|$NEOX_JAX_COORDINATOR|'
+         '${NEOX_JAX_DISTRIBUTED:-}|$*|$#|$(ls)" >> "$OUT"\n')
+    r = subprocess.run(["bash", str(LAUNCH / "tpu_pod.sh"), *extra], capture_output=True, text=True, env=env,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     args = (tmp_path / "out.args").read_text().splitlines()
     assert args[:6] == ["compute", "tpus", "tpu-vm", "ssh", "v5p-256", "--zone"] and "--worker=all" in args
     assert (tmp_path / "out").read_text() == \
-        "|||auto|train configs/x y.yaml --run-dir /mnt/runs/a --set train.steps=5\n"
+        f"|||auto|{' '.join(['train', 'configs/x y.yaml', '--run-dir', '/mnt/runs/a', *extra])}|{4 + len(extra)}|here\n"
