@@ -373,6 +373,16 @@ def recover(parent: str | os.PathLike, *, skip_op: str | None = None) -> list[st
         names = []
     for n in sorted(names):
         m = _NAME.match(n)
+        if m and m.group("kind") == "journal.new" and m.group("op") not in known_ops and m.group("op") != skip_op:
+            # a first journal cut short before its rename (nothing else of that operation exists yet)
+            j = _read_journal(parent / n)
+            if j is not None and _abandoned(j):
+                (parent / n).unlink(missing_ok=True)
+                notes.append(f"{parent / n}: removed the unfinished journal of an interrupted run "
+                             f"(pid {j.get('pid')} on {j.get('host')})")
+            elif j is None:
+                notes.append(f"{parent / n}: an unreadable neox-jax journal being written; left alone, delete it "
+                             "if no neox-jax command is writing here")
         if m and m.group("kind") in ("tmp", "old") and m.group("op") not in known_ops:
             notes.append(f"{parent / n}: a neox-jax temporary without a journal (not provably abandoned); "
                          f"left alone, delete it if no neox-jax command is writing here")
@@ -531,6 +541,9 @@ class Replacement:
         except OSError as e:
             self.abort()
             raise error(f"{self.finals[0]}: cannot write here ({e.strerror})") from None
+        except BaseException:  # SIGINT/SIGTERM here, before the caller's `with` (its abort) has begun
+            self.abort()
+            raise
 
     def tmp(self, final: str | os.PathLike | None = None) -> Path:
         """Where the new content of `final` (default: the only output) is written."""
@@ -620,11 +633,13 @@ class SetAside:
             with HeldSignals():
                 os.rename(final, self.old)
                 fsync_path(self.parent)
-        except OSError as e:
+        except BaseException as e:  # an OSError, or SIGINT/SIGTERM before the caller's `with` has begun
             self.journal.with_name(self.journal.name + ".new").unlink(missing_ok=True)
             if self.journal.exists():
                 _restore(self.journal, _read_journal(self.journal))  # the rename may have happened
-            raise error(f"{final}: cannot move it aside ({e.strerror})") from None
+            if isinstance(e, OSError):
+                raise error(f"{final}: cannot move it aside ({e.strerror})") from None
+            raise
         log.info("%s: moved aside to %s until its replacement is complete", final, self.old)
 
     def _write_journal(self, state: str) -> None:

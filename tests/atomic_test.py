@@ -509,3 +509,58 @@ def test_bin_longer_than_index_refused(tmp_path, neox_tokenizer_path, corpus):
         f.write(np.zeros(3, np.uint16).tobytes())
     with pytest.raises(UserError, match="longer than the index says"):
         IndexedDataset(f"{prefix}_text_document")
+
+
+def test_an_interrupt_while_a_replacement_or_set_aside_begins_leaves_nothing(tmp_path, monkeypatch):
+    """SIGINT/SIGTERM (KeyboardInterrupt, Terminated) raised inside `Replacement(...)` right after its
+    journal is written, before the caller's `with` has begun: the journal used to stay behind (the
+    next write removed it with a warning).  A `SetAside(...)` interrupted as its held signals are
+    delivered, right after the rename: the directory used to stay aside until the next run."""
+    real = atomic._write_journal
+
+    def interrupted(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "_write_journal", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.Replacement([tmp_path / "out.jsonl"])
+    with pytest.raises(KeyboardInterrupt):
+        atomic.Replacement([tmp_path / "ck"], directory=True)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(atomic, "_write_journal", real)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("old\n")
+    real_exit = atomic.HeldSignals.__exit__
+
+    def delivered(self, *exc):  # a signal held during the rename, raised as the block ends
+        real_exit(self, *exc)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.HeldSignals, "__exit__", delivered)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.SetAside(run)
+    monkeypatch.setattr(atomic.HeldSignals, "__exit__", real_exit)
+    assert os.listdir(tmp_path) == ["run"] and (run / "config.yaml").read_text() == "old\n"
+
+
+def test_an_orphan_first_journal_is_recovered(tmp_path):
+    """A run killed between writing its first journal (`.journal.new`) and renaming it leaves only that
+    file; `recover` (every neox-jax write beside it) used to ignore it for good.  Its owner gone, it
+    is removed (one note); a live owner's is left alone, silently."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name, pid in (("a", dead.pid), ("b", os.getpid())):
+        j = tmp_path / f".{name}.jsonl.{atomic.TAG}-{name * 12}.journal"
+        atomic._write_journal(j, name * 12, "writing", [{"final": f"{name}.jsonl", "tmp": "t", "old": "o",
+                                                          "dir": False, "id": None}])
+        data = json.loads(j.read_text())
+        data.update(pid=pid, pid_start=atomic._start_time(pid) if pid == os.getpid() else None)
+        j.with_name(j.name + ".new").write_text(json.dumps(data))
+        j.unlink()
+    notes = atomic.recover(tmp_path)
+    assert notes == [f"{tmp_path}/.a.jsonl.{atomic.TAG}-{'a' * 12}.journal.new: removed the unfinished journal "
+                     f"of an interrupted run (pid {dead.pid} on {data['host']})"], notes
+    assert os.listdir(tmp_path) == [f".b.jsonl.{atomic.TAG}-{'b' * 12}.journal.new"]
