@@ -158,6 +158,13 @@ def test_set_aside_restore_commit_and_recover(tmp_path, monkeypatch, swap):
     with pytest.raises(UserError, match="another neox-jax run"):
         atomic.SetAside(dst)  # this process is alive: its journal is not abandoned
     assert "is being rebuilt; its previous content was moved aside" in atomic.pending(dst)
+    # every reader says so, `inspect`, `diff` and `convert` too (they said "not a recognised checkpoint")
+    from neox_jax.convert.dispatch import detect_format
+
+    with pytest.raises(CheckpointError, match="is being rebuilt; its previous content was moved aside"):
+        detect_format(dst)
+    with pytest.raises(CheckpointError, match="is being rebuilt"):
+        load_params(dst)
     rep.restore()
     assert tree_bytes(dst) == before and leftovers(tmp_path) == []
     rep = atomic.SetAside(dst)

@@ -16,6 +16,7 @@ import os
 import re
 from pathlib import Path
 
+from .. import atomic
 from ..errors import CheckpointError, UserError
 
 FORMATS = ("orbax", "hf", "neox")
@@ -27,10 +28,6 @@ def detect_format(path: str | os.PathLike) -> str:
     from ..checkpoint import PathNotUTF8, resolve
 
     p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file or directory")
-    if not p.is_dir():
-        raise CheckpointError(f"{p}: expected a checkpoint directory")
     try:
         resolve(p)
         return "orbax"
@@ -38,6 +35,13 @@ def detect_format(path: str | os.PathLike) -> str:
         raise
     except CheckpointError:
         pass
+    note = atomic.pending(p)  # a run directory moved aside by an interrupted `train --overwrite`, say
+    if note:
+        raise CheckpointError(note)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: expected a checkpoint directory")
     if (p / "config.json").exists() and (
         any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin")) or any(p.glob("*.index.json"))
     ):
