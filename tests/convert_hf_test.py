@@ -191,3 +191,39 @@ def test_layer_norm_eps_survives_conversion(tmp_path):
     back = load_hf(tmp_path / "back")
     assert back.config.layer_norm_eps == 1e-3
     assert np.abs(logits(back, IDS) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_tokenizer_vocab_size_comes_from_the_checkpoints_tokenizer(tmp_path, neox_tokenizer_path, caplog):
+    """HF's config.json has no tokenizer size; the checkpoint's tokenizer.json does (the 20B tokenizer:
+    50277 with its added tokens, per `tokenizers`).  An HF model whose padding row 50290 wins every
+    step (final LayerNorm output all ones, that row 10s): greedy `generate` from the conversion used
+    to emit 50290 forever (decoded as ""); it now never draws an id past the tokenizer's."""
+    from tokenizers import Tokenizer
+
+    from neox_jax.checkpoint import read_config
+
+    real = Tokenizer.from_file(str(neox_tokenizer_path)).get_vocab_size(with_added_tokens=True)
+    assert real == 50277
+    model = tiny_hf(0, vocab=50304, hidden=16, layers=1, heads=2)
+    with torch.no_grad():
+        model.gpt_neox.final_layer_norm.weight.zero_()
+        model.gpt_neox.final_layer_norm.bias.fill_(1.0)
+        model.get_output_embeddings().weight[50290].fill_(10.0)
+    src = save_hf(model, tmp_path / "hf", dtype=torch.float32)
+    shutil.copy(neox_tokenizer_path, src / "tokenizer.json")
+    assert main(["convert", str(src), str(tmp_path / "ck")]) == 0
+    assert read_config(tmp_path / "ck").tokenizer_vocab_size == real
+    out = tmp_path / "g.jsonl"
+    assert main(["generate", str(tmp_path / "ck"), "--prompt", "ROMEO:", "--max-new-tokens", "4", "--tokenizer",
+                 str(neox_tokenizer_path), "--output", str(out)]) == 0
+    toks = json.loads(out.read_text())["completion_tokens"]
+    assert len(toks) == 4 and all(t < real for t in toks), toks
+    # without a tokenizer.json beside the weights nothing is assumed (every row may be drawn)
+    (src / "tokenizer.json").unlink()
+    assert main(["convert", str(src), str(tmp_path / "ck2")]) == 0
+    assert read_config(tmp_path / "ck2").tokenizer_vocab_size == 0
+    (src / "tokenizer.json").write_text("{not json")  # converted all the same, with a warning saying so
+    with caplog.at_level("WARNING", logger="neox_jax"):
+        assert main(["convert", str(src), str(tmp_path / "ck3")]) == 0
+    assert "tokenizer.json: not a tokenizer the tokenizers library reads" in caplog.text
+    assert read_config(tmp_path / "ck3").tokenizer_vocab_size == 0

@@ -138,6 +138,28 @@ def _read_at(path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -
 # ----------------------------------------------------------------------------- reader
 
 
+def _with_tokenizer_vocab(cfg: ModelConfig, tokenizer_json: Path) -> ModelConfig:
+    """`cfg` with `tokenizer_vocab_size` from the checkpoint's own tokenizer.json (its vocabulary with
+    the added tokens: 50277 for Pythia and 20B), which HF's config.json does not carry: without it
+    `generate` could draw the embedding's padding rows (ids 50277..50303), which decode to nothing."""
+    if cfg.tokenizer_vocab_size or not tokenizer_json.is_file():
+        return cfg
+    from tokenizers import Tokenizer
+
+    try:
+        n = Tokenizer.from_file(str(tokenizer_json)).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises its own exception type
+        # the weights convert all the same (the file is copied as it is); said, not silent
+        log.warning("%s: not a tokenizer the tokenizers library reads (%s); tokenizer_vocab_size not set: every "
+                    "row of the embedding may be sampled", tokenizer_json, (str(e).splitlines() or [""])[0][:200])
+        return cfg
+    if n > cfg.vocab_size:
+        raise ConfigError(f"{tokenizer_json}: {n} tokens, more than the model's vocab_size {cfg.vocab_size}")
+    log.info("%s: tokenizer of %d tokens (the model's vocab_size is %d): tokenizer_vocab_size %d",
+             tokenizer_json, n, cfg.vocab_size, n)
+    return cfg.replace(tokenizer_vocab_size=n)
+
+
 class HFReader(Reader):
     fmt = "hf"
 
@@ -157,6 +179,7 @@ class HFReader(Reader):
         self.extras["hf_token_ids"] = {k: f.list(k, int) if isinstance(hf_cfg[k], list) else f.int(k, None, nullable=True)
                                        for k in HF_TOKEN_ID_KEYS if k in hf_cfg}
         self.extras["tokenizer_files"] = {f: str(path / f) for f in TOKENIZER_FILES if (path / f).is_file()}
+        self.config = _with_tokenizer_vocab(self.config, path / "tokenizer.json")
         self._st: dict[str, tuple[Path, int, np.dtype, tuple[int, ...]]] = {}  # key -> file, abs offset, ...
         self._bin: dict[str, tuple[Path, tuple[int, ...], np.dtype]] = {}  # key -> (file, shape, dtype)
         self._bin_open: tuple[Path, dict] | None = None  # the one memory-mapped .bin file in use
