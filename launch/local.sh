@@ -28,6 +28,17 @@ NPROC=${NPROC:-2}
 PORT=${PORT:-$((12321 + $$ % 20000))}
 DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-1}
 NEOX_JAX=${NEOX_JAX:-neox-jax}
+for knob in NPROC DEVICES_PER_PROCESS PORT; do  # whole numbers >= 1, checked before anything starts
+  if ! [[ ${!knob} =~ ^[1-9][0-9]*$ ]]; then
+    echo "launch/local.sh: $knob must be a whole number >= 1, got '${!knob}'" >&2
+    exit 2
+  fi
+done
+if ((PORT > 65535)); then echo "launch/local.sh: PORT must be <= 65535, got $PORT" >&2; exit 2; fi
+if [[ -n "${PLATFORM:-}" && $PLATFORM != cpu && $PLATFORM != gpu ]]; then
+  echo "launch/local.sh: PLATFORM must be cpu or gpu, got '$PLATFORM'" >&2
+  exit 2
+fi
 if [[ -z "${PLATFORM:-}" ]]; then
   if command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q GPU; then PLATFORM=gpu; else PLATFORM=cpu; fi
 fi

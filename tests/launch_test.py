@@ -111,3 +111,33 @@ def test_tpu_script_with_fake_gcloud(tmp_path, extra, repo):
     assert args[:6] == ["compute", "tpus", "tpu-vm", "ssh", "v5p-256", "--zone"] and "--worker=all" in args
     assert (tmp_path / "out").read_text() == \
         f"|||auto|{' '.join(['train', 'configs/x y.yaml', '--run-dir', '/mnt/runs/a', *extra])}|{4 + len(extra)}|here\n"
+
+
+@pytest.mark.parametrize("knob, value", [("NPROC", "0"), ("NPROC", "-1"), ("NPROC", "2x"), ("NPROC", "abc"),
+                                         ("DEVICES_PER_PROCESS", "abc"), ("PORT", "99999"), ("PLATFORM", "tpu")])
+def test_local_launcher_refuses_a_bad_knob_in_one_line(tmp_path, knob, value):
+    """NPROC=0 or -1 launched nothing and exited 0; 2x printed bash's arithmetic error and exited 0;
+    abc was 'unbound variable'; DEVICES_PER_PROCESS=abc had XLA print its whole flag table.  Each is one
+    line naming the knob, exit 2, before any process starts (the fake command would record one)."""
+    (tmp_path / "bin").mkdir()
+    fake = _fake_neox(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEOX_JAX"))}
+    env.update(OUT=str(tmp_path / "out"), NEOX_JAX=str(fake), PLATFORM="cpu")
+    env[knob] = value
+    r = subprocess.run(["bash", str(LAUNCH / "local.sh"), "cfg.yaml", str(tmp_path / "run")], capture_output=True,
+                       text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith(f"launch/local.sh: {knob} must")
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_launcher_with_a_fake_command(tmp_path):
+    """Two processes of the fake command, each with its process id, the count and the coordinator."""
+    (tmp_path / "bin").mkdir()
+    fake = _fake_neox(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEOX_JAX"))}
+    env.update(OUT=str(tmp_path / "out"), NEOX_JAX=str(fake), PLATFORM="cpu", NPROC="2", PORT="23456")
+    r = subprocess.run(["bash", str(LAUNCH / "local.sh"), "cfg.yaml", str(tmp_path / "run"), "--set", "a=b c"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted((tmp_path / "out").read_text().splitlines()) == [
+        f"{i}|2|127.0.0.1:23456||train cfg.yaml --run-dir {tmp_path / 'run'} --set a=b c" for i in range(2)]
