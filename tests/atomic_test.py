@@ -509,6 +509,31 @@ def test_killed_preprocess_leaves_old_or_new_pair(corpus, neox_tokenizer_path, t
     assert IndexedDataset(f"{prefix}_text_document").num_tokens > 0
 
 
+def test_sigterm_to_the_process_group_of_preprocess_with_workers(corpus, neox_tokenizer_path, tmp_path):
+    """A scheduler's SIGTERM (scancel, a time limit) reaches the whole process group, the tokenising
+    workers too: multiprocessing.Pool.terminate then waited forever for a queue lock a killed worker
+    held, and every such signal during tokenising hung the command.  Now: exit 143, one line, the
+    output's temporaries gone, within seconds."""
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NEOX_JAX_TEST_PAUSE": "preprocess-chunk:0.3",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "neox_jax", "data", "preprocess", str(corpus / "new.jsonl"),
+                             "--output-prefix", str(out / "d"), "--tokenizer", str(neox_tokenizer_path),
+                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=ROOT, start_new_session=True)
+    try:
+        _wait_for_journal(proc, out, "writing")
+        time.sleep(1.0)  # the workers are tokenising (each chunk held 0.3 s in the parent)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143 and err.strip().splitlines() == ["neox-jax: terminated"], err[-2000:]
+    assert leftovers(out) == [] and os.listdir(out) == []
+
+
 def test_bin_longer_than_index_refused(tmp_path, neox_tokenizer_path, corpus):
     prefix = tmp_path / "d"
     preprocess([corpus / "old.jsonl"], str(prefix), neox_tokenizer_path)

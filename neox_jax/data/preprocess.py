@@ -39,6 +39,7 @@ import signal
 import sys
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -259,7 +260,8 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str, tokenize
     try:
         with IndexedDatasetWriter(prefix, dt, overwrite=overwrite) as writer:
             if workers > 1:
-                pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (str(tok.path),))
+                pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=_init_worker, initargs=(str(tok.path),))
                 results = _ordered(pool, chunks, eod, window=2 * workers)
             else:
                 results = ((_encode_chunk(texts, eod, tok), pos) for texts, pos in chunks)
@@ -280,7 +282,7 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str, tokenize
                                 f"line(s) skipped, {stats.empty} empty document(s)")
     finally:
         if pool is not None:
-            pool.terminate()
+            _stop(pool)
         bar.close()
     seconds = time.perf_counter() - start
     if stats.bad_lines:
@@ -288,14 +290,26 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str, tokenize
     return PreprocessResult(prefix, str(dt), n_docs, n_tokens, seconds, stats)
 
 
-def _ordered(pool, chunks, eod, window: int):
+def _ordered(pool: ProcessPoolExecutor, chunks, eod, window: int):
     """Run chunks on the pool with at most `window` in flight; yield results in input order."""
     pending: deque = deque()
     for texts, pos in chunks:
-        pending.append((pool.apply_async(_encode_chunk, (texts, eod)), pos))
+        pending.append((pool.submit(_encode_chunk, texts, eod), pos))
         if len(pending) >= window:
             res, p = pending.popleft()
-            yield res.get(), p
+            yield res.result(), p
     while pending:
         res, p = pending.popleft()
-        yield res.get(), p
+        yield res.result(), p
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """End the workers, whatever state they are in.  A scheduler's SIGTERM reaches the whole process
+    group, workers included: `multiprocessing.Pool.terminate` then waited forever for a queue lock
+    that a killed worker held (every group SIGTERM during tokenising hung the command).  The
+    executor's workers are killed (SIGKILL: they hold nothing of ours; the output's temporaries are
+    the parent's) and the executor shut down without waiting for the work it had queued."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        if proc.is_alive():
+            proc.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
