@@ -310,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.unraisablehook = _redeliver(old_hook)
     try:
         args.run(args)
+    except BrokenPipeError:  # the reader of our output left (`neox-jax data order ... | head`): quietly,
+        # as a pipeline's other commands do (141 = 128 + SIGPIPE); stdout's last flush goes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (UserError, OSError) as e:
         if args.debug:
             raise

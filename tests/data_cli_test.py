@@ -48,6 +48,17 @@ def test_preprocess_output_and_refusal(corpus, capsys, neox_tokenizer_path):
     assert err.count("\n") == 1
 
 
+def test_order_into_a_pipe_closed_early_is_quiet(corpus):
+    """`neox-jax data order ... | head -c 100`: the reader leaves early; the command said
+    "neox-jax: error: Broken pipe".  Now nothing on stderr and exit status 141, as `yes | head`."""
+    d, _, _ = corpus
+    r = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m neox_jax data order --data-prefix "
+                        f"{d / 'shk_text_document'} --seq-length 8 --num-samples 40000 --batch 8 --steps 0:5000 "
+                        f"| head -c 100 > /dev/null; echo \"${{PIPESTATUS[0]}}\""],
+                       capture_output=True, text=True)
+    assert r.stdout.strip() == "141" and "Traceback" not in r.stderr and "error" not in r.stderr, r.stderr[-2000:]
+
+
 def test_order_replays_steps(corpus, capsys, tmp_path, neox_tokenizer_path):
     d, docs, tokens = corpus
     seq, batch, n_samples = 128, 4, 500
