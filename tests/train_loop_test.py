@@ -131,9 +131,9 @@ def test_sigterm_stops_cleanly(corpus, tmp_path):
     assert is_checkpoint(tmp_path / "r" / "checkpoints" / str(summary["steps"]))
 
 
-def test_non_finite_loss_stops_naming_the_step(corpus, tmp_path):
-    """Start from a checkpoint whose head is NaN: the first step's loss is NaN; without loss scaling
-    the run stops at step 0 with one line, exit 2."""
+def nan_init_run(corpus, tmp_path: Path, steps: int) -> None:
+    """tmp_path/run.yaml (the tiny run of `steps` steps) and tmp_path/nan: its model's weights with
+    one NaN in the output head, for --init-from (the first step's loss is NaN)."""
     import jax
     import jax.numpy as jnp
 
@@ -141,13 +141,19 @@ def test_non_finite_loss_stops_naming_the_step(corpus, tmp_path):
     from neox_jax.checkpoint import save_params
     from neox_jax.config import from_dict
 
-    raw = raw_config(corpus, steps=5)
+    raw = raw_config(corpus, steps=steps)
     cfg = from_dict({**yaml.safe_load(open(ROOT / "configs" / "tiny.yaml"))["model"], **{
         k: v for k, v in raw["model"].items() if k != "preset"}})
     params = M.init_params(cfg, 0)
     params["embed_out"]["kernel"] = params["embed_out"]["kernel"].at[0, 0].set(jnp.nan)
     save_params(tmp_path / "nan", cfg, jax.device_get(params))
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+
+
+def test_non_finite_loss_stops_naming_the_step(corpus, tmp_path):
+    """Start from a checkpoint whose head is NaN: the first step's loss is NaN; without loss scaling
+    the run stops at step 0 with one line, exit 2."""
+    nan_init_run(corpus, tmp_path, steps=5)
     r = _cli("train", tmp_path / "run.yaml", "--run-dir", tmp_path / "r", "--init-from", tmp_path / "nan")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
@@ -162,20 +168,7 @@ def test_a_run_that_failed_before_its_first_step_is_started_over(corpus, tmp_pat
     with config.yaml, an empty metrics.jsonl and no checkpoint; the same command without the bad
     weights then trains there without --overwrite.  A directory with anything else in it (here a
     notes file) is still refused."""
-    import jax
-    import jax.numpy as jnp
-
-    from neox_jax import model as M
-    from neox_jax.checkpoint import save_params
-    from neox_jax.config import from_dict
-
-    raw = raw_config(corpus, steps=2)
-    cfg = from_dict({**yaml.safe_load(open(ROOT / "configs" / "tiny.yaml"))["model"], **{
-        k: v for k, v in raw["model"].items() if k != "preset"}})
-    params = M.init_params(cfg, 0)
-    params["embed_out"]["kernel"] = params["embed_out"]["kernel"].at[0, 0].set(jnp.nan)
-    save_params(tmp_path / "nan", cfg, jax.device_get(params))
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    nan_init_run(corpus, tmp_path, steps=2)
     run = tmp_path / "r"
     r = _cli("train", tmp_path / "run.yaml", "--run-dir", run, "--init-from", tmp_path / "nan")
     assert r.returncode == 2 and "loss nan" in r.stderr.strip().splitlines()[-1], r.stderr
