@@ -7,6 +7,7 @@ argparse cannot parse (`Parser`: the line names the command, no usage block).  S
 handled as SIGINT is: it raises `Terminated` in the main thread, so every writer's cleanup runs
 (temporaries removed, DST untouched); the exit status is then 143 (130 for SIGINT).  One that
 Python drops (raised inside a garbage-collector callback, JAX has one) is sent again (`_redeliver`).
+A command may return its own status (`train` stopped by a signal after its checkpoint: 143 or 130).
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def _redeliver(hook):
 
 def _on_sigterm(signum, frame):
     raise Terminated()
+
+
+class Abrupt(int):
+    """The exit status of a command that a signal cut short (130, 143): `entry` then leaves without
+    interpreter finalization.  A command that stopped in good order after a signal (`train`: its
+    checkpoint committed) returns a plain 130/143 and finalizes as after success."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -309,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     old_hook = sys.unraisablehook
     sys.unraisablehook = _redeliver(old_hook)
     try:
-        args.run(args)
+        code = args.run(args) or 0
     except BrokenPipeError:  # the reader of our output left (`neox-jax data order ... | head`): quietly,
         # as a pipeline's other commands do (141 = 128 + SIGPIPE); stdout's last flush goes nowhere
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -326,15 +333,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("neox-jax: interrupted", file=sys.stderr)
-        return 130
+        return Abrupt(130)
     except Terminated:
         print("neox-jax: terminated", file=sys.stderr)
-        return 143
+        return Abrupt(143)
     finally:
         sys.unraisablehook = old_hook
         if main_thread:
             signal.signal(signal.SIGTERM, old_term)
-    return 0
+    return code
 
 
 def entry() -> None:
@@ -349,11 +356,11 @@ def entry() -> None:
         code = main()
     except KeyboardInterrupt:
         print("neox-jax: interrupted", file=sys.stderr)
-        code = 130
+        code = Abrupt(130)
     except Terminated:
         print("neox-jax: terminated", file=sys.stderr)
-        code = 143
-    if code in (130, 143):
+        code = Abrupt(143)
+    if isinstance(code, Abrupt):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -127,7 +127,7 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, 
         for p in procs:
             p.kill()
     for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+        assert p.returncode == 143, err[-3000:]  # the unsignalled process too: its run stopped short
     summary = json.loads(outs[0][0].splitlines()[-1])  # process 0 prints the summary
     stop = summary["steps"]
     assert 8 <= stop < steps and summary["stopped_by"] == "SIGTERM", summary

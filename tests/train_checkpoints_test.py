@@ -121,7 +121,7 @@ def test_layout_and_readers(reference, capsys, caplog):
 
 def test_sigterm_then_resume_is_bit_identical(reference, tmp_path):
     """SIGTERM a training subprocess: it finishes the step, writes a checkpoint, waits for the
-    commit and exits 0; `--resume` then gives losses bit-identical to the uninterrupted run."""
+    commit and exits 143; `--resume` then gives losses bit-identical to the uninterrupted run."""
     run_dir, cfg = reference
     raw = yaml.safe_load(cfg.read_text())
     raw["checkpoint"] = {"every_steps": 0}
@@ -137,7 +137,7 @@ def test_sigterm_then_resume_is_bit_identical(reference, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 143, err
     summary = json.loads(out.splitlines()[-1])
     stop = summary["steps"]
     assert summary["stopped_by"] == "SIGTERM" and 2 <= stop < STEPS, summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def _distributed_plan(args, overrides):
                                pick(args.process_id, "process_id", -1))
 
 
-def _run_train(args) -> None:
+def _run_train(args) -> int:
     from .config import load_run_config
 
     overrides = list(args.set)
@@ -89,7 +90,7 @@ def _run_train(args) -> None:
         import yaml
 
         print(yaml.safe_dump(run.to_dict(), sort_keys=False), end="")
-        return
+        return 0
     from .loop import train
 
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config[0]).stem)
@@ -97,3 +98,5 @@ def _run_train(args) -> None:
                     resume_fallback=args.resume_fallback)
     if jax.process_index() == 0:
         print(json.dumps(summary))
+    # stopped by a signal (its checkpoint committed): not finished, so not 0, as a scheduler and `&&` expect
+    return 128 + signal.Signals[summary["stopped_by"]].value if summary["stopped_by"] else 0

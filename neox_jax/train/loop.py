@@ -32,6 +32,7 @@ import yaml
 from .. import atomic
 from .. import checkpoint as ckpt
 from .. import flops
+from ..config import load_yaml
 from ..data.loader import Loader, global_batch_arrays
 from ..distributed import Vote, barrier
 from ..errors import CheckpointError, TrainingError, UserError
@@ -231,7 +232,7 @@ def never_stepped(run_dir: Path) -> bool:
     if not set(entries) <= allowed or "config.yaml" not in entries or run_dir.is_symlink():
         return False
     try:
-        raw = yaml.safe_load(entries["config.yaml"].read_text(encoding="utf-8"))
+        raw = load_yaml(entries["config.yaml"].read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
     if not (isinstance(raw, dict) and {"model", "train"} <= set(raw)):
@@ -559,5 +560,6 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
                "checkpoint": str(path) if path else None, "started_at": start,
                "stopped_by": stopped}
     if stopped:
-        log.warning("stopped by %s after step %d", stopped, done)
+        log.warning("stopped by %s after step %d, its checkpoint committed: the same command resumes from it "
+                    "(exit status %d)", stopped, done, 128 + signal.Signals[stopped].value)
     return summary
