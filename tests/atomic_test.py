@@ -534,6 +534,37 @@ def test_sigterm_to_the_process_group_of_preprocess_with_workers(corpus, neox_to
     assert leftovers(out) == [] and os.listdir(out) == []
 
 
+def test_sigkill_of_preprocess_ends_its_workers_quietly(corpus, neox_tokenizer_path, tmp_path):
+    """SIGKILL to preprocess alone (the OOM killer; `kill -9` of the command): its tokenising workers
+    die with it (the kernel's parent-death signal) instead of waiting on a queue nobody feeds and then
+    printing tracebacks from it (BrokenPipeError, EOFError)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NEOX_JAX_TEST_PAUSE": "preprocess-chunk:0.3",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "neox_jax", "data", "preprocess", str(corpus / "new.jsonl"),
+                             "--output-prefix", str(out / "d"), "--tokenizer", str(neox_tokenizer_path),
+                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=ROOT, start_new_session=True)
+    try:
+        _wait_for_journal(proc, out, "writing")
+        time.sleep(1.0)  # the workers are tokenising (each chunk held 0.3 s in the parent)
+        children = [int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir()
+                    for c in (t / "children").read_text().split()]
+        assert len(children) >= 2, children  # the workers (and multiprocessing's resource tracker)
+        proc.kill()
+        _, err = proc.communicate(timeout=30)  # EOF once every holder of the stderr pipe (the workers) is gone
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    deadline = time.time() + 10
+    while time.time() < deadline and any(Path(f"/proc/{c}").exists() for c in children):
+        time.sleep(0.1)
+    assert not [c for c in children if Path(f"/proc/{c}").exists()], children
+    assert "Traceback" not in err and "Error" not in err, err[-3000:]
+
+
 def test_bin_longer_than_index_refused(tmp_path, neox_tokenizer_path, corpus):
     prefix = tmp_path / "d"
     preprocess([corpus / "old.jsonl"], str(prefix), neox_tokenizer_path)

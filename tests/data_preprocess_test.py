@@ -3,6 +3,7 @@ exact .idx/.bin bytes GPT-NeoX's preprocess_data.py would write (rebuilt here fr
 published layout), input formats, parallel workers, bad input."""
 
 import json
+import os
 import struct
 
 import numpy as np
@@ -96,9 +97,10 @@ def test_workers_leave_ctrl_c_to_the_parent(neox_tokenizer_path, monkeypatch):
 
     monkeypatch.setattr(P, "_WORKER_TOK", None)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    monkeypatch.setattr(P, "_die_with_parent", lambda parent: None)  # not this test process (tests/atomic_test.py kills a real one)
     old = signal.getsignal(signal.SIGINT)
     try:
-        P._init_worker(str(neox_tokenizer_path))
+        P._init_worker(str(neox_tokenizer_path), os.getppid())
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, old)

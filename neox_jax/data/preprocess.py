@@ -169,8 +169,26 @@ def iter_documents(paths: Sequence[str | os.PathLike], key: str = "text", txt_mo
 _WORKER_TOK: Tokenizer | None = None
 
 
-def _init_worker(tokenizer_path: str) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel sends this worker SIGKILL when its parent dies (PR_SET_PDEATHSIG).  A parent
+    killed outright (SIGKILL, the OOM killer) runs no cleanup; its workers waited on a queue nobody
+    fed, lived on, and printed tracebacks from it.  Elsewhere (not Linux) they still do (a debug log line says so)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        ok = sys.platform.startswith("linux") and libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        log.debug("tokenising worker %d: no parent-death signal on %s", os.getpid(), sys.platform)
+    if os.getppid() != parent:  # the parent died before the signal was set
+        os._exit(1)
+
+
+def _init_worker(tokenizer_path: str, parent: int) -> None:
     global _WORKER_TOK
+    _die_with_parent(parent)
     # a terminal's Ctrl-C reaches every process of the group: the parent handles it (and terminates
     # the pool); a worker interrupted in its task queue would print a KeyboardInterrupt traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -261,7 +279,7 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str, tokenize
         with IndexedDatasetWriter(prefix, dt, overwrite=overwrite) as writer:
             if workers > 1:
                 pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                           initializer=_init_worker, initargs=(str(tok.path),))
+                                           initializer=_init_worker, initargs=(str(tok.path), os.getpid()))
                 results = _ordered(pool, chunks, eod, window=2 * workers)
             else:
                 results = ((_encode_chunk(texts, eod, tok), pos) for texts, pos in chunks)
