@@ -397,9 +397,7 @@ def _save_params_multiprocess(dst, cfg: ModelConfig, params: Any, overwrite: boo
     barrier(f"neox_jax.save_params.prepare:{dst.name}")
     tmp = atomic.tmp_path(dst, op)
     try:
-        ckptr = _ocp().StandardCheckpointer()
-        ckptr.save(tmp.resolve() / "params", params, save_args=save_args(params))
-        ckptr.wait_until_finished()
+        orbax_save(_ocp().StandardCheckpointer(), tmp.resolve() / "params", params, save_args=save_args(params))
         barrier(f"neox_jax.save_params.written:{dst.name}")
         if lead:
             log.warning("%s: parameters span several processes; no checksums written", dst)

@@ -3,6 +3,7 @@ as one process x 8 devices: same per-step losses and final parameters, and each 
 own contiguous half of every global batch, checked by content against GPT-NeoX's data order."""
 
 import json
+import os
 import re
 import signal
 import sys
@@ -14,6 +15,8 @@ import pytest
 import yaml
 
 from neox_jax.checkpoint import load_params
+from neox_jax.config import load_config
+from neox_jax.model import init_params
 from neox_jax.data.preprocess import preprocess
 from neox_jax.train.config import from_sections
 from neox_jax.train.loop import build_datasets, train
@@ -95,6 +98,28 @@ def test_two_processes_train_as_one(tmp_path, prefix, record_property):
             want = np.stack([train_ds[s * BATCH + k * BATCH // 2 + j] for j in range(BATCH // 2)])
             np.testing.assert_array_equal(fed[s], want, err_msg=f"process {k} step {s}")
     record_property("measured", f"2 processes x 4 CPU devices vs 1 x 8: losses {two} vs {one}")
+
+
+def test_params_sharded_over_two_processes_are_saved_whole(tmp_path):
+    """`checkpoint.save_params` when each of two processes holds half of every sharded tensor: both
+    write their shards into one temporary directory, process 0 commits, and the checkpoint read back
+    in one process is the model initialised in one process, bit for bit; nothing else is left."""
+    procs = two_processes([str(ROOT / "tests" / "save_params_processes.py"), str(tmp_path / "ck"), "3"], pause=0)
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "parameters span several processes; no checksums written" in outs[0][1], outs[0][1][-2000:]
+    cfg, got = load_params(tmp_path / "ck")
+    assert cfg == load_config("tiny")
+    got, want = dict(jax_leaves(got)), dict(jax_leaves(init_params(cfg, 3)))  # want: one process, one device
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert os.listdir(tmp_path) == ["ck"]  # no temporary or journal beside it
 
 
 def jax_leaves(params):
