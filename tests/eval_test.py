@@ -133,7 +133,8 @@ def _evaluate(model, model_args, setup, tasks):
     import neox_jax.eval.harness  # noqa: F401  (registers "neox-jax")
 
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, batch_size=4, device="cpu",
-                                   task_manager=TaskManager(include_path=str(setup["tasks"])), log_samples=True)
+                                   task_manager=TaskManager(include_path=str(setup["tasks"]), include_defaults=False),
+                                   log_samples=True)  # lm-eval's own ~10k task files: 10 s to index, unused
 
 
 @pytest.fixture(scope="module")

@@ -119,6 +119,16 @@ def _train_part(state: TrainState) -> dict:
 # ----------------------------------------------------------------------------- the manager
 
 
+@contextlib.contextmanager
+def _damaged():
+    """A ConfigError from a step's own files (its marker, its run.json) means a damaged step: a
+    CheckpointError, which a resume with --resume-fallback passes over."""
+    try:
+        yield
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
 class TrainCheckpoints:
     """The step directories of one run (`RUN_DIR/checkpoints`), written and read with Orbax."""
 
@@ -303,20 +313,16 @@ class TrainCheckpoints:
         """`step`'s marker (`neox_jax/neox_jax.json`) is a training step's, of this step: what
         `generate` and `convert` check before they read a step, checked before a resume too."""
         d = self.step_dir(step)
-        try:
+        with _damaged():  # a marker of the wrong shape (`{}`, a list)
             meta = ckpt.read_marker(d)
-        except ConfigError as e:  # a marker of the wrong shape (`{}`, a list)
-            raise CheckpointError(str(e)) from None
         f = d / "neox_jax" / ckpt.MARKER
         if meta.get("kind") != KIND or meta.get("step") != step:
             raise CheckpointError(f"{f}: kind {meta.get('kind')!r} and step {meta.get('step')!r}; a training "
                                   f"checkpoint of step {step} has kind {KIND!r} and step {step}")
 
     def saved_run(self, step: int) -> RunConfig:
-        try:
+        with _damaged():  # a damaged run.json (a run config that would not load)
             return from_sections(self.read_json(step, "run"), where=str(self.step_dir(step) / "run" / "run.json"))
-        except ConfigError as e:  # a damaged run.json (a run config that would not load)
-            raise CheckpointError(str(e)) from None
 
     def restore(self, step: int, abstract: TrainState, *, params_only: bool = False) -> tuple[Any, dict]:
         """(state placed as `abstract`'s shardings say, loader state) of `step`; with params_only
