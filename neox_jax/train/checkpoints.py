@@ -172,7 +172,6 @@ class TrainCheckpoints:
         self.writing: int | None = None  # the step being written in the background
         self.started = 0.0  # when its write started (time.monotonic)
         self.closed = False
-        _quiet_background_errors()
         # from `save` until `wait` has collected that save: Orbax's error records of a failed write
         # are one line, the first (`checkpoint.quiet_orbax_errors`)
         self._quiet = contextlib.ExitStack()
@@ -341,28 +340,6 @@ class TrainCheckpoints:
         state = TrainState(step=part["step"], updates=part["updates"], params=out["params"],
                            opt_state=part["opt_state"], loss_scale=part["loss_scale"])
         return state, self.read_json(step, "loader")
-
-
-class _BackgroundSaveError(logging.Filter):
-    """Orbax logs a failed background write with its traceback (from each of its save threads, then
-    again from `wait_until_finished`) before `TrainCheckpoints.wait` raises it as one line: its records
-    keep one line, the cause's first.  Told by the traceback, not by the record's file: absl's logger
-    is a plain `logging.Logger` when the CLI configured it before absl was imported, and every record's
-    pathname is then absl's own module."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None and (
-                "orbax" in record.pathname or ckpt.raised_in_orbax(record.exc_info[1])):
-            first = (record.getMessage().splitlines() or [""])[0]
-            record.msg, record.args = f"{first} ({_first(record.exc_info[1])})", ()
-            record.exc_info = record.exc_text = None
-        return True
-
-
-def _quiet_background_errors() -> None:
-    logger = logging.getLogger("absl")
-    if not any(isinstance(f, _BackgroundSaveError) for f in logger.filters):
-        logger.addFilter(_BackgroundSaveError())
 
 
 def _drain(timeout_s: float = 300.0) -> None:
