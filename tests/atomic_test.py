@@ -509,22 +509,33 @@ def test_killed_preprocess_leaves_old_or_new_pair(corpus, neox_tokenizer_path, t
     assert IndexedDataset(f"{prefix}_text_document").num_tokens > 0
 
 
+def _tokenising_with_workers(corpus, tokenizer, out: Path) -> subprocess.Popen:
+    """`data preprocess --workers 2` into the new directory OUT, in a session of its own, once its
+    workers are tokenising (each chunk held 0.3 s in the parent)."""
+    out.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NEOX_JAX_TEST_PAUSE": "preprocess-chunk:0.3",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "neox_jax", "data", "preprocess", str(corpus / "new.jsonl"),
+                             "--output-prefix", str(out / "d"), "--tokenizer", str(tokenizer),
+                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=ROOT, start_new_session=True)
+    try:
+        _wait_for_journal(proc, out, "writing")
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    time.sleep(1.0)
+    return proc
+
+
 def test_sigterm_to_the_process_group_of_preprocess_with_workers(corpus, neox_tokenizer_path, tmp_path):
     """A scheduler's SIGTERM (scancel, a time limit) reaches the whole process group, the tokenising
     workers too: multiprocessing.Pool.terminate then waited forever for a queue lock a killed worker
     held, and every such signal during tokenising hung the command.  Now: exit 143, one line, the
     output's temporaries gone, within seconds."""
     out = tmp_path / "out"
-    out.mkdir()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NEOX_JAX_TEST_PAUSE": "preprocess-chunk:0.3",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "neox_jax", "data", "preprocess", str(corpus / "new.jsonl"),
-                             "--output-prefix", str(out / "d"), "--tokenizer", str(neox_tokenizer_path),
-                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=ROOT, start_new_session=True)
+    proc = _tokenising_with_workers(corpus, neox_tokenizer_path, out)
     try:
-        _wait_for_journal(proc, out, "writing")
-        time.sleep(1.0)  # the workers are tokenising (each chunk held 0.3 s in the parent)
         os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -539,16 +550,8 @@ def test_sigkill_of_preprocess_ends_its_workers_quietly(corpus, neox_tokenizer_p
     die with it (the kernel's parent-death signal) instead of waiting on a queue nobody feeds and then
     printing tracebacks from it (BrokenPipeError, EOFError)."""
     out = tmp_path / "out"
-    out.mkdir()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NEOX_JAX_TEST_PAUSE": "preprocess-chunk:0.3",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "neox_jax", "data", "preprocess", str(corpus / "new.jsonl"),
-                             "--output-prefix", str(out / "d"), "--tokenizer", str(neox_tokenizer_path),
-                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=ROOT, start_new_session=True)
+    proc = _tokenising_with_workers(corpus, neox_tokenizer_path, out)
     try:
-        _wait_for_journal(proc, out, "writing")
-        time.sleep(1.0)  # the workers are tokenising (each chunk held 0.3 s in the parent)
         children = [int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir()
                     for c in (t / "children").read_text().split()]
         assert len(children) >= 2, children  # the workers (and multiprocessing's resource tracker)

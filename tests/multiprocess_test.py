@@ -20,7 +20,7 @@ from neox_jax.model import init_params
 from neox_jax.data.preprocess import preprocess
 from neox_jax.train.config import from_sections
 from neox_jax.train.loop import build_datasets, train
-from processes import ROOT, local_sh, two_processes
+from processes import ROOT, local_sh, outputs, two_processes
 
 STEPS, BATCH = 3, 8
 LONG = 90  # steps of the runs that a signal or a failed write stops
@@ -105,11 +105,7 @@ def test_params_sharded_over_two_processes_are_saved_whole(tmp_path):
     write their shards into one temporary directory, process 0 commits, and the checkpoint read back
     in one process is the model initialised in one process, bit for bit; nothing else is left."""
     procs = two_processes([str(ROOT / "tests" / "save_params_processes.py"), str(tmp_path / "ck"), "3"], pause=0)
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    outs = outputs(procs)
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert "parameters span several processes; no checksums written" in outs[0][1], outs[0][1][-2000:]
@@ -202,11 +198,7 @@ def test_a_write_failing_in_one_process_stops_every_process(tmp_path, prefix, ca
     run = tmp_path / "run"
     procs = two_processes([str(ROOT / "tests" / "failing_save.py"), "3", "1", "-", "train", str(tmp_path / "run.yaml"),
                             "--run-dir", str(run)], pause=0.3, cache=cache)
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    outs = outputs(procs)
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
         assert err.strip().splitlines()[-1].startswith(f"neox-jax: error: {run / 'checkpoints' / '3'}: writing the "

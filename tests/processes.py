@@ -44,3 +44,12 @@ def two_processes(args: list[str], *, pause: float, cache: Path | None = None) -
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return [subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**env, "NEOX_JAX_PROCESS_ID": str(i)}) for i in range(2)]
+
+
+def outputs(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[str, str]]:
+    """(stdout, stderr) of each of `procs` once it has ended; all are killed if one does not end in time."""
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
