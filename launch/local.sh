@@ -15,7 +15,10 @@
 #   XLA_FLAGS_FILE       gpu: sourced for XLA_FLAGS (default launch/xla_gpu_flags.sh)
 #   LOG_DIR              where processes 1..N-1 write their output (default RUN_DIR.logs); process 0
 #                        writes to this terminal
-# Exit status: the first non-zero status of any process (the others are stopped), else 0.
+#   STOP_GRACE_S         after a process stopped on SIGTERM/SIGINT (exit 143/130, its checkpoint
+#                        written), how long the others may take to finish theirs (default 300)
+# Exit status: the first failing status of any process (the others are stopped); 143/130 when the
+# run was stopped by a signal (every process waited for); else 0.
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
   sed -n '2,20p' "$0" >&2
@@ -69,8 +72,10 @@ for ((i = 0; i < NPROC; i++)); do
   ) &
   pids+=($!)
 done
-status=0
-# poll: a failed process stops the rest (they would otherwise wait for it until a timeout)
+status=0 grace=0
+# poll: a failed process stops the rest (they would otherwise wait for it until a timeout).  One that
+# stopped on SIGTERM/SIGINT (143/130) checkpointed with the others, which stop after the same step:
+# they are given STOP_GRACE_S to finish that checkpoint rather than signalled in the middle of it.
 declare -A done=()
 while ((${#done[@]} < NPROC)); do
   for p in "${pids[@]}"; do
@@ -78,11 +83,18 @@ while ((${#done[@]} < NPROC)); do
     kill -0 "$p" 2>/dev/null && continue
     rc=0; wait "$p" || rc=$?
     done[$p]=1
-    if ((rc != 0)); then
+    if ((rc == 130 || rc == 143)); then
+      ((status)) || status=$rc
+      ((grace)) || grace=$((SECONDS + ${STOP_GRACE_S:-300}))
+    elif ((rc != 0)); then
       echo "launch/local.sh: process $p exited with status $rc; stopping the others (logs: $LOG_DIR)" >&2
       exit $rc
     fi
   done
+  if ((grace && SECONDS > grace && ${#done[@]} < NPROC)); then
+    echo "launch/local.sh: processes still running ${STOP_GRACE_S:-300} s after one stopped on a signal; stopping them" >&2
+    exit $status
+  fi
   sleep 0.5
 done
 exit $status

@@ -141,3 +141,19 @@ def test_local_launcher_with_a_fake_command(tmp_path):
     assert r.returncode == 0, r.stderr
     assert sorted((tmp_path / "out").read_text().splitlines()) == [
         f"{i}|2|127.0.0.1:23456||train cfg.yaml --run-dir {tmp_path / 'run'} --set a=b c" for i in range(2)]
+
+
+def test_local_launcher_waits_for_the_others_after_a_signal_stop(tmp_path):
+    """A process that stopped on SIGTERM exits 143 once the run's checkpoint has committed; the others
+    stop after the same step and may still be finishing theirs: the launcher waits for them (it used
+    to signal them at once) and exits 143.  Process 0 of the fake command takes 1.5 s to stop."""
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "fake-neox"
+    _exe(fake, '#!/usr/bin/env bash\nif [ "$NEOX_JAX_PROCESS_ID" = 0 ]; then sleep 1.5; echo finished >> "$OUT"; fi\n'
+               'exit 143\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEOX_JAX"))}
+    env.update(OUT=str(tmp_path / "out"), NEOX_JAX=str(fake), PLATFORM="cpu", NPROC="2", PORT="23457")
+    r = subprocess.run(["bash", str(LAUNCH / "local.sh"), "cfg.yaml", str(tmp_path / "run")], capture_output=True,
+                       text=True, env=env, cwd=tmp_path, timeout=60)
+    assert r.returncode == 143, r.stderr
+    assert (tmp_path / "out").read_text() == "finished\n"
