@@ -551,6 +551,8 @@ def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resu
         path = ckpts.step_dir(done)
     t0 = time.perf_counter()
     ckpts.close()  # waits for the last save to commit
+    barrier("neox_jax.train.closed")  # no process leaves before process 0 has committed it (a launcher that
+    # stops every process when one exits non-zero, srun --kill-on-bad-exit, then interrupts nothing)
     if path is not None:
         log.info("checkpoint of step %d committed (waited %.2f s for the write)", done, time.perf_counter() - t0)
     ow.confirm("finished")
