@@ -235,6 +235,30 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def lead_decides(action) -> None:
+    """Run `action` in process 0 only; a UserError it raises is raised in every process, with its
+    message (so all refuse alike and none is left waiting for the others in a collective)."""
+    import jax
+
+    error = ""
+    if jax.process_index() == 0:
+        try:
+            action()
+        except UserError as e:
+            error = str(e)
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        buf = np.zeros(4096, np.uint8)
+        msg = error.encode()[:4096]
+        buf[:len(msg)] = np.frombuffer(msg, np.uint8)
+        error = bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf)).astype(np.uint8)).rstrip(b"\0") \
+            .decode(errors="replace")
+    if error:
+        raise UserError(error)
+
+
 class Vote:
     """Values every process agrees on at the same step, without waiting for the device: each is the
     largest any process cast.  The training loop casts, before each step, the signal that asked this

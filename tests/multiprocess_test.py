@@ -158,6 +158,24 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, 
     assert sorted(int(d.name) for d in (tmp_path / "run" / "checkpoints").iterdir() if d.name.isdigit()) == [stop]
 
 
+def test_a_run_directory_in_use_is_refused_by_every_process(tmp_path, prefix):
+    """Process 0 takes the run directory's lock; when another train holds it (here: this test), both
+    processes refuse with process 0's one line (process 1 cannot see the lock's holder itself) and
+    neither waits for the other in a collective."""
+    from neox_jax.train.run_dir import RunLock
+
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(_config(prefix)))
+    with RunLock(tmp_path / "run"):
+        procs = two_processes(["-m", "neox_jax", "train", str(tmp_path / "run.yaml"), "--run-dir",
+                               str(tmp_path / "run")], pause=0)
+        outs = outputs(procs, timeout=120)
+    want = f"neox-jax: error: {tmp_path / 'run'}: another neox-jax train (pid {os.getpid()} on "
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 2, err[-2000:]
+        assert err.strip().splitlines()[-1].startswith(want), err[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["run.yaml"]
+
+
 def test_sigterm_during_setup_stops_every_process(tmp_path, prefix):
     """SIGTERM to both processes after jax.distributed has started and before the first step (the run
     directory's config.yaml is written; the steps are still compiling, with no compilation cache):

@@ -5,6 +5,7 @@ on SIGTERM, a non-finite loss naming its step, and one-line errors."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -120,6 +121,12 @@ def test_sigterm_stops_cleanly(corpus, tmp_path):
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
+    # a second train of the same run directory meanwhile (submitted twice): refused, naming the first
+    second = _cli("train", cfg, "--run-dir", tmp_path / "r")
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"neox-jax: error: {tmp_path / 'r'}: another neox-jax train (pid {proc.pid} on {socket.gethostname()}) "
+        f"is using this run directory (lock {tmp_path / '.r.neox-jax-train.lock'})"), second.stderr
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 143, err  # not finished: never 0
@@ -130,6 +137,7 @@ def test_sigterm_stops_cleanly(corpus, tmp_path):
     from neox_jax.checkpoint import is_checkpoint
 
     assert is_checkpoint(tmp_path / "r" / "checkpoints" / str(summary["steps"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r", "run.yaml"]  # the lock is gone with the run
 
 
 def nan_init_run(corpus, tmp_path: Path, steps: int) -> None:

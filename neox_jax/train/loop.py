@@ -13,7 +13,7 @@ step even when only one was signalled (`distributed.Vote`).  Checkpoints (`check
 schedule of `RunConfig.checkpoint` and at the end under `RUN_DIR/checkpoints/STEP` (what `score`,
 `convert`, `inspect` and `generate` read); a run directory with checkpoints is resumed from the
 newest complete one, data position included.  `--overwrite` moves an existing run directory aside
-until the new run has a complete checkpoint (`Overwrite`), so a run that fails early loses nothing.
+until the new run has a complete checkpoint (`run_dir.py`), so a run that fails early loses nothing.
 """
 
 from __future__ import annotations
@@ -27,20 +27,19 @@ from typing import Any
 
 import jax
 import numpy as np
-import yaml
 
 from .. import atomic
 from .. import checkpoint as ckpt
 from .. import flops
-from ..config import load_yaml
 from ..data.loader import Loader, global_batch_arrays
-from ..distributed import Vote, barrier
+from ..distributed import Vote, barrier, lead_decides
 from ..errors import CheckpointError, TrainingError, UserError
 from ..sharding import by_slice_index, dcn_factors, make_mesh, node_count
 from . import checkpoints as tc
 from . import neox_state
 from .config import RunConfig
 from .metrics import Metrics, peak_flops
+from .run_dir import Overwrite, RunLock, prepare_run_dir, undo_on_error, will_resume
 from .state import abstract_state, init_state, make_optimizer, param_shardings, state_shardings
 from .step import batch_sharding, make_eval_step, make_train_step, use_vocab_parallel
 
@@ -182,108 +181,6 @@ def _load_init(run: RunConfig, path: str, mesh) -> Any:
     return params
 
 
-def will_resume(run_dir: Path, overwrite: bool, resume: str) -> bool:
-    """Whether the run continues from `run_dir`'s checkpoints.  resume: "auto" (when there are
-    checkpoints), "require" (--resume) or "never" (--no-resume)."""
-    found = tc.has_checkpoints(run_dir)
-    if resume == "require" and (overwrite or not found):
-        raise UserError(f"{run_dir}: --resume needs a complete checkpoint under {run_dir / 'checkpoints'}"
-                        + (" (and no --overwrite)" if overwrite else ""))
-    if found and not overwrite and resume == "never":
-        raise UserError(f"{run_dir}: has checkpoints and --no-resume refuses to continue it "
-                        "(pass --overwrite to start over, or another --run-dir)")
-    return found and not overwrite
-
-
-def prepare_run_dir(run_dir: Path, overwrite: bool, *, create: bool = True) -> "Overwrite":
-    """Refuse an unusable run directory; with `create`, create it, after moving an existing one
-    aside (--overwrite: `Overwrite`).  Every process checks (so all refuse alike on a shared
-    filesystem); only process 0 creates."""
-    aside = None
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite and not never_stepped(run_dir):
-            raise UserError(f"{run_dir}: run directory exists and is not empty and has no complete "
-                            "checkpoint to resume from (pass --overwrite to start over)")
-        if not overwrite and create:
-            log.info("%s: a run that stopped before its first step (a config.yaml, no step in metrics.jsonl, "
-                     "no checkpoint); starting it over", run_dir)
-        if not (run_dir / "config.yaml").exists():
-            raise UserError(f"{run_dir}: not a neox-jax run directory (no config.yaml); refusing to delete it")
-        if run_dir.is_symlink():
-            raise UserError(f"{run_dir}: is a symbolic link; --overwrite needs the run directory's real path")
-        if create:
-            aside = atomic.SetAside(run_dir)
-    if create:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            if aside is not None:
-                aside.restore()
-            raise UserError(f"{run_dir}: cannot create the run directory ({e.strerror or e})") from None
-    return Overwrite(run_dir, aside)
-
-
-def never_stepped(run_dir: Path) -> bool:
-    """Whether `run_dir` holds only what a run writes before its first step: the run's config.yaml,
-    an empty metrics.jsonl and an empty checkpoints/ (a run that failed or was killed while
-    compiling, say).  Such a directory is started over without --overwrite: nothing in it is lost."""
-    allowed = {"config.yaml", "metrics.jsonl", "checkpoints"}
-    entries = {p.name: p for p in run_dir.iterdir()}
-    if not set(entries) <= allowed or "config.yaml" not in entries or run_dir.is_symlink():
-        return False
-    try:
-        raw = load_yaml(entries["config.yaml"].read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    if not (isinstance(raw, dict) and {"model", "train"} <= set(raw)):
-        return False  # not a neox-jax run's config
-    m, c = entries.get("metrics.jsonl"), entries.get("checkpoints")
-    return ((m is None or (m.is_file() and not m.is_symlink() and m.stat().st_size == 0))
-            and (c is None or (c.is_dir() and not c.is_symlink() and not any(c.iterdir()))))
-
-
-class Overwrite:
-    """--overwrite of an existing run directory: the old one waits aside (`atomic.SetAside`) until
-    the new run has a complete checkpoint, or has finished; it is deleted then.  A run that fails or
-    is interrupted before that gets the old directory back (`undo`), and one that is killed leaves
-    it to the next `train` (or any neox-jax write beside it), which puts it back."""
-
-    def __init__(self, run_dir: Path, aside: atomic.SetAside | None):
-        self.run_dir, self.aside = run_dir, aside
-        self.ckpts: tc.TrainCheckpoints | None = None  # to wait for a save in flight before undoing
-
-    @property
-    def pending(self) -> bool:
-        return self.aside is not None
-
-    def confirm(self, why: str = "has a complete checkpoint") -> None:
-        """The new run stands: delete the old directory."""
-        if self.aside is not None:
-            self.aside.commit()
-            self.aside = None
-            log.info("%s: the new run %s; deleted the previous run", self.run_dir, why)
-
-    def poll(self) -> None:
-        if self.aside is not None and tc.has_checkpoints(self.run_dir):
-            self.confirm()
-
-    def undo(self) -> None:
-        """The new run failed: keep it if a checkpoint of it committed after all, else put the old back."""
-        if self.aside is None:
-            return
-        if self.ckpts is not None:
-            try:
-                self.ckpts.close()  # nothing may still be writing into the directory that is moved
-            except Exception:  # noqa: BLE001 - the run's own error is the one reported
-                pass
-        if tc.has_checkpoints(self.run_dir):
-            return self.confirm()
-        self.aside.restore()
-        self.aside = None
-        log.warning("%s: the new run stopped before its first checkpoint; the previous run directory is back "
-                    "as it was", self.run_dir)
-
-
 class _StopFlag:
     """SIGINT / SIGTERM set a flag (the signal's number); the loop stops after the step in flight
     (several processes: after the same step, `distributed.Vote`)."""
@@ -316,42 +213,38 @@ def train(run: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progr
     atomic.check_name(run_dir)  # a name tensorstore cannot take failed at the first checkpoint, after training
     _check_backend(run)
     lead = jax.process_index() == 0
-    if lead:  # an --overwrite of this run directory that was killed is undone first (logged)
-        atomic.recover(run_dir.parent)
-    barrier("neox_jax.train.recovered")
-    resuming = will_resume(run_dir, overwrite, resume)
-    if resuming and run.train.start_step:
-        raise UserError(f"{run_dir}: train.start_step {run.train.start_step} with a run directory to resume; "
-                        "a resume starts at its newest checkpoint's step")
-    if run.train.init_from and not resuming:
-        _check_arch(run, ckpt.read_config(run.train.init_from), f"--init-from {run.train.init_from}")
-    if run.train.init_from_neox and not resuming:
-        _check_arch(run, neox_state.read_config(run.train.init_from_neox),
-                    f"train.init_from_neox {run.train.init_from_neox}")
-    train_ds, valid_ds = build_datasets(run)
-    check_data(run, train_ds, valid_ds, 0 if resuming else run.train.start_step)
-    mesh = _mesh(run)
-    if not resuming:
-        prepare_run_dir(run_dir, overwrite, create=False)
-    barrier("neox_jax.train.run_dir_checked")  # every process checked before process 0 changes anything
-    ow = Overwrite(run_dir, None)
-    if lead and not resuming:
-        ow = prepare_run_dir(run_dir, overwrite)
-        with _undo_on_error(ow):
-            run.save(run_dir / "config.yaml")
-    barrier("neox_jax.train.run_dir_ready")  # no process opens the checkpoints before the directory exists
-    with _undo_on_error(ow), contextlib.ExitStack() as on_exit:  # closes what _train opened, on any error too
-        return _train(run, run_dir, ow, progress=progress, resuming=resuming, resume_fallback=resume_fallback,
-                      mesh=mesh, datasets=(train_ds, valid_ds), on_exit=on_exit)
-
-
-@contextlib.contextmanager
-def _undo_on_error(ow: Overwrite):
+    lock = RunLock(run_dir)
+    lead_decides(lock.acquire)  # one train per run directory (process 0 holds the lock; all refuse alike)
     try:
-        yield
-    except BaseException:
-        ow.undo()
-        raise
+        if lead:  # an --overwrite of this run directory that was killed is undone first (logged)
+            atomic.recover(run_dir.parent)
+        barrier("neox_jax.train.recovered")
+        resuming = will_resume(run_dir, overwrite, resume)
+        if resuming and run.train.start_step:
+            raise UserError(f"{run_dir}: train.start_step {run.train.start_step} with a run directory to resume; "
+                            "a resume starts at its newest checkpoint's step")
+        if run.train.init_from and not resuming:
+            _check_arch(run, ckpt.read_config(run.train.init_from), f"--init-from {run.train.init_from}")
+        if run.train.init_from_neox and not resuming:
+            _check_arch(run, neox_state.read_config(run.train.init_from_neox),
+                        f"train.init_from_neox {run.train.init_from_neox}")
+        train_ds, valid_ds = build_datasets(run)
+        check_data(run, train_ds, valid_ds, 0 if resuming else run.train.start_step)
+        mesh = _mesh(run)
+        if not resuming:
+            prepare_run_dir(run_dir, overwrite, create=False)
+        barrier("neox_jax.train.run_dir_checked")  # every process checked before process 0 changes anything
+        ow = Overwrite(run_dir, None)
+        if lead and not resuming:
+            ow = prepare_run_dir(run_dir, overwrite)
+            with undo_on_error(ow):
+                run.save(run_dir / "config.yaml")
+        barrier("neox_jax.train.run_dir_ready")  # no process opens the checkpoints before the directory exists
+        with undo_on_error(ow), contextlib.ExitStack() as on_exit:  # closes what _train opened, on any error too
+            return _train(run, run_dir, ow, progress=progress, resuming=resuming, resume_fallback=resume_fallback,
+                          mesh=mesh, datasets=(train_ds, valid_ds), on_exit=on_exit)
+    finally:
+        lock.release()
 
 
 def _train(run: RunConfig, run_dir: Path, ow: Overwrite, *, progress: bool, resuming: bool,
