@@ -237,15 +237,18 @@ def barrier(name: str) -> None:
 
 def lead_decides(action) -> None:
     """Run `action` in process 0 only; a UserError it raises is raised in every process, with its
-    message (so all refuse alike and none is left waiting for the others in a collective)."""
+    message (so all refuse alike and none is left waiting for the others in a collective).  Any other
+    error is raised in process 0 as it is, and in the others as a UserError saying so."""
     import jax
 
-    error = ""
+    error, failure = "", None
     if jax.process_index() == 0:
         try:
             action()
         except UserError as e:
             error = str(e)
+        except Exception as e:
+            failure, error = e, f"process 0 failed: {e.__class__.__name__}: {e}"
     if jax.process_count() > 1:
         import numpy as np
         from jax.experimental import multihost_utils
@@ -255,6 +258,8 @@ def lead_decides(action) -> None:
         buf[:len(msg)] = np.frombuffer(msg, np.uint8)
         error = bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf)).astype(np.uint8)).rstrip(b"\0") \
             .decode(errors="replace")
+    if failure is not None:
+        raise failure
     if error:
         raise UserError(error)
 
