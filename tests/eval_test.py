@@ -141,7 +141,9 @@ def _evaluate(model, model_args, setup, tasks):
 def both(setup):
     tasks = list(TASKS)
     hf = _evaluate("hf", f"pretrained={setup['hf_dir']},dtype=float32", setup, tasks)
-    ours = _evaluate("neox-jax", f"checkpoint={setup['ck']},tokenizer={setup['tokenizer_path']}", setup, tasks)
+    # batch_size in model_args as well as lm-eval's own (4, below): model_args wins (a TypeError before)
+    ours = _evaluate("neox-jax", f"checkpoint={setup['ck']},tokenizer={setup['tokenizer_path']},batch_size=3", setup,
+                     tasks)
     return hf, ours
 
 

@@ -44,6 +44,19 @@ class NeoxJaxLM(TemplateLM):
     (float32|bfloat16), batch_size, max_length (default: the model's context), max_gen_toks (256),
     tensor (tensor-parallel devices), seed (for tasks that sample)."""
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "NeoxJaxLM":
+        """lm-eval's, except that a key given both in model_args and by lm-eval's own options (its
+        command line always passes batch_size) is taken from model_args, and logged: the two clashed
+        in a TypeError with a traceback (`--model_args checkpoint=C,batch_size=16`)."""
+        from lm_eval import utils
+
+        args = utils.simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        for k in sorted(set(args) & set(extra)):
+            log.info("neox-jax backend: %s=%s from model_args (lm-eval's option gave %s)", k, args[k], extra.pop(k))
+        return cls(**args, **extra)
+
     def __init__(self, checkpoint: str | None = None, tokenizer: str | None = None, dtype: str = "float32",
                  batch_size: int | str = 8, max_length: int | str | None = None, max_gen_toks: int | str = 256,
                  tensor: int | str = 1, seed: int | str = 0, *, generator=None, device: str | None = None,
