@@ -128,6 +128,9 @@ def test_orbax_neox_tp2_orbax_bit_identical(tmp_path, model):
     mp = torch.load(step / "mp_rank_01_model_states.pt", weights_only=True)
     assert mp["args"]["model_parallel_size"] == 2 and mp["args"]["padded_vocab_size"] == 256
     assert mp["iteration"] == 143000 and mp["mp_world_size"] == 2
+    # the step rides through our checkpoint: NeoX -> orbax -> NeoX without --step is global_step143000 again
+    assert main(["-q", "convert", str(tmp_path / "orb2"), str(tmp_path / "nx3"), "--to", "neox"]) == 0
+    assert (tmp_path / "nx3" / "latest").read_text().strip() == "global_step143000"
 
 
 def test_neox_to_neox_retp_and_bf16(tmp_path, model):

@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from neox_jax import checkpoint as ckpt
@@ -89,7 +90,7 @@ def _copy_run(src, dst, keep_steps):
     return dst
 
 
-def test_layout_and_readers(reference, capsys, caplog):
+def test_layout_and_readers(reference, capsys, caplog, tmp_path):
     """A step directory is read by the params readers (`resolve` of the run directory = its newest
     complete step), the loader item holds the data position, the run item the resolved config.
     Reading the params item alone logs no Orbax warning about the step-level metadata file."""
@@ -117,6 +118,14 @@ def test_layout_and_readers(reference, capsys, caplog):
     emb = next(t for t in info["tensors"] if "embed_in" in t["name"])
     assert emb["norm"] == pytest.approx(float(np.linalg.norm(flat["embed_in/embedding"].astype(np.float64))),
                                         rel=1e-6)
+    # training steps carry no checksums.json: --verify says so (it said "written before checksums existed")
+    with pytest.raises(ckpt.CheckpointError, match=r"no checksums.json \(a training checkpoint "):
+        ckpt.load_params(s4, verify=True)
+    # `convert --to neox` of step 4 writes GPT-NeoX's global_step4 (iteration 4), not global_step0
+    assert main(["-q", "convert", str(s4), str(tmp_path / "nx"), "--to", "neox"]) == 0
+    assert (tmp_path / "nx" / "latest").read_text().strip() == "global_step4"
+    assert torch.load(tmp_path / "nx" / "global_step4" / "mp_rank_00_model_states.pt",
+                      weights_only=True)["iteration"] == 4
 
 
 def test_sigterm_then_resume_is_bit_identical(reference, tmp_path):

@@ -44,7 +44,7 @@ import numpy as np
 
 from .. import checksums
 from ..atomic import HeldSignals
-from ..checkpoint import CHUNK_BYTES, check_tree, orbax_save, read_config, resolve, saved_tree, write_marker
+from ..checkpoint import CHUNK_BYTES, check_tree, orbax_save, read_config, read_marker, resolve, saved_tree, write_marker
 from ..config import FLOAT_DTYPES, ModelConfig
 from ..errors import CheckpointError, reading
 from ..tree import flatten, unflatten
@@ -204,6 +204,8 @@ class OrbaxWriter(Writer):
         extra: dict[str, Any] = {"converted_from": self.source}
         if self.extras.get("hf_token_ids"):
             extra["hf_token_ids"] = self.extras["hf_token_ids"]
+        if self.extras.get("step"):  # a GPT-NeoX global_stepN or a training step: back to NeoX as that step
+            extra["step"] = int(self.extras["step"])
         write_marker(self.tmp, cfg, **extra)
 
 
@@ -233,11 +235,10 @@ class OrbaxReader(Reader):
             self.per_layer[name] = chunks is not None and chunks[0] == 1
         self._cache: tuple[str, np.ndarray] | None = None
         self.digests = checksums.read(root)  # None: written before checksums existed, nothing to check
-        try:
-            marker = json.loads((root / "neox_jax.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            marker = {}
+        marker = read_marker(root)  # a training step keeps it as neox_jax/neox_jax.json
         self.extras["hf_token_ids"] = marker.get("hf_token_ids") or {}
+        if isinstance(marker.get("step"), int) and not isinstance(marker["step"], bool):
+            self.extras["step"] = marker["step"]  # `convert --to neox` writes global_stepN of it
         tok_dir = root / "tokenizer"
         self.extras["tokenizer_files"] = {f.name: str(f) for f in sorted(tok_dir.iterdir())} if tok_dir.is_dir() else {}
         self.marker = marker
