@@ -466,7 +466,9 @@ def load_params(
     check_tree(cfg, saved, str(p))
     digests = checksums.read(p) if verify else None
     if verify and digests is None:
-        raise CheckpointError(f"{p}: no {checksums.FILE} (written before checksums existed); cannot verify")
+        why = ("a training checkpoint (Orbax's own step files; checksums are written by init and convert --to orbax)"
+               if read_marker(p).get("kind") == "train" else "written before checksums existed")
+        raise CheckpointError(f"{p}: no {checksums.FILE} ({why}); cannot verify")
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype)
 

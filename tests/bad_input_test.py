@@ -681,6 +681,10 @@ CASES = [
     ("train-overwrite-not-a-run-dir", lambda fx, d: ["train", S(fx["run"]), "--set", "train.batch_size=8",
                                                      "--run-dir", S(non_empty_dir(d, "r")), "--overwrite"],
      ["r", "not a neox-jax run directory"]),
+    # without --overwrite: no hint to pass it (which would not delete a directory without config.yaml)
+    ("train-not-a-run-dir", lambda fx, d: ["train", S(fx["run"]), "--set", "train.batch_size=8",
+                                           "--run-dir", S(non_empty_dir(d, "r"))],
+     ["r", "not a neox-jax run directory", "--overwrite would not delete it"]),
     ("train-config-missing", lambda fx, d: ["train", S(d / "none.yaml"), "--run-dir", S(d / "r")], ["none.yaml"]),
     ("train-neox-yaml-bool", lambda fx, d: ["train", S(neox_train_cfg(fx, d, gpt_j_residual="no")), "--run-dir",
                                             S(d / "r")], ["neox.yml", "gpt_j_residual"]),

@@ -31,6 +31,10 @@ def test_roundtrip_exact_tree_dtypes_shapes(tmp_path, tiny):
         np.testing.assert_array_equal(np.asarray(a[k]).view(np.uint8), np.asarray(b[k]).view(np.uint8), err_msg=k)
     meta = json.loads((tmp_path / "ck" / "neox_jax.json").read_text())
     assert meta["format"] == "neox-jax" and meta["num_params"] == cfg.num_params()
+    C.load_params(tmp_path / "ck", verify=True)  # every tensor against checksums.json
+    (tmp_path / "ck" / "checksums.json").unlink()  # as a checkpoint written before checksums existed
+    with pytest.raises(C.CheckpointError, match=r"no checksums.json \(written before checksums existed\)"):
+        C.load_params(tmp_path / "ck", verify=True)
 
 
 def test_restore_with_dtype_cast(tmp_path, tiny):

@@ -138,14 +138,15 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, *, create: bool = True) -> "
     filesystem); only process 0 creates."""
     aside = None
     if run_dir.exists() and any(run_dir.iterdir()):
+        if not (run_dir / "config.yaml").exists():  # before the hint below, which --overwrite would not honour
+            raise UserError(f"{run_dir}: exists and is not a neox-jax run directory (no config.yaml); "
+                            "give another --run-dir" + ("" if overwrite else " (--overwrite would not delete it)"))
         if not overwrite and not never_stepped(run_dir):
             raise UserError(f"{run_dir}: run directory exists and is not empty and has no complete "
                             "checkpoint to resume from (pass --overwrite to start over)")
         if not overwrite and create:
             log.info("%s: a run that stopped before its first step (a config.yaml, no step in metrics.jsonl, "
                      "no checkpoint); starting it over", run_dir)
-        if not (run_dir / "config.yaml").exists():
-            raise UserError(f"{run_dir}: not a neox-jax run directory (no config.yaml); refusing to delete it")
         if run_dir.is_symlink():
             raise UserError(f"{run_dir}: is a symbolic link; --overwrite needs the run directory's real path")
         if create:
