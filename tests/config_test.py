@@ -377,3 +377,19 @@ def test_yaml_keys_given_twice_are_refused_and_merge_keys_still_override():
     assert load_yaml("base: &b {x: 1, y: 2}\nrun:\n  <<: *b\n  y: 3\n") == {"base": {"x": 1, "y": 2},
                                                                           "run": {"x": 1, "y": 3}}
     assert load_yaml("a: 1\nb: 1\nc: {a: 2}\n") == {"a": 1, "b": 1, "c": {"a": 2}}  # equal keys in other maps
+
+
+def test_tiny_yaml_documents_every_model_key():
+    """configs/tiny.yaml says it holds every model key, commented (the README points there)."""
+    import dataclasses
+    from pathlib import Path
+
+    from neox_jax.config import ModelConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    lines = path.read_text().splitlines()
+    keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert set(yaml.safe_load(path.read_text())["model"]) == keys
+    for k in keys:
+        line = next(ln for ln in lines if ln.strip().startswith(f"{k}:"))
+        assert "#" in line, line
