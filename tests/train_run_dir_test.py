@@ -5,6 +5,7 @@ import fcntl
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,12 @@ def test_a_lock_that_cannot_be_made_runs_unlocked_with_a_warning(tmp_path, caplo
             assert held.fd is None
     assert "cannot lock the run directory (No locks available)" in caplog.text
     assert os.listdir(tmp_path / "runs") == ["r"]  # nothing left beside the run directory
+
+
+def test_the_lock_of_the_current_directory_lies_beside_it(tmp_path, monkeypatch):
+    """`--run-dir .` (or `a/..`): the lock is named after the directory itself, beside it, not inside it."""
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "runs" / "r")
+    for given in (Path("."), Path("sub/..")):
+        lock = RunLock(given)
+        assert lock.path == tmp_path / "runs" / ".r.neox-jax-train.lock"

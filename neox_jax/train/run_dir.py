@@ -39,7 +39,8 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
-        self.path = run_dir.parent / f".{run_dir.name}.neox-jax-train.lock"
+        full = Path(os.path.abspath(run_dir))  # `.` or `a/..` has no name of its own
+        self.path = full.parent / f".{full.name}.neox-jax-train.lock"
         self.fd: int | None = None
         self.created: list[Path] = []  # the run directory's missing parents, made for the lock
 
