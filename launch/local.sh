@@ -31,7 +31,8 @@ NPROC=${NPROC:-2}
 PORT=${PORT:-$((12321 + $$ % 20000))}
 DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-1}
 NEOX_JAX=${NEOX_JAX:-neox-jax}
-for knob in NPROC DEVICES_PER_PROCESS PORT; do  # whole numbers >= 1, checked before anything starts
+STOP_GRACE_S=${STOP_GRACE_S:-300}
+for knob in NPROC DEVICES_PER_PROCESS PORT STOP_GRACE_S; do  # whole numbers >= 1, checked before anything starts
   if ! [[ ${!knob} =~ ^[1-9][0-9]*$ ]]; then
     echo "launch/local.sh: $knob must be a whole number >= 1, got '${!knob}'" >&2
     exit 2
@@ -85,14 +86,14 @@ while ((${#done[@]} < NPROC)); do
     done[$p]=1
     if ((rc == 130 || rc == 143)); then
       ((status)) || status=$rc
-      ((grace)) || grace=$((SECONDS + ${STOP_GRACE_S:-300}))
+      ((grace)) || grace=$((SECONDS + $STOP_GRACE_S))
     elif ((rc != 0)); then
       echo "launch/local.sh: process $p exited with status $rc; stopping the others (logs: $LOG_DIR)" >&2
       exit $rc
     fi
   done
   if ((grace && SECONDS > grace && ${#done[@]} < NPROC)); then
-    echo "launch/local.sh: processes still running ${STOP_GRACE_S:-300} s after one stopped on a signal; stopping them" >&2
+    echo "launch/local.sh: processes still running $STOP_GRACE_S s after one stopped on a signal; stopping them" >&2
     exit $status
   fi
   sleep 0.5

@@ -114,7 +114,8 @@ def test_tpu_script_with_fake_gcloud(tmp_path, extra, repo):
 
 
 @pytest.mark.parametrize("knob, value", [("NPROC", "0"), ("NPROC", "-1"), ("NPROC", "2x"), ("NPROC", "abc"),
-                                         ("DEVICES_PER_PROCESS", "abc"), ("PORT", "99999"), ("PLATFORM", "tpu")])
+                                         ("DEVICES_PER_PROCESS", "abc"), ("PORT", "99999"), ("PLATFORM", "tpu"),
+                                         ("STOP_GRACE_S", "1x")])
 def test_local_launcher_refuses_a_bad_knob_in_one_line(tmp_path, knob, value):
     """NPROC=0 or -1 launched nothing and exited 0; 2x printed bash's arithmetic error and exited 0;
     abc was 'unbound variable'; DEVICES_PER_PROCESS=abc had XLA print its whole flag table.  Each is one
