@@ -383,15 +383,12 @@ def _save_params_multiprocess(dst, cfg: ModelConfig, params: Any, overwrite: boo
     operation name it broadcasts, so every process finds the same temporary directory; all write
     their shards through Orbax; process 0 writes the marker and commits; nobody returns before the
     checkpoint is complete.  No checksums: no process holds every tensor."""
-    from jax.experimental import multihost_utils
-
-    from .distributed import barrier
+    from .distributed import barrier, broadcast_bytes
 
     dst = Path(dst)
     check_destination(dst, overwrite)
     lead = jax.process_index() == 0
-    op = np.frombuffer(bytes.fromhex(secrets.token_hex(6)), np.uint8) if lead else np.zeros(6, np.uint8)
-    op = bytes(np.asarray(multihost_utils.broadcast_one_to_all(op)).astype(np.uint8)).hex()
+    op = broadcast_bytes(secrets.token_bytes(6), 6).hex()  # process 0's, in every process
     rep = atomic.Replacement([dst], overwrite=overwrite, directory=True, error=CheckpointError, op=op) \
         if lead else None
     barrier(f"neox_jax.save_params.prepare:{dst.name}")

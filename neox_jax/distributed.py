@@ -235,6 +235,18 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def broadcast_bytes(data: bytes, size: int) -> bytes:
+    """Process 0's `data` (cut or zero-padded to `size` bytes) in every process; the others' `data` is
+    ignored.  Every process must call it (a collective)."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    buf = np.zeros(size, np.uint8)
+    data = data[:size]
+    buf[:len(data)] = np.frombuffer(data, np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf)).astype(np.uint8))
+
+
 def lead_decides(action) -> None:
     """Run `action` in process 0 only; a UserError it raises is raised in every process, with its
     message (so all refuse alike and none is left waiting for the others in a collective).  Any other
@@ -250,14 +262,7 @@ def lead_decides(action) -> None:
         except Exception as e:
             failure, error = e, f"process 0 failed: {e.__class__.__name__}: {e}"
     if jax.process_count() > 1:
-        import numpy as np
-        from jax.experimental import multihost_utils
-
-        buf = np.zeros(4096, np.uint8)
-        msg = error.encode()[:4096]
-        buf[:len(msg)] = np.frombuffer(msg, np.uint8)
-        error = bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf)).astype(np.uint8)).rstrip(b"\0") \
-            .decode(errors="replace")
+        error = broadcast_bytes(error.encode(), 4096).rstrip(b"\0").decode(errors="replace")
     if failure is not None:
         raise failure
     if error:
